@@ -1,0 +1,53 @@
+//! Talking to a running agent.
+
+use std::path::Path;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::{Request, Status};
+
+async fn send(socket: &Path, req: &Request) -> anyhow::Result<BufReader<UnixStream>> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot reach the agent at {} (is `netpol agent` running?)", socket.display()))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).await?;
+    Ok(BufReader::new(stream))
+}
+
+async fn one_line(socket: &Path, req: &Request) -> anyhow::Result<Status> {
+    let mut reader = send(socket, req).await?;
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    if line.is_empty() {
+        anyhow::bail!("the agent at {} closed the connection", socket.display());
+    }
+    Ok(serde_json::from_str(&line)?)
+}
+
+pub async fn status(socket: &Path) -> anyhow::Result<Status> {
+    one_line(socket, &Request::Status).await
+}
+
+/// Returns once the agent's datapath has converged to `digest` (empty: its current input).
+pub async fn wait(socket: &Path, digest: &str) -> anyhow::Result<Status> {
+    one_line(socket, &Request::Wait { digest: digest.to_string() }).await
+}
+
+/// Streams raw event lines (JSON) to `on_line` until the agent hangs up or it returns false.
+pub async fn observe(socket: &Path, mut on_line: impl FnMut(&str) -> bool) -> anyhow::Result<()> {
+    let mut reader = send(socket, &Request::Observe).await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        if !on_line(line.trim_end()) {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The agent's local API: a Unix socket speaking one JSON request per line.
+//!
+//! source ──► index ──► compile ──► datapath ──► events ──► **api**
+//!
+//! Requests: `{"op":"status"}` → one [`Status`] line; `{"op":"wait","digest":D}` → one
+//! [`Status`] line once the datapath has converged to source digest D (or the agent's
+//! current input when D is empty); `{"op":"observe"}` → one event per line until the
+//! client hangs up.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_SOCKET: &str = "/run/netpol/agent.sock";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Wait {
+        #[serde(default)]
+        digest: String,
+    },
+    Observe,
+}
+
+/// What the agent reports about itself.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub node: String,
+    /// Digest of the source input the datapath was last synced to.
+    pub digest: String,
+    /// Whether every local pod with an address has its programs attached and maps written.
+    pub converged: bool,
+    pub endpoints: usize,
+    /// Local pods still without a veth.
+    pub pending: Vec<String>,
+    pub policies: usize,
+    pub identities: usize,
+    pub policy_entries: usize,
+    pub invalid: Vec<crate::index::Invalid>,
+    /// Times the datapath was synced.
+    pub syncs: u64,
+}

@@ -1,0 +1,345 @@
+//! Command-line entry points: kubectl-style flags, `-o json|yaml|table`, exit codes
+//! scripts can trust (0 ok, 1 failure, 2 usage).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent::{AgentOptions, SourceSpec};
+use crate::datapath::Capacities;
+use crate::events::{Verdict, human};
+use crate::lab;
+
+#[derive(Parser)]
+#[command(name = "netpol", version, about = "Kubernetes NetworkPolicy enforced with eBPF")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Json,
+    Yaml,
+    Table,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node agent: watch the cluster, compile policy, enforce it on local pods.
+    Agent(AgentArgs),
+    /// Tail verdicts from the local agent.
+    Observe(ObserveArgs),
+    /// Print the policy verdict for every ordered pair of pods in a set of manifests.
+    Simulate(SimulateArgs),
+    /// A Flannel-like lab node of network namespaces to try netpol on.
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Where cluster state comes from: dir:PATH[,PATH...] (YAML/JSON manifests, watched).
+    #[arg(long)]
+    pub source: SourceSpec,
+    /// This node's name (pods with this spec.nodeName are local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: Option<String>,
+    /// The CNI bridge local pods' veths are enslaved to.
+    #[arg(long, default_value = "cni0")]
+    pub bridge: String,
+    #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
+    pub api_socket: PathBuf,
+    /// Deny traffic from the node's own addresses to isolated pods (breaks kubelet probes).
+    #[arg(long)]
+    pub deny_host_traffic: bool,
+    /// Let would-be drops pass and report them as AUDIT, on the whole node.
+    #[arg(long)]
+    pub audit: bool,
+    #[arg(long, default_value_t = netpol_common::capacity::ENDPOINTS)]
+    pub endpoints_capacity: u32,
+    #[arg(long, default_value_t = netpol_common::capacity::IPCACHE)]
+    pub ipcache_capacity: u32,
+    #[arg(long, default_value_t = netpol_common::capacity::CIDRS)]
+    pub cidrs_capacity: u32,
+    #[arg(long, default_value_t = netpol_common::capacity::POLICY)]
+    pub policy_capacity: u32,
+    #[arg(long, default_value_t = netpol_common::capacity::CONNTRACK)]
+    pub conntrack_capacity: u32,
+}
+
+#[derive(Args)]
+pub struct ObserveArgs {
+    #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Observe the agent of a lab instead of the local agent.
+    #[arg(long)]
+    pub lab: Option<String>,
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
+    /// Only verdicts that involve this pod (namespace/name).
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// dropped, audit or allowed.
+    #[arg(long)]
+    pub verdict: Option<String>,
+    /// ingress or egress.
+    #[arg(long)]
+    pub direction: Option<String>,
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Stop after this many verdicts.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    #[arg(long, num_args = 1.., required = true)]
+    pub manifests: Vec<PathBuf>,
+    #[arg(long, default_value = "TCP")]
+    pub protocol: String,
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Create the lab from a directory of manifests and start the agent on it.
+    Up(LabUpArgs),
+    /// Remove everything the lab created.
+    Down(LabName),
+    /// The lab's nodes and pods.
+    Status(LabStatusArgs),
+    /// Wait until the datapath enforces what the manifest directory holds now.
+    Wait(LabWaitArgs),
+    /// Run a command inside a pod's network namespace.
+    Exec(LabExecArgs),
+    /// Connect from pods to pods and report connected, refused or timeout.
+    Probe(LabProbeArgs),
+    #[command(hide = true)]
+    Run(LabUpArgs),
+    #[command(hide = true)]
+    Serve(LabServeArgs),
+}
+
+#[derive(Args)]
+pub struct LabName {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+}
+
+#[derive(Args)]
+pub struct LabUpArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    #[arg(long)]
+    pub manifests: PathBuf,
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: String,
+}
+
+#[derive(Args)]
+pub struct LabStatusArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args)]
+pub struct LabWaitArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Args)]
+pub struct LabExecArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    /// namespace/pod
+    pub pod: String,
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct LabProbeArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    #[arg(long)]
+    pub from: Option<String>,
+    #[arg(long)]
+    pub to: Option<String>,
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long, default_value = "TCP")]
+    pub protocol: String,
+    /// Seconds before a connection attempt counts as a timeout.
+    #[arg(long, default_value_t = 1.0)]
+    pub timeout: f64,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args)]
+pub struct LabServeArgs {
+    #[arg(long, value_delimiter = ',')]
+    pub tcp: Vec<u16>,
+    #[arg(long, value_delimiter = ',')]
+    pub udp: Vec<u16>,
+}
+
+fn print<T: serde::Serialize>(value: &T, output: Output, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Output::Table => print!("{}", table()),
+    }
+    Ok(())
+}
+
+fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
+    Ok(lab::UpOptions {
+        name: a.name.clone(),
+        manifests: a.manifests.canonicalize().with_context(|| format!("manifest directory {}", a.manifests.display()))?,
+        pod_cidr: a.pod_cidr.clone(),
+        netpol_bin: std::env::current_exe()?,
+    })
+}
+
+/// Runs a command; the returned number is the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Agent(a) => {
+            let node = match a.node {
+                Some(n) => n,
+                None => std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string(),
+            };
+            let opts = AgentOptions {
+                source: a.source,
+                node,
+                bridge: a.bridge,
+                api_socket: a.api_socket,
+                capacities: Capacities {
+                    endpoints: a.endpoints_capacity,
+                    ipcache: a.ipcache_capacity,
+                    cidrs: a.cidrs_capacity,
+                    policy: a.policy_capacity,
+                    conntrack: a.conntrack_capacity,
+                },
+                allow_host: !a.deny_host_traffic,
+                audit: a.audit,
+            };
+            tokio::runtime::Runtime::new()?.block_on(crate::agent::run(opts))?;
+            Ok(0)
+        }
+        Command::Observe(o) => observe(o),
+        Command::Simulate(s) => {
+            let protocol = crate::index::policy::parse_protocol(&s.protocol)
+                .with_context(|| format!("--protocol {}: expected TCP, UDP or SCTP", s.protocol))?;
+            let report = crate::simulate::simulate(&s.manifests, protocol, s.port, s.from.as_deref(), s.to.as_deref())?;
+            for inv in &report.invalid {
+                eprintln!("warning: {} {}/{} rejected: {}", inv.kind, inv.namespace, inv.name, inv.error);
+            }
+            print(&report, s.output, || report.table())?;
+            Ok(0)
+        }
+        Command::Lab(cmd) => lab_command(cmd),
+    }
+}
+
+fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
+    match cmd {
+        LabCommand::Up(a) => {
+            lab::up(&lab_up_options(&a)?)?;
+            eprintln!("lab {} is up; try: netpol lab probe --name {} --port 80", a.name, a.name);
+            Ok(0)
+        }
+        LabCommand::Run(a) => {
+            lab::run_supervisor(&lab_up_options(&a)?)?;
+            Ok(0)
+        }
+        LabCommand::Down(n) => {
+            lab::down(&n.name)?;
+            Ok(0)
+        }
+        LabCommand::Status(s) => {
+            let st = lab::status(&s.name)?;
+            print(&st, s.output, || {
+                let mut t = format!("{:<24} {:<8} {:<16} {}\n", "POD", "NODE", "IP", "VETH");
+                for p in &st.pods {
+                    t.push_str(&format!("{:<24} {:<8} {:<16} {}\n", format!("{}/{}", p.namespace, p.name), p.node, p.ips.join(","), p.veth));
+                }
+                t
+            })?;
+            Ok(0)
+        }
+        LabCommand::Wait(w) => {
+            lab::wait(&w.name, Duration::from_secs(w.timeout))?;
+            Ok(0)
+        }
+        LabCommand::Exec(e) => lab::exec(&e.name, &e.pod, &e.command),
+        LabCommand::Probe(p) => {
+            let protocol = match p.protocol.to_ascii_uppercase().as_str() {
+                "TCP" => lab::Protocol::Tcp,
+                "UDP" => lab::Protocol::Udp,
+                other => anyhow::bail!("--protocol {other}: the lab probes TCP or UDP"),
+            };
+            let report = lab::probe(&p.name, p.from.as_deref(), p.to.as_deref(), p.port, protocol, Duration::from_secs_f64(p.timeout))?;
+            print(&report, p.output, || report.table())?;
+            Ok(0)
+        }
+        LabCommand::Serve(s) => {
+            lab::serve(&s.tcp, &s.udp)?;
+            Ok(0)
+        }
+    }
+}
+
+fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
+    let socket = match &o.lab {
+        Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
+        None => o.socket.clone(),
+    };
+    let keep = |v: &Verdict| {
+        o.namespace.as_ref().is_none_or(|ns| [&v.src, &v.dst].iter().any(|p| p.starts_with(&format!("{ns}/"))))
+            && o.pod.as_ref().is_none_or(|p| v.src == *p || v.dst == *p)
+            && o.verdict.as_ref().is_none_or(|x| v.verdict == *x)
+            && o.direction.as_ref().is_none_or(|x| v.direction == *x)
+            && o.port.is_none_or(|x| v.dport == x)
+    };
+    let mut seen = 0usize;
+    tokio::runtime::Runtime::new()?.block_on(crate::api::client::observe(&socket, |line| {
+        if let Ok(v) = serde_json::from_str::<Verdict>(line) {
+            if !keep(&v) {
+                return true;
+            }
+            match o.output {
+                Output::Json => println!("{}", serde_json::to_string(&v).unwrap_or_default()),
+                Output::Yaml => print!("---\n{}", serde_yaml::to_string(&v).unwrap_or_default()),
+                Output::Table => println!("{}", human(&v)),
+            }
+            seen += 1;
+        } else if let Ok(lost) = serde_json::from_str::<serde_json::Value>(line) {
+            if let Some(n) = lost.get("lost") {
+                eprintln!("... {n} more verdicts were not delivered to this observer (it fell behind)");
+            }
+        }
+        o.count.is_none_or(|c| seen < c)
+    }))?;
+    Ok(0)
+}

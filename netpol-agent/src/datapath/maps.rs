@@ -1,0 +1,135 @@
+//! Typed writes to the classifier's maps. Each map has one writer: this module.
+//! A full map is an error that names the map and its capacity flag, never a silent skip.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, anyhow};
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
+use netpol_common::{Addr, COUNTERS_LEN, Config, EndpointEntry, PolicyEntry, PolicyKey, map, reason};
+
+use crate::compile::PolicyPrefix;
+use crate::index::net::Cidr;
+
+pub fn cidr_key(c: &Cidr) -> Key<Addr> {
+    Key::new(c.prefix as u32, c.addr)
+}
+
+fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
+    Key::new(p.prefix_len, p.key)
+}
+
+fn trie<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<LpmTrie<&'a mut MapData, K, V>> {
+    let m = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the classifier"))?;
+    Ok(LpmTrie::try_from(m)?)
+}
+
+fn full(name: &str, e: MapError) -> anyhow::Error {
+    anyhow!("writing map {name}: {e} (if the map is full, raise its capacity flag)")
+}
+
+/// Inserts entries that are new or changed.
+pub fn upsert_diff<K: Ord, V: PartialEq + aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    actual: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    key: fn(&K) -> Key<Addr>,
+) -> anyhow::Result<usize> {
+    let mut t: LpmTrie<_, Addr, V> = trie(ebpf, name)?;
+    let mut n = 0;
+    for (k, v) in desired {
+        if actual.get(k) != Some(v) {
+            t.insert(&key(k), v, 0).map_err(|e| full(name, e))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+pub fn remove_diff<K: Ord, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    actual: &BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    key: fn(&K) -> Key<Addr>,
+) -> anyhow::Result<usize> {
+    let mut t: LpmTrie<_, Addr, V> = trie(ebpf, name)?;
+    let mut n = 0;
+    for k in actual.keys().filter(|k| !desired.contains_key(k)) {
+        t.remove(&key(k)).with_context(|| format!("removing from {name}"))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+pub fn upsert_policy(ebpf: &mut Ebpf, actual: &BTreeMap<PolicyPrefix, PolicyEntry>, desired: &BTreeMap<PolicyPrefix, PolicyEntry>) -> anyhow::Result<usize> {
+    let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
+    let mut n = 0;
+    for (k, v) in desired {
+        if actual.get(k) != Some(v) {
+            t.insert(&policy_key(k), v, 0).map_err(|e| full(map::POLICY, e))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+pub fn remove_policy(ebpf: &mut Ebpf, actual: &BTreeMap<PolicyPrefix, PolicyEntry>, desired: &BTreeMap<PolicyPrefix, PolicyEntry>) -> anyhow::Result<usize> {
+    let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
+    let mut n = 0;
+    for k in actual.keys().filter(|k| !desired.contains_key(k)) {
+        t.remove(&policy_key(k)).context("removing a policy entry")?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn endpoints(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, u32, EndpointEntry>> {
+    Ok(HashMap::try_from(ebpf.map_mut(map::ENDPOINTS).ok_or_else(|| anyhow!("map {} missing", map::ENDPOINTS))?)?)
+}
+
+pub fn write_endpoint(ebpf: &mut Ebpf, ifindex: u32, ep: EndpointEntry) -> anyhow::Result<()> {
+    endpoints(ebpf)?.insert(ifindex, ep, 0).map_err(|e| full(map::ENDPOINTS, e))
+}
+
+pub fn remove_endpoint(ebpf: &mut Ebpf, ifindex: u32) -> anyhow::Result<()> {
+    match endpoints(ebpf)?.remove(&ifindex) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing an endpoint"),
+    }
+}
+
+pub fn write_config(ebpf: &mut Ebpf, config: Config) -> anyhow::Result<()> {
+    let mut a: Array<_, Config> = Array::try_from(ebpf.map_mut(map::CONFIG).ok_or_else(|| anyhow!("map {} missing", map::CONFIG))?)?;
+    a.set(0, config, 0).context("writing the node config")
+}
+
+/// One exact counter: packets with this verdict, reason and direction, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Counter {
+    pub verdict: u8,
+    pub reason: &'static str,
+    pub direction: u8,
+    pub packets: u64,
+}
+
+pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
+    let m = ebpf.map(map::COUNTERS).ok_or_else(|| anyhow!("map {} missing", map::COUNTERS))?;
+    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+    let mut out = Vec::new();
+    for verdict in 0..3u8 {
+        for code in 0..reason::COUNT {
+            for direction in 0..2u8 {
+                let idx = netpol_common::counter_index(verdict, code, direction);
+                debug_assert!(idx < COUNTERS_LEN);
+                let packets: u64 = a.get(&idx, 0)?.iter().sum();
+                if packets > 0 {
+                    out.push(Counter { verdict, reason: reason::name(code), direction, packets });
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,182 @@
+//! Verdict records from the ring buffer, named: pods and namespaces on both sides, the
+//! policies that isolate the dropping pod, the rule that decided.
+//!
+//! source ──► index ──► compile ──► datapath ──► **events**
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use netpol_common::{Event, direction, proto, reason, verdict};
+use serde::{Deserialize, Serialize};
+
+use crate::compile::{Desired, RuleRef, selecting};
+use crate::index::Snapshot;
+use crate::index::net::ip_of;
+
+/// An event as operators read it (`netpol observe -o json`: one per line).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Verdict {
+    pub time: String,
+    pub verdict: String,
+    pub direction: String,
+    pub reason: String,
+    pub protocol: String,
+    pub src: String,
+    pub dst: String,
+    pub src_ip: String,
+    pub dst_ip: String,
+    pub sport: u16,
+    pub dport: u16,
+    /// The pod whose policy was judged (`namespace/name`).
+    pub pod: String,
+    /// Policies that isolate `pod` in `direction` (for a drop: who is responsible).
+    pub policies: Vec<String>,
+    /// The rule that decided, when one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    pub tcp_flags: u8,
+    pub len: u32,
+    pub revision: u32,
+}
+
+/// What naming needs, rebuilt with every snapshot.
+#[derive(Default)]
+pub struct Namer {
+    by_ip: BTreeMap<IpAddr, String>,
+    by_identity: BTreeMap<u32, String>,
+    rules: BTreeMap<u32, RuleRef>,
+    /// Endpoint identity → (ingress isolators, egress isolators).
+    isolators: BTreeMap<u32, [Vec<String>; 2]>,
+}
+
+impl Namer {
+    pub fn new(snap: &Snapshot, desired: &Desired) -> Namer {
+        let mut n = Namer { rules: desired.rules.clone(), ..Default::default() };
+        for pod in snap.pods.values() {
+            for ip in &pod.ips {
+                n.by_ip.entry(*ip).or_insert_with(|| pod.key());
+            }
+        }
+        for ep in desired.endpoints.values() {
+            let Some(subject) = snap.identities.get(&ep.identity) else { continue };
+            let mut lists: [Vec<String>; 2] = Default::default();
+            for (key, p) in selecting(snap, subject) {
+                if p.isolates_ingress {
+                    lists[direction::INGRESS as usize].push(key.clone());
+                }
+                if p.isolates_egress {
+                    lists[direction::EGRESS as usize].push(key.clone());
+                }
+            }
+            n.isolators.insert(ep.identity, lists);
+        }
+        for (pod_key, ep) in &desired.endpoints {
+            n.by_identity.entry(ep.id).or_insert_with(|| pod_key.clone());
+        }
+        n
+    }
+
+    pub fn name(&self, ev: &Event, wall_offset_ns: i128) -> Verdict {
+        let (src_ip, dst_ip) = (ip_of(&ev.saddr), ip_of(&ev.daddr));
+        let label = |ip: IpAddr| self.by_ip.get(&ip).cloned().unwrap_or_else(|| ip.to_string());
+        let local = if ev.direction == direction::EGRESS { src_ip } else { dst_ip };
+        let pod = self.by_ip.get(&local).cloned().or_else(|| self.by_identity.get(&ev.endpoint).cloned()).unwrap_or_default();
+        Verdict {
+            time: format_time(ev.timestamp_ns as i128 + wall_offset_ns),
+            verdict: match ev.verdict {
+                verdict::ALLOWED => "allowed",
+                verdict::AUDIT => "audit",
+                _ => "dropped",
+            }
+            .into(),
+            direction: if ev.direction == direction::EGRESS { "egress" } else { "ingress" }.into(),
+            reason: reason::name(ev.reason).into(),
+            protocol: protocol_name(ev.protocol),
+            src: label(src_ip),
+            dst: label(dst_ip),
+            src_ip: src_ip.to_string(),
+            dst_ip: dst_ip.to_string(),
+            sport: ev.sport,
+            dport: ev.dport,
+            pod,
+            policies: self.isolators.get(&ev.endpoint).map(|l| l[ev.direction as usize & 1].clone()).unwrap_or_default(),
+            rule: self.rules.get(&ev.policy_cookie).cloned(),
+            tcp_flags: ev.tcp_flags,
+            len: ev.len,
+            revision: ev.revision,
+        }
+    }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Wall clock minus the monotonic clock the kernel stamps events with.
+pub fn wall_offset_ns() -> i128 {
+    let read = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid timespec out-pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn format_time(unix_ns: i128) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000) as i64;
+    let ms = (unix_ns.rem_euclid(1_000_000_000) / 1_000_000) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The human line `netpol observe` prints.
+pub fn human(v: &Verdict) -> String {
+    let policies = if v.policies.is_empty() { String::new() } else { format!(" policies={}", v.policies.join(",")) };
+    let rule = v.rule.as_ref().map(|r| format!(" rule={}:{}[{}]", r.policy, r.direction, r.rule)).unwrap_or_default();
+    format!(
+        "{} {:<7} {:<7} {} -> {} {}/{} {}{}{}",
+        v.time,
+        v.verdict.to_uppercase(),
+        v.direction,
+        if v.sport != 0 { format!("{}:{}", v.src, v.sport) } else { v.src.clone() },
+        v.dst,
+        v.dport,
+        v.protocol,
+        v.reason,
+        policies,
+        rule
+    )
+}
+
+pub type SharedNamer = Arc<Namer>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_is_rfc3339_utc() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_time(1_795_000_000_123_000_000), "2026-11-18T11:06:40.123Z");
+    }
+}

@@ -1,0 +1,120 @@
+//! Network namespaces, the bridge and veths, by running iproute2 (`ip`). Errors carry
+//! the command and its stderr; callers add which pod or node it was for.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+/// Runs `ip args...`; stdin is `input` when given (for `-batch -`).
+fn ip(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
+    let shown = format!("ip {}", args.join(" "));
+    let mut child = Command::new("ip")
+        .args(args)
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{shown}` (is iproute2 installed?)"))?;
+    if let Some(text) = input {
+        // Dropped at the end of the statement: `ip` sees EOF and runs the batch.
+        child.stdin.take().expect("piped").write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        match input {
+            Some(batch) => bail!("`{shown}` failed: {}\nbatch was:\n{batch}", err.trim()),
+            None => bail!("`{shown}` failed: {}", err.trim()),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs several `ip` commands inside `netns` in one process.
+fn batch(netns: &str, lines: &[String]) -> anyhow::Result<()> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    ip(&["-n", netns, "-batch", "-"], Some(&text)).map(drop)
+}
+
+/// Names of all named network namespaces.
+pub fn list() -> anyhow::Result<Vec<String>> {
+    let out = ip(&["netns", "list"], None)?;
+    // Lines look like "name" or "name (id: 3)".
+    Ok(out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect())
+}
+
+/// Pids of the processes whose network namespace is `netns`.
+pub fn pids(netns: &str) -> anyhow::Result<Vec<i32>> {
+    let out = ip(&["netns", "pids", netns], None)?;
+    Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+pub fn add(netns: &str) -> anyhow::Result<()> {
+    ip(&["netns", "add", netns], None).map(drop)
+}
+
+/// Deletes `netns`; a namespace that is already gone is fine.
+pub fn delete(netns: &str) -> anyhow::Result<()> {
+    if !std::path::Path::new("/run/netns").join(netns).exists() {
+        return Ok(());
+    }
+    ip(&["netns", "delete", netns], None).map(drop)
+}
+
+/// The node: a namespace with `lo` and the bridge holding the pods' gateway address.
+pub fn setup_node(netns: &str, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
+    add(netns)?;
+    batch(
+        netns,
+        &[
+            "link set lo up".into(),
+            format!("link add {bridge} type bridge"),
+            format!("addr add {gateway}/{prefix} dev {bridge}"),
+            format!("link set {bridge} up"),
+        ],
+    )
+}
+
+pub struct PodLink<'a> {
+    pub node_netns: &'a str,
+    pub bridge: &'a str,
+    pub pod_netns: &'a str,
+    pub veth: &'a str,
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+/// A pod: its namespace, a veth pair (host side on the bridge, `eth0` in the pod), its
+/// address and a default route via the bridge. Undone on failure, so that a retry
+/// starts from scratch.
+pub fn setup_pod(link: &PodLink) -> anyhow::Result<()> {
+    add(link.pod_netns)?;
+    let result = (|| {
+        // Created in the node so the host side lands there and `eth0` in the pod.
+        batch(
+            link.node_netns,
+            &[
+                format!("link add {} type veth peer name eth0 netns {}", link.veth, link.pod_netns),
+                format!("link set {} master {} up", link.veth, link.bridge),
+            ],
+        )?;
+        batch(
+            link.pod_netns,
+            &[
+                "link set lo up".into(),
+                format!("addr add {}/{} dev eth0", link.ip, link.prefix),
+                "link set eth0 up".into(),
+                format!("route add default via {}", link.gateway),
+            ],
+        )
+    })();
+    if result.is_err() {
+        // Deleting the pod namespace also deletes the veth pair.
+        let _ = delete(link.pod_netns);
+    }
+    result
+}

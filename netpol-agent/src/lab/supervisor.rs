@@ -1,0 +1,768 @@
+//! `netpol lab run`: the long-running owner of one lab. It builds the node, keeps pod
+//! namespaces and their servers in step with the manifest directory, renders the agent's
+//! view of the cluster (pods placed on node0 with the addresses the lab gave them), runs
+//! the agent, and answers `wait`/`status` on `lab.sock`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus as K8sPodStatus};
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::netns::{self, PodLink};
+use super::{BRIDGE, LabState, LabStatus, NODE_NAME, NodeStatus, Paths, PodStatus, UpOptions};
+use crate::source::Object;
+
+/// How long a wait may take to find the agent's socket (the agent loads eBPF first).
+const AGENT_START: Duration = Duration::from_secs(30);
+/// How long a pod server may take to bind its ports.
+const SERVER_START: Duration = Duration::from_secs(10);
+
+/// The supervisor's log is its stderr (`up` points it at supervisor.log).
+fn log(msg: impl std::fmt::Display) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    eprintln!("{}.{:03} lab: {msg}", now.as_secs(), now.subsec_millis());
+}
+
+/// The pod CIDR of the node: `.1` is the bridge (gateway), pods get `.2` up to the last
+/// address before broadcast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PodCidr {
+    network: u32,
+    prefix: u8,
+}
+
+impl PodCidr {
+    pub fn parse(text: &str) -> anyhow::Result<PodCidr> {
+        let bad = || format!("invalid pod CIDR {text:?} (expected an IPv4 CIDR such as 10.244.0.0/24)");
+        let (addr, prefix) = text.split_once('/').with_context(bad)?;
+        let addr: Ipv4Addr = addr.parse().with_context(bad)?;
+        let prefix: u8 = prefix.parse().with_context(bad)?;
+        if !(8..=30).contains(&prefix) {
+            bail!("{}: the prefix must be between /8 and /30", bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(PodCidr { network: u32::from(addr) & mask, prefix })
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network + 1)
+    }
+
+    fn broadcast(&self) -> u32 {
+        self.network | (u32::MAX >> self.prefix)
+    }
+
+    /// Addresses pods may have.
+    fn is_pod_address(&self, ip: Ipv4Addr) -> bool {
+        let ip = u32::from(ip);
+        ip >= self.network + 2 && ip < self.broadcast()
+    }
+}
+
+type PodKey = (String, String);
+
+/// Pod addresses. A pod keeps its address for as long as it stays in the lab, whatever
+/// else changes, so that the agent's view and the pod's netns never disagree.
+#[derive(Debug)]
+pub(crate) struct IpPool {
+    cidr: PodCidr,
+    by_pod: BTreeMap<PodKey, Ipv4Addr>,
+}
+
+impl IpPool {
+    pub fn new(cidr: PodCidr) -> IpPool {
+        IpPool { cidr, by_pod: BTreeMap::new() }
+    }
+
+    /// The address of `pod`: the one it has, else `wanted` (its `status.podIP`) when
+    /// free and in the CIDR, else the lowest free one.
+    pub fn assign(&mut self, pod: &PodKey, wanted: Option<Ipv4Addr>) -> anyhow::Result<Ipv4Addr> {
+        if let Some(ip) = self.by_pod.get(pod) {
+            return Ok(*ip);
+        }
+        let used: BTreeSet<Ipv4Addr> = self.by_pod.values().copied().collect();
+        let ip = match wanted {
+            Some(ip) if self.cidr.is_pod_address(ip) && !used.contains(&ip) => ip,
+            _ => (self.cidr.network + 2..self.cidr.broadcast())
+                .map(Ipv4Addr::from)
+                .find(|ip| !used.contains(ip))
+                .with_context(|| format!("pod {}/{}: no free address left in the pod CIDR", pod.0, pod.1))?,
+        };
+        if let Some(w) = wanted.filter(|w| *w != ip) {
+            log(format!("pod {}/{}: status.podIP {w} is taken or outside the pod CIDR; using {ip}", pod.0, pod.1));
+        }
+        self.by_pod.insert(pod.clone(), ip);
+        Ok(ip)
+    }
+
+    pub fn release(&mut self, pod: &PodKey) {
+        self.by_pod.remove(pod);
+    }
+}
+
+/// The ports a pod's server listens on, from its containers' `ports`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ports {
+    tcp: Vec<u16>,
+    udp: Vec<u16>,
+}
+
+impl Ports {
+    fn of(pod: &Pod) -> Ports {
+        let mut tcp = BTreeSet::new();
+        let mut udp = BTreeSet::new();
+        let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+        for port in containers.flat_map(|c| c.ports.iter().flatten()) {
+            let Ok(number) = u16::try_from(port.container_port) else { continue };
+            match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => tcp.insert(number),
+                "UDP" => udp.insert(number),
+                _ => false, // SCTP: the lab's server does not speak it
+            };
+        }
+        Ports { tcp: tcp.into_iter().collect(), udp: udp.into_iter().collect() }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty()
+    }
+}
+
+fn join_ports(ports: &[u16]) -> String {
+    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+}
+
+struct LabPod {
+    netns: String,
+    veth: String,
+    ip: Ipv4Addr,
+    ports: Ports,
+    server: Option<Child>,
+}
+
+/// The agent process; a thread reaps it so its exit is logged when it happens.
+struct Agent {
+    pid: u32,
+    exited: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Agent {
+    fn has_exited(&self) -> bool {
+        *self.exited.0.lock().unwrap()
+    }
+
+    /// Waits up to `timeout` for the agent to exit; true if it did.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let (lock, cvar) = &*self.exited;
+        let guard = lock.lock().unwrap();
+        let (guard, _) = cvar.wait_timeout_while(guard, timeout, |exited| !*exited).unwrap();
+        *guard
+    }
+}
+
+struct Lab {
+    name: String,
+    paths: Paths,
+    manifests: PathBuf,
+    netpol_bin: PathBuf,
+    cidr: PodCidr,
+    node_netns: String,
+    pool: IpPool,
+    pods: BTreeMap<PodKey, LabPod>,
+    agent: Option<Agent>,
+    last_errors: Vec<String>,
+}
+
+/// Pods the lab gives a namespace to: running-ish pods on the pod network.
+fn wants_netns(pod: &Pod) -> bool {
+    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !host_network && !matches!(phase, Some("Succeeded") | Some("Failed"))
+}
+
+fn pod_key(pod: &Pod) -> Option<PodKey> {
+    let name = pod.metadata.name.clone()?;
+    Some((pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name))
+}
+
+impl Lab {
+    fn new(opts: &UpOptions) -> anyhow::Result<Lab> {
+        let cidr = PodCidr::parse(&opts.pod_cidr)?;
+        Ok(Lab {
+            name: opts.name.clone(),
+            paths: Paths::new(&opts.name),
+            manifests: opts.manifests.clone(),
+            netpol_bin: opts.netpol_bin.clone(),
+            cidr,
+            node_netns: super::node_netns(&opts.name),
+            pool: IpPool::new(cidr),
+            pods: BTreeMap::new(),
+            agent: None,
+            last_errors: Vec::new(),
+        })
+    }
+
+    fn status(&self) -> LabStatus {
+        LabStatus {
+            name: self.name.clone(),
+            nodes: vec![NodeStatus {
+                name: NODE_NAME.into(),
+                netns: self.node_netns.clone(),
+                agent_pid: self.agent.as_ref().map(|a| a.pid),
+            }],
+            pods: self
+                .pods
+                .iter()
+                .map(|((ns, name), p)| PodStatus {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    node: NODE_NAME.into(),
+                    ips: vec![p.ip.to_string()],
+                    netns: p.netns.clone(),
+                    veth: p.veth.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    fn write_state(&self) -> anyhow::Result<()> {
+        let state = LabState {
+            status: self.status(),
+            supervisor_pid: std::process::id(),
+            pod_cidr: format!("{}/{}", Ipv4Addr::from(self.cidr.network), self.cidr.prefix),
+            manifests: self.manifests.clone(),
+        };
+        super::write_atomic(&self.paths.state, &serde_json::to_vec_pretty(&state)?)
+    }
+
+    fn setup_node(&self) -> anyhow::Result<()> {
+        netns::setup_node(&self.node_netns, BRIDGE, self.cidr.gateway(), self.cidr.prefix())
+            .with_context(|| format!("setting up node {NODE_NAME} ({})", self.node_netns))
+    }
+
+    /// Brings pods, the rendered cluster view and the agent in line with the manifest
+    /// directory. Returns the digest of the rendered view (what the agent must reach).
+    /// Pods that fail are reported in the error, after everything else was done.
+    fn reconcile(&mut self) -> anyhow::Result<String> {
+        let state = crate::source::dir::read_state(std::slice::from_ref(&self.manifests));
+        if state.errors != self.last_errors {
+            for e in &state.errors {
+                log(format!("manifest skipped: {e}"));
+            }
+            self.last_errors = state.errors.clone();
+        }
+        let mut desired: BTreeMap<PodKey, &Pod> = BTreeMap::new();
+        for object in &state.objects {
+            if let Object::Pod(pod) = object {
+                if let Some(key) = pod_key(pod).filter(|_| wants_netns(pod)) {
+                    desired.insert(key, pod);
+                }
+            }
+        }
+
+        let mut errors = Vec::new();
+        let gone: Vec<PodKey> = self.pods.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+        for key in gone {
+            if let Err(e) = self.remove_pod(&key) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        // Pods asking for a given address first, so a pod without one cannot take it.
+        let mut order: Vec<(&PodKey, &&Pod)> = desired.iter().collect();
+        order.sort_by_key(|(_, pod)| pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_none());
+        for (key, pod) in order {
+            if let Err(e) = self.ensure_pod(key, pod) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+
+        self.render(&state.objects)?;
+        if self.agent.is_none() {
+            self.agent = Some(self.start_agent()?);
+        }
+        self.write_state()?;
+        if !errors.is_empty() {
+            bail!("{}", errors.join("; "));
+        }
+        Ok(crate::source::dir::current_digest(std::slice::from_ref(&self.paths.cluster)))
+    }
+
+    fn ensure_pod(&mut self, key: &PodKey, pod: &Pod) -> anyhow::Result<()> {
+        let who = format!("pod {}/{}", key.0, key.1);
+        if !self.pods.contains_key(key) {
+            let wanted = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok());
+            let ip = self.pool.assign(key, wanted)?;
+            let netns = super::pod_netns(&self.name, &key.0, &key.1);
+            let veth = super::veth_name(&self.name, &key.0, &key.1);
+            let link = PodLink {
+                node_netns: &self.node_netns,
+                bridge: BRIDGE,
+                pod_netns: &netns,
+                veth: &veth,
+                ip,
+                prefix: self.cidr.prefix(),
+                gateway: self.cidr.gateway(),
+            };
+            if let Err(e) = netns::setup_pod(&link) {
+                self.pool.release(key);
+                return Err(e.context(format!("{who}: setting up its network namespace {netns}")));
+            }
+            log(format!("{who}: {ip} in {netns} (veth {veth})"));
+            self.pods.insert(key.clone(), LabPod { netns, veth, ip, ports: Ports::default(), server: None });
+        }
+        let lab_pod = self.pods.get_mut(key).expect("inserted above");
+        let ports = Ports::of(pod);
+        let server_died = match lab_pod.server.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(Some(status))) => {
+                log(format!("{who}: server exited ({status}); restarting it"));
+                true
+            }
+            _ => false,
+        };
+        if ports != lab_pod.ports || server_died {
+            stop_child(&mut lab_pod.server);
+            lab_pod.ports = ports;
+            if !lab_pod.ports.is_empty() {
+                let child = start_server(&self.netpol_bin, &lab_pod.netns, &lab_pod.ports)
+                    .with_context(|| format!("{who}: starting its server in {}", lab_pod.netns))?;
+                lab_pod.server = Some(child);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_pod(&mut self, key: &PodKey) -> anyhow::Result<()> {
+        let Some(mut pod) = self.pods.remove(key) else { return Ok(()) };
+        stop_child(&mut pod.server);
+        self.pool.release(key);
+        log(format!("pod {}/{}: removed", key.0, key.1));
+        // Deleting the namespace also deletes the veth pair.
+        netns::delete(&pod.netns).with_context(|| format!("pod {}/{}: deleting {}", key.0, key.1, pod.netns))
+    }
+
+    /// Writes `cluster/objects.yaml`: every object of the directory, with the pods the lab
+    /// runs placed on node0 and given their addresses, as a kubelet would report them.
+    fn render(&self, objects: &[Object]) -> anyhow::Result<()> {
+        let mut docs = Vec::new();
+        for object in objects {
+            let doc = match object {
+                Object::Namespace(o) => serde_yaml::to_string(o),
+                Object::NetworkPolicy(o) => serde_yaml::to_string(o),
+                Object::Service(o) => serde_yaml::to_string(o),
+                Object::Pod(pod) => {
+                    let placed = pod_key(pod).and_then(|k| self.pods.get(&k)).map(|lab_pod| place(pod, lab_pod.ip));
+                    serde_yaml::to_string(placed.as_ref().unwrap_or(pod))
+                }
+            };
+            docs.push(doc.context("rendering the cluster view")?);
+        }
+        let text = docs.join("---\n");
+        let path = self.paths.cluster.join("objects.yaml");
+        // Only on change: every write is a new input for the agent.
+        if std::fs::read(&path).ok().as_deref() != Some(text.as_bytes()) {
+            super::write_atomic(&path, text.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn start_agent(&self) -> anyhow::Result<Agent> {
+        let _ = std::fs::remove_file(&self.paths.agent_sock);
+        let log_file = std::fs::File::create(&self.paths.agent_log)
+            .with_context(|| format!("creating {}", self.paths.agent_log.display()))?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node_netns])
+            .arg(&self.netpol_bin)
+            .arg("agent")
+            .arg("--source")
+            .arg(format!("dir:{}", self.paths.cluster.display()))
+            .args(["--node", NODE_NAME, "--bridge", BRIDGE, "--api-socket"])
+            .arg(&self.paths.agent_sock)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .context("starting the agent")?;
+        // `ip netns exec` execs the command, so this pid is the agent's.
+        let pid = child.id();
+        log(format!("agent started (pid {pid}), log in {}", self.paths.agent_log.display()));
+        let exited = Arc::new((Mutex::new(false), Condvar::new()));
+        let flag = exited.clone();
+        std::thread::spawn(move || {
+            match child.wait() {
+                Ok(status) => log(format!("agent (pid {pid}) exited: {status}")),
+                Err(e) => log(format!("agent (pid {pid}): wait failed: {e}")),
+            }
+            *flag.0.lock().unwrap() = true;
+            flag.1.notify_all();
+        });
+        Ok(Agent { pid, exited })
+    }
+
+    /// Stops everything the lab started and deletes its namespaces.
+    fn teardown(&mut self) {
+        if let Some(agent) = self.agent.take() {
+            // SAFETY: plain syscalls on the agent's pid, which its reaper thread has not
+            // reaped yet unless `exited` is set.
+            if !agent.has_exited() {
+                unsafe { libc::kill(agent.pid as i32, libc::SIGTERM) };
+                if !agent.wait_exit(Duration::from_secs(5)) {
+                    log("agent did not stop within 5s; killing it");
+                    unsafe { libc::kill(agent.pid as i32, libc::SIGKILL) };
+                    agent.wait_exit(Duration::from_secs(5));
+                }
+            }
+        }
+        let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
+        for key in keys {
+            if let Err(e) = self.remove_pod(&key) {
+                log(format!("{e:#}"));
+            }
+        }
+        if let Err(e) = netns::delete(&self.node_netns) {
+            log(format!("deleting the node: {e:#}"));
+        }
+    }
+}
+
+/// The pod as the agent should see it: on node0, running, with the lab's address.
+fn place(pod: &Pod, ip: Ipv4Addr) -> Pod {
+    let mut pod = pod.clone();
+    pod.spec.get_or_insert_with(Default::default).node_name = Some(NODE_NAME.into());
+    let status = pod.status.get_or_insert_with(K8sPodStatus::default);
+    status.phase = Some("Running".into());
+    status.pod_ip = Some(ip.to_string());
+    status.pod_ips = Some(vec![PodIP { ip: ip.to_string() }]);
+    pod
+}
+
+/// Starts `netpol lab serve` in a pod and waits until it has bound its ports (it says
+/// "ready" on stdout), so that a `wait` that returns means the ports answer.
+fn start_server(netpol_bin: &Path, netns: &str, ports: &Ports) -> anyhow::Result<Child> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns]).arg(netpol_bin).args(["lab", "serve"]);
+    if !ports.tcp.is_empty() {
+        cmd.args(["--tcp", &join_ports(&ports.tcp)]);
+    }
+    if !ports.udp.is_empty() {
+        cmd.args(["--udp", &join_ports(&ports.udp)]);
+    }
+    // stderr goes to the supervisor's log, where a bind error is worth reading.
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().context("spawning ip netns exec")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+    });
+    let ready = rx.recv_timeout(SERVER_START);
+    if matches!(&ready, Ok(Ok(line)) if line.trim() == "ready") {
+        return Ok(child);
+    }
+    let mut server = Some(child);
+    stop_child(&mut server);
+    match ready {
+        Err(_) => bail!("the server did not bind its ports within {SERVER_START:?}"),
+        Ok(_) => bail!("the server exited before binding tcp [{}] udp [{}] (see the supervisor log)", join_ports(&ports.tcp), join_ports(&ports.udp)),
+    }
+}
+
+fn stop_child(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum LabRequest {
+    Wait,
+    Status,
+}
+
+type Shared = Arc<Mutex<Lab>>;
+
+async fn reconcile_now(lab: &Shared) -> anyhow::Result<String> {
+    let lab = lab.clone();
+    tokio::task::spawn_blocking(move || lab.lock().unwrap().reconcile()).await?
+}
+
+/// Waits for the agent to converge to `digest`, giving it time to open its socket.
+async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + AGENT_START;
+    let status = loop {
+        match crate::api::client::wait(&paths.agent_sock, digest).await {
+            Ok(status) => break status,
+            Err(e) => {
+                let agent_gone = lab.lock().unwrap().agent.as_ref().map_or(true, Agent::has_exited);
+                if agent_gone {
+                    bail!("the agent is not running; {}:\n{}", paths.agent_log.display(), super::tail(&paths.agent_log, 20));
+                }
+                // Only "not listening yet" is worth waiting for.
+                let not_yet = e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                        matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+                    })
+                });
+                if !not_yet || Instant::now() > deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    if !status.converged {
+        bail!("the agent has not converged (pods without a veth: {:?}); see {}", status.pending, paths.agent_log.display());
+    }
+    Ok(())
+}
+
+async fn handle(stream: UnixStream, lab: Shared) -> anyhow::Result<()> {
+    let paths = Paths::new(&lab.lock().unwrap().name);
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let reply = match serde_json::from_str::<LabRequest>(&line) {
+            Ok(LabRequest::Status) => serde_json::to_value(lab.lock().unwrap().status())?,
+            Ok(LabRequest::Wait) => {
+                let result = async {
+                    let digest = reconcile_now(&lab).await?;
+                    agent_wait(&lab, &paths, &digest).await
+                }
+                .await;
+                match result {
+                    Ok(()) => serde_json::json!({ "ok": true }),
+                    Err(e) => serde_json::json!({ "ok": false, "error": format!("{e:#}") }),
+                }
+            }
+            Err(e) => serde_json::json!({ "ok": false, "error": format!("bad request: {e}") }),
+        };
+        let mut out = serde_json::to_vec(&reply)?;
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+async fn serve_socket(listener: UnixListener, lab: Shared) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let lab = lab.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, lab).await {
+                        log(format!("lab.sock client: {e:#}"));
+                    }
+                });
+            }
+            Err(e) => log(format!("lab.sock accept: {e}")),
+        }
+    }
+}
+
+/// Re-reads the directory on every change, after a burst of writes settled (50 ms).
+async fn watch_manifests(lab: Shared, manifests: PathBuf) -> anyhow::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
+        let _ = tx.send(());
+    })?;
+    let mode = if manifests.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+    watcher.watch(&manifests, mode).with_context(|| format!("watching {}", manifests.display()))?;
+    while rx.recv().await.is_some() {
+        let settle = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                more = rx.recv() => if more.is_none() { return Ok(()) },
+            }
+        }
+        if let Err(e) = reconcile_now(&lab).await {
+            log(format!("reconcile: {e:#}"));
+        }
+    }
+    Ok(())
+}
+
+pub fn run_supervisor(opts: &UpOptions) -> anyhow::Result<()> {
+    super::validate_name(&opts.name)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(supervise(opts))
+}
+
+async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
+    let paths = Paths::new(&opts.name);
+    std::fs::create_dir_all(&paths.cluster).with_context(|| format!("creating {}", paths.cluster.display()))?;
+    let lab: Shared = Arc::new(Mutex::new(Lab::new(opts)?));
+    // Written first, so that `down` finds this process even if setup hangs.
+    lab.lock().unwrap().write_state()?;
+    log(format!("lab {} starting (pid {})", opts.name, std::process::id()));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    let setup = {
+        let lab = lab.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut lab = lab.lock().unwrap();
+            lab.setup_node()?;
+            // Pod errors are not fatal: they are reported to every `wait`.
+            if let Err(e) = lab.reconcile() {
+                if lab.agent.is_none() {
+                    return Err(e);
+                }
+                log(format!("reconcile: {e:#}"));
+            }
+            anyhow::Ok(())
+        })
+    };
+    let started = async {
+        setup.await??;
+        let _ = std::fs::remove_file(&paths.lab_sock);
+        let listener = UnixListener::bind(&paths.lab_sock).with_context(|| format!("listening on {}", paths.lab_sock.display()))?;
+        anyhow::Ok(listener)
+    }
+    .await;
+    let listener = match started {
+        Ok(l) => l,
+        Err(e) => {
+            log(format!("setup failed: {e:#}"));
+            shut_down(lab, &paths, false).await;
+            return Err(e);
+        }
+    };
+    let server = tokio::spawn(serve_socket(listener, lab.clone()));
+    let watcher = tokio::spawn(watch_manifests(lab.clone(), opts.manifests.clone()));
+    log("lab is up");
+
+    tokio::select! {
+        _ = sigterm.recv() => log("SIGTERM: shutting down"),
+        _ = sigint.recv() => log("SIGINT: shutting down"),
+    }
+    server.abort();
+    watcher.abort();
+    shut_down(lab, &paths, true).await;
+    Ok(())
+}
+
+/// Tears the lab down. After a failed setup the logs stay (for `up` to show and the user
+/// to read); `down` removes them.
+async fn shut_down(lab: Shared, paths: &Paths, remove_dir: bool) {
+    let torn = tokio::task::spawn_blocking(move || lab.lock().unwrap_or_else(|p| p.into_inner()).teardown()).await;
+    if let Err(e) = torn {
+        log(format!("teardown: {e}"));
+    }
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+    } else {
+        for f in [&paths.state, &paths.lab_sock, &paths.agent_sock] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ns: &str, pod: &str) -> PodKey {
+        (ns.into(), pod.into())
+    }
+
+    #[test]
+    fn cidr_parsing_normalises_and_rejects_nonsense() {
+        let c = PodCidr::parse("10.244.0.7/24").unwrap();
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 244, 0, 1));
+        assert_eq!(c.prefix(), 24);
+        for bad in ["10.244.0.0", "10.244.0.0/31", "x/24", "10.244.0.0/abc", "::1/64"] {
+            assert!(PodCidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_start_at_two_and_stay_with_their_pod() {
+        let mut pool = IpPool::new(PodCidr::parse("10.244.0.0/24").unwrap());
+        let a = pool.assign(&key("x", "a"), None).unwrap();
+        let b = pool.assign(&key("x", "b"), None).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 244, 0, 2));
+        assert_eq!(b, Ipv4Addr::new(10, 244, 0, 3));
+        // Stable: asking again (even with another wish) gives the same address.
+        assert_eq!(pool.assign(&key("x", "a"), Some(Ipv4Addr::new(10, 244, 0, 9))).unwrap(), a);
+        // A freed address is reused by the next new pod; the others do not move.
+        pool.release(&key("x", "a"));
+        assert_eq!(pool.assign(&key("x", "c"), None).unwrap(), a);
+        assert_eq!(pool.assign(&key("x", "b"), None).unwrap(), b);
+    }
+
+    #[test]
+    fn status_pod_ip_is_honoured_when_usable() {
+        let mut pool = IpPool::new(PodCidr::parse("10.244.0.0/24").unwrap());
+        let want = Ipv4Addr::new(10, 244, 0, 50);
+        assert_eq!(pool.assign(&key("x", "a"), Some(want)).unwrap(), want);
+        // Taken, the gateway, or outside the CIDR: the lowest free address instead.
+        for wish in [want, Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 244, 0, 255)] {
+            let ip = pool.assign(&key("y", &wish.to_string()), Some(wish)).unwrap();
+            assert_ne!(ip, wish);
+        }
+    }
+
+    #[test]
+    fn the_pool_runs_out() {
+        let mut pool = IpPool::new(PodCidr::parse("10.0.0.0/30").unwrap());
+        assert_eq!(pool.assign(&key("x", "a"), None).unwrap(), Ipv4Addr::new(10, 0, 0, 2));
+        let err = pool.assign(&key("x", "b"), None).unwrap_err().to_string();
+        assert!(err.contains("x/b"), "{err}");
+    }
+
+    #[test]
+    fn ports_come_from_containers_with_tcp_as_default() {
+        let pod: Pod = serde_yaml::from_str(
+            r#"
+metadata: {name: a, namespace: x}
+spec:
+  containers:
+  - name: c1
+    ports: [{containerPort: 81}, {containerPort: 80, protocol: TCP}, {containerPort: 53, protocol: UDP}]
+  - name: c2
+    ports: [{containerPort: 80}, {containerPort: 9, protocol: SCTP}]
+"#,
+        )
+        .unwrap();
+        assert_eq!(Ports::of(&pod), Ports { tcp: vec![80, 81], udp: vec![53] });
+    }
+
+    #[test]
+    fn placed_pods_are_running_on_node0_with_the_lab_address() {
+        let pod: Pod = serde_yaml::from_str("metadata: {name: a}\nstatus: {phase: Pending}").unwrap();
+        let placed = place(&pod, Ipv4Addr::new(10, 244, 0, 4));
+        assert_eq!(placed.spec.unwrap().node_name.as_deref(), Some("node0"));
+        let status = placed.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.4"));
+        assert_eq!(status.pod_ips.unwrap()[0].ip, "10.244.0.4");
+        assert_eq!(pod_key(&pod), Some(key("default", "a")));
+    }
+
+    #[test]
+    fn finished_and_host_network_pods_get_no_netns() {
+        let parse = |y: &str| serde_yaml::from_str::<Pod>(y).unwrap();
+        assert!(wants_netns(&parse("metadata: {name: a}")));
+        assert!(!wants_netns(&parse("metadata: {name: a}\nstatus: {phase: Succeeded}")));
+        assert!(!wants_netns(&parse("metadata: {name: a}\nstatus: {phase: Failed}")));
+        assert!(!wants_netns(&parse("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}")));
+    }
+}

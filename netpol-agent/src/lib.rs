@@ -1,0 +1,21 @@
+//! netpol: Kubernetes NetworkPolicy enforced with eBPF.
+//!
+//! ```text
+//! source ──► index ──► compile ──► datapath ──► kernel (TC programs + maps)
+//!                                                  │ ring buffer
+//!                                                  ▼
+//!                                    events ──► api (observe, status, wait)
+//! ```
+//! Each module knows only the boxes to its left. `lab` and `cli` sit outside the flow:
+//! the lab builds a Flannel-like node of network namespaces and runs the agent on it.
+
+pub mod source;
+pub mod index;
+pub mod compile;
+pub mod datapath;
+pub mod events;
+pub mod api;
+pub mod agent;
+pub mod simulate;
+pub mod lab;
+pub mod cli;

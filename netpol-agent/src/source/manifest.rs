@@ -1,0 +1,165 @@
+//! Plain Kubernetes manifests (YAML or JSON, multi-document) into typed objects.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::Deserialize;
+
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Pod),
+    NetworkPolicy(NetworkPolicy),
+    Service(Service),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: document {index}: {message}")]
+    Parse { path: PathBuf, index: usize, message: String },
+}
+
+/// The files a path names: itself, or the `.yaml`/`.yml`/`.json` files of a directory
+/// (recursively), sorted so that reading is deterministic.
+pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let entries = std::fs::read_dir(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| ManifestError::Read { path: path.into(), source })?;
+        let p = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            files.extend(manifest_files(&p)?);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Parses one file's documents. Kinds netpol does not use are skipped; a `List` is
+/// unpacked. Errors name the file and the document.
+pub fn parse_manifests(path: &Path, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(ManifestError::Parse { path: path.into(), index, message: e.to_string() });
+                continue;
+            }
+        };
+        if let Err(message) = push_object(value, &mut objects) {
+            errors.push(ManifestError::Parse { path: path.into(), index, message });
+        }
+    }
+    (objects, errors)
+}
+
+fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String> {
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let name = value
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("<unnamed>")
+        .to_string();
+    let typed = |e: serde_yaml::Error| format!("{kind} {name}: {e}");
+    match kind.as_str() {
+        "Namespace" => out.push(Object::Namespace(serde_yaml::from_value(value).map_err(typed)?)),
+        "Pod" => out.push(Object::Pod(serde_yaml::from_value(value).map_err(typed)?)),
+        "NetworkPolicy" => out.push(Object::NetworkPolicy(serde_yaml::from_value(value).map_err(typed)?)),
+        "Service" => out.push(Object::Service(serde_yaml::from_value(value).map_err(typed)?)),
+        "List" => {
+            if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
+                for item in items.clone() {
+                    push_object(item, out)?;
+                }
+            }
+        }
+        "" => return Err("document has no `kind`".into()),
+        _ => {} // other kinds (Deployments, ConfigMaps, ...) are not ours to read
+    }
+    Ok(())
+}
+
+/// Reads every manifest under `paths` into one list, collecting errors per document.
+pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    let mut contents = Vec::new();
+    for root in paths {
+        let files = match manifest_files(root) {
+            Ok(f) => f,
+            Err(e) => {
+                errors.push(e.to_string());
+                continue;
+            }
+        };
+        for file in files {
+            match std::fs::read(&file) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let (objs, errs) = parse_manifests(&file, &text);
+                    objects.extend(objs);
+                    errors.extend(errs.into_iter().map(|e| e.to_string()));
+                    contents.push((file, bytes));
+                }
+                Err(source) => errors.push(ManifestError::Read { path: file, source }.to_string()),
+            }
+        }
+    }
+    (objects, errors, contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_yaml_and_lists_are_read_and_other_kinds_skipped() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: x, labels: {app: a}}
+  spec: {containers: [{name: c, image: i}]}
+"#;
+        let (objs, errs) = parse_manifests(Path::new("t.yaml"), text);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(objs.len(), 2);
+        assert!(matches!(objs[1], Object::Pod(_)));
+    }
+
+    #[test]
+    fn a_bad_document_names_file_and_index_and_keeps_the_rest() {
+        let text = "kind: Pod\nmetadata: {name: p}\nspec: {containers: 3}\n---\nkind: Namespace\nmetadata: {name: y}\n";
+        let (objs, errs) = parse_manifests(Path::new("bad.yaml"), text);
+        assert_eq!(objs.len(), 1);
+        let msg = errs[0].to_string();
+        assert!(msg.contains("bad.yaml") && msg.contains("document 0") && msg.contains("Pod p"), "{msg}");
+    }
+}

@@ -1,0 +1,335 @@
+//! The ABI between the netpol classifier (kernel) and the agent (userspace).
+//!
+//! Data flow: the agent's `compile` step produces entries of the types below, the
+//! `datapath` module writes them into the maps named here, the classifier reads them
+//! per packet and writes [`Event`] records and counters back. Every type is
+//! `#[repr(C)]` with explicit padding and a size assert, so both sides agree byte for
+//! byte. Codes ([`reason`], [`verdict`]) are never reused once published.
+#![no_std]
+
+pub mod policy;
+
+/// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
+pub const PIN_VERSION: &str = "v1";
+
+/// Map names, shared by both sides.
+pub mod map {
+    pub const ENDPOINTS: &str = "NP_ENDPOINTS";
+    pub const IPCACHE: &str = "NP_IPCACHE";
+    pub const CIDRS: &str = "NP_CIDRS";
+    pub const POLICY: &str = "NP_POLICY";
+    pub const CONNTRACK: &str = "NP_CONNTRACK";
+    pub const EVENTS: &str = "NP_EVENTS";
+    pub const COUNTERS: &str = "NP_COUNTERS";
+    pub const CONFIG: &str = "NP_CONFIG";
+}
+
+/// Program names (the functions in netpol-ebpf).
+pub mod program {
+    /// TC ingress of a pod's host-side veth: what the pod sends (its egress policy).
+    pub const FROM_POD: &str = "from_pod";
+    /// TC egress of a pod's host-side veth: what is delivered to the pod (its ingress policy).
+    pub const TO_POD: &str = "to_pod";
+}
+
+/// Default capacities; each is a flag of the agent.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 4096;
+    pub const IPCACHE: u32 = 65536;
+    pub const CIDRS: u32 = 16384;
+    pub const POLICY: u32 = 262144;
+    pub const CONNTRACK: u32 = 262144;
+    /// Bytes of the event ring buffer (a power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 22;
+}
+
+/// Reserved identities. Pod identities start at [`identity::FIRST_POD`].
+pub mod identity {
+    /// Wildcard in a policy key: any peer.
+    pub const ANY: u32 = 0;
+    /// An address that is neither a known pod nor the node (outside the cluster).
+    pub const WORLD: u32 = 1;
+    /// The node itself (kubelet probes, hostNetwork pods).
+    pub const HOST: u32 = 2;
+    pub const FIRST_POD: u32 = 256;
+    /// CIDR identities (ipBlock partitions) live in their own range.
+    pub const FIRST_CIDR: u32 = 1 << 24;
+}
+
+/// Traffic direction, seen from the endpoint whose policy is judged.
+pub mod direction {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
+pub mod verdict {
+    pub const ALLOWED: u8 = 0;
+    pub const DROPPED: u8 = 1;
+    /// Would have been dropped; passed because of audit mode.
+    pub const AUDIT: u8 = 2;
+}
+
+/// Why a packet got its verdict. Codes are never reused.
+pub mod reason {
+    pub const NONE: u16 = 0;
+    /// The endpoint is isolated in this direction and no policy entry allows the flow.
+    pub const POLICY_DENIED: u16 = 1;
+    /// A header is truncated or malformed.
+    pub const MALFORMED: u16 = 2;
+    /// The source address is not one of the sending pod's addresses.
+    pub const SPOOFED_SOURCE: u16 = 3;
+    /// An established connection is no longer allowed by the current policy.
+    pub const POLICY_REVOKED: u16 = 4;
+    /// The upper-layer protocol could not be found (IPv6 extension chain too long).
+    pub const UNKNOWN_L4: u16 = 5;
+    /// A non-first fragment whose first fragment is unknown.
+    pub const FRAGMENT_UNKNOWN: u16 = 6;
+    /// Allowed because it belongs to a tracked connection.
+    pub const CONNTRACK: u16 = 7;
+    /// Allowed by a policy entry.
+    pub const POLICY_ALLOWED: u16 = 8;
+    /// Allowed because the endpoint is not isolated in this direction.
+    pub const NOT_ISOLATED: u16 = 9;
+    /// Allowed: from the node itself to a local pod.
+    pub const HOST_TRAFFIC: u16 = 10;
+    /// Upper bound (exclusive) of reason codes, for the counter array.
+    pub const COUNT: u16 = 32;
+
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            NONE => "NONE",
+            POLICY_DENIED => "POLICY_DENIED",
+            MALFORMED => "MALFORMED",
+            SPOOFED_SOURCE => "SPOOFED_SOURCE",
+            POLICY_REVOKED => "POLICY_REVOKED",
+            UNKNOWN_L4 => "UNKNOWN_L4",
+            FRAGMENT_UNKNOWN => "FRAGMENT_UNKNOWN",
+            CONNTRACK => "CONNTRACK",
+            POLICY_ALLOWED => "POLICY_ALLOWED",
+            NOT_ISOLATED => "NOT_ISOLATED",
+            HOST_TRAFFIC => "HOST_TRAFFIC",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Index into the per-CPU counter array: one slot per (verdict, reason, direction).
+pub const fn counter_index(verdict: u8, reason: u16, direction: u8) -> u32 {
+    ((verdict as u32) * (reason::COUNT as u32) + reason as u32) * 2 + direction as u32
+}
+pub const COUNTERS_LEN: u32 = counter_index(3, 0, 0);
+
+/// IP protocol numbers the classifier knows.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// An address as the maps hold it: IPv6, with IPv4 as v4-mapped (`::ffff:a.b.c.d`), so
+/// one trie serves both families. Prefix lengths of IPv4 entries are offset by 96.
+pub type Addr = [u8; 16];
+
+pub const fn v4_mapped(a: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+/// `NP_ENDPOINTS`: host-side veth ifindex → the local endpoint behind it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointEntry {
+    /// Endpoint id used in policy keys (never 0).
+    pub id: u32,
+    /// `endpoint_flags::*`.
+    pub flags: u32,
+    /// Policy revision of this endpoint; bumped whenever its policy entries change.
+    pub revision: u32,
+    /// The endpoint's own identity (reported in events).
+    pub identity: u32,
+    /// The pod's addresses (v4-mapped for IPv4; all zero when absent), for anti-spoofing.
+    pub ipv4: Addr,
+    pub ipv6: Addr,
+}
+const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 48);
+
+pub mod endpoint_flags {
+    pub const ISOLATED_INGRESS: u32 = 1;
+    pub const ISOLATED_EGRESS: u32 = 2;
+    /// Would-be drops pass and are reported as AUDIT.
+    pub const AUDIT: u32 = 4;
+}
+
+/// `NP_IPCACHE` value (LPM trie keyed by [`Addr`]): who owns an address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheEntry {
+    pub identity: u32,
+    /// Local endpoint id when the address belongs to a pod on this node, else 0.
+    pub endpoint: u32,
+}
+const _: () = assert!(core::mem::size_of::<IpcacheEntry>() == 8);
+
+/// `NP_CIDRS` value (LPM trie keyed by [`Addr`]): the CIDR identity of the longest
+/// ipBlock boundary containing an address (identity of the set of ipBlocks it is in).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrEntry {
+    pub identity: u32,
+}
+const _: () = assert!(core::mem::size_of::<CidrEntry>() == 4);
+
+/// `NP_POLICY` key data (LPM trie). The prefix covers endpoint, identity and direction
+/// always ([`PolicyKey::FIXED_BITS`]); protocol and port come last so that a shorter
+/// prefix wildcards them: 72 bits = any protocol, 80 = any port, 80 + n = a port prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub endpoint: u32,
+    pub identity: u32,
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port, big-endian (so prefixes are the high bits).
+    pub port_be: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+impl PolicyKey {
+    pub const FIXED_BITS: u32 = 72;
+    pub const PROTO_BITS: u32 = 80;
+    pub const FULL_BITS: u32 = 96;
+}
+
+/// `NP_POLICY` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyEntry {
+    /// Names the policy and rule (resolved by the agent); 0 = none.
+    pub cookie: u32,
+    /// `policy_action::*`.
+    pub action: u16,
+    /// Higher wins when several lookups hit (tiers, deny).
+    pub precedence: u16,
+}
+const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
+
+pub mod policy_action {
+    pub const ALLOW: u16 = 0;
+    pub const DENY: u16 = 1;
+}
+
+/// `NP_CONNTRACK` key: the 5-tuple in the direction of the connection's first packet.
+/// IPv4 addresses are v4-mapped; ports in host order (ICMP echo: id in `sport`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+
+impl CtKey {
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            protocol: self.protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `NP_CONNTRACK` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub last_seen_ns: u64,
+    /// `ct_flags::*`: which checks of the connection already passed.
+    pub flags: u32,
+    /// Revision of the originating endpoint when its egress was allowed (0: not local).
+    pub egress_revision: u32,
+    /// Revision of the destination endpoint when its ingress was allowed (0: not local).
+    pub ingress_revision: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+
+pub mod ct_flags {
+    /// The originator's egress policy allowed the connection.
+    pub const EGRESS_OK: u32 = 1;
+    /// The destination's ingress policy allowed the connection.
+    pub const INGRESS_OK: u32 = 2;
+    /// A packet in the reply direction was seen.
+    pub const SEEN_REPLY: u32 = 4;
+}
+
+/// One ring-buffer record per reported verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub timestamp_ns: u64,
+    pub ifindex: u32,
+    pub endpoint: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// Cookie of the deciding policy entry (0 for a default deny).
+    pub policy_cookie: u32,
+    /// The endpoint's policy revision at the time of the verdict.
+    pub revision: u32,
+    /// Packet length in bytes.
+    pub len: u32,
+    pub reason: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub direction: u8,
+    pub verdict: u8,
+    pub protocol: u8,
+    pub tcp_flags: u8,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
+    pub saddr: Addr,
+    pub daddr: Addr,
+}
+const _: () = assert!(core::mem::size_of::<Event>() == 80);
+
+/// `NP_CONFIG` (array of one): node-wide switches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// `config_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The node's own address on the pod network (the bridge), v4-mapped.
+    pub host_ipv4: Addr,
+    pub host_ipv6: Addr,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
+
+pub mod config_flags {
+    /// Allow traffic from the node's own addresses to local pods (kubelet probes).
+    pub const ALLOW_HOST: u32 = 1;
+    /// Audit everything node-wide.
+    pub const AUDIT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for EndpointEntry {}
+    unsafe impl aya::Pod for IpcacheEntry {}
+    unsafe impl aya::Pod for CidrEntry {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for Config {}
+}
