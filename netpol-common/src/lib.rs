@@ -234,6 +234,13 @@ pub struct CtKey {
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 
 impl CtKey {
+    /// Turns the key around, in place (the classifier has no stack to spare for a copy).
+    #[inline(always)]
+    pub fn reverse(&mut self) {
+        core::mem::swap(&mut self.saddr, &mut self.daddr);
+        core::mem::swap(&mut self.sport, &mut self.dport);
+    }
+
     pub const fn reversed(&self) -> CtKey {
         CtKey {
             saddr: self.daddr,

@@ -49,6 +49,17 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 
 #[map(name = "NP_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// Per-CPU scratch space for lookup keys: the BPF stack (512 bytes for the whole call
+/// chain) cannot hold them beside the parsed packet.
+struct Scratch {
+    ct: CtKey,
+    addr: Key<Addr>,
+    policy: Key<PolicyKey>,
+}
+
+#[map(name = "NP_SCRATCH")]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     judge(&ctx, direction::EGRESS)
@@ -101,7 +112,12 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
     if dir == direction::EGRESS && !source_is_own(ep, pkt) {
         return Outcome::drop(reason::SPOOFED_SOURCE);
     }
-    let key = pkt.ct_key();
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return Outcome::drop(reason::NONE); // cannot happen for an array; never fail open
+    };
+    // SAFETY: per-CPU scratch, used by this program run only.
+    let scratch = unsafe { &mut *scratch };
+    pkt.fill_ct_key(&mut scratch.ct);
     let now = unsafe { bpf_ktime_get_ns() };
     // The check this hook performs, and the one the other side performed.
     let (mine, theirs) = if dir == direction::EGRESS {
@@ -109,7 +125,7 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
     } else {
         (ct_flags::INGRESS_OK, ct_flags::EGRESS_OK)
     };
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.ct) {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             if (*entry).flags & mine != 0 {
@@ -118,7 +134,8 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
             }
         }
     }
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&key.reversed()) {
+    scratch.ct.reverse();
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.ct) {
         // A reply: pass when the hop on this endpoint's side of the original allowed it.
         unsafe {
             if (*entry).flags & theirs != 0 {
@@ -128,29 +145,28 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
             }
         }
     }
+    scratch.ct.reverse();
 
-    let peer = if dir == direction::EGRESS { pkt.daddr } else { pkt.saddr };
-    let out = if dir == direction::INGRESS
-        && config.flags & config_flags::ALLOW_HOST != 0
-        && is_host(config, &peer)
-    {
+    let peer = if dir == direction::EGRESS { &pkt.daddr } else { &pkt.saddr };
+    let out = if dir == direction::INGRESS && config.flags & config_flags::ALLOW_HOST != 0 && is_host(config, peer) {
         Outcome { peer_identity: identity::HOST, ..Outcome::allow(reason::HOST_TRAFFIC) }
     } else {
-        policy(ep, dir, &peer, pkt)
+        policy(scratch, ep, dir, peer, pkt)
     };
     if out.verdict == verdict::ALLOWED {
-        remember(&key, mine, ep.revision, dir, now);
+        remember(&scratch.ct, mine, ep.revision, dir, now);
     }
     out
 }
 
 #[inline(always)]
-fn policy(ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: &Packet) -> Outcome {
-    let peer_identity = match IPCACHE.get(Key::new(128, *peer)) {
+fn policy(scratch: &mut Scratch, ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: &Packet) -> Outcome {
+    scratch.addr = Key::new(128, *peer);
+    let peer_identity = match IPCACHE.get(&scratch.addr) {
         Some(e) => e.identity,
         None => identity::WORLD,
     };
-    let cidr_identity = match CIDRS.get(Key::new(128, *peer)) {
+    let cidr_identity = match CIDRS.get(&scratch.addr) {
         Some(e) => e.identity,
         None => identity::ANY,
     };
@@ -160,16 +176,17 @@ fn policy(ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: &Packet) -> Outcome {
         endpoint_flags::ISOLATED_INGRESS
     };
     let isolated = ep.flags & isolated_flag != 0;
-    let hits = if isolated {
-        let lookup = |id: u32| -> Option<PolicyEntry> {
-            let k = lookup_key(ep.id, dir, id, pkt.protocol, pkt.dport);
-            POLICY.get(Key::new(PolicyKey::FULL_BITS, k)).copied()
-        };
-        let by_cidr = if cidr_identity != identity::ANY { lookup(cidr_identity) } else { None };
-        [lookup(peer_identity), by_cidr, lookup(identity::ANY)]
-    } else {
-        [None, None, None]
-    };
+    let mut hits = [None, None, None];
+    if isolated {
+        scratch.policy = Key::new(PolicyKey::FULL_BITS, lookup_key(ep.id, dir, peer_identity, pkt.protocol, pkt.dport));
+        hits[0] = POLICY.get(&scratch.policy).copied();
+        if cidr_identity != identity::ANY {
+            scratch.policy.data.identity = cidr_identity;
+            hits[1] = POLICY.get(&scratch.policy).copied();
+        }
+        scratch.policy.data.identity = identity::ANY;
+        hits[2] = POLICY.get(&scratch.policy).copied();
+    }
     let d = decide(isolated, hits);
     Outcome {
         verdict: if d.allowed { verdict::ALLOWED } else { verdict::DROPPED },

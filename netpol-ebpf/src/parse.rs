@@ -24,15 +24,13 @@ pub struct Packet {
 
 impl Packet {
     #[inline(always)]
-    pub fn ct_key(&self) -> CtKey {
-        CtKey {
-            saddr: self.saddr,
-            daddr: self.daddr,
-            sport: self.sport,
-            dport: self.dport,
-            protocol: self.protocol,
-            _pad: [0; 3],
-        }
+    pub fn fill_ct_key(&self, k: &mut CtKey) {
+        k.saddr = self.saddr;
+        k.daddr = self.daddr;
+        k.sport = self.sport;
+        k.dport = self.dport;
+        k.protocol = self.protocol;
+        k._pad = [0; 3];
     }
 }
 

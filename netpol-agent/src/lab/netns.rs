@@ -64,6 +64,17 @@ pub fn delete(netns: &str) -> anyhow::Result<()> {
     ip(&["netns", "delete", netns], None).map(drop)
 }
 
+/// Deletes interface `link` in `netns`; one that is already gone is fine.
+pub fn delete_link(netns: &str, link: &str) -> anyhow::Result<()> {
+    let exists = ip(&["-n", netns, "-o", "link", "show"], None)?
+        .lines()
+        .any(|l| l.split(": ").nth(1).and_then(|n| n.split('@').next()) == Some(link));
+    if !exists {
+        return Ok(());
+    }
+    ip(&["-n", netns, "link", "del", link], None).map(drop)
+}
+
 /// The node: a namespace with `lo` and the bridge holding the pods' gateway address.
 pub fn setup_node(netns: &str, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
     add(netns)?;
@@ -92,6 +103,8 @@ pub struct PodLink<'a> {
 /// address and a default route via the bridge. Undone on failure, so that a retry
 /// starts from scratch.
 pub fn setup_pod(link: &PodLink) -> anyhow::Result<()> {
+    // A veth of an earlier pod of this name that the kernel has not destroyed yet.
+    delete_link(link.node_netns, link.veth)?;
     add(link.pod_netns)?;
     let result = (|| {
         // Created in the node so the host side lands there and `eth0` in the pod.

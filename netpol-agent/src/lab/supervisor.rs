@@ -81,11 +81,14 @@ type PodKey = (String, String);
 pub(crate) struct IpPool {
     cidr: PodCidr,
     by_pod: BTreeMap<PodKey, Ipv4Addr>,
+    /// Addresses of pods that left: a pod that comes back (a manifest caught mid-write)
+    /// gets its address back when it is still free.
+    previous: BTreeMap<PodKey, Ipv4Addr>,
 }
 
 impl IpPool {
     pub fn new(cidr: PodCidr) -> IpPool {
-        IpPool { cidr, by_pod: BTreeMap::new() }
+        IpPool { cidr, by_pod: BTreeMap::new(), previous: BTreeMap::new() }
     }
 
     /// The address of `pod`: the one it has, else `wanted` (its `status.podIP`) when
@@ -95,9 +98,10 @@ impl IpPool {
             return Ok(*ip);
         }
         let used: BTreeSet<Ipv4Addr> = self.by_pod.values().copied().collect();
-        let ip = match wanted {
-            Some(ip) if self.cidr.is_pod_address(ip) && !used.contains(&ip) => ip,
-            _ => (self.cidr.network + 2..self.cidr.broadcast())
+        let usable = |ip: &Ipv4Addr| self.cidr.is_pod_address(*ip) && !used.contains(ip);
+        let ip = match wanted.filter(usable).or_else(|| self.previous.get(pod).copied().filter(usable)) {
+            Some(ip) => ip,
+            None => (self.cidr.network + 2..self.cidr.broadcast())
                 .map(Ipv4Addr::from)
                 .find(|ip| !used.contains(ip))
                 .with_context(|| format!("pod {}/{}: no free address left in the pod CIDR", pod.0, pod.1))?,
@@ -110,7 +114,9 @@ impl IpPool {
     }
 
     pub fn release(&mut self, pod: &PodKey) {
-        self.by_pod.remove(pod);
+        if let Some(ip) = self.by_pod.remove(pod) {
+            self.previous.insert(pod.clone(), ip);
+        }
     }
 }
 
@@ -350,8 +356,12 @@ impl Lab {
         stop_child(&mut pod.server);
         self.pool.release(key);
         log(format!("pod {}/{}: removed", key.0, key.1));
-        // Deleting the namespace also deletes the veth pair.
-        netns::delete(&pod.netns).with_context(|| format!("pod {}/{}: deleting {}", key.0, key.1, pod.netns))
+        let who = format!("pod {}/{}", key.0, key.1);
+        // Deleting the namespace would delete the veth pair too, but only once the kernel
+        // has destroyed it (asynchronously): a pod coming straight back would find its
+        // veth name still taken. So the veth goes first, synchronously.
+        netns::delete_link(&self.node_netns, &pod.veth).with_context(|| format!("{who}: deleting its veth"))?;
+        netns::delete(&pod.netns).with_context(|| format!("{who}: deleting {}", pod.netns))
     }
 
     /// Writes `cluster/objects.yaml`: every object of the directory, with the pods the lab
@@ -577,8 +587,12 @@ async fn serve_socket(listener: UnixListener, lab: Shared) {
 /// Re-reads the directory on every change, after a burst of writes settled (50 ms).
 async fn watch_manifests(lab: Shared, manifests: PathBuf) -> anyhow::Result<()> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
-        let _ = tx.send(());
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads (ours included: every reconcile opens the files) are not changes; waking
+        // up on them would re-read the directory forever.
+        if !matches!(event, Ok(notify::Event { kind: notify::EventKind::Access(_), .. })) {
+            let _ = tx.send(());
+        }
     })?;
     let mode = if manifests.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
     watcher.watch(&manifests, mode).with_context(|| format!("watching {}", manifests.display()))?;
@@ -706,6 +720,21 @@ mod tests {
         pool.release(&key("x", "a"));
         assert_eq!(pool.assign(&key("x", "c"), None).unwrap(), a);
         assert_eq!(pool.assign(&key("x", "b"), None).unwrap(), b);
+    }
+
+    #[test]
+    fn a_pod_that_comes_back_gets_its_address_back_when_free() {
+        let mut pool = IpPool::new(PodCidr::parse("10.244.0.0/24").unwrap());
+        let a = pool.assign(&key("x", "a"), None).unwrap();
+        let b = pool.assign(&key("x", "b"), None).unwrap();
+        pool.release(&key("x", "a"));
+        pool.release(&key("x", "b"));
+        assert_eq!(pool.assign(&key("x", "b"), None).unwrap(), b);
+        assert_eq!(pool.assign(&key("x", "a"), None).unwrap(), a);
+        // Taken meanwhile: a fresh one.
+        pool.release(&key("x", "a"));
+        assert_eq!(pool.assign(&key("x", "c"), None).unwrap(), a);
+        assert_ne!(pool.assign(&key("x", "a"), None).unwrap(), a);
     }
 
     #[test]
