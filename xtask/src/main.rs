@@ -1,1 +1,171 @@
-fn main(){}
+//! `cargo xtask setup|test|demo`: what a newcomer and CI run, the same way.
+//!
+//! setup installs only what a fresh machine lacks (nightly rust-src, bpf-linker linked
+//! against the nightly's LLVM, Debian packages, a bpffs mount) and checks the kernel.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing and check the kernel (idempotent).
+    Setup,
+    /// Setup, then every test: unit, BPF_PROG_TEST_RUN, and lab (real packets).
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, say).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Setup, then the lab demo on examples/demo.
+    Demo,
+}
+
+const DEBIAN_PACKAGES: &[&str] =
+    &["iproute2", "iputils-ping", "iperf3", "netcat-openbsd", "bpftool", "tcpdump", "iptables", "ipset", "nftables"];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Test { args } => setup().and_then(|_| test(&args)),
+        Task::Demo => setup().and_then(|_| demo()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{shown}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("{shown} failed: {status}")) }
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn step(what: &str) {
+    eprintln!("==> {what}");
+}
+
+fn setup() -> Result {
+    let started = Instant::now();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        return Err("run as root: loading eBPF programs and creating network namespaces need it (sudo -E cargo xtask ...)".into());
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) || !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("rust-src"))
+        .unwrap_or(false);
+    if !has_src {
+        step("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        step("building bpf-linker against the nightly's LLVM (about a minute)");
+        let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output().map_err(|e| format!("rustc +nightly: {e}"))?;
+        let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+        let llvm = std::fs::read_dir(sysroot.join("lib"))
+            .map_err(|e| format!("reading the nightly sysroot: {e}"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+            .ok_or("the nightly toolchain ships no libLLVM.so: install a nightly with the LLVM tools")?;
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let prefix = PathBuf::from(home).join(".cache/netpol-llvm");
+        std::fs::create_dir_all(prefix.join("lib")).map_err(|e| e.to_string())?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link).map_err(|e| e.to_string())?;
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .env("LLVM_PREFIX", &prefix))?;
+    }
+    if !Path::new("/sys/fs/bpf").exists() || !succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+        step("mounting bpffs on /sys/fs/bpf");
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    check_kernel()?;
+    eprintln!("==> setup done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn check_kernel() -> Result {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err("the kernel has no BTF (/sys/kernel/btf/vmlinux): use a kernel built with CONFIG_DEBUG_INFO_BTF=y".into());
+    }
+    let jit = std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable").unwrap_or_default();
+    if jit.trim() == "0" {
+        return Err("the BPF JIT is off: sysctl -w net.core.bpf_jit_enable=1".into());
+    }
+    // clsact on a throwaway dummy device in a throwaway namespace.
+    let ns = format!("npx-check-{}", std::process::id());
+    let ok = succeeds(Command::new("ip").args(["netns", "add", &ns]))
+        && succeeds(Command::new("ip").args(["-n", &ns, "link", "add", "d0", "type", "dummy"]))
+        && succeeds(Command::new("tc").args(["-n", &ns, "qdisc", "add", "dev", "d0", "clsact"]));
+    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    if !ok {
+        return Err("the kernel cannot add a clsact qdisc (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF) or network namespaces".into());
+    }
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result {
+    let started = Instant::now();
+    step("building");
+    run(Command::new("cargo").current_dir(root()).args(["build", "--all-targets"]))?;
+    step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
+    run(Command::new("cargo").current_dir(root()).args(["test"]).args(args))?;
+    eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn demo() -> Result {
+    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "netpol-agent"]))?;
+    run(Command::new("bash").current_dir(root()).arg("examples/demo.sh").env("NETPOL", root().join("target/release/netpol")))
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}

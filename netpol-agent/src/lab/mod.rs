@@ -276,7 +276,12 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         Ok(()) => Ok(()),
         Err(e) => match child.try_wait()? {
             Some(status) => Err(died(status)),
-            None => Err(e.context(format!("see {}", paths.supervisor_log.display()))),
+            // Left up for inspection: its logs tell why; `down` removes it.
+            None => Err(anyhow::anyhow!(
+                "{e:#}\n(supervisor log: {}; `netpol lab down --name {}` removes the lab)",
+                paths.supervisor_log.display(),
+                opts.name
+            )),
         },
     }
 }

@@ -518,7 +518,7 @@ async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result
         match crate::api::client::wait(&paths.agent_sock, digest).await {
             Ok(status) => break status,
             Err(e) => {
-                let agent_gone = lab.lock().unwrap().agent.as_ref().map_or(true, Agent::has_exited);
+                let agent_gone = lab.lock().unwrap().agent.as_ref().is_none_or(Agent::has_exited);
                 if agent_gone {
                     bail!("the agent is not running; {}:\n{}", paths.agent_log.display(), super::tail(&paths.agent_log, 20));
                 }
@@ -547,7 +547,11 @@ async fn handle(stream: UnixStream, lab: Shared) -> anyhow::Result<()> {
     let mut lines = tokio::io::BufReader::new(read).lines();
     while let Some(line) = lines.next_line().await? {
         let reply = match serde_json::from_str::<LabRequest>(&line) {
-            Ok(LabRequest::Status) => serde_json::to_value(lab.lock().unwrap().status())?,
+            Ok(LabRequest::Status) => {
+                // The lock may be held by a reconcile starting servers: wait off the runtime.
+                let lab = lab.clone();
+                serde_json::to_value(tokio::task::spawn_blocking(move || lab.lock().unwrap().status()).await?)?
+            }
             Ok(LabRequest::Wait) => {
                 let result = async {
                     let digest = reconcile_now(&lab).await?;

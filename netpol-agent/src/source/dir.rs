@@ -42,7 +42,11 @@ pub fn current_digest(paths: &[PathBuf]) -> String {
 /// Runs until the receiver side is dropped.
 pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Our own reads show up as access events: re-reading on them would loop forever.
+        if matches!(&res, Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_))) {
+            return;
+        }
         let _ = ev_tx.send(());
     })?;
     for p in &paths {
