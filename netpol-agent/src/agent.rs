@@ -14,18 +14,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aya::maps::RingBuf;
-use netpol_common::{Config, Event, config_flags, map};
+use netpol_common::{config_flags, map, Config, Event};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
-use crate::api::{Status, server};
-use crate::compile::{NodeView, compile};
-use crate::datapath::discovery::{Discovery, bridge_addrs};
+use crate::api::{server, Status};
+use crate::compile::{compile, NodeView};
+use crate::datapath::discovery::{bridge_addrs, Discovery};
 use crate::datapath::{Capacities, Datapath};
 use crate::events::Namer;
 use crate::index::net::addr_of;
 use crate::index::Index;
-use crate::source::{ClusterState, dir};
+use crate::source::{dir, ClusterState};
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
@@ -36,8 +36,12 @@ impl std::str::FromStr for SourceSpec {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s.split_once(':') {
-            Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(path.split(',').map(PathBuf::from).collect())),
-            Some(("kube", _)) | None if s == "kube" => Err("the kube source is not available yet; use --source dir:PATH".into()),
+            Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(
+                path.split(',').map(PathBuf::from).collect(),
+            )),
+            Some(("kube", _)) | None if s == "kube" => {
+                Err("the kube source is not available yet; use --source dir:PATH".into())
+            }
             _ => Err(format!("unknown source {s:?}: expected dir:PATH")),
         }
     }
@@ -58,7 +62,8 @@ pub struct AgentOptions {
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut datapath = Datapath::new(&opts.capacities)?;
-    let host_addrs = bridge_addrs(&opts.bridge).with_context(|| format!("reading the addresses of bridge {}", opts.bridge))?;
+    let host_addrs = bridge_addrs(&opts.bridge)
+        .with_context(|| format!("reading the addresses of bridge {}", opts.bridge))?;
     let mut config = Config::default();
     if opts.allow_host {
         config.flags |= config_flags::ALLOW_HOST;
@@ -73,9 +78,17 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     }
     datapath.set_config(config)?;
-    let ring = RingBuf::try_from(datapath.ebpf_mut().take_map(map::EVENTS).context("events map missing")?)?;
+    let ring = RingBuf::try_from(
+        datapath
+            .ebpf_mut()
+            .take_map(map::EVENTS)
+            .context("events map missing")?,
+    )?;
 
-    let (status_tx, status_rx) = watch::channel(Status { node: opts.node.clone(), ..Default::default() });
+    let (status_tx, status_rx) = watch::channel(Status {
+        node: opts.node.clone(),
+        ..Default::default()
+    });
     let (namer_tx, namer_rx) = watch::channel(Arc::new(Namer::default()));
     let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
 
@@ -91,7 +104,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let api = server::serve(opts.api_socket.clone(), status_rx, events_tx).await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
-    let view = NodeView { node: Some(opts.node.clone()), host_addrs };
+    let view = NodeView {
+        node: Some(opts.node.clone()),
+        host_addrs,
+    };
     let mut index = Index::new();
     let mut discovery = Discovery::default();
     let mut snapshot = index.reset(&state_rx.borrow_and_update().clone());
@@ -99,22 +115,37 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let desired = compile(&snapshot, &view);
-        let wanted: BTreeMap<String, Vec<IpAddr>> =
-            desired.endpoints.keys().map(|k| (k.clone(), snapshot.pods[k].ips.clone())).collect();
+        let wanted: BTreeMap<String, Vec<IpAddr>> = desired
+            .endpoints
+            .keys()
+            .map(|k| (k.clone(), snapshot.pods[k].ips.clone()))
+            .collect();
         let locations = discovery.locate(&opts.bridge, &wanted).unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "finding pod veths failed");
             BTreeMap::new()
         });
         match datapath.sync(&desired, &locations) {
             Ok(stats) if stats != Default::default() => {
-                tracing::info!(written = stats.written, removed = stats.removed, attached = stats.attached, detached = stats.detached, "datapath synced")
+                tracing::info!(
+                    written = stats.written,
+                    removed = stats.removed,
+                    attached = stats.attached,
+                    detached = stats.detached,
+                    "datapath synced"
+                )
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state")
+            }
         }
         syncs += 1;
         let attached: Vec<&String> = datapath.attached().map(|(k, _)| k).collect();
-        let pending: Vec<String> = wanted.keys().filter(|k| !attached.contains(k)).cloned().collect();
+        let pending: Vec<String> = wanted
+            .keys()
+            .filter(|k| !attached.contains(k))
+            .cloned()
+            .collect();
         let status = Status {
             node: opts.node.clone(),
             digest: snapshot.digest.clone(),
@@ -133,7 +164,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
         // Until every local pod's veth is found, look again soon; after that, a slow
         // tick notices veths that went away.
-        let tick = if converged { Duration::from_secs(2) } else { Duration::from_millis(100) };
+        let tick = if converged {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(100)
+        };
         tokio::select! {
             changed = state_rx.changed() => {
                 if changed.is_err() { break; }
@@ -152,7 +187,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 }
 
 /// Reads the ring buffer, names each record and fans it out to subscribers.
-async fn pump_events(ring: RingBuf<aya::maps::MapData>, namer: watch::Receiver<Arc<Namer>>, tx: broadcast::Sender<Arc<str>>) {
+async fn pump_events(
+    ring: RingBuf<aya::maps::MapData>,
+    namer: watch::Receiver<Arc<Namer>>,
+    tx: broadcast::Sender<Arc<str>>,
+) {
     let offset = crate::events::wall_offset_ns();
     // SAFETY: the ring buffer owns its map fd, which stays open as long as it lives
     // inside this AsyncFd.
@@ -164,7 +203,9 @@ async fn pump_events(ring: RingBuf<aya::maps::MapData>, namer: watch::Receiver<A
         }
     };
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
             if item.len() < std::mem::size_of::<Event>() {

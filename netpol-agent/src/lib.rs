@@ -9,13 +9,13 @@
 //! Each module knows only the boxes to its left. `lab` and `cli` sit outside the flow:
 //! the lab builds a Flannel-like node of network namespaces and runs the agent on it.
 
-pub mod source;
-pub mod index;
+pub mod agent;
+pub mod api;
+pub mod cli;
 pub mod compile;
 pub mod datapath;
 pub mod events;
-pub mod api;
-pub mod agent;
-pub mod simulate;
+pub mod index;
 pub mod lab;
-pub mod cli;
+pub mod simulate;
+pub mod source;

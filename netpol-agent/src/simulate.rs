@@ -8,10 +8,10 @@ use netpol_common::direction;
 use serde::Serialize;
 
 use crate::compile::lookup::decide_at;
-use crate::compile::{NodeView, compile};
-use crate::index::Index;
+use crate::compile::{compile, NodeView};
 use crate::index::net::addr_of;
-use crate::source::{ClusterState, Object, manifest::read_all};
+use crate::index::Index;
+use crate::source::{manifest::read_all, ClusterState, Object};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -42,9 +42,22 @@ pub struct Pair {
 
 /// Pods without an address get one from 10.255.0.0/16, in name order (deterministic).
 fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
-    let mut pods: Vec<&mut k8s_openapi::api::core::v1::Pod> =
-        objects.iter_mut().filter_map(|o| if let Object::Pod(p) = o { Some(p) } else { None }).collect();
-    pods.sort_by_key(|p| (p.metadata.namespace.clone().unwrap_or_default(), p.metadata.name.clone().unwrap_or_default()));
+    let mut pods: Vec<&mut k8s_openapi::api::core::v1::Pod> = objects
+        .iter_mut()
+        .filter_map(|o| {
+            if let Object::Pod(p) = o {
+                Some(p)
+            } else {
+                None
+            }
+        })
+        .collect();
+    pods.sort_by_key(|p| {
+        (
+            p.metadata.namespace.clone().unwrap_or_default(),
+            p.metadata.name.clone().unwrap_or_default(),
+        )
+    });
     let mut next = 1u32;
     let mut out = Vec::new();
     for p in pods {
@@ -55,19 +68,36 @@ fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
             next += 1;
             status.pod_ip = Some(ip.to_string());
         }
-        let key = format!("{}/{}", p.metadata.namespace.clone().unwrap_or_else(|| "default".into()), p.metadata.name.clone().unwrap_or_default());
+        let key = format!(
+            "{}/{}",
+            p.metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            p.metadata.name.clone().unwrap_or_default()
+        );
         out.push((key, assigned));
     }
     out
 }
 
-pub fn simulate(paths: &[PathBuf], protocol: u8, port: u16, from: Option<&str>, to: Option<&str>) -> anyhow::Result<Report> {
+pub fn simulate(
+    paths: &[PathBuf],
+    protocol: u8,
+    port: u16,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> anyhow::Result<Report> {
     let (mut objects, errors, _) = read_all(paths);
     if let Some(e) = errors.first() {
         anyhow::bail!("{e}");
     }
     let assigned = assign_addresses(&mut objects);
-    let snap = Index::new().reset(&ClusterState { objects, errors: vec![], digest: String::new() });
+    let snap = Index::new().reset(&ClusterState {
+        objects,
+        errors: vec![],
+        digest: String::new(),
+    });
     let desired = compile(&snap, &NodeView::default());
     for f in [from, to].into_iter().flatten() {
         if !snap.pods.contains_key(f) {
@@ -77,7 +107,11 @@ pub fn simulate(paths: &[PathBuf], protocol: u8, port: u16, from: Option<&str>, 
     let mut pods = Vec::new();
     for (key, was_assigned) in &assigned {
         if let Some(p) = snap.pods.get(key) {
-            pods.push(PodAddress { pod: key.clone(), ip: p.ips.first().map(IpAddr::to_string).unwrap_or_default(), assigned: *was_assigned });
+            pods.push(PodAddress {
+                pod: key.clone(),
+                ip: p.ips.first().map(IpAddr::to_string).unwrap_or_default(),
+                assigned: *was_assigned,
+            });
         }
     }
     let judge = |pod: &str, dir: u8, peer: &crate::index::PodInfo| -> &'static str {
@@ -95,14 +129,28 @@ pub fn simulate(paths: &[PathBuf], protocol: u8, port: u16, from: Option<&str>, 
         }
     };
     let mut results = Vec::new();
-    for (fk, f) in snap.pods.iter().filter(|(k, _)| from.is_none_or(|x| x == k.as_str())) {
-        for (tk, t) in snap.pods.iter().filter(|(k, _)| to.is_none_or(|x| x == k.as_str())) {
+    for (fk, f) in snap
+        .pods
+        .iter()
+        .filter(|(k, _)| from.is_none_or(|x| x == k.as_str()))
+    {
+        for (tk, t) in snap
+            .pods
+            .iter()
+            .filter(|(k, _)| to.is_none_or(|x| x == k.as_str()))
+        {
             if fk == tk {
                 continue;
             }
             let egress = judge(fk, direction::EGRESS, t);
             let ingress = judge(tk, direction::INGRESS, f);
-            results.push(Pair { from: fk.clone(), to: tk.clone(), allowed: egress != "denied" && ingress != "denied", ingress, egress });
+            results.push(Pair {
+                from: fk.clone(),
+                to: tk.clone(),
+                allowed: egress != "denied" && ingress != "denied",
+                ingress,
+                egress,
+            });
         }
     }
     Ok(Report {
@@ -119,7 +167,10 @@ impl Report {
     pub fn table(&self) -> String {
         let names: Vec<&str> = self.pods.iter().map(|p| p.pod.as_str()).collect();
         let width = names.iter().map(|n| n.len()).max().unwrap_or(4).max(4);
-        let mut out = format!("{} {}/{}: rows = from, columns = to (✓ allowed, ✗ denied)\n", "reachability", self.protocol, self.port);
+        let mut out = format!(
+            "{} {}/{}: rows = from, columns = to (✓ allowed, ✗ denied)\n",
+            "reachability", self.protocol, self.port
+        );
         out.push_str(&format!("{:width$} ", ""));
         for (i, _) in names.iter().enumerate() {
             out.push_str(&format!("{:>3}", i + 1));

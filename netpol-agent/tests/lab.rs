@@ -44,7 +44,13 @@ impl Lab {
         let mut full: Vec<&str> = args.to_vec();
         full.extend(["--name", &self.name]);
         let out = Command::new(NETPOL).args(&full).output().unwrap();
-        assert!(out.status.success(), "netpol {}: {}\n{}", full.join(" "), String::from_utf8_lossy(&out.stderr), self.logs());
+        assert!(
+            out.status.success(),
+            "netpol {}: {}\n{}",
+            full.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -52,7 +58,12 @@ impl Lab {
         let dir = Path::new("/run/netpol/lab").join(&self.name);
         ["supervisor.log", "agent.log"]
             .iter()
-            .map(|f| format!("--- {f}\n{}", std::fs::read_to_string(dir.join(f)).unwrap_or_default()))
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}",
+                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+                )
+            })
             .collect()
     }
 
@@ -62,7 +73,16 @@ impl Lab {
 
     /// (from, to) → result, for one port.
     fn probe(&self, port: u16, protocol: &str) -> Vec<(String, String, String)> {
-        let out = self.netpol(&["lab", "probe", "--port", &port.to_string(), "--protocol", protocol, "-o", "json"]);
+        let out = self.netpol(&[
+            "lab",
+            "probe",
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            protocol,
+            "-o",
+            "json",
+        ]);
         let v: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["port"], port);
         assert_eq!(v["protocol"], protocol);
@@ -70,12 +90,31 @@ impl Lab {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["from"].as_str().unwrap().into(), r["to"].as_str().unwrap().into(), r["result"].as_str().unwrap().into()))
+            .map(|r| {
+                (
+                    r["from"].as_str().unwrap().into(),
+                    r["to"].as_str().unwrap().into(),
+                    r["result"].as_str().unwrap().into(),
+                )
+            })
             .collect()
     }
 
     fn result(&self, port: u16, protocol: &str, from: &str, to: &str) -> String {
-        let out = self.netpol(&["lab", "probe", "--port", &port.to_string(), "--protocol", protocol, "--from", from, "--to", to, "-o", "json"]);
+        let out = self.netpol(&[
+            "lab",
+            "probe",
+            "--port",
+            &port.to_string(),
+            "--protocol",
+            protocol,
+            "--from",
+            from,
+            "--to",
+            to,
+            "-o",
+            "json",
+        ]);
         let v: Value = serde_json::from_str(&out).unwrap();
         v["results"][0]["result"].as_str().unwrap().to_string()
     }
@@ -87,7 +126,9 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = Command::new(NETPOL).args(["lab", "down", "--name", &self.name]).status();
+        let _ = Command::new(NETPOL)
+            .args(["lab", "down", "--name", &self.name])
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -142,8 +183,17 @@ fn default_deny_ingress_times_out_and_an_allow_rule_admits_exactly_its_peers() {
         return;
     }
     let lab = Lab::up("deny", &[("pods.yaml", PODS)]);
-    assert!(lab.probe(80, "TCP").iter().all(|(_, _, r)| r == "connected"), "no policy: all connect");
-    assert_eq!(lab.result(81, "TCP", "x/a", "y/c"), "refused", "no listener is a refusal, not a timeout");
+    assert!(
+        lab.probe(80, "TCP")
+            .iter()
+            .all(|(_, _, r)| r == "connected"),
+        "no policy: all connect"
+    );
+    assert_eq!(
+        lab.result(81, "TCP", "x/a", "y/c"),
+        "refused",
+        "no listener is a refusal, not a timeout"
+    );
 
     lab.write("deny.yaml", DENY_X);
     lab.write("allow.yaml", ALLOW_B_TO_A);
@@ -176,7 +226,10 @@ spec:
   policyTypes: [Ingress, Egress]
   ingress: [{}]
 "#;
-    let lab = Lab::up("reply", &[("pods.yaml", PODS), ("server.yaml", server_policy)]);
+    let lab = Lab::up(
+        "reply",
+        &[("pods.yaml", PODS), ("server.yaml", server_policy)],
+    );
     lab.wait();
     // The probe reads the server's greeting, so data must flow back.
     assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "connected");
@@ -199,25 +252,56 @@ fn a_policy_change_applies_after_wait_and_a_removed_pod_leaves_nothing_behind() 
     assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "connected");
     lab.remove("allow.yaml");
     lab.wait();
-    assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "timeout", "the allow is gone, and so is the connection's state");
+    assert_eq!(
+        lab.result(80, "TCP", "x/b", "x/a"),
+        "timeout",
+        "the allow is gone, and so is the connection's state"
+    );
 
     let status = lab.status();
-    let pod_b = status["pods"].as_array().unwrap().iter().find(|p| p["name"] == "b").unwrap().clone();
+    let pod_b = status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "b")
+        .unwrap()
+        .clone();
     let veth = pod_b["veth"].as_str().unwrap().to_string();
     let node_ns = status["nodes"][0]["netns"].as_str().unwrap().to_string();
-    lab.write("pods.yaml", &PODS.replace("metadata: {name: b, namespace: x, labels: {app: b}}", "metadata: {name: b2, namespace: x, labels: {app: b}}"));
+    lab.write(
+        "pods.yaml",
+        &PODS.replace(
+            "metadata: {name: b, namespace: x, labels: {app: b}}",
+            "metadata: {name: b2, namespace: x, labels: {app: b}}",
+        ),
+    );
     lab.wait();
     let status = lab.status();
-    assert!(status["pods"].as_array().unwrap().iter().all(|p| p["name"] != "b"));
-    let link = Command::new("ip").args(["-n", &node_ns, "link", "show", &veth]).output().unwrap();
-    assert!(!link.status.success(), "veth {veth} of the removed pod is gone");
+    assert!(status["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["name"] != "b"));
+    let link = Command::new("ip")
+        .args(["-n", &node_ns, "link", "show", &veth])
+        .output()
+        .unwrap();
+    assert!(
+        !link.status.success(),
+        "veth {veth} of the removed pod is gone"
+    );
     let agent: Value = serde_json::from_str(&lab_agent_status(&lab)).unwrap();
-    assert_eq!(agent["endpoints"], 3, "a, b2 and c: the removed pod's endpoint entry is gone");
+    assert_eq!(
+        agent["endpoints"], 3,
+        "a, b2 and c: the removed pod's endpoint entry is gone"
+    );
 }
 
 /// The agent's own status, through its API socket.
 fn lab_agent_status(lab: &Lab) -> String {
-    let sock = Path::new("/run/netpol/lab").join(&lab.name).join("agent.sock");
+    let sock = Path::new("/run/netpol/lab")
+        .join(&lab.name)
+        .join("agent.sock");
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     s.write_all(b"{\"op\":\"status\"}\n").unwrap();

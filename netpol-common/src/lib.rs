@@ -133,7 +133,9 @@ pub mod proto {
 pub type Addr = [u8; 16];
 
 pub const fn v4_mapped(a: [u8; 4]) -> Addr {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 /// `NP_ENDPOINTS`: host-side veth ifindex → the local endpoint behind it.

@@ -9,7 +9,7 @@
 //!  5. of the hits, the highest precedence wins; on a tie deny beats allow
 //!  6. no hit                                    → drop (`POLICY_DENIED`)
 
-use crate::{PolicyEntry, PolicyKey, policy_action, reason};
+use crate::{policy_action, reason, PolicyEntry, PolicyKey};
 
 /// The outcome of the policy stage for one direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,15 +22,31 @@ pub struct Decision {
 
 /// Builds the full-length key for a lookup (longest-prefix match does the wildcarding).
 #[inline(always)]
-pub fn lookup_key(endpoint: u32, direction: u8, identity: u32, protocol: u8, port: u16) -> PolicyKey {
-    PolicyKey { endpoint, identity, direction, protocol, port_be: port.to_be_bytes() }
+pub fn lookup_key(
+    endpoint: u32,
+    direction: u8,
+    identity: u32,
+    protocol: u8,
+    port: u16,
+) -> PolicyKey {
+    PolicyKey {
+        endpoint,
+        identity,
+        direction,
+        protocol,
+        port_be: port.to_be_bytes(),
+    }
 }
 
 /// Combines the results of the (up to) three lookups per the numbered rules above.
 #[inline(always)]
 pub fn decide(isolated: bool, hits: [Option<PolicyEntry>; 3]) -> Decision {
     if !isolated {
-        return Decision { allowed: true, reason: reason::NOT_ISOLATED, cookie: 0 };
+        return Decision {
+            allowed: true,
+            reason: reason::NOT_ISOLATED,
+            cookie: 0,
+        };
     }
     let mut best: Option<PolicyEntry> = None;
     let mut i = 0;
@@ -52,11 +68,21 @@ pub fn decide(isolated: bool, hits: [Option<PolicyEntry>; 3]) -> Decision {
         i += 1;
     }
     match best {
-        Some(e) if e.action == policy_action::ALLOW => {
-            Decision { allowed: true, reason: reason::POLICY_ALLOWED, cookie: e.cookie }
-        }
-        Some(e) => Decision { allowed: false, reason: reason::POLICY_DENIED, cookie: e.cookie },
-        None => Decision { allowed: false, reason: reason::POLICY_DENIED, cookie: 0 },
+        Some(e) if e.action == policy_action::ALLOW => Decision {
+            allowed: true,
+            reason: reason::POLICY_ALLOWED,
+            cookie: e.cookie,
+        },
+        Some(e) => Decision {
+            allowed: false,
+            reason: reason::POLICY_DENIED,
+            cookie: e.cookie,
+        },
+        None => Decision {
+            allowed: false,
+            reason: reason::POLICY_DENIED,
+            cookie: 0,
+        },
     }
 }
 
@@ -65,7 +91,11 @@ mod tests {
     use super::*;
 
     fn allow(cookie: u32) -> Option<PolicyEntry> {
-        Some(PolicyEntry { cookie, action: policy_action::ALLOW, precedence: 0 })
+        Some(PolicyEntry {
+            cookie,
+            action: policy_action::ALLOW,
+            precedence: 0,
+        })
     }
 
     #[test]
@@ -76,7 +106,10 @@ mod tests {
     #[test]
     fn isolated_without_entries_drops_with_no_cookie() {
         let d = decide(true, [None, None, None]);
-        assert_eq!((d.allowed, d.reason, d.cookie), (false, reason::POLICY_DENIED, 0));
+        assert_eq!(
+            (d.allowed, d.reason, d.cookie),
+            (false, reason::POLICY_DENIED, 0)
+        );
     }
 
     #[test]
@@ -87,9 +120,17 @@ mod tests {
 
     #[test]
     fn deny_wins_a_tie_and_higher_precedence_wins() {
-        let deny = Some(PolicyEntry { cookie: 3, action: policy_action::DENY, precedence: 0 });
+        let deny = Some(PolicyEntry {
+            cookie: 3,
+            action: policy_action::DENY,
+            precedence: 0,
+        });
         assert!(!decide(true, [allow(1), deny, None]).allowed);
-        let strong = Some(PolicyEntry { cookie: 4, action: policy_action::ALLOW, precedence: 5 });
+        let strong = Some(PolicyEntry {
+            cookie: 4,
+            action: policy_action::ALLOW,
+            precedence: 5,
+        });
         assert!(decide(true, [deny, strong, None]).allowed);
     }
 }

@@ -15,13 +15,13 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use netpol_common::{
-    Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry, Event, IpcacheEntry, PolicyEntry,
-    PolicyKey, capacity, config_flags, counter_index, ct_flags, direction, endpoint_flags,
-    identity, policy::decide, policy::lookup_key, reason, verdict, COUNTERS_LEN,
+    capacity, config_flags, counter_index, ct_flags, direction, endpoint_flags, identity,
+    policy::decide, policy::lookup_key, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey,
+    EndpointEntry, Event, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_LEN,
 };
 use parse::Packet;
 
@@ -80,10 +80,20 @@ struct Outcome {
 
 impl Outcome {
     const fn allow(reason: u16) -> Self {
-        Outcome { verdict: verdict::ALLOWED, reason, cookie: 0, peer_identity: 0 }
+        Outcome {
+            verdict: verdict::ALLOWED,
+            reason,
+            cookie: 0,
+            peer_identity: 0,
+        }
     }
     const fn drop(reason: u16) -> Self {
-        Outcome { verdict: verdict::DROPPED, reason, cookie: 0, peer_identity: 0 }
+        Outcome {
+            verdict: verdict::DROPPED,
+            reason,
+            cookie: 0,
+            peer_identity: 0,
+        }
     }
 }
 
@@ -147,9 +157,19 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
     }
     scratch.ct.reverse();
 
-    let peer = if dir == direction::EGRESS { &pkt.daddr } else { &pkt.saddr };
-    let out = if dir == direction::INGRESS && config.flags & config_flags::ALLOW_HOST != 0 && is_host(config, peer) {
-        Outcome { peer_identity: identity::HOST, ..Outcome::allow(reason::HOST_TRAFFIC) }
+    let peer = if dir == direction::EGRESS {
+        &pkt.daddr
+    } else {
+        &pkt.saddr
+    };
+    let out = if dir == direction::INGRESS
+        && config.flags & config_flags::ALLOW_HOST != 0
+        && is_host(config, peer)
+    {
+        Outcome {
+            peer_identity: identity::HOST,
+            ..Outcome::allow(reason::HOST_TRAFFIC)
+        }
     } else {
         policy(scratch, ep, dir, peer, pkt)
     };
@@ -160,7 +180,13 @@ fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outco
 }
 
 #[inline(always)]
-fn policy(scratch: &mut Scratch, ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: &Packet) -> Outcome {
+fn policy(
+    scratch: &mut Scratch,
+    ep: &EndpointEntry,
+    dir: u8,
+    peer: &Addr,
+    pkt: &Packet,
+) -> Outcome {
     scratch.addr = Key::new(128, *peer);
     let peer_identity = match IPCACHE.get(&scratch.addr) {
         Some(e) => e.identity,
@@ -178,7 +204,10 @@ fn policy(scratch: &mut Scratch, ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: 
     let isolated = ep.flags & isolated_flag != 0;
     let mut hits = [None, None, None];
     if isolated {
-        scratch.policy = Key::new(PolicyKey::FULL_BITS, lookup_key(ep.id, dir, peer_identity, pkt.protocol, pkt.dport));
+        scratch.policy = Key::new(
+            PolicyKey::FULL_BITS,
+            lookup_key(ep.id, dir, peer_identity, pkt.protocol, pkt.dport),
+        );
         hits[0] = POLICY.get(&scratch.policy).copied();
         if cidr_identity != identity::ANY {
             scratch.policy.data.identity = cidr_identity;
@@ -189,7 +218,11 @@ fn policy(scratch: &mut Scratch, ep: &EndpointEntry, dir: u8, peer: &Addr, pkt: 
     }
     let d = decide(isolated, hits);
     Outcome {
-        verdict: if d.allowed { verdict::ALLOWED } else { verdict::DROPPED },
+        verdict: if d.allowed {
+            verdict::ALLOWED
+        } else {
+            verdict::DROPPED
+        },
         reason: d.reason,
         cookie: d.cookie,
         peer_identity,
@@ -211,7 +244,11 @@ fn remember(key: &CtKey, mine: u32, revision: u32, dir: u8, now: u64) {
         }
         return;
     }
-    let mut entry = CtEntry { last_seen_ns: now, flags: mine, ..CtEntry::default() };
+    let mut entry = CtEntry {
+        last_seen_ns: now,
+        flags: mine,
+        ..CtEntry::default()
+    };
     if dir == direction::EGRESS {
         entry.egress_revision = revision;
     } else {
@@ -238,8 +275,16 @@ fn is_host(config: &Config, addr: &Addr) -> bool {
 }
 
 #[inline(always)]
-fn finish(ctx: &TcContext, ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet, mut out: Outcome) -> i32 {
-    let audit = (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0);
+fn finish(
+    ctx: &TcContext,
+    ep: &EndpointEntry,
+    config: &Config,
+    dir: u8,
+    pkt: &Packet,
+    mut out: Outcome,
+) -> i32 {
+    let audit =
+        (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0);
     if out.verdict == verdict::DROPPED && audit {
         out.verdict = verdict::AUDIT;
     }
@@ -250,7 +295,11 @@ fn finish(ctx: &TcContext, ep: &EndpointEntry, config: &Config, dir: u8, pkt: &P
     if out.verdict != verdict::ALLOWED {
         report(ctx, ep, dir, pkt, &out);
     }
-    if out.verdict == verdict::DROPPED { TC_ACT_SHOT } else { TC_ACT_OK }
+    if out.verdict == verdict::DROPPED {
+        TC_ACT_SHOT
+    } else {
+        TC_ACT_OK
+    }
 }
 
 #[inline(never)]

@@ -2,7 +2,7 @@
 //! IPv6 extension-header chain, and a drop reason for anything truncated or malformed.
 
 use aya_ebpf::programs::TcContext;
-use netpol_common::{Addr, CtKey, proto, reason, v4_mapped};
+use netpol_common::{proto, reason, v4_mapped, Addr, CtKey};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

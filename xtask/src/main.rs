@@ -29,8 +29,17 @@ enum Task {
     Demo,
 }
 
-const DEBIAN_PACKAGES: &[&str] =
-    &["iproute2", "iputils-ping", "iperf3", "netcat-openbsd", "bpftool", "tcpdump", "iptables", "ipset", "nftables"];
+const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "iperf3",
+    "netcat-openbsd",
+    "bpftool",
+    "tcpdump",
+    "iptables",
+    "ipset",
+    "nftables",
+];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,17 +60,27 @@ fn main() -> ExitCode {
 type Result<T = ()> = std::result::Result<T, String>;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result {
     let shown = format!("{cmd:?}");
     let status = cmd.status().map_err(|e| format!("{shown}: {e}"))?;
-    if status.success() { Ok(()) } else { Err(format!("{shown} failed: {status}")) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed: {status}"))
+    }
 }
 
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn step(what: &str) {
@@ -77,12 +96,20 @@ fn setup() -> Result {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
-        .filter(|p| !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) || !installed(p))
+        .filter(|p| {
+            !succeeds(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) || !installed(p)
+        })
         .collect();
     if !missing.is_empty() {
-        step(&format!("installing Debian packages: {}", missing.join(" ")));
+        step(&format!(
+            "installing Debian packages: {}",
+            missing.join(" ")
+        ));
         run(Command::new("apt-get").args(["update", "-qq"]))?;
-        run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     let has_src = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
@@ -91,18 +118,39 @@ fn setup() -> Result {
         .unwrap_or(false);
     if !has_src {
         step("adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+    // bpf-linker finds libLLVM only under `cargo +nightly`, so look for the binary itself.
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
+    if !Path::new(&cargo_home).join("bin/bpf-linker").exists() {
         step("building bpf-linker against the nightly's LLVM (about a minute)");
-        let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output().map_err(|e| format!("rustc +nightly: {e}"))?;
+        let sysroot = Command::new("rustc")
+            .args(["+nightly", "--print", "sysroot"])
+            .output()
+            .map_err(|e| format!("rustc +nightly: {e}"))?;
         let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
         let llvm = std::fs::read_dir(sysroot.join("lib"))
             .map_err(|e| format!("reading the nightly sysroot: {e}"))?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
-            .ok_or("the nightly toolchain ships no libLLVM.so: install a nightly with the LLVM tools")?;
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+            })
+            .ok_or(
+                "the nightly toolchain ships no libLLVM.so: install a nightly with the LLVM tools",
+            )?;
         let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
         let prefix = PathBuf::from(home).join(".cache/netpol-llvm");
         std::fs::create_dir_all(prefix.join("lib")).map_err(|e| e.to_string())?;
@@ -110,10 +158,19 @@ fn setup() -> Result {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&llvm, &link).map_err(|e| e.to_string())?;
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22", "--locked"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
             .env("LLVM_PREFIX", &prefix))?;
     }
-    if !Path::new("/sys/fs/bpf").exists() || !succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"])) {
+    if !Path::new("/sys/fs/bpf").exists()
+        || !succeeds(Command::new("mountpoint").args(["-q", "/sys/fs/bpf"]))
+    {
         step("mounting bpffs on /sys/fs/bpf");
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
@@ -138,14 +195,16 @@ fn check_kernel() -> Result {
     if jit.trim() == "0" {
         return Err("the BPF JIT is off: sysctl -w net.core.bpf_jit_enable=1".into());
     }
-    // clsact on a throwaway dummy device in a throwaway namespace.
+    // clsact on a throwaway veth in a throwaway namespace.
     let ns = format!("npx-check-{}", std::process::id());
     let ok = succeeds(Command::new("ip").args(["netns", "add", &ns]))
-        && succeeds(Command::new("ip").args(["-n", &ns, "link", "add", "d0", "type", "dummy"]))
+        && succeeds(Command::new("ip").args([
+            "-n", &ns, "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+        ]))
         && succeeds(Command::new("tc").args(["-n", &ns, "qdisc", "add", "dev", "d0", "clsact"]));
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     if !ok {
-        return Err("the kernel cannot add a clsact qdisc (CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_BPF) or network namespaces".into());
+        return Err("the kernel cannot create a network namespace with a veth and a clsact qdisc (needs CONFIG_NET_NS, CONFIG_VETH, CONFIG_NET_SCH_INGRESS)".into());
     }
     Ok(())
 }
@@ -153,16 +212,29 @@ fn check_kernel() -> Result {
 fn test(args: &[String]) -> Result {
     let started = Instant::now();
     step("building");
-    run(Command::new("cargo").current_dir(root()).args(["build", "--all-targets"]))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--all-targets"]))?;
     step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
-    run(Command::new("cargo").current_dir(root()).args(["test"]).args(args))?;
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["test"])
+        .args(args))?;
     eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn demo() -> Result {
-    run(Command::new("cargo").current_dir(root()).args(["build", "--release", "-p", "netpol-agent"]))?;
-    run(Command::new("bash").current_dir(root()).arg("examples/demo.sh").env("NETPOL", root().join("target/release/netpol")))
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "netpol-agent",
+    ]))?;
+    run(Command::new("bash")
+        .current_dir(root())
+        .arg("examples/demo.sh")
+        .env("NETPOL", root().join("target/release/netpol")))
 }
 
 unsafe extern "C" {

@@ -9,9 +9,12 @@ use tokio::net::UnixStream;
 use super::{Request, Status};
 
 async fn send(socket: &Path, req: &Request) -> anyhow::Result<BufReader<UnixStream>> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot reach the agent at {} (is `netpol agent` running?)", socket.display()))?;
+    let mut stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot reach the agent at {} (is `netpol agent` running?)",
+            socket.display()
+        )
+    })?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     stream.write_all(line.as_bytes()).await?;
@@ -34,7 +37,13 @@ pub async fn status(socket: &Path) -> anyhow::Result<Status> {
 
 /// Returns once the agent's datapath has converged to `digest` (empty: its current input).
 pub async fn wait(socket: &Path, digest: &str) -> anyhow::Result<Status> {
-    one_line(socket, &Request::Wait { digest: digest.to_string() }).await
+    one_line(
+        socket,
+        &Request::Wait {
+            digest: digest.to_string(),
+        },
+    )
+    .await
 }
 
 /// Streams raw event lines (JSON) to `on_line` until the agent hangs up or it returns false.

@@ -11,15 +11,22 @@ use tokio::task::JoinHandle;
 
 use super::{Request, Status};
 
-pub async fn serve(socket: PathBuf, status: watch::Receiver<Status>, events: broadcast::Sender<Arc<str>>) -> anyhow::Result<JoinHandle<()>> {
+pub async fn serve(
+    socket: PathBuf,
+    status: watch::Receiver<Status>,
+    events: broadcast::Sender<Arc<str>>,
+) -> anyhow::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let _ = std::fs::remove_file(&socket); // a stale socket of a previous agent
-    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let (status, events) = (status.clone(), events.subscribe());
             tokio::spawn(async move {
                 if let Err(e) = handle(stream, status, events).await {
@@ -30,14 +37,22 @@ pub async fn serve(socket: PathBuf, status: watch::Receiver<Status>, events: bro
     }))
 }
 
-async fn handle(stream: UnixStream, mut status: watch::Receiver<Status>, mut events: broadcast::Receiver<Arc<str>>) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    mut status: watch::Receiver<Status>,
+    mut events: broadcast::Receiver<Arc<str>>,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
-    let Some(line) = lines.next_line().await? else { return Ok(()) };
+    let Some(line) = lines.next_line().await? else {
+        return Ok(());
+    };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            write.write_all(format!("{{\"error\":{:?}}}\n", e.to_string()).as_bytes()).await?;
+            write
+                .write_all(format!("{{\"error\":{:?}}}\n", e.to_string()).as_bytes())
+                .await?;
             return Ok(());
         }
     };
@@ -51,14 +66,18 @@ async fn handle(stream: UnixStream, mut status: watch::Receiver<Status>, mut eve
                 .wait_for(|s| s.converged && (digest.is_empty() || s.digest == digest))
                 .await
                 .map(|s| s.clone())?;
-            write.write_all(format!("{}\n", serde_json::to_string(&s)?).as_bytes()).await?;
+            write
+                .write_all(format!("{}\n", serde_json::to_string(&s)?).as_bytes())
+                .await?;
         }
         Request::Observe => loop {
             match events.recv().await {
                 Ok(line) => write.write_all(format!("{line}\n").as_bytes()).await?,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     // Never silently lost: say how many this subscriber missed.
-                    write.write_all(format!("{{\"lost\":{n}}}\n").as_bytes()).await?;
+                    write
+                        .write_all(format!("{{\"lost\":{n}}}\n").as_bytes())
+                        .await?;
                 }
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }

@@ -9,11 +9,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::{AgentOptions, SourceSpec};
 use crate::datapath::Capacities;
-use crate::events::{Verdict, human};
+use crate::events::{human, Verdict};
 use crate::lab;
 
 #[derive(Parser)]
-#[command(name = "netpol", version, about = "Kubernetes NetworkPolicy enforced with eBPF")]
+#[command(
+    name = "netpol",
+    version,
+    about = "Kubernetes NetworkPolicy enforced with eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -203,7 +207,11 @@ pub struct LabServeArgs {
     pub udp: Vec<u16>,
 }
 
-fn print<T: serde::Serialize>(value: &T, output: Output, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+fn print<T: serde::Serialize>(
+    value: &T,
+    output: Output,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
         Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
@@ -215,7 +223,10 @@ fn print<T: serde::Serialize>(value: &T, output: Output, table: impl FnOnce() ->
 fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
     Ok(lab::UpOptions {
         name: a.name.clone(),
-        manifests: a.manifests.canonicalize().with_context(|| format!("manifest directory {}", a.manifests.display()))?,
+        manifests: a
+            .manifests
+            .canonicalize()
+            .with_context(|| format!("manifest directory {}", a.manifests.display()))?,
         pod_cidr: a.pod_cidr.clone(),
         netpol_bin: std::env::current_exe()?,
     })
@@ -227,7 +238,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Agent(a) => {
             let node = match a.node {
                 Some(n) => n,
-                None => std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim().to_string(),
+                None => std::fs::read_to_string("/etc/hostname")
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
             };
             let opts = AgentOptions {
                 source: a.source,
@@ -251,9 +265,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Simulate(s) => {
             let protocol = crate::index::policy::parse_protocol(&s.protocol)
                 .with_context(|| format!("--protocol {}: expected TCP, UDP or SCTP", s.protocol))?;
-            let report = crate::simulate::simulate(&s.manifests, protocol, s.port, s.from.as_deref(), s.to.as_deref())?;
+            let report = crate::simulate::simulate(
+                &s.manifests,
+                protocol,
+                s.port,
+                s.from.as_deref(),
+                s.to.as_deref(),
+            )?;
             for inv in &report.invalid {
-                eprintln!("warning: {} {}/{} rejected: {}", inv.kind, inv.namespace, inv.name, inv.error);
+                eprintln!(
+                    "warning: {} {}/{} rejected: {}",
+                    inv.kind, inv.namespace, inv.name, inv.error
+                );
             }
             print(&report, s.output, || report.table())?;
             Ok(0)
@@ -266,7 +289,10 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
     match cmd {
         LabCommand::Up(a) => {
             lab::up(&lab_up_options(&a)?)?;
-            eprintln!("lab {} is up; try: netpol lab probe --name {} --port 80", a.name, a.name);
+            eprintln!(
+                "lab {} is up; try: netpol lab probe --name {} --port 80",
+                a.name, a.name
+            );
             Ok(0)
         }
         LabCommand::Run(a) => {
@@ -282,7 +308,13 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
             print(&st, s.output, || {
                 let mut t = format!("{:<24} {:<8} {:<16} {}\n", "POD", "NODE", "IP", "VETH");
                 for p in &st.pods {
-                    t.push_str(&format!("{:<24} {:<8} {:<16} {}\n", format!("{}/{}", p.namespace, p.name), p.node, p.ips.join(","), p.veth));
+                    t.push_str(&format!(
+                        "{:<24} {:<8} {:<16} {}\n",
+                        format!("{}/{}", p.namespace, p.name),
+                        p.node,
+                        p.ips.join(","),
+                        p.veth
+                    ));
                 }
                 t
             })?;
@@ -299,7 +331,14 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                 "UDP" => lab::Protocol::Udp,
                 other => anyhow::bail!("--protocol {other}: the lab probes TCP or UDP"),
             };
-            let report = lab::probe(&p.name, p.from.as_deref(), p.to.as_deref(), p.port, protocol, Duration::from_secs_f64(p.timeout))?;
+            let report = lab::probe(
+                &p.name,
+                p.from.as_deref(),
+                p.to.as_deref(),
+                p.port,
+                protocol,
+                Duration::from_secs_f64(p.timeout),
+            )?;
             print(&report, p.output, || report.table())?;
             Ok(0)
         }
@@ -316,8 +355,11 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
         None => o.socket.clone(),
     };
     let keep = |v: &Verdict| {
-        o.namespace.as_ref().is_none_or(|ns| [&v.src, &v.dst].iter().any(|p| p.starts_with(&format!("{ns}/"))))
-            && o.pod.as_ref().is_none_or(|p| v.src == *p || v.dst == *p)
+        o.namespace.as_ref().is_none_or(|ns| {
+            [&v.src, &v.dst]
+                .iter()
+                .any(|p| p.starts_with(&format!("{ns}/")))
+        }) && o.pod.as_ref().is_none_or(|p| v.src == *p || v.dst == *p)
             && o.verdict.as_ref().is_none_or(|x| v.verdict == *x)
             && o.direction.as_ref().is_none_or(|x| v.direction == *x)
             && o.port.is_none_or(|x| v.dport == x)
@@ -336,7 +378,9 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
             seen += 1;
         } else if let Ok(lost) = serde_json::from_str::<serde_json::Value>(line) {
             if let Some(n) = lost.get("lost") {
-                eprintln!("... {n} more verdicts were not delivered to this observer (it fell behind)");
+                eprintln!(
+                    "... {n} more verdicts were not delivered to this observer (it fell behind)"
+                );
             }
         }
         o.count.is_none_or(|c| seen < c)

@@ -37,7 +37,10 @@ impl Partition {
             }
         }
         blocks.sort();
-        let mut boundaries: Vec<Cidr> = blocks.iter().flat_map(|(c, ex)| std::iter::once(*c).chain(ex.iter().copied())).collect();
+        let mut boundaries: Vec<Cidr> = blocks
+            .iter()
+            .flat_map(|(c, ex)| std::iter::once(*c).chain(ex.iter().copied()))
+            .collect();
         if !blocks.is_empty() {
             // Keeps IPv4 addresses out of IPv6 prefixes such as ::/0.
             boundaries.push(Cidr::parse("0.0.0.0/0").expect("literal"));
@@ -75,7 +78,11 @@ impl Partition {
     /// The CIDR identities an ipBlock peer matches.
     pub fn identities_of(&self, peer: &Peer) -> Vec<u32> {
         match peer {
-            Peer::Block { cidr, except } => self.members.get(&(*cidr, except.clone())).cloned().unwrap_or_default(),
+            Peer::Block { cidr, except } => self
+                .members
+                .get(&(*cidr, except.clone()))
+                .cloned()
+                .unwrap_or_default(),
             Peer::Pods { .. } => vec![],
         }
     }

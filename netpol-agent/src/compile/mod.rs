@@ -16,11 +16,11 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use netpol_common::{
-    EndpointEntry, IpcacheEntry, CidrEntry, PolicyEntry, PolicyKey, direction, endpoint_flags, identity,
-    policy_action,
+    direction, endpoint_flags, identity, policy_action, CidrEntry, EndpointEntry, IpcacheEntry,
+    PolicyEntry, PolicyKey,
 };
 
-use crate::index::net::{Cidr, addr_of};
+use crate::index::net::{addr_of, Cidr};
 use crate::index::{IdentityKey, Peer, PodInfo, PodKey, Policy, PortRef, Rule, Snapshot};
 
 /// What compile needs to know about the node it compiles for.
@@ -66,12 +66,25 @@ pub fn cookie(policy_id: u32, dir: u8, rule: usize) -> u32 {
 pub fn compile(snap: &Snapshot, view: &NodeView) -> Desired {
     let mut out = Desired::default();
     for addr in &view.host_addrs {
-        out.ipcache.insert(Cidr::host(*addr), IpcacheEntry { identity: identity::HOST, endpoint: 0 });
+        out.ipcache.insert(
+            Cidr::host(*addr),
+            IpcacheEntry {
+                identity: identity::HOST,
+                endpoint: 0,
+            },
+        );
     }
     for pod in snap.pods.values() {
-        let id = if pod.host_network { identity::HOST } else { pod.identity };
+        let id = if pod.host_network {
+            identity::HOST
+        } else {
+            pod.identity
+        };
         for ip in &pod.ips {
-            out.ipcache.entry(Cidr::host(*ip)).or_insert(IpcacheEntry { identity: id, endpoint: 0 });
+            out.ipcache.entry(Cidr::host(*ip)).or_insert(IpcacheEntry {
+                identity: id,
+                endpoint: 0,
+            });
         }
     }
     let blocks = cidr::Partition::new(snap);
@@ -81,14 +94,21 @@ pub fn compile(snap: &Snapshot, view: &NodeView) -> Desired {
 
     let mut compiled: BTreeMap<u32, (u32, u32)> = BTreeMap::new(); // identity → (flags, revision)
     for pod in snap.pods.values() {
-        if pod.host_network || pod.ips.is_empty() || (view.node.is_some() && pod.node != view.node) {
+        if pod.host_network || pod.ips.is_empty() || (view.node.is_some() && pod.node != view.node)
+        {
             continue;
         }
         let (flags, revision) = *compiled.entry(pod.identity).or_insert_with(|| {
             let subject = &snap.identities[&pod.identity];
             compile_subject(snap, &blocks, pod.identity, subject, &mut out)
         });
-        let mut ep = EndpointEntry { id: pod.identity, flags, revision, identity: pod.identity, ..Default::default() };
+        let mut ep = EndpointEntry {
+            id: pod.identity,
+            flags,
+            revision,
+            identity: pod.identity,
+            ..Default::default()
+        };
         for ip in &pod.ips {
             match ip {
                 IpAddr::V4(_) => ep.ipv4 = addr_of(*ip),
@@ -104,22 +124,43 @@ pub fn compile(snap: &Snapshot, view: &NodeView) -> Desired {
 }
 
 /// The policies that select a subject, in a stable order.
-pub fn selecting<'a>(snap: &'a Snapshot, subject: &'a IdentityKey) -> impl Iterator<Item = (&'a String, &'a Policy)> {
+pub fn selecting<'a>(
+    snap: &'a Snapshot,
+    subject: &'a IdentityKey,
+) -> impl Iterator<Item = (&'a String, &'a Policy)> {
     snap.policies
         .iter()
-        .filter(move |(_, p)| p.namespace == subject.namespace && p.pod_selector.matches(&subject.labels))
+        .filter(move |(_, p)| {
+            p.namespace == subject.namespace && p.pod_selector.matches(&subject.labels)
+        })
         .map(|(k, p)| (k, p.as_ref()))
 }
 
 /// Adds the entries of one subject identity; returns its endpoint flags and revision.
-fn compile_subject(snap: &Snapshot, blocks: &cidr::Partition, id: u32, subject: &IdentityKey, out: &mut Desired) -> (u32, u32) {
+fn compile_subject(
+    snap: &Snapshot,
+    blocks: &cidr::Partition,
+    id: u32,
+    subject: &IdentityKey,
+    out: &mut Desired,
+) -> (u32, u32) {
     let mut flags = 0;
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     for (key, policy) in selecting(snap, subject) {
         let policy_id = snap.policy_ids[key];
         for (dir, isolates, rules, flag) in [
-            (direction::INGRESS, policy.isolates_ingress, &policy.ingress, endpoint_flags::ISOLATED_INGRESS),
-            (direction::EGRESS, policy.isolates_egress, &policy.egress, endpoint_flags::ISOLATED_EGRESS),
+            (
+                direction::INGRESS,
+                policy.isolates_ingress,
+                &policy.ingress,
+                endpoint_flags::ISOLATED_INGRESS,
+            ),
+            (
+                direction::EGRESS,
+                policy.isolates_egress,
+                &policy.egress,
+                endpoint_flags::ISOLATED_EGRESS,
+            ),
         ] {
             if !isolates {
                 continue;
@@ -127,21 +168,47 @@ fn compile_subject(snap: &Snapshot, blocks: &cidr::Partition, id: u32, subject: 
             flags |= flag;
             for (i, rule) in rules.iter().enumerate() {
                 let c = cookie(policy_id, dir, i);
-                out.rules.insert(c, RuleRef {
-                    policy: key.clone(),
-                    direction: if dir == direction::INGRESS { "ingress" } else { "egress" }.into(),
-                    rule: i,
-                });
-                for (peer, protocol, port_prefix) in rule_entries(snap, blocks, policy, subject, dir, rule) {
+                out.rules.insert(
+                    c,
+                    RuleRef {
+                        policy: key.clone(),
+                        direction: if dir == direction::INGRESS {
+                            "ingress"
+                        } else {
+                            "egress"
+                        }
+                        .into(),
+                        rule: i,
+                    },
+                );
+                for (peer, protocol, port_prefix) in
+                    rule_entries(snap, blocks, policy, subject, dir, rule)
+                {
                     let (port_be, bits) = match (protocol, port_prefix) {
                         (None, _) => ([0, 0], PolicyKey::FIXED_BITS),
                         (Some(_), None) => ([0, 0], PolicyKey::PROTO_BITS),
-                        (Some(_), Some((port, len))) => (port.to_be_bytes(), PolicyKey::PROTO_BITS + len as u32),
+                        (Some(_), Some((port, len))) => {
+                            (port.to_be_bytes(), PolicyKey::PROTO_BITS + len as u32)
+                        }
                     };
-                    let key = PolicyKey { endpoint: id, identity: peer, direction: dir, protocol: protocol.unwrap_or(0), port_be };
-                    let prefix = PolicyPrefix { key, prefix_len: bits };
-                    let entry = PolicyEntry { cookie: c, action: policy_action::ALLOW, precedence: 0 };
-                    if let std::collections::btree_map::Entry::Vacant(v) = out.policy.entry(prefix) {
+                    let key = PolicyKey {
+                        endpoint: id,
+                        identity: peer,
+                        direction: dir,
+                        protocol: protocol.unwrap_or(0),
+                        port_be,
+                    };
+                    let prefix = PolicyPrefix {
+                        key,
+                        prefix_len: bits,
+                    };
+                    let entry = PolicyEntry {
+                        cookie: c,
+                        action: policy_action::ALLOW,
+                        precedence: 0,
+                    };
+                    if let std::collections::btree_map::Entry::Vacant(v) = out.policy.entry(prefix)
+                    {
                         prefix.hash(&mut hasher);
                         entry.hash(&mut hasher);
                         v.insert(entry);
@@ -157,7 +224,14 @@ fn compile_subject(snap: &Snapshot, blocks: &cidr::Partition, id: u32, subject: 
 /// (peer identity, protocol (None = any), port prefix (None = any port)) for one rule.
 type RuleEntry = (u32, Option<u8>, Option<(u16, u8)>);
 
-fn rule_entries(snap: &Snapshot, blocks: &cidr::Partition, policy: &Policy, subject: &IdentityKey, dir: u8, rule: &Rule) -> Vec<RuleEntry> {
+fn rule_entries(
+    snap: &Snapshot,
+    blocks: &cidr::Partition,
+    policy: &Policy,
+    subject: &IdentityKey,
+    dir: u8,
+    rule: &Rule,
+) -> Vec<RuleEntry> {
     let peers: Vec<u32> = match &rule.peers {
         None => vec![identity::ANY],
         Some(peers) => {
@@ -200,11 +274,21 @@ fn rule_entries(snap: &Snapshot, blocks: &cidr::Partition, policy: &Policy, subj
                 // A named port resolves against the destination pod's container ports:
                 // the subject's own for ingress, each peer's for egress.
                 let resolve = |k: &IdentityKey| -> Vec<u16> {
-                    k.named_ports.get(name).into_iter().flatten().filter(|(pr, _)| *pr == spec.protocol).map(|(_, p)| *p).collect()
+                    k.named_ports
+                        .get(name)
+                        .into_iter()
+                        .flatten()
+                        .filter(|(pr, _)| *pr == spec.protocol)
+                        .map(|(_, p)| *p)
+                        .collect()
                 };
                 if dir == direction::INGRESS {
                     for port in resolve(subject) {
-                        out.extend(peers.iter().map(|p| (*p, Some(spec.protocol), Some((port, 16)))));
+                        out.extend(
+                            peers
+                                .iter()
+                                .map(|p| (*p, Some(spec.protocol), Some((port, 16)))),
+                        );
                     }
                 } else {
                     for peer in &peers {

@@ -6,8 +6,8 @@ use netpol_common::{direction, identity, proto};
 
 use super::lookup::decide_at;
 use super::*;
-use crate::index::Index;
 use crate::index::tests::state;
+use crate::index::Index;
 
 const CLUSTER: &str = r#"
 kind: Namespace
@@ -34,7 +34,13 @@ status: {podIP: 10.244.1.4}
 
 fn compiled(policies: &str) -> (Snapshot, Desired) {
     let snap = Index::new().reset(&state(&format!("{CLUSTER}---\n{policies}")));
-    let d = compile(&snap, &NodeView { node: None, host_addrs: vec![] });
+    let d = compile(
+        &snap,
+        &NodeView {
+            node: None,
+            host_addrs: vec![],
+        },
+    );
     (snap, d)
 }
 
@@ -45,8 +51,22 @@ fn ip(s: &str) -> IpAddr {
 /// Whether `from` may send to `to` on (protocol, port), judging both sides.
 fn allowed(d: &Desired, snap: &Snapshot, from: &str, to: &str, protocol: u8, port: u16) -> bool {
     let (f, t) = (&snap.pods[from], &snap.pods[to]);
-    let egress = decide_at(d, &d.endpoints[from], direction::EGRESS, &addr_of(t.ips[0]), protocol, port);
-    let ingress = decide_at(d, &d.endpoints[to], direction::INGRESS, &addr_of(f.ips[0]), protocol, port);
+    let egress = decide_at(
+        d,
+        &d.endpoints[from],
+        direction::EGRESS,
+        &addr_of(t.ips[0]),
+        protocol,
+        port,
+    );
+    let ingress = decide_at(
+        d,
+        &d.endpoints[to],
+        direction::INGRESS,
+        &addr_of(f.ips[0]),
+        protocol,
+        port,
+    );
     egress.allowed && ingress.allowed
 }
 
@@ -59,10 +79,15 @@ fn without_policies_everything_is_allowed() {
 
 #[test]
 fn default_deny_ingress_isolates_only_its_namespace_and_direction() {
-    let (snap, d) = compiled("kind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n");
+    let (snap, d) = compiled(
+        "kind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}}\n",
+    );
     assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
     assert!(!allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80));
-    assert!(allowed(&d, &snap, "x/a", "y/c", proto::TCP, 80), "egress is not isolated");
+    assert!(
+        allowed(&d, &snap, "x/a", "y/c", proto::TCP, 80),
+        "egress is not isolated"
+    );
 }
 
 #[test]
@@ -72,7 +97,10 @@ fn pod_selector_peer_means_the_policys_own_namespace() {
     );
     assert!(allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80));
     assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
-    assert!(allowed(&d, &snap, "y/c", "x/b", proto::TCP, 80), "x/b is not selected");
+    assert!(
+        allowed(&d, &snap, "y/c", "x/b", proto::TCP, 80),
+        "x/b is not selected"
+    );
 }
 
 #[test]
@@ -82,7 +110,10 @@ fn namespace_selector_and_ports_restrict_the_allow() {
     );
     assert!(allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
     assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 81));
-    assert!(!allowed(&d, &snap, "y/c", "x/a", proto::UDP, 80), "a missing protocol is TCP");
+    assert!(
+        !allowed(&d, &snap, "y/c", "x/a", proto::UDP, 80),
+        "a missing protocol is TCP"
+    );
     assert!(!allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80));
 }
 
@@ -91,9 +122,15 @@ fn named_ports_resolve_against_the_destination_pod() {
     let (snap, d) = compiled(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, policyTypes: [Egress], egress: [{ports: [{port: http}]}]}\n",
     );
-    assert!(allowed(&d, &snap, "x/a", "x/b", proto::TCP, 8080), "b's http is 8080");
+    assert!(
+        allowed(&d, &snap, "x/a", "x/b", proto::TCP, 8080),
+        "b's http is 8080"
+    );
     assert!(!allowed(&d, &snap, "x/a", "x/b", proto::TCP, 80));
-    assert!(!allowed(&d, &snap, "x/a", "y/c", proto::TCP, 80), "c defines no http");
+    assert!(
+        !allowed(&d, &snap, "x/a", "y/c", proto::TCP, 80),
+        "c defines no http"
+    );
 }
 
 #[test]
@@ -102,10 +139,33 @@ fn ip_block_with_except_matches_pod_addresses_in_range() {
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.0.3/32]}}]}]}\n",
     );
     assert!(allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
-    assert!(!allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80), "excepted");
+    assert!(
+        !allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80),
+        "excepted"
+    );
     let ep = &d.endpoints["x/a"];
-    assert!(!decide_at(&d, ep, direction::INGRESS, &addr_of(ip("10.245.0.1")), proto::TCP, 80).allowed);
-    assert!(!decide_at(&d, ep, direction::INGRESS, &addr_of(ip("fd00::1")), proto::TCP, 80).allowed);
+    assert!(
+        !decide_at(
+            &d,
+            ep,
+            direction::INGRESS,
+            &addr_of(ip("10.245.0.1")),
+            proto::TCP,
+            80
+        )
+        .allowed
+    );
+    assert!(
+        !decide_at(
+            &d,
+            ep,
+            direction::INGRESS,
+            &addr_of(ip("fd00::1")),
+            proto::TCP,
+            80
+        )
+        .allowed
+    );
 }
 
 #[test]
@@ -113,18 +173,40 @@ fn end_port_ranges_are_enforced_exactly() {
     let (snap, d) = compiled(
         "kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{ports: [{protocol: UDP, port: 1000, endPort: 1100}]}]}\n",
     );
-    for (port, want) in [(999, false), (1000, true), (1050, true), (1100, true), (1101, false)] {
-        assert_eq!(allowed(&d, &snap, "x/b", "x/a", proto::UDP, port), want, "port {port}");
+    for (port, want) in [
+        (999, false),
+        (1000, true),
+        (1050, true),
+        (1100, true),
+        (1101, false),
+    ] {
+        assert_eq!(
+            allowed(&d, &snap, "x/b", "x/a", proto::UDP, port),
+            want,
+            "port {port}"
+        );
     }
 }
 
 #[test]
 fn only_local_pods_become_endpoints_but_every_pod_is_in_the_ipcache() {
     let snap = Index::new().reset(&state(CLUSTER));
-    let d = compile(&snap, &NodeView { node: Some("n0".into()), host_addrs: vec![ip("10.244.0.1")] });
-    assert_eq!(d.endpoints.keys().cloned().collect::<Vec<_>>(), vec!["x/a", "x/b"]);
+    let d = compile(
+        &snap,
+        &NodeView {
+            node: Some("n0".into()),
+            host_addrs: vec![ip("10.244.0.1")],
+        },
+    );
+    assert_eq!(
+        d.endpoints.keys().cloned().collect::<Vec<_>>(),
+        vec!["x/a", "x/b"]
+    );
     assert_eq!(d.ipcache.len(), 4);
-    assert_eq!(d.ipcache[&Cidr::host(ip("10.244.0.1"))].identity, identity::HOST);
+    assert_eq!(
+        d.ipcache[&Cidr::host(ip("10.244.0.1"))].identity,
+        identity::HOST
+    );
 }
 
 #[test]

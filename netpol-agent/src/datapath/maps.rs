@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, anyhow};
-use aya::Ebpf;
+use anyhow::{anyhow, Context};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
-use netpol_common::{Addr, COUNTERS_LEN, Config, EndpointEntry, PolicyEntry, PolicyKey, map, reason};
+use aya::Ebpf;
+use netpol_common::{
+    map, reason, Addr, Config, EndpointEntry, PolicyEntry, PolicyKey, COUNTERS_LEN,
+};
 
 use crate::compile::PolicyPrefix;
 use crate::index::net::Cidr;
@@ -20,8 +22,13 @@ fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
     Key::new(p.prefix_len, p.key)
 }
 
-fn trie<'a, K: aya::Pod, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<LpmTrie<&'a mut MapData, K, V>> {
-    let m = ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the classifier"))?;
+fn trie<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> anyhow::Result<LpmTrie<&'a mut MapData, K, V>> {
+    let m = ebpf
+        .map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the classifier"))?;
     Ok(LpmTrie::try_from(m)?)
 }
 
@@ -58,40 +65,56 @@ pub fn remove_diff<K: Ord, V: aya::Pod>(
     let mut t: LpmTrie<_, Addr, V> = trie(ebpf, name)?;
     let mut n = 0;
     for k in actual.keys().filter(|k| !desired.contains_key(k)) {
-        t.remove(&key(k)).with_context(|| format!("removing from {name}"))?;
+        t.remove(&key(k))
+            .with_context(|| format!("removing from {name}"))?;
         n += 1;
     }
     Ok(n)
 }
 
-pub fn upsert_policy(ebpf: &mut Ebpf, actual: &BTreeMap<PolicyPrefix, PolicyEntry>, desired: &BTreeMap<PolicyPrefix, PolicyEntry>) -> anyhow::Result<usize> {
+pub fn upsert_policy(
+    ebpf: &mut Ebpf,
+    actual: &BTreeMap<PolicyPrefix, PolicyEntry>,
+    desired: &BTreeMap<PolicyPrefix, PolicyEntry>,
+) -> anyhow::Result<usize> {
     let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
     let mut n = 0;
     for (k, v) in desired {
         if actual.get(k) != Some(v) {
-            t.insert(&policy_key(k), v, 0).map_err(|e| full(map::POLICY, e))?;
+            t.insert(&policy_key(k), v, 0)
+                .map_err(|e| full(map::POLICY, e))?;
             n += 1;
         }
     }
     Ok(n)
 }
 
-pub fn remove_policy(ebpf: &mut Ebpf, actual: &BTreeMap<PolicyPrefix, PolicyEntry>, desired: &BTreeMap<PolicyPrefix, PolicyEntry>) -> anyhow::Result<usize> {
+pub fn remove_policy(
+    ebpf: &mut Ebpf,
+    actual: &BTreeMap<PolicyPrefix, PolicyEntry>,
+    desired: &BTreeMap<PolicyPrefix, PolicyEntry>,
+) -> anyhow::Result<usize> {
     let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
     let mut n = 0;
     for k in actual.keys().filter(|k| !desired.contains_key(k)) {
-        t.remove(&policy_key(k)).context("removing a policy entry")?;
+        t.remove(&policy_key(k))
+            .context("removing a policy entry")?;
         n += 1;
     }
     Ok(n)
 }
 
 fn endpoints(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, u32, EndpointEntry>> {
-    Ok(HashMap::try_from(ebpf.map_mut(map::ENDPOINTS).ok_or_else(|| anyhow!("map {} missing", map::ENDPOINTS))?)?)
+    Ok(HashMap::try_from(
+        ebpf.map_mut(map::ENDPOINTS)
+            .ok_or_else(|| anyhow!("map {} missing", map::ENDPOINTS))?,
+    )?)
 }
 
 pub fn write_endpoint(ebpf: &mut Ebpf, ifindex: u32, ep: EndpointEntry) -> anyhow::Result<()> {
-    endpoints(ebpf)?.insert(ifindex, ep, 0).map_err(|e| full(map::ENDPOINTS, e))
+    endpoints(ebpf)?
+        .insert(ifindex, ep, 0)
+        .map_err(|e| full(map::ENDPOINTS, e))
 }
 
 pub fn remove_endpoint(ebpf: &mut Ebpf, ifindex: u32) -> anyhow::Result<()> {
@@ -102,7 +125,10 @@ pub fn remove_endpoint(ebpf: &mut Ebpf, ifindex: u32) -> anyhow::Result<()> {
 }
 
 pub fn write_config(ebpf: &mut Ebpf, config: Config) -> anyhow::Result<()> {
-    let mut a: Array<_, Config> = Array::try_from(ebpf.map_mut(map::CONFIG).ok_or_else(|| anyhow!("map {} missing", map::CONFIG))?)?;
+    let mut a: Array<_, Config> = Array::try_from(
+        ebpf.map_mut(map::CONFIG)
+            .ok_or_else(|| anyhow!("map {} missing", map::CONFIG))?,
+    )?;
     a.set(0, config, 0).context("writing the node config")
 }
 
@@ -116,7 +142,9 @@ pub struct Counter {
 }
 
 pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
-    let m = ebpf.map(map::COUNTERS).ok_or_else(|| anyhow!("map {} missing", map::COUNTERS))?;
+    let m = ebpf
+        .map(map::COUNTERS)
+        .ok_or_else(|| anyhow!("map {} missing", map::COUNTERS))?;
     let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
     let mut out = Vec::new();
     for verdict in 0..3u8 {
@@ -126,7 +154,12 @@ pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
                 debug_assert!(idx < COUNTERS_LEN);
                 let packets: u64 = a.get(&idx, 0)?.iter().sum();
                 if packets > 0 {
-                    out.push(Counter { verdict, reason: reason::name(code), direction, packets });
+                    out.push(Counter {
+                        verdict,
+                        reason: reason::name(code),
+                        direction,
+                        packets,
+                    });
                 }
             }
         }

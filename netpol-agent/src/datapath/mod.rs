@@ -12,18 +12,19 @@ pub mod maps;
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use netpol_common::{Config, capacity, map, program};
+use netpol_common::{capacity, map, program, Config};
 
 use crate::compile::Desired;
 use crate::index::PodKey;
 pub use discovery::Location;
 
 /// The classifier object, built by build.rs.
-pub static CLASSIFIER: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol-ebpf"));
+pub static CLASSIFIER: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol-ebpf"));
 
 /// Map capacities (flags of the agent).
 #[derive(Clone, Debug)]
@@ -61,8 +62,12 @@ pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
         .load(CLASSIFIER)
         .context("loading the classifier (needs root, BTF and bpffs; run `cargo xtask setup`)")?;
     for name in [program::FROM_POD, program::TO_POD] {
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-        prog.load().with_context(|| format!("the verifier rejected {name}"))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .context("program missing")?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
     }
     Ok(ebpf)
 }
@@ -91,7 +96,12 @@ pub struct Datapath {
 
 impl Datapath {
     pub fn new(caps: &Capacities) -> anyhow::Result<Datapath> {
-        Ok(Datapath { ebpf: load(caps)?, actual: Desired::default(), attached: BTreeMap::new(), endpoint_entries: BTreeMap::new() })
+        Ok(Datapath {
+            ebpf: load(caps)?,
+            actual: Desired::default(),
+            attached: BTreeMap::new(),
+            endpoint_entries: BTreeMap::new(),
+        })
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -108,11 +118,27 @@ impl Datapath {
     }
 
     /// Brings the kernel to `desired` for the pods found at `locations`.
-    pub fn sync(&mut self, desired: &Desired, locations: &BTreeMap<PodKey, Location>) -> anyhow::Result<SyncStats> {
+    pub fn sync(
+        &mut self,
+        desired: &Desired,
+        locations: &BTreeMap<PodKey, Location>,
+    ) -> anyhow::Result<SyncStats> {
         let mut stats = SyncStats::default();
         // 1. additions and updates of peer data and policy
-        stats.written += maps::upsert_diff(&mut self.ebpf, map::IPCACHE, &self.actual.ipcache, &desired.ipcache, maps::cidr_key)?;
-        stats.written += maps::upsert_diff(&mut self.ebpf, map::CIDRS, &self.actual.cidrs, &desired.cidrs, maps::cidr_key)?;
+        stats.written += maps::upsert_diff(
+            &mut self.ebpf,
+            map::IPCACHE,
+            &self.actual.ipcache,
+            &desired.ipcache,
+            maps::cidr_key,
+        )?;
+        stats.written += maps::upsert_diff(
+            &mut self.ebpf,
+            map::CIDRS,
+            &self.actual.cidrs,
+            &desired.cidrs,
+            maps::cidr_key,
+        )?;
         stats.written += maps::upsert_policy(&mut self.ebpf, &self.actual.policy, &desired.policy)?;
 
         // 2. endpoints: entry first, then programs
@@ -126,7 +152,9 @@ impl Datapath {
         let stale: Vec<PodKey> = self
             .attached
             .iter()
-            .filter(|(pod, a)| locations.get(*pod) != Some(&a.location) || !desired.endpoints.contains_key(*pod))
+            .filter(|(pod, a)| {
+                locations.get(*pod) != Some(&a.location) || !desired.endpoints.contains_key(*pod)
+            })
             .map(|(pod, _)| pod.clone())
             .collect();
         for pod in stale {
@@ -147,13 +175,26 @@ impl Datapath {
             }
             match self.attach(loc) {
                 Ok(links) => {
-                    self.attached.insert(pod.clone(), Attachment { location: loc.clone(), links });
+                    self.attached.insert(
+                        pod.clone(),
+                        Attachment {
+                            location: loc.clone(),
+                            links,
+                        },
+                    );
                     stats.attached += 1;
                 }
-                Err(e) => tracing::warn!(pod = %pod, veth = %loc.ifname, error = %format!("{e:#}"), "attach failed; will retry"),
+                Err(e) => {
+                    tracing::warn!(pod = %pod, veth = %loc.ifname, error = %format!("{e:#}"), "attach failed; will retry")
+                }
             }
         }
-        let gone: Vec<u32> = self.endpoint_entries.keys().filter(|i| !wanted.contains_key(i)).copied().collect();
+        let gone: Vec<u32> = self
+            .endpoint_entries
+            .keys()
+            .filter(|i| !wanted.contains_key(i))
+            .copied()
+            .collect();
         for ifindex in gone {
             maps::remove_endpoint(&mut self.ebpf, ifindex)?;
             self.endpoint_entries.remove(&ifindex);
@@ -162,24 +203,53 @@ impl Datapath {
 
         // 3. deletions of peer data and policy no longer wanted
         stats.removed += maps::remove_policy(&mut self.ebpf, &self.actual.policy, &desired.policy)?;
-        stats.removed += maps::remove_diff(&mut self.ebpf, map::CIDRS, &self.actual.cidrs, &desired.cidrs, maps::cidr_key)?;
-        stats.removed += maps::remove_diff(&mut self.ebpf, map::IPCACHE, &self.actual.ipcache, &desired.ipcache, maps::cidr_key)?;
+        stats.removed += maps::remove_diff(
+            &mut self.ebpf,
+            map::CIDRS,
+            &self.actual.cidrs,
+            &desired.cidrs,
+            maps::cidr_key,
+        )?;
+        stats.removed += maps::remove_diff(
+            &mut self.ebpf,
+            map::IPCACHE,
+            &self.actual.ipcache,
+            &desired.ipcache,
+            maps::cidr_key,
+        )?;
         self.actual = desired.clone();
         Ok(stats)
     }
 
-    fn attach(&mut self, loc: &Location) -> anyhow::Result<Vec<(&'static str, SchedClassifierLinkId)>> {
+    fn attach(
+        &mut self,
+        loc: &Location,
+    ) -> anyhow::Result<Vec<(&'static str, SchedClassifierLinkId)>> {
         // clsact may already exist (a previous agent): that is fine.
         let _ = tc::qdisc_add_clsact(&loc.ifname);
         let mut links = Vec::new();
-        for (name, hook) in [(program::FROM_POD, TcAttachType::Ingress), (program::TO_POD, TcAttachType::Egress)] {
+        for (name, hook) in [
+            (program::FROM_POD, TcAttachType::Ingress),
+            (program::TO_POD, TcAttachType::Egress),
+        ] {
             // A previous agent's filter (after a crash) is replaced, not stacked.
             let _ = tc::qdisc_detach_program(&loc.ifname, hook, name);
-            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).context("program missing")?.try_into()?;
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
             // Netlink filters outlive the agent: if it dies, the last state keeps being
             // enforced (closed), instead of the hook vanishing with the process (open).
             let id = prog
-                .attach_with_options(&loc.ifname, hook, TcAttachOptions::Netlink(NlOptions { priority: 1, ..Default::default() }))
+                .attach_with_options(
+                    &loc.ifname,
+                    hook,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: 1,
+                        ..Default::default()
+                    }),
+                )
                 .with_context(|| format!("attaching {name} to {}", loc.ifname))?;
             links.push((name, id));
         }
@@ -188,7 +258,11 @@ impl Datapath {
 
     fn detach(&mut self, a: Attachment) {
         for (name, id) in a.links {
-            if let Some(Ok(prog)) = self.ebpf.program_mut(name).map(<&mut SchedClassifier>::try_from) {
+            if let Some(Ok(prog)) = self
+                .ebpf
+                .program_mut(name)
+                .map(<&mut SchedClassifier>::try_from)
+            {
                 // The veth may be gone already (pod deleted): nothing left to detach then.
                 let _ = prog.detach(id);
             }

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use netpol_common::{Event, direction, proto, reason, verdict};
+use netpol_common::{direction, proto, reason, verdict, Event};
 use serde::{Deserialize, Serialize};
 
-use crate::compile::{Desired, RuleRef, selecting};
-use crate::index::Snapshot;
+use crate::compile::{selecting, Desired, RuleRef};
 use crate::index::net::ip_of;
+use crate::index::Snapshot;
 
 /// An event as operators read it (`netpol observe -o json`: one per line).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -52,14 +52,19 @@ pub struct Namer {
 
 impl Namer {
     pub fn new(snap: &Snapshot, desired: &Desired) -> Namer {
-        let mut n = Namer { rules: desired.rules.clone(), ..Default::default() };
+        let mut n = Namer {
+            rules: desired.rules.clone(),
+            ..Default::default()
+        };
         for pod in snap.pods.values() {
             for ip in &pod.ips {
                 n.by_ip.entry(*ip).or_insert_with(|| pod.key());
             }
         }
         for ep in desired.endpoints.values() {
-            let Some(subject) = snap.identities.get(&ep.identity) else { continue };
+            let Some(subject) = snap.identities.get(&ep.identity) else {
+                continue;
+            };
             let mut lists: [Vec<String>; 2] = Default::default();
             for (key, p) in selecting(snap, subject) {
                 if p.isolates_ingress {
@@ -72,16 +77,32 @@ impl Namer {
             n.isolators.insert(ep.identity, lists);
         }
         for (pod_key, ep) in &desired.endpoints {
-            n.by_identity.entry(ep.id).or_insert_with(|| pod_key.clone());
+            n.by_identity
+                .entry(ep.id)
+                .or_insert_with(|| pod_key.clone());
         }
         n
     }
 
     pub fn name(&self, ev: &Event, wall_offset_ns: i128) -> Verdict {
         let (src_ip, dst_ip) = (ip_of(&ev.saddr), ip_of(&ev.daddr));
-        let label = |ip: IpAddr| self.by_ip.get(&ip).cloned().unwrap_or_else(|| ip.to_string());
-        let local = if ev.direction == direction::EGRESS { src_ip } else { dst_ip };
-        let pod = self.by_ip.get(&local).cloned().or_else(|| self.by_identity.get(&ev.endpoint).cloned()).unwrap_or_default();
+        let label = |ip: IpAddr| {
+            self.by_ip
+                .get(&ip)
+                .cloned()
+                .unwrap_or_else(|| ip.to_string())
+        };
+        let local = if ev.direction == direction::EGRESS {
+            src_ip
+        } else {
+            dst_ip
+        };
+        let pod = self
+            .by_ip
+            .get(&local)
+            .cloned()
+            .or_else(|| self.by_identity.get(&ev.endpoint).cloned())
+            .unwrap_or_default();
         Verdict {
             time: format_time(ev.timestamp_ns as i128 + wall_offset_ns),
             verdict: match ev.verdict {
@@ -90,7 +111,12 @@ impl Namer {
                 _ => "dropped",
             }
             .into(),
-            direction: if ev.direction == direction::EGRESS { "egress" } else { "ingress" }.into(),
+            direction: if ev.direction == direction::EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            }
+            .into(),
             reason: reason::name(ev.reason).into(),
             protocol: protocol_name(ev.protocol),
             src: label(src_ip),
@@ -100,7 +126,11 @@ impl Namer {
             sport: ev.sport,
             dport: ev.dport,
             pod,
-            policies: self.isolators.get(&ev.endpoint).map(|l| l[ev.direction as usize & 1].clone()).unwrap_or_default(),
+            policies: self
+                .isolators
+                .get(&ev.endpoint)
+                .map(|l| l[ev.direction as usize & 1].clone())
+                .unwrap_or_default(),
             rule: self.rules.get(&ev.policy_cookie).cloned(),
             tcp_flags: ev.tcp_flags,
             len: ev.len,
@@ -123,7 +153,10 @@ pub fn protocol_name(p: u8) -> String {
 /// Wall clock minus the monotonic clock the kernel stamps events with.
 pub fn wall_offset_ns() -> i128 {
     let read = |clock| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: a valid timespec out-pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -146,19 +179,36 @@ pub fn format_time(unix_ns: i128) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The human line `netpol observe` prints.
 pub fn human(v: &Verdict) -> String {
-    let policies = if v.policies.is_empty() { String::new() } else { format!(" policies={}", v.policies.join(",")) };
-    let rule = v.rule.as_ref().map(|r| format!(" rule={}:{}[{}]", r.policy, r.direction, r.rule)).unwrap_or_default();
+    let policies = if v.policies.is_empty() {
+        String::new()
+    } else {
+        format!(" policies={}", v.policies.join(","))
+    };
+    let rule = v
+        .rule
+        .as_ref()
+        .map(|r| format!(" rule={}:{}[{}]", r.policy, r.direction, r.rule))
+        .unwrap_or_default();
     format!(
         "{} {:<7} {:<7} {} -> {} {}/{} {}{}{}",
         v.time,
         v.verdict.to_uppercase(),
         v.direction,
-        if v.sport != 0 { format!("{}:{}", v.src, v.sport) } else { v.src.clone() },
+        if v.sport != 0 {
+            format!("{}:{}", v.src, v.sport)
+        } else {
+            v.src.clone()
+        },
         v.dst,
         v.dport,
         v.protocol,
@@ -177,6 +227,9 @@ mod tests {
     #[test]
     fn time_is_rfc3339_utc() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(format_time(1_795_000_000_123_000_000), "2026-11-18T11:06:40.123Z");
+        assert_eq!(
+            format_time(1_795_000_000_123_000_000),
+            "2026-11-18T11:06:40.123Z"
+        );
     }
 }

@@ -84,7 +84,9 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
-        self.pods.values().find(|p| !p.host_network && p.ips.contains(&ip))
+        self.pods
+            .values()
+            .find(|p| !p.host_network && p.ips.contains(&ip))
     }
 }
 
@@ -98,18 +100,27 @@ pub struct Index {
 
 impl Index {
     pub fn new() -> Index {
-        Index { next_identity: identity::FIRST_POD, next_policy: 1, ..Default::default() }
+        Index {
+            next_identity: identity::FIRST_POD,
+            next_policy: 1,
+            ..Default::default()
+        }
     }
 
     /// Replaces the whole view with `state` (level-triggered).
     pub fn reset(&mut self, state: &ClusterState) -> Snapshot {
-        let mut snap = Snapshot { digest: state.digest.clone(), ..Default::default() };
+        let mut snap = Snapshot {
+            digest: state.digest.clone(),
+            ..Default::default()
+        };
         let mut pods = Vec::new();
         let mut policies = Vec::new();
         for obj in &state.objects {
             match obj {
                 Object::Namespace(ns) => {
-                    let Some(name) = ns.metadata.name.clone() else { continue };
+                    let Some(name) = ns.metadata.name.clone() else {
+                        continue;
+                    };
                     let mut labels = ns.metadata.labels.clone().unwrap_or_default();
                     labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
                     snap.namespaces.insert(name, labels);
@@ -121,14 +132,22 @@ impl Index {
         }
         // Namespaces that pods or policies use exist even without a Namespace object,
         // as they would in a cluster (the API server would have refused them otherwise).
-        for ns in pods.iter().map(|p| p.metadata.namespace.clone()).chain(policies.iter().map(|p| p.metadata.namespace.clone())) {
+        for ns in pods
+            .iter()
+            .map(|p| p.metadata.namespace.clone())
+            .chain(policies.iter().map(|p| p.metadata.namespace.clone()))
+        {
             let ns = ns.unwrap_or_else(|| "default".into());
-            snap.namespaces.entry(ns.clone()).or_insert_with(|| Labels::from([(NAMESPACE_NAME_LABEL.into(), ns)]));
+            snap.namespaces
+                .entry(ns.clone())
+                .or_insert_with(|| Labels::from([(NAMESPACE_NAME_LABEL.into(), ns)]));
         }
 
         let mut used = BTreeMap::new();
         for pod in pods {
-            let Some(mut info) = pod_info(pod) else { continue };
+            let Some(mut info) = pod_info(pod) else {
+                continue;
+            };
             if !info.host_network {
                 let key = IdentityKey {
                     namespace: info.namespace.clone(),
@@ -145,7 +164,11 @@ impl Index {
         snap.identities = used;
 
         for np in policies {
-            let ns = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let ns = np
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
             let name = np.metadata.name.clone().unwrap_or_default();
             match policy::parse_policy(np) {
                 Ok(p) => {
@@ -159,11 +182,17 @@ impl Index {
                 }
                 Err(error) => {
                     tracing::warn!(namespace = %ns, policy = %name, %error, "NetworkPolicy rejected");
-                    snap.invalid.push(Invalid { kind: "NetworkPolicy".into(), namespace: ns, name, error });
+                    snap.invalid.push(Invalid {
+                        kind: "NetworkPolicy".into(),
+                        namespace: ns,
+                        name,
+                        error,
+                    });
                 }
             }
         }
-        self.policy_ids.retain(|k, _| snap.policy_ids.contains_key(k));
+        self.policy_ids
+            .retain(|k, _| snap.policy_ids.contains_key(k));
         snap
     }
 
@@ -185,7 +214,12 @@ fn pod_info(pod: &Pod) -> Option<PodInfo> {
         return None; // terminated pods neither send nor receive
     }
     let spec = pod.spec.clone().unwrap_or_default();
-    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
     if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
         if !ips.contains(&ip) {
             ips.insert(0, ip);
@@ -195,16 +229,24 @@ fn pod_info(pod: &Pod) -> Option<PodInfo> {
     let mut ports = Vec::new();
     for c in &spec.containers {
         for p in c.ports.iter().flatten() {
-            let protocol = policy::parse_protocol(p.protocol.as_deref().unwrap_or("TCP")).unwrap_or(netpol_common::proto::TCP);
+            let protocol = policy::parse_protocol(p.protocol.as_deref().unwrap_or("TCP"))
+                .unwrap_or(netpol_common::proto::TCP);
             let port = p.container_port as u16;
             ports.push((protocol, port));
             if let Some(name) = &p.name {
-                named_ports.entry(name.clone()).or_default().push((protocol, port));
+                named_ports
+                    .entry(name.clone())
+                    .or_default()
+                    .push((protocol, port));
             }
         }
     }
     Some(PodInfo {
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: pod.metadata.name.clone()?,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ips,
@@ -224,7 +266,11 @@ pub mod tests {
     pub fn state(yaml: &str) -> ClusterState {
         let (objects, errors) = parse_manifests(std::path::Path::new("test.yaml"), yaml);
         assert!(errors.is_empty(), "{errors:?}");
-        ClusterState { objects, errors: vec![], digest: "test".into() }
+        ClusterState {
+            objects,
+            errors: vec![],
+            digest: "test".into(),
+        }
     }
 
     const PODS: &str = r#"
@@ -267,7 +313,10 @@ status: {podIP: 192.168.1.10}
     fn namespaces_always_carry_their_name_label() {
         let snap = Index::new().reset(&state(PODS));
         assert_eq!(snap.namespaces["x"][NAMESPACE_NAME_LABEL], "x");
-        assert_eq!(snap.namespaces["y"][NAMESPACE_NAME_LABEL], "y", "implied by a pod");
+        assert_eq!(
+            snap.namespaces["y"][NAMESPACE_NAME_LABEL], "y",
+            "implied by a pod"
+        );
     }
 
     #[test]
@@ -285,7 +334,9 @@ status: {podIP: 192.168.1.10}
         let snap = Index::new().reset(&state(&yaml));
         assert_eq!(snap.invalid.len(), 1);
         assert_eq!(snap.invalid[0].name, "bad");
-        assert!(snap.invalid[0].error.starts_with("spec.ingress[0].from[0].ipBlock.cidr"));
+        assert!(snap.invalid[0]
+            .error
+            .starts_with("spec.ingress[0].from[0].ipBlock.cidr"));
         assert!(snap.policies.contains_key("x/good"));
     }
 }

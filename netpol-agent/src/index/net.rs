@@ -3,7 +3,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use netpol_common::{Addr, v4_mapped};
+use netpol_common::{v4_mapped, Addr};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
@@ -33,20 +33,32 @@ pub fn is_v4(addr: &Addr) -> bool {
 
 impl Cidr {
     pub fn host(ip: IpAddr) -> Cidr {
-        Cidr { addr: addr_of(ip), prefix: 128 }
+        Cidr {
+            addr: addr_of(ip),
+            prefix: 128,
+        }
     }
 
     /// Parses `a.b.c.d/n` or `x::/n`; host bits are cleared (the network is meant).
     pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (ip, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (missing /prefix)"))?;
-        let ip: IpAddr = ip.parse().map_err(|_| format!("{s:?} is not a CIDR (bad address)"))?;
-        let len: u8 = len.parse().map_err(|_| format!("{s:?} is not a CIDR (bad prefix length)"))?;
+        let (ip, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (missing /prefix)"))?;
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (bad address)"))?;
+        let len: u8 = len
+            .parse()
+            .map_err(|_| format!("{s:?} is not a CIDR (bad prefix length)"))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
         if len > max {
             return Err(format!("{s:?} is not a CIDR (prefix longer than {max})"));
         }
         let prefix = if ip.is_ipv4() { len + 96 } else { len };
-        Ok(Cidr { addr: mask(addr_of(ip), prefix), prefix })
+        Ok(Cidr {
+            addr: mask(addr_of(ip), prefix),
+            prefix,
+        })
     }
 
     pub fn is_v4(&self) -> bool {
@@ -59,7 +71,9 @@ impl Cidr {
 
     /// Whether `other` lies inside `self` (same family).
     pub fn contains(&self, other: &Cidr) -> bool {
-        self.is_v4() == other.is_v4() && other.prefix >= self.prefix && mask(other.addr, self.prefix) == self.addr
+        self.is_v4() == other.is_v4()
+            && other.prefix >= self.prefix
+            && mask(other.addr, self.prefix) == self.addr
     }
 }
 

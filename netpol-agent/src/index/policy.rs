@@ -30,8 +30,14 @@ pub struct Rule {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
     /// Pods chosen by namespace (None = the policy's own namespace) and pod selectors.
-    Pods { namespaces: Option<Selector>, pods: Selector },
-    Block { cidr: Cidr, except: Vec<Cidr> },
+    Pods {
+        namespaces: Option<Selector>,
+        pods: Selector,
+    },
+    Block {
+        cidr: Cidr,
+        except: Vec<Cidr>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,10 +76,17 @@ pub fn parse_protocol(s: &str) -> Option<u8> {
 /// Parses and validates; the error names the field, e.g.
 /// `spec.ingress[0].from[1].ipBlock.cidr: "10.0.0.0/33" is not a CIDR (...)`.
 pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
-    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let name = np.metadata.name.clone().ok_or("metadata.name: missing")?;
     let spec = np.spec.as_ref().ok_or("spec: missing")?;
-    let pod_selector = Selector::parse(&spec.pod_selector.clone().unwrap_or_default(), "spec.podSelector")?;
+    let pod_selector = Selector::parse(
+        &spec.pod_selector.clone().unwrap_or_default(),
+        "spec.podSelector",
+    )?;
     let (mut isolates_ingress, mut isolates_egress) = (true, spec.egress.is_some());
     if let Some(types) = &spec.policy_types {
         isolates_ingress = false;
@@ -82,7 +95,11 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
             match t.as_str() {
                 "Ingress" => isolates_ingress = true,
                 "Egress" => isolates_egress = true,
-                other => return Err(format!("spec.policyTypes[{i}]: unknown type {other:?} (Ingress, Egress)")),
+                other => {
+                    return Err(format!(
+                        "spec.policyTypes[{i}]: unknown type {other:?} (Ingress, Egress)"
+                    ))
+                }
             }
         }
     }
@@ -102,32 +119,60 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
             ports: parse_ports(r.ports.as_deref(), &format!("{f}.ports"))?,
         });
     }
-    Ok(Policy { namespace, name, pod_selector, isolates_ingress, isolates_egress, ingress, egress })
+    Ok(Policy {
+        namespace,
+        name,
+        pod_selector,
+        isolates_ingress,
+        isolates_egress,
+        ingress,
+        egress,
+    })
 }
 
-fn parse_peers(peers: Option<&[NetworkPolicyPeer]>, field: &str) -> Result<Option<Vec<Peer>>, String> {
+fn parse_peers(
+    peers: Option<&[NetworkPolicyPeer]>,
+    field: &str,
+) -> Result<Option<Vec<Peer>>, String> {
     // A missing or empty list means all peers.
-    let Some(peers) = peers.filter(|p| !p.is_empty()) else { return Ok(None) };
+    let Some(peers) = peers.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
     let mut out = Vec::new();
     for (i, p) in peers.iter().enumerate() {
         let f = format!("{field}[{i}]");
         match (&p.ip_block, &p.namespace_selector, &p.pod_selector) {
             (Some(block), None, None) => {
-                let cidr = Cidr::parse(&block.cidr).map_err(|e| format!("{f}.ipBlock.cidr: {e}"))?;
+                let cidr =
+                    Cidr::parse(&block.cidr).map_err(|e| format!("{f}.ipBlock.cidr: {e}"))?;
                 let mut except = Vec::new();
                 for (j, x) in block.except.iter().flatten().enumerate() {
                     let xc = Cidr::parse(x).map_err(|e| format!("{f}.ipBlock.except[{j}]: {e}"))?;
                     if !cidr.contains(&xc) || xc.prefix == cidr.prefix {
-                        return Err(format!("{f}.ipBlock.except[{j}]: {x:?} must be strictly inside cidr {:?}", block.cidr));
+                        return Err(format!(
+                            "{f}.ipBlock.except[{j}]: {x:?} must be strictly inside cidr {:?}",
+                            block.cidr
+                        ));
                     }
                     except.push(xc);
                 }
                 out.push(Peer::Block { cidr, except });
             }
-            (Some(_), _, _) => return Err(format!("{f}: ipBlock cannot be combined with podSelector or namespaceSelector")),
-            (None, None, None) => return Err(format!("{f}: a peer needs podSelector, namespaceSelector or ipBlock")),
+            (Some(_), _, _) => {
+                return Err(format!(
+                    "{f}: ipBlock cannot be combined with podSelector or namespaceSelector"
+                ))
+            }
+            (None, None, None) => {
+                return Err(format!(
+                    "{f}: a peer needs podSelector, namespaceSelector or ipBlock"
+                ))
+            }
             (None, ns, pods) => {
-                let namespaces = ns.as_ref().map(|s| Selector::parse(s, &format!("{f}.namespaceSelector"))).transpose()?;
+                let namespaces = ns
+                    .as_ref()
+                    .map(|s| Selector::parse(s, &format!("{f}.namespaceSelector")))
+                    .transpose()?;
                 let pods = pods
                     .as_ref()
                     .map(|s| Selector::parse(s, &format!("{f}.podSelector")))
@@ -140,14 +185,20 @@ fn parse_peers(peers: Option<&[NetworkPolicyPeer]>, field: &str) -> Result<Optio
     Ok(Some(out))
 }
 
-fn parse_ports(ports: Option<&[NetworkPolicyPort]>, field: &str) -> Result<Option<Vec<PortSpec>>, String> {
-    let Some(ports) = ports.filter(|p| !p.is_empty()) else { return Ok(None) };
+fn parse_ports(
+    ports: Option<&[NetworkPolicyPort]>,
+    field: &str,
+) -> Result<Option<Vec<PortSpec>>, String> {
+    let Some(ports) = ports.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
     let mut out = Vec::new();
     for (i, p) in ports.iter().enumerate() {
         let f = format!("{field}[{i}]");
         let protocol = match p.protocol.as_deref() {
             None => proto::TCP,
-            Some(s) => parse_protocol(s).ok_or_else(|| format!("{f}.protocol: unknown protocol {s:?} (TCP, UDP, SCTP)"))?,
+            Some(s) => parse_protocol(s)
+                .ok_or_else(|| format!("{f}.protocol: unknown protocol {s:?} (TCP, UDP, SCTP)"))?,
         };
         let port = match &p.port {
             None => None,
@@ -165,15 +216,25 @@ fn parse_ports(ports: Option<&[NetworkPolicyPort]>, field: &str) -> Result<Optio
         let end_port = match p.end_port {
             None => None,
             Some(end) => match &port {
-                Some(PortRef::Number(start)) if end >= *start as i32 && end <= 65535 => Some(end as u16),
-                Some(PortRef::Number(start)) => {
-                    return Err(format!("{f}.endPort: {end} must be between port {start} and 65535"));
+                Some(PortRef::Number(start)) if end >= *start as i32 && end <= 65535 => {
+                    Some(end as u16)
                 }
-                Some(PortRef::Name(_)) => return Err(format!("{f}.endPort: not allowed with a named port")),
+                Some(PortRef::Number(start)) => {
+                    return Err(format!(
+                        "{f}.endPort: {end} must be between port {start} and 65535"
+                    ));
+                }
+                Some(PortRef::Name(_)) => {
+                    return Err(format!("{f}.endPort: not allowed with a named port"))
+                }
                 None => return Err(format!("{f}.endPort: requires port")),
             },
         };
-        out.push(PortSpec { protocol, port, end_port });
+        out.push(PortSpec {
+            protocol,
+            port,
+            end_port,
+        });
     }
     Ok(Some(out))
 }
@@ -181,11 +242,18 @@ fn parse_ports(ports: Option<&[NetworkPolicyPort]>, field: &str) -> Result<Optio
 /// An IANA service name: 1-15 characters of `a-z0-9-`, at least one letter, no leading,
 /// trailing or doubled hyphen.
 pub fn validate_port_name(s: &str) -> Result<(), String> {
-    let ok_chars = s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let ok_chars = s
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if s.is_empty() || s.len() > 15 {
         return Err(format!("port name {s:?} must be 1-15 characters"));
     }
-    if !ok_chars || !s.chars().any(|c| c.is_ascii_lowercase()) || s.starts_with('-') || s.ends_with('-') || s.contains("--") {
+    if !ok_chars
+        || !s.chars().any(|c| c.is_ascii_lowercase())
+        || s.starts_with('-')
+        || s.ends_with('-')
+        || s.contains("--")
+    {
         return Err(format!("port name {s:?} is not a valid IANA service name"));
     }
     Ok(())
@@ -201,18 +269,36 @@ mod tests {
 
     #[test]
     fn policy_types_are_inferred_from_the_sections_present() {
-        let p = parse_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}}")).unwrap();
+        let p = parse_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}}",
+        ))
+        .unwrap();
         assert!(p.isolates_ingress && !p.isolates_egress);
-        let p = parse_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}")).unwrap();
+        let p = parse_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}",
+        ))
+        .unwrap();
         assert!(p.isolates_ingress && p.isolates_egress);
-        let p = parse_policy(&policy("metadata: {name: p, namespace: x}\nspec: {podSelector: {}, policyTypes: [Egress]}")).unwrap();
+        let p = parse_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, policyTypes: [Egress]}",
+        ))
+        .unwrap();
         assert!(!p.isolates_ingress && p.isolates_egress);
     }
 
     #[test]
     fn empty_from_and_missing_ports_mean_all() {
-        let p = parse_policy(&policy("metadata: {name: p}\nspec: {podSelector: {}, ingress: [{from: []}]}")).unwrap();
-        assert_eq!(p.ingress[0], Rule { peers: None, ports: None });
+        let p = parse_policy(&policy(
+            "metadata: {name: p}\nspec: {podSelector: {}, ingress: [{from: []}]}",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.ingress[0],
+            Rule {
+                peers: None,
+                ports: None
+            }
+        );
         assert_eq!(p.namespace, "default");
     }
 

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -139,7 +139,9 @@ pub(crate) struct LabState {
 /// another lab's names ("a" vs "ab" differ at the '-').
 pub fn validate_name(name: &str) -> anyhow::Result<()> {
     let ok = (1..=12).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if !ok {
         bail!("invalid lab name {name:?}: use 1 to 12 lowercase letters or digits");
     }
@@ -196,7 +198,12 @@ pub(crate) fn veth_name(lab: &str, namespace: &str, pod: &str) -> String {
         h.update(part.as_bytes());
         h.update([0]); // separator: ("a","bc") and ("ab","c") must differ
     }
-    let hex: String = h.finalize().iter().take(5).map(|b| format!("{b:02x}")).collect();
+    let hex: String = h
+        .finalize()
+        .iter()
+        .take(5)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("np{hex}")
 }
 
@@ -204,9 +211,13 @@ pub(crate) fn veth_name(lab: &str, namespace: &str, pod: &str) -> String {
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().context("path without a parent")?;
     // A dot name: the dir source skips hidden files, so the agent never reads a half file.
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -239,7 +250,8 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
     down(&opts.name).context("cleaning up an earlier lab of the same name")?;
 
     let paths = Paths::new(&opts.name);
-    std::fs::create_dir_all(&paths.dir).with_context(|| format!("creating {}", paths.dir.display()))?;
+    std::fs::create_dir_all(&paths.dir)
+        .with_context(|| format!("creating {}", paths.dir.display()))?;
     let log = std::fs::File::create(&paths.supervisor_log)
         .with_context(|| format!("creating {}", paths.supervisor_log.display()))?;
     let mut child = Command::new(&opts.netpol_bin)
@@ -268,7 +280,10 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
             return Err(died(status));
         }
         if Instant::now() > deadline {
-            bail!("the lab supervisor did not open {} within {SUPERVISOR_START:?}", paths.lab_sock.display());
+            bail!(
+                "the lab supervisor did not open {} within {SUPERVISOR_START:?}",
+                paths.lab_sock.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -303,7 +318,12 @@ fn lab_request(name: &str, op: &str, timeout: Duration) -> anyhow::Result<serde_
     match BufReader::new(stream).read_line(&mut line) {
         Ok(0) => bail!("the lab supervisor closed the connection without answering"),
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             bail!("lab {name} did not converge within {timeout:?}")
         }
         Err(e) => return Err(e.into()),
@@ -316,7 +336,10 @@ pub fn wait(name: &str, timeout: Duration) -> anyhow::Result<()> {
     if reply.get("ok").and_then(|o| o.as_bool()) == Some(true) {
         return Ok(());
     }
-    let error = reply.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
+    let error = reply
+        .get("error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("unknown error");
     bail!("lab {name}: {error}")
 }
 
@@ -342,20 +365,27 @@ pub fn exec(name: &str, pod: &str, cmd: &[String]) -> anyhow::Result<i32> {
         .with_context(|| format!("running ip netns exec {} ...", target.netns))?;
     // Shell convention for a command killed by a signal.
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 pub fn down(name: &str) -> anyhow::Result<()> {
     validate_name(name)?;
     let paths = Paths::new(name);
-    let recorded = std::fs::read_to_string(&paths.state).ok().and_then(|t| serde_json::from_str::<LabState>(&t).ok());
+    let recorded = std::fs::read_to_string(&paths.state)
+        .ok()
+        .and_then(|t| serde_json::from_str::<LabState>(&t).ok());
     if let Some(state) = recorded {
         stop_supervisor(state.supervisor_pid, name);
     }
     // Whatever the supervisor did not get to (it crashed, was killed, or never wrote
     // state): processes in the lab's namespaces, the namespaces, the state dir.
     let prefix = netns_prefix(name);
-    let leftovers: Vec<String> = netns::list()?.into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let leftovers: Vec<String> = netns::list()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     for ns in &leftovers {
         for pid in netns::pids(ns).unwrap_or_default() {
             // SAFETY: plain syscall on a pid; a pid that is gone yields ESRCH, ignored.
@@ -384,15 +414,22 @@ fn is_our_supervisor(pid: u32, name: &str) -> bool {
     // Reap it if `up` ran in this process: a zombie child would otherwise look alive.
     // SAFETY: WNOHANG never blocks; a pid that is not our child yields ECHILD.
     unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
     // The state letter follows the parenthesised command name.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
     if matches!(state, Some('Z') | Some('X') | None) {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"run") && args.windows(2).any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
+    args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"run")
+        && args
+            .windows(2)
+            .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
 }
 
 fn stop_supervisor(pid: u32, name: &str) {
@@ -458,7 +495,11 @@ mod tests {
         let state = LabState {
             status: LabStatus {
                 name: "t".into(),
-                nodes: vec![NodeStatus { name: "node0".into(), netns: node_netns("t"), agent_pid: Some(7) }],
+                nodes: vec![NodeStatus {
+                    name: "node0".into(),
+                    netns: node_netns("t"),
+                    agent_pid: Some(7),
+                }],
                 pods: vec![],
             },
             supervisor_pid: 42,
@@ -476,6 +517,9 @@ mod tests {
     fn protocol_and_outcome_serialize_as_documented() {
         assert_eq!(serde_json::to_string(&Protocol::Tcp).unwrap(), "\"TCP\"");
         assert_eq!(serde_json::to_string(&Protocol::Udp).unwrap(), "\"UDP\"");
-        assert_eq!(serde_json::to_string(&Outcome::Refused).unwrap(), "\"refused\"");
+        assert_eq!(
+            serde_json::to_string(&Outcome::Refused).unwrap(),
+            "\"refused\""
+        );
     }
 }

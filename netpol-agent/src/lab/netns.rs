@@ -5,21 +5,29 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 
 /// Runs `ip args...`; stdin is `input` when given (for `-batch -`).
 fn ip(args: &[&str], input: Option<&str>) -> anyhow::Result<String> {
     let shown = format!("ip {}", args.join(" "));
     let mut child = Command::new("ip")
         .args(args)
-        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run `{shown}` (is iproute2 installed?)"))?;
     if let Some(text) = input {
         // Dropped at the end of the statement: `ip` sees EOF and runs the batch.
-        child.stdin.take().expect("piped").write_all(text.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
@@ -43,7 +51,11 @@ fn batch(netns: &str, lines: &[String]) -> anyhow::Result<()> {
 pub fn list() -> anyhow::Result<Vec<String>> {
     let out = ip(&["netns", "list"], None)?;
     // Lines look like "name" or "name (id: 3)".
-    Ok(out.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect())
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
 }
 
 /// Pids of the processes whose network namespace is `netns`.
@@ -111,7 +123,10 @@ pub fn setup_pod(link: &PodLink) -> anyhow::Result<()> {
         batch(
             link.node_netns,
             &[
-                format!("link add {} type veth peer name eth0 netns {}", link.veth, link.pod_netns),
+                format!(
+                    "link add {} type veth peer name eth0 netns {}",
+                    link.veth, link.pod_netns
+                ),
                 format!("link set {} master {} up", link.veth, link.bridge),
             ],
         )?;

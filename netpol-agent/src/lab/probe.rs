@@ -6,11 +6,11 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, ErrorKind};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 
 use super::{Outcome, PodStatus, ProbeReport, ProbeResult, Protocol};
 
@@ -43,26 +43,42 @@ pub fn probe(
 
     let mut jobs = Vec::new();
     for src in pods.iter().filter(|p| selected(from, p)) {
-        for dst in pods.iter().filter(|p| selected(to, p) && p.key() != src.key()) {
-            let ip = dst.ips.first().with_context(|| format!("pod {} has no address", dst.key()))?;
-            let dst_ip = ip.parse().with_context(|| format!("pod {}: bad address {ip}", dst.key()))?;
-            jobs.push(Job { from: src, to: dst, dst: dst_ip });
+        for dst in pods
+            .iter()
+            .filter(|p| selected(to, p) && p.key() != src.key())
+        {
+            let ip = dst
+                .ips
+                .first()
+                .with_context(|| format!("pod {} has no address", dst.key()))?;
+            let dst_ip = ip
+                .parse()
+                .with_context(|| format!("pod {}: bad address {ip}", dst.key()))?;
+            jobs.push(Job {
+                from: src,
+                to: dst,
+                dst: dst_ip,
+            });
         }
     }
 
     // A fixed set of threads pulls jobs; each result lands in its job's slot, so the
     // output order is the (sorted) job order whatever finished first.
     let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<anyhow::Result<Outcome>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let slots: Vec<Mutex<Option<anyhow::Result<Outcome>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL.min(jobs.len()) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(i) else { break };
-                    let outcome = probe_one(&job.from.netns, SocketAddr::new(job.dst, port), protocol, timeout);
-                    *slots[i].lock().unwrap() = Some(outcome);
-                }
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                let outcome = probe_one(
+                    &job.from.netns,
+                    SocketAddr::new(job.dst, port),
+                    protocol,
+                    timeout,
+                );
+                *slots[i].lock().unwrap() = Some(outcome);
             });
         }
     });
@@ -74,9 +90,17 @@ pub fn probe(
             .unwrap()
             .expect("every job ran")
             .with_context(|| format!("probing {} → {}", job.from.key(), job.to.key()))?;
-        results.push(ProbeResult { from: job.from.key(), to: job.to.key(), result: outcome });
+        results.push(ProbeResult {
+            from: job.from.key(),
+            to: job.to.key(),
+            result: outcome,
+        });
     }
-    Ok(ProbeReport { protocol, port, results })
+    Ok(ProbeReport {
+        protocol,
+        port,
+        results,
+    })
 }
 
 /// Moves the calling thread into `netns`. Only this thread moves (network namespaces
@@ -91,7 +115,12 @@ fn enter_netns(netns: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn probe_one(netns: &str, dst: SocketAddr, protocol: Protocol, timeout: Duration) -> anyhow::Result<Outcome> {
+fn probe_one(
+    netns: &str,
+    dst: SocketAddr,
+    protocol: Protocol,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
     enter_netns(netns)?;
     Ok(match protocol {
         Protocol::Tcp => probe_tcp(dst, timeout),
@@ -126,7 +155,8 @@ fn probe_tcp(dst: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 fn probe_udp(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Outcome> {
-    let socket = UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)).context("binding a UDP socket")?;
+    let socket = UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
+        .context("binding a UDP socket")?;
     socket.set_read_timeout(Some(timeout))?;
     // Connected: an ICMP port unreachable then surfaces as ECONNREFUSED on recv.
     if let Err(e) = socket.connect(dst).and_then(|_| socket.send(b"ping")) {
@@ -148,7 +178,12 @@ impl ProbeReport {
             if from == to {
                 return ".";
             }
-            match self.results.iter().find(|r| r.from == from && r.to == to).map(|r| r.result) {
+            match self
+                .results
+                .iter()
+                .find(|r| r.from == from && r.to == to)
+                .map(|r| r.result)
+            {
                 Some(Outcome::Connected) => "✓",
                 Some(Outcome::Timeout) => "✗",
                 Some(Outcome::Refused) => "R",
@@ -157,16 +192,30 @@ impl ProbeReport {
         };
         // Width in characters, not bytes: the marks are multi-byte.
         let width = |s: &str| s.chars().count();
-        let first = rows.iter().map(|r| width(r)).max().unwrap_or(0).max(width("from\\to"));
+        let first = rows
+            .iter()
+            .map(|r| width(r))
+            .max()
+            .unwrap_or(0)
+            .max(width("from\\to"));
         let col_width: Vec<usize> = cols.iter().map(|c| width(c)).collect();
         let pad = |s: &str, w: usize| format!("{s}{}", " ".repeat(w.saturating_sub(width(s))));
 
         let mut out = String::new();
         let _ = writeln!(out, "{}/{}", self.protocol, self.port);
         let header: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
-        let _ = writeln!(out, "{}  {}", pad("from\\to", first), header.join("  ").trim_end());
+        let _ = writeln!(
+            out,
+            "{}  {}",
+            pad("from\\to", first),
+            header.join("  ").trim_end()
+        );
         for from in &rows {
-            let cells: Vec<String> = cols.iter().zip(&col_width).map(|(to, w)| pad(cell(from, to), *w)).collect();
+            let cells: Vec<String> = cols
+                .iter()
+                .zip(&col_width)
+                .map(|(to, w)| pad(cell(from, to), *w))
+                .collect();
             let _ = writeln!(out, "{}  {}", pad(from, first), cells.join("  ").trim_end());
         }
         let _ = writeln!(out, "\n✓ connected  ✗ timeout  R refused  . self");
@@ -179,7 +228,11 @@ mod tests {
     use super::*;
 
     fn r(from: &str, to: &str, result: Outcome) -> ProbeResult {
-        ProbeResult { from: from.into(), to: to.into(), result }
+        ProbeResult {
+            from: from.into(),
+            to: to.into(),
+            result,
+        }
     }
 
     #[test]
@@ -213,7 +266,10 @@ y/ccc    ✗    ✗    .
         let report = ProbeReport {
             protocol: Protocol::Udp,
             port: 53,
-            results: vec![r("x/a", "x/b", Outcome::Connected), r("x/a", "x/c", Outcome::Refused)],
+            results: vec![
+                r("x/a", "x/b", Outcome::Connected),
+                r("x/a", "x/c", Outcome::Refused),
+            ],
         };
         let table = report.table();
         let lines: Vec<&str> = table.lines().collect();
@@ -225,7 +281,11 @@ y/ccc    ✗    ✗    .
 
     #[test]
     fn report_json_has_the_documented_shape() {
-        let report = ProbeReport { protocol: Protocol::Tcp, port: 80, results: vec![r("x/a", "x/b", Outcome::Timeout)] };
+        let report = ProbeReport {
+            protocol: Protocol::Tcp,
+            port: 80,
+            results: vec![r("x/a", "x/b", Outcome::Timeout)],
+        };
         let v = serde_json::to_value(&report).unwrap();
         assert_eq!(
             v,

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
@@ -13,17 +13,23 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
     if tcp.is_empty() && udp.is_empty() {
         bail!("nothing to serve: give --tcp and/or --udp ports");
     }
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let any = |port| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
         // Bind everything before announcing readiness: the supervisor waits for it.
         let mut tasks = JoinSet::new();
         for &port in tcp {
-            let listener = TcpListener::bind(any(port)).await.with_context(|| format!("binding TCP port {port}"))?;
+            let listener = TcpListener::bind(any(port))
+                .await
+                .with_context(|| format!("binding TCP port {port}"))?;
             tasks.spawn(accept_loop(listener, port));
         }
         for &port in udp {
-            let socket = UdpSocket::bind(any(port)).await.with_context(|| format!("binding UDP port {port}"))?;
+            let socket = UdpSocket::bind(any(port))
+                .await
+                .with_context(|| format!("binding UDP port {port}"))?;
             tasks.spawn(echo_datagrams(socket, port));
         }
         let mut stdout = std::io::stdout();
@@ -39,7 +45,10 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
 
 async fn accept_loop(listener: TcpListener, port: u16) -> anyhow::Result<()> {
     loop {
-        let (stream, _) = listener.accept().await.with_context(|| format!("accepting on TCP port {port}"))?;
+        let (stream, _) = listener
+            .accept()
+            .await
+            .with_context(|| format!("accepting on TCP port {port}"))?;
         tokio::spawn(async move {
             // A client going away mid-conversation is its business, not an error here.
             let _ = greet_and_echo(stream, port).await;
@@ -49,7 +58,9 @@ async fn accept_loop(listener: TcpListener, port: u16) -> anyhow::Result<()> {
 
 /// The greeting lets a prober check that data flows, not only that a SYN got through.
 async fn greet_and_echo(mut stream: TcpStream, port: u16) -> std::io::Result<()> {
-    stream.write_all(format!("netpol-lab {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("netpol-lab {port}\n").as_bytes())
+        .await?;
     let mut buf = [0u8; 4096];
     loop {
         let n = stream.read(&mut buf).await?;

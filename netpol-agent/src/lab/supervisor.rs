@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::{bail, Context};
 use k8s_openapi::api::core::v1::{Pod, PodIP, PodStatus as K8sPodStatus};
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::netns::{self, PodLink};
-use super::{BRIDGE, LabState, LabStatus, NODE_NAME, NodeStatus, Paths, PodStatus, UpOptions};
+use super::{LabState, LabStatus, NodeStatus, Paths, PodStatus, UpOptions, BRIDGE, NODE_NAME};
 use crate::source::Object;
 
 /// How long a wait may take to find the agent's socket (the agent loads eBPF first).
@@ -29,7 +29,9 @@ const SERVER_START: Duration = Duration::from_secs(10);
 
 /// The supervisor's log is its stderr (`up` points it at supervisor.log).
 fn log(msg: impl std::fmt::Display) {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     eprintln!("{}.{:03} lab: {msg}", now.as_secs(), now.subsec_millis());
 }
 
@@ -43,7 +45,8 @@ pub(crate) struct PodCidr {
 
 impl PodCidr {
     pub fn parse(text: &str) -> anyhow::Result<PodCidr> {
-        let bad = || format!("invalid pod CIDR {text:?} (expected an IPv4 CIDR such as 10.244.0.0/24)");
+        let bad =
+            || format!("invalid pod CIDR {text:?} (expected an IPv4 CIDR such as 10.244.0.0/24)");
         let (addr, prefix) = text.split_once('/').with_context(bad)?;
         let addr: Ipv4Addr = addr.parse().with_context(bad)?;
         let prefix: u8 = prefix.parse().with_context(bad)?;
@@ -51,7 +54,10 @@ impl PodCidr {
             bail!("{}: the prefix must be between /8 and /30", bad());
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(PodCidr { network: u32::from(addr) & mask, prefix })
+        Ok(PodCidr {
+            network: u32::from(addr) & mask,
+            prefix,
+        })
     }
 
     pub fn prefix(&self) -> u8 {
@@ -88,7 +94,11 @@ pub(crate) struct IpPool {
 
 impl IpPool {
     pub fn new(cidr: PodCidr) -> IpPool {
-        IpPool { cidr, by_pod: BTreeMap::new(), previous: BTreeMap::new() }
+        IpPool {
+            cidr,
+            by_pod: BTreeMap::new(),
+            previous: BTreeMap::new(),
+        }
     }
 
     /// The address of `pod`: the one it has, else `wanted` (its `status.podIP`) when
@@ -99,15 +109,26 @@ impl IpPool {
         }
         let used: BTreeSet<Ipv4Addr> = self.by_pod.values().copied().collect();
         let usable = |ip: &Ipv4Addr| self.cidr.is_pod_address(*ip) && !used.contains(ip);
-        let ip = match wanted.filter(usable).or_else(|| self.previous.get(pod).copied().filter(usable)) {
+        let ip = match wanted
+            .filter(usable)
+            .or_else(|| self.previous.get(pod).copied().filter(usable))
+        {
             Some(ip) => ip,
             None => (self.cidr.network + 2..self.cidr.broadcast())
                 .map(Ipv4Addr::from)
                 .find(|ip| !used.contains(ip))
-                .with_context(|| format!("pod {}/{}: no free address left in the pod CIDR", pod.0, pod.1))?,
+                .with_context(|| {
+                    format!(
+                        "pod {}/{}: no free address left in the pod CIDR",
+                        pod.0, pod.1
+                    )
+                })?,
         };
         if let Some(w) = wanted.filter(|w| *w != ip) {
-            log(format!("pod {}/{}: status.podIP {w} is taken or outside the pod CIDR; using {ip}", pod.0, pod.1));
+            log(format!(
+                "pod {}/{}: status.podIP {w} is taken or outside the pod CIDR; using {ip}",
+                pod.0, pod.1
+            ));
         }
         self.by_pod.insert(pod.clone(), ip);
         Ok(ip)
@@ -133,14 +154,19 @@ impl Ports {
         let mut udp = BTreeSet::new();
         let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
         for port in containers.flat_map(|c| c.ports.iter().flatten()) {
-            let Ok(number) = u16::try_from(port.container_port) else { continue };
+            let Ok(number) = u16::try_from(port.container_port) else {
+                continue;
+            };
             match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => tcp.insert(number),
                 "UDP" => udp.insert(number),
                 _ => false, // SCTP: the lab's server does not speak it
             };
         }
-        Ports { tcp: tcp.into_iter().collect(), udp: udp.into_iter().collect() }
+        Ports {
+            tcp: tcp.into_iter().collect(),
+            udp: udp.into_iter().collect(),
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -149,7 +175,11 @@ impl Ports {
 }
 
 fn join_ports(ports: &[u16]) -> String {
-    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 struct LabPod {
@@ -175,7 +205,9 @@ impl Agent {
     fn wait_exit(&self, timeout: Duration) -> bool {
         let (lock, cvar) = &*self.exited;
         let guard = lock.lock().unwrap();
-        let (guard, _) = cvar.wait_timeout_while(guard, timeout, |exited| !*exited).unwrap();
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, timeout, |exited| !*exited)
+            .unwrap();
         *guard
     }
 }
@@ -195,14 +227,24 @@ struct Lab {
 
 /// Pods the lab gives a namespace to: running-ish pods on the pod network.
 fn wants_netns(pod: &Pod) -> bool {
-    let host_network = pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+    let host_network = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false);
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
     !host_network && !matches!(phase, Some("Succeeded") | Some("Failed"))
 }
 
 fn pod_key(pod: &Pod) -> Option<PodKey> {
     let name = pod.metadata.name.clone()?;
-    Some((pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()), name))
+    Some((
+        pod.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name,
+    ))
 }
 
 impl Lab {
@@ -256,8 +298,13 @@ impl Lab {
     }
 
     fn setup_node(&self) -> anyhow::Result<()> {
-        netns::setup_node(&self.node_netns, BRIDGE, self.cidr.gateway(), self.cidr.prefix())
-            .with_context(|| format!("setting up node {NODE_NAME} ({})", self.node_netns))
+        netns::setup_node(
+            &self.node_netns,
+            BRIDGE,
+            self.cidr.gateway(),
+            self.cidr.prefix(),
+        )
+        .with_context(|| format!("setting up node {NODE_NAME} ({})", self.node_netns))
     }
 
     /// Brings pods, the rendered cluster view and the agent in line with the manifest
@@ -281,7 +328,12 @@ impl Lab {
         }
 
         let mut errors = Vec::new();
-        let gone: Vec<PodKey> = self.pods.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+        let gone: Vec<PodKey> = self
+            .pods
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
         for key in gone {
             if let Err(e) = self.remove_pod(&key) {
                 errors.push(format!("{e:#}"));
@@ -289,7 +341,12 @@ impl Lab {
         }
         // Pods asking for a given address first, so a pod without one cannot take it.
         let mut order: Vec<(&PodKey, &&Pod)> = desired.iter().collect();
-        order.sort_by_key(|(_, pod)| pod.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_none());
+        order.sort_by_key(|(_, pod)| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_ref())
+                .is_none()
+        });
         for (key, pod) in order {
             if let Err(e) = self.ensure_pod(key, pod) {
                 errors.push(format!("{e:#}"));
@@ -304,13 +361,19 @@ impl Lab {
         if !errors.is_empty() {
             bail!("{}", errors.join("; "));
         }
-        Ok(crate::source::dir::current_digest(std::slice::from_ref(&self.paths.cluster)))
+        Ok(crate::source::dir::current_digest(std::slice::from_ref(
+            &self.paths.cluster,
+        )))
     }
 
     fn ensure_pod(&mut self, key: &PodKey, pod: &Pod) -> anyhow::Result<()> {
         let who = format!("pod {}/{}", key.0, key.1);
         if !self.pods.contains_key(key) {
-            let wanted = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()).and_then(|ip| ip.parse().ok());
+            let wanted = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok());
             let ip = self.pool.assign(key, wanted)?;
             let netns = super::pod_netns(&self.name, &key.0, &key.1);
             let veth = super::veth_name(&self.name, &key.0, &key.1);
@@ -328,7 +391,16 @@ impl Lab {
                 return Err(e.context(format!("{who}: setting up its network namespace {netns}")));
             }
             log(format!("{who}: {ip} in {netns} (veth {veth})"));
-            self.pods.insert(key.clone(), LabPod { netns, veth, ip, ports: Ports::default(), server: None });
+            self.pods.insert(
+                key.clone(),
+                LabPod {
+                    netns,
+                    veth,
+                    ip,
+                    ports: Ports::default(),
+                    server: None,
+                },
+            );
         }
         let lab_pod = self.pods.get_mut(key).expect("inserted above");
         let ports = Ports::of(pod);
@@ -352,7 +424,9 @@ impl Lab {
     }
 
     fn remove_pod(&mut self, key: &PodKey) -> anyhow::Result<()> {
-        let Some(mut pod) = self.pods.remove(key) else { return Ok(()) };
+        let Some(mut pod) = self.pods.remove(key) else {
+            return Ok(());
+        };
         stop_child(&mut pod.server);
         self.pool.release(key);
         log(format!("pod {}/{}: removed", key.0, key.1));
@@ -360,7 +434,8 @@ impl Lab {
         // Deleting the namespace would delete the veth pair too, but only once the kernel
         // has destroyed it (asynchronously): a pod coming straight back would find its
         // veth name still taken. So the veth goes first, synchronously.
-        netns::delete_link(&self.node_netns, &pod.veth).with_context(|| format!("{who}: deleting its veth"))?;
+        netns::delete_link(&self.node_netns, &pod.veth)
+            .with_context(|| format!("{who}: deleting its veth"))?;
         netns::delete(&pod.netns).with_context(|| format!("{who}: deleting {}", pod.netns))
     }
 
@@ -374,7 +449,9 @@ impl Lab {
                 Object::NetworkPolicy(o) => serde_yaml::to_string(o),
                 Object::Service(o) => serde_yaml::to_string(o),
                 Object::Pod(pod) => {
-                    let placed = pod_key(pod).and_then(|k| self.pods.get(&k)).map(|lab_pod| place(pod, lab_pod.ip));
+                    let placed = pod_key(pod)
+                        .and_then(|k| self.pods.get(&k))
+                        .map(|lab_pod| place(pod, lab_pod.ip));
                     serde_yaml::to_string(placed.as_ref().unwrap_or(pod))
                 }
             };
@@ -408,7 +485,10 @@ impl Lab {
             .context("starting the agent")?;
         // `ip netns exec` execs the command, so this pid is the agent's.
         let pid = child.id();
-        log(format!("agent started (pid {pid}), log in {}", self.paths.agent_log.display()));
+        log(format!(
+            "agent started (pid {pid}), log in {}",
+            self.paths.agent_log.display()
+        ));
         let exited = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = exited.clone();
         std::thread::spawn(move || {
@@ -463,7 +543,9 @@ fn place(pod: &Pod, ip: Ipv4Addr) -> Pod {
 /// "ready" on stdout), so that a `wait` that returns means the ports answer.
 fn start_server(netpol_bin: &Path, netns: &str, ports: &Ports) -> anyhow::Result<Child> {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns]).arg(netpol_bin).args(["lab", "serve"]);
+    cmd.args(["netns", "exec", netns])
+        .arg(netpol_bin)
+        .args(["lab", "serve"]);
     if !ports.tcp.is_empty() {
         cmd.args(["--tcp", &join_ports(&ports.tcp)]);
     }
@@ -471,7 +553,11 @@ fn start_server(netpol_bin: &Path, netns: &str, ports: &Ports) -> anyhow::Result
         cmd.args(["--udp", &join_ports(&ports.udp)]);
     }
     // stderr goes to the supervisor's log, where a bind error is worth reading.
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).spawn().context("spawning ip netns exec")?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawning ip netns exec")?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -486,7 +572,11 @@ fn start_server(netpol_bin: &Path, netns: &str, ports: &Ports) -> anyhow::Result
     stop_child(&mut server);
     match ready {
         Err(_) => bail!("the server did not bind its ports within {SERVER_START:?}"),
-        Ok(_) => bail!("the server exited before binding tcp [{}] udp [{}] (see the supervisor log)", join_ports(&ports.tcp), join_ports(&ports.udp)),
+        Ok(_) => bail!(
+            "the server exited before binding tcp [{}] udp [{}] (see the supervisor log)",
+            join_ports(&ports.tcp),
+            join_ports(&ports.udp)
+        ),
     }
 }
 
@@ -518,14 +608,26 @@ async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result
         match crate::api::client::wait(&paths.agent_sock, digest).await {
             Ok(status) => break status,
             Err(e) => {
-                let agent_gone = lab.lock().unwrap().agent.as_ref().is_none_or(Agent::has_exited);
+                let agent_gone = lab
+                    .lock()
+                    .unwrap()
+                    .agent
+                    .as_ref()
+                    .is_none_or(Agent::has_exited);
                 if agent_gone {
-                    bail!("the agent is not running; {}:\n{}", paths.agent_log.display(), super::tail(&paths.agent_log, 20));
+                    bail!(
+                        "the agent is not running; {}:\n{}",
+                        paths.agent_log.display(),
+                        super::tail(&paths.agent_log, 20)
+                    );
                 }
                 // Only "not listening yet" is worth waiting for.
                 let not_yet = e.chain().any(|c| {
                     c.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                        matches!(io.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+                        matches!(
+                            io.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        )
                     })
                 });
                 if !not_yet || Instant::now() > deadline {
@@ -536,7 +638,11 @@ async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result
         }
     };
     if !status.converged {
-        bail!("the agent has not converged (pods without a veth: {:?}); see {}", status.pending, paths.agent_log.display());
+        bail!(
+            "the agent has not converged (pods without a veth: {:?}); see {}",
+            status.pending,
+            paths.agent_log.display()
+        );
     }
     Ok(())
 }
@@ -550,7 +656,9 @@ async fn handle(stream: UnixStream, lab: Shared) -> anyhow::Result<()> {
             Ok(LabRequest::Status) => {
                 // The lock may be held by a reconcile starting servers: wait off the runtime.
                 let lab = lab.clone();
-                serde_json::to_value(tokio::task::spawn_blocking(move || lab.lock().unwrap().status()).await?)?
+                serde_json::to_value(
+                    tokio::task::spawn_blocking(move || lab.lock().unwrap().status()).await?,
+                )?
             }
             Ok(LabRequest::Wait) => {
                 let result = async {
@@ -594,12 +702,24 @@ async fn watch_manifests(lab: Shared, manifests: PathBuf) -> anyhow::Result<()> 
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Reads (ours included: every reconcile opens the files) are not changes; waking
         // up on them would re-read the directory forever.
-        if !matches!(event, Ok(notify::Event { kind: notify::EventKind::Access(_), .. })) {
+        if !matches!(
+            event,
+            Ok(notify::Event {
+                kind: notify::EventKind::Access(_),
+                ..
+            })
+        ) {
             let _ = tx.send(());
         }
     })?;
-    let mode = if manifests.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
-    watcher.watch(&manifests, mode).with_context(|| format!("watching {}", manifests.display()))?;
+    let mode = if manifests.is_dir() {
+        RecursiveMode::Recursive
+    } else {
+        RecursiveMode::NonRecursive
+    };
+    watcher
+        .watch(&manifests, mode)
+        .with_context(|| format!("watching {}", manifests.display()))?;
     while rx.recv().await.is_some() {
         let settle = tokio::time::sleep(Duration::from_millis(50));
         tokio::pin!(settle);
@@ -624,11 +744,16 @@ pub fn run_supervisor(opts: &UpOptions) -> anyhow::Result<()> {
 
 async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
     let paths = Paths::new(&opts.name);
-    std::fs::create_dir_all(&paths.cluster).with_context(|| format!("creating {}", paths.cluster.display()))?;
+    std::fs::create_dir_all(&paths.cluster)
+        .with_context(|| format!("creating {}", paths.cluster.display()))?;
     let lab: Shared = Arc::new(Mutex::new(Lab::new(opts)?));
     // Written first, so that `down` finds this process even if setup hangs.
     lab.lock().unwrap().write_state()?;
-    log(format!("lab {} starting (pid {})", opts.name, std::process::id()));
+    log(format!(
+        "lab {} starting (pid {})",
+        opts.name,
+        std::process::id()
+    ));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -651,7 +776,8 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
     let started = async {
         setup.await??;
         let _ = std::fs::remove_file(&paths.lab_sock);
-        let listener = UnixListener::bind(&paths.lab_sock).with_context(|| format!("listening on {}", paths.lab_sock.display()))?;
+        let listener = UnixListener::bind(&paths.lab_sock)
+            .with_context(|| format!("listening on {}", paths.lab_sock.display()))?;
         anyhow::Ok(listener)
     }
     .await;
@@ -680,7 +806,10 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
 /// Tears the lab down. After a failed setup the logs stay (for `up` to show and the user
 /// to read); `down` removes them.
 async fn shut_down(lab: Shared, paths: &Paths, remove_dir: bool) {
-    let torn = tokio::task::spawn_blocking(move || lab.lock().unwrap_or_else(|p| p.into_inner()).teardown()).await;
+    let torn = tokio::task::spawn_blocking(move || {
+        lab.lock().unwrap_or_else(|p| p.into_inner()).teardown()
+    })
+    .await;
     if let Err(e) = torn {
         log(format!("teardown: {e}"));
     }
@@ -706,7 +835,13 @@ mod tests {
         let c = PodCidr::parse("10.244.0.7/24").unwrap();
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 244, 0, 1));
         assert_eq!(c.prefix(), 24);
-        for bad in ["10.244.0.0", "10.244.0.0/31", "x/24", "10.244.0.0/abc", "::1/64"] {
+        for bad in [
+            "10.244.0.0",
+            "10.244.0.0/31",
+            "x/24",
+            "10.244.0.0/abc",
+            "::1/64",
+        ] {
             assert!(PodCidr::parse(bad).is_err(), "{bad}");
         }
     }
@@ -719,7 +854,11 @@ mod tests {
         assert_eq!(a, Ipv4Addr::new(10, 244, 0, 2));
         assert_eq!(b, Ipv4Addr::new(10, 244, 0, 3));
         // Stable: asking again (even with another wish) gives the same address.
-        assert_eq!(pool.assign(&key("x", "a"), Some(Ipv4Addr::new(10, 244, 0, 9))).unwrap(), a);
+        assert_eq!(
+            pool.assign(&key("x", "a"), Some(Ipv4Addr::new(10, 244, 0, 9)))
+                .unwrap(),
+            a
+        );
         // A freed address is reused by the next new pod; the others do not move.
         pool.release(&key("x", "a"));
         assert_eq!(pool.assign(&key("x", "c"), None).unwrap(), a);
@@ -747,8 +886,15 @@ mod tests {
         let want = Ipv4Addr::new(10, 244, 0, 50);
         assert_eq!(pool.assign(&key("x", "a"), Some(want)).unwrap(), want);
         // Taken, the gateway, or outside the CIDR: the lowest free address instead.
-        for wish in [want, Ipv4Addr::new(10, 244, 0, 1), Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 244, 0, 255)] {
-            let ip = pool.assign(&key("y", &wish.to_string()), Some(wish)).unwrap();
+        for wish in [
+            want,
+            Ipv4Addr::new(10, 244, 0, 1),
+            Ipv4Addr::new(10, 0, 0, 5),
+            Ipv4Addr::new(10, 244, 0, 255),
+        ] {
+            let ip = pool
+                .assign(&key("y", &wish.to_string()), Some(wish))
+                .unwrap();
             assert_ne!(ip, wish);
         }
     }
@@ -756,7 +902,10 @@ mod tests {
     #[test]
     fn the_pool_runs_out() {
         let mut pool = IpPool::new(PodCidr::parse("10.0.0.0/30").unwrap());
-        assert_eq!(pool.assign(&key("x", "a"), None).unwrap(), Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(
+            pool.assign(&key("x", "a"), None).unwrap(),
+            Ipv4Addr::new(10, 0, 0, 2)
+        );
         let err = pool.assign(&key("x", "b"), None).unwrap_err().to_string();
         assert!(err.contains("x/b"), "{err}");
     }
@@ -775,12 +924,19 @@ spec:
 "#,
         )
         .unwrap();
-        assert_eq!(Ports::of(&pod), Ports { tcp: vec![80, 81], udp: vec![53] });
+        assert_eq!(
+            Ports::of(&pod),
+            Ports {
+                tcp: vec![80, 81],
+                udp: vec![53]
+            }
+        );
     }
 
     #[test]
     fn placed_pods_are_running_on_node0_with_the_lab_address() {
-        let pod: Pod = serde_yaml::from_str("metadata: {name: a}\nstatus: {phase: Pending}").unwrap();
+        let pod: Pod =
+            serde_yaml::from_str("metadata: {name: a}\nstatus: {phase: Pending}").unwrap();
         let placed = place(&pod, Ipv4Addr::new(10, 244, 0, 4));
         assert_eq!(placed.spec.unwrap().node_name.as_deref(), Some("node0"));
         let status = placed.status.unwrap();
@@ -794,8 +950,14 @@ spec:
     fn finished_and_host_network_pods_get_no_netns() {
         let parse = |y: &str| serde_yaml::from_str::<Pod>(y).unwrap();
         assert!(wants_netns(&parse("metadata: {name: a}")));
-        assert!(!wants_netns(&parse("metadata: {name: a}\nstatus: {phase: Succeeded}")));
-        assert!(!wants_netns(&parse("metadata: {name: a}\nstatus: {phase: Failed}")));
-        assert!(!wants_netns(&parse("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}")));
+        assert!(!wants_netns(&parse(
+            "metadata: {name: a}\nstatus: {phase: Succeeded}"
+        )));
+        assert!(!wants_netns(&parse(
+            "metadata: {name: a}\nstatus: {phase: Failed}"
+        )));
+        assert!(!wants_netns(&parse(
+            "metadata: {name: a}\nspec: {hostNetwork: true, containers: []}"
+        )));
     }
 }

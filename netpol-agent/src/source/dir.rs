@@ -9,20 +9,27 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::ClusterState;
 use super::manifest::read_all;
+use super::ClusterState;
 
 /// Reads `paths` once.
 pub fn read_state(paths: &[PathBuf]) -> ClusterState {
     let (objects, errors, contents) = read_all(paths);
-    ClusterState { objects, errors, digest: digest_of(&contents) }
+    ClusterState {
+        objects,
+        errors,
+        digest: digest_of(&contents),
+    }
 }
 
 /// The digest of a set of manifest files: what `lab wait` compares with the agent's.
 pub fn digest_of(contents: &[(PathBuf, Vec<u8>)]) -> String {
     let mut h = Sha256::new();
     for (path, bytes) in contents {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         h.update(name.as_bytes());
         h.update([0]);
         h.update((bytes.len() as u64).to_le_bytes());
@@ -50,7 +57,11 @@ pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyh
         let _ = ev_tx.send(());
     })?;
     for p in &paths {
-        let mode = if p.is_dir() { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+        let mode = if p.is_dir() {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
         watcher.watch(p, mode)?;
     }
     let mut last = tx.borrow().digest.clone();

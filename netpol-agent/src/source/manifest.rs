@@ -17,22 +17,38 @@ pub enum Object {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: document {index}: {message}")]
-    Parse { path: PathBuf, index: usize, message: String },
+    Parse {
+        path: PathBuf,
+        index: usize,
+        message: String,
+    },
 }
 
 /// The files a path names: itself, or the `.yaml`/`.yml`/`.json` files of a directory
 /// (recursively), sorted so that reading is deterministic.
 pub fn manifest_files(path: &Path) -> Result<Vec<PathBuf>, ManifestError> {
-    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Read {
+        path: path.into(),
+        source,
+    })?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    let entries = std::fs::read_dir(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+    let entries = std::fs::read_dir(path).map_err(|source| ManifestError::Read {
+        path: path.into(),
+        source,
+    })?;
     for entry in entries {
-        let entry = entry.map_err(|source| ManifestError::Read { path: path.into(), source })?;
+        let entry = entry.map_err(|source| ManifestError::Read {
+            path: path.into(),
+            source,
+        })?;
         let p = entry.path();
         let name = entry.file_name().to_string_lossy().to_string();
         if name.starts_with('.') {
@@ -58,19 +74,31 @@ pub fn parse_manifests(path: &Path, text: &str) -> (Vec<Object>, Vec<ManifestErr
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                errors.push(ManifestError::Parse { path: path.into(), index, message: e.to_string() });
+                errors.push(ManifestError::Parse {
+                    path: path.into(),
+                    index,
+                    message: e.to_string(),
+                });
                 continue;
             }
         };
         if let Err(message) = push_object(value, &mut objects) {
-            errors.push(ManifestError::Parse { path: path.into(), index, message });
+            errors.push(ManifestError::Parse {
+                path: path.into(),
+                index,
+                message,
+            });
         }
     }
     (objects, errors)
 }
 
 fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), String> {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
     let name = value
         .get("metadata")
         .and_then(|m| m.get("name"))
@@ -79,10 +107,16 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
         .to_string();
     let typed = |e: serde_yaml::Error| format!("{kind} {name}: {e}");
     match kind.as_str() {
-        "Namespace" => out.push(Object::Namespace(serde_yaml::from_value(value).map_err(typed)?)),
+        "Namespace" => out.push(Object::Namespace(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )),
         "Pod" => out.push(Object::Pod(serde_yaml::from_value(value).map_err(typed)?)),
-        "NetworkPolicy" => out.push(Object::NetworkPolicy(serde_yaml::from_value(value).map_err(typed)?)),
-        "Service" => out.push(Object::Service(serde_yaml::from_value(value).map_err(typed)?)),
+        "NetworkPolicy" => out.push(Object::NetworkPolicy(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )),
+        "Service" => out.push(Object::Service(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )),
         "List" => {
             if let Some(items) = value.get("items").and_then(|i| i.as_sequence()) {
                 for item in items.clone() {
@@ -160,6 +194,9 @@ items:
         let (objs, errs) = parse_manifests(Path::new("bad.yaml"), text);
         assert_eq!(objs.len(), 1);
         let msg = errs[0].to_string();
-        assert!(msg.contains("bad.yaml") && msg.contains("document 0") && msg.contains("Pod p"), "{msg}");
+        assert!(
+            msg.contains("bad.yaml") && msg.contains("document 0") && msg.contains("Pod p"),
+            "{msg}"
+        );
     }
 }

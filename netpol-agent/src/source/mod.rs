@@ -6,7 +6,7 @@
 pub mod dir;
 pub mod manifest;
 
-pub use manifest::{Object, parse_manifests};
+pub use manifest::{parse_manifests, Object};
 
 /// Everything a source knows at one moment, with a digest of its input so that a
 /// waiter can tell whether the datapath has caught up with a given input.
