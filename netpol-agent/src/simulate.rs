@@ -195,3 +195,59 @@ impl Report {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demo() -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/demo"))
+    }
+
+    fn verdict<'a>(r: &'a Report, from: &str, to: &str) -> &'a Pair {
+        r.results
+            .iter()
+            .find(|p| p.from == from && p.to == to)
+            .expect("pair present")
+    }
+
+    #[test]
+    fn the_demo_policies_allow_exactly_the_shops_flows() {
+        let r = simulate(&[demo()], netpol_common::proto::TCP, 8080, None, None).unwrap();
+        assert_eq!(r.results.len(), 6, "every ordered pair of three pods");
+        let fa = verdict(&r, "shop/frontend", "shop/api");
+        assert!(fa.allowed);
+        assert_eq!((fa.ingress, fa.egress), ("allowed", "not-isolated"));
+        assert_eq!(verdict(&r, "data/db", "shop/api").ingress, "denied");
+        assert!(
+            !verdict(&r, "shop/api", "data/db").allowed,
+            "db admits api on 5432 only"
+        );
+        let r = simulate(
+            &[demo()],
+            netpol_common::proto::TCP,
+            5432,
+            Some("shop/api"),
+            Some("data/db"),
+        )
+        .unwrap();
+        assert!(r.results[0].allowed);
+        assert!(r
+            .pods
+            .iter()
+            .all(|p| p.assigned && p.ip.starts_with("10.255.")));
+    }
+
+    #[test]
+    fn an_unknown_pod_is_a_clear_error() {
+        let e = simulate(
+            &[demo()],
+            netpol_common::proto::TCP,
+            80,
+            Some("shop/nope"),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("shop/nope"));
+    }
+}

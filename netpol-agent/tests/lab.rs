@@ -309,3 +309,60 @@ fn lab_agent_status(lab: &Lab) -> String {
     BufReader::new(s).read_line(&mut line).unwrap();
     line
 }
+
+#[test]
+fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("obs", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    lab.wait();
+    let mut observer = Command::new(NETPOL)
+        .args([
+            "observe",
+            "--lab",
+            &lab.name,
+            "--verdict",
+            "dropped",
+            "--pod",
+            "x/a",
+            "--count",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Probe until the observer has seen a drop: the drop itself is the signal that the
+    // observer was subscribed in time (bounded: each probe takes its 1 s timeout).
+    let mut done = false;
+    for _ in 0..10 {
+        assert_eq!(lab.result(80, "TCP", "y/c", "x/a"), "timeout");
+        if observer.try_wait().unwrap().is_some() {
+            done = true;
+            break;
+        }
+    }
+    if !done {
+        let _ = observer.kill();
+        panic!("no drop reached `netpol observe`\n{}", lab.logs());
+    }
+    let output = observer.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let out = output.stdout;
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["verdict"], "dropped");
+    assert_eq!(v["direction"], "ingress");
+    assert_eq!(v["reason"], "POLICY_DENIED");
+    assert_eq!(
+        (v["src"].as_str(), v["dst"].as_str()),
+        (Some("y/c"), Some("x/a"))
+    );
+    assert_eq!(
+        (v["dport"].as_u64(), v["protocol"].as_str()),
+        (Some(80), Some("TCP"))
+    );
+    assert_eq!(v["policies"], serde_json::json!(["x/default-deny"]));
+}

@@ -216,12 +216,38 @@ fn test(args: &[String]) -> Result {
         .current_dir(root())
         .args(["build", "--all-targets"]))?;
     step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
-    run(Command::new("cargo")
+    let mut child = Command::new("cargo")
         .current_dir(root())
         .args(["test"])
-        .args(args))?;
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cargo test: {e}"))?;
+    // Echo the output and add up the per-binary summaries into one closing line.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(|l| l.ok()) {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word))
+                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait().map_err(|e| format!("cargo test: {e}"))?;
     eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(())
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo test failed: {status}"))
+    }
 }
 
 fn demo() -> Result {

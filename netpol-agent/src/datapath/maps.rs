@@ -18,7 +18,7 @@ pub fn cidr_key(c: &Cidr) -> Key<Addr> {
     Key::new(c.prefix as u32, c.addr)
 }
 
-fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
+pub fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
     Key::new(p.prefix_len, p.key)
 }
 
@@ -36,15 +36,15 @@ fn full(name: &str, e: MapError) -> anyhow::Error {
     anyhow!("writing map {name}: {e} (if the map is full, raise its capacity flag)")
 }
 
-/// Inserts entries that are new or changed.
-pub fn upsert_diff<K: Ord, V: PartialEq + aya::Pod>(
+/// Inserts the entries of `desired` that are new or changed in trie `name`.
+pub fn upsert_diff<K: Ord, D: aya::Pod, V: PartialEq + aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
     actual: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
-    key: fn(&K) -> Key<Addr>,
+    key: fn(&K) -> Key<D>,
 ) -> anyhow::Result<usize> {
-    let mut t: LpmTrie<_, Addr, V> = trie(ebpf, name)?;
+    let mut t: LpmTrie<_, D, V> = trie(ebpf, name)?;
     let mut n = 0;
     for (k, v) in desired {
         if actual.get(k) != Some(v) {
@@ -55,50 +55,19 @@ pub fn upsert_diff<K: Ord, V: PartialEq + aya::Pod>(
     Ok(n)
 }
 
-pub fn remove_diff<K: Ord, V: aya::Pod>(
+/// Removes the entries of `actual` that `desired` no longer holds from trie `name`.
+pub fn remove_diff<K: Ord, D: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
     actual: &BTreeMap<K, V>,
     desired: &BTreeMap<K, V>,
-    key: fn(&K) -> Key<Addr>,
+    key: fn(&K) -> Key<D>,
 ) -> anyhow::Result<usize> {
-    let mut t: LpmTrie<_, Addr, V> = trie(ebpf, name)?;
+    let mut t: LpmTrie<_, D, V> = trie(ebpf, name)?;
     let mut n = 0;
     for k in actual.keys().filter(|k| !desired.contains_key(k)) {
         t.remove(&key(k))
             .with_context(|| format!("removing from {name}"))?;
-        n += 1;
-    }
-    Ok(n)
-}
-
-pub fn upsert_policy(
-    ebpf: &mut Ebpf,
-    actual: &BTreeMap<PolicyPrefix, PolicyEntry>,
-    desired: &BTreeMap<PolicyPrefix, PolicyEntry>,
-) -> anyhow::Result<usize> {
-    let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
-    let mut n = 0;
-    for (k, v) in desired {
-        if actual.get(k) != Some(v) {
-            t.insert(&policy_key(k), v, 0)
-                .map_err(|e| full(map::POLICY, e))?;
-            n += 1;
-        }
-    }
-    Ok(n)
-}
-
-pub fn remove_policy(
-    ebpf: &mut Ebpf,
-    actual: &BTreeMap<PolicyPrefix, PolicyEntry>,
-    desired: &BTreeMap<PolicyPrefix, PolicyEntry>,
-) -> anyhow::Result<usize> {
-    let mut t: LpmTrie<_, PolicyKey, PolicyEntry> = trie(ebpf, map::POLICY)?;
-    let mut n = 0;
-    for k in actual.keys().filter(|k| !desired.contains_key(k)) {
-        t.remove(&policy_key(k))
-            .context("removing a policy entry")?;
         n += 1;
     }
     Ok(n)

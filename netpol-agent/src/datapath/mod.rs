@@ -139,7 +139,13 @@ impl Datapath {
             &desired.cidrs,
             maps::cidr_key,
         )?;
-        stats.written += maps::upsert_policy(&mut self.ebpf, &self.actual.policy, &desired.policy)?;
+        stats.written += maps::upsert_diff(
+            &mut self.ebpf,
+            map::POLICY,
+            &self.actual.policy,
+            &desired.policy,
+            maps::policy_key,
+        )?;
 
         // 2. endpoints: entry first, then programs
         let mut wanted: BTreeMap<u32, netpol_common::EndpointEntry> = BTreeMap::new();
@@ -202,7 +208,13 @@ impl Datapath {
         }
 
         // 3. deletions of peer data and policy no longer wanted
-        stats.removed += maps::remove_policy(&mut self.ebpf, &self.actual.policy, &desired.policy)?;
+        stats.removed += maps::remove_diff(
+            &mut self.ebpf,
+            map::POLICY,
+            &self.actual.policy,
+            &desired.policy,
+            maps::policy_key,
+        )?;
         stats.removed += maps::remove_diff(
             &mut self.ebpf,
             map::CIDRS,

@@ -43,9 +43,11 @@ impl Selector {
                 "NotIn" => Operator::NotIn,
                 "Exists" => Operator::Exists,
                 "DoesNotExist" => Operator::DoesNotExist,
-                other => return Err(format!(
+                other => {
+                    return Err(format!(
                     "{f}.operator: unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"
-                )),
+                ))
+                }
             };
             match operator {
                 Operator::In | Operator::NotIn if values.is_empty() => {
