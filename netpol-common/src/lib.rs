@@ -242,17 +242,6 @@ impl CtKey {
         core::mem::swap(&mut self.saddr, &mut self.daddr);
         core::mem::swap(&mut self.sport, &mut self.dport);
     }
-
-    pub const fn reversed(&self) -> CtKey {
-        CtKey {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            protocol: self.protocol,
-            _pad: [0; 3],
-        }
-    }
 }
 
 /// `NP_CONNTRACK` value.

@@ -21,7 +21,7 @@ use netpol_common::{
 };
 
 use crate::index::net::{addr_of, Cidr};
-use crate::index::{IdentityKey, Peer, PodInfo, PodKey, Policy, PortRef, Rule, Snapshot};
+use crate::index::{IdentityKey, Peer, PodKey, Policy, PortRef, Rule, Snapshot};
 
 /// What compile needs to know about the node it compiles for.
 #[derive(Clone, Debug, Default)]
@@ -310,11 +310,6 @@ fn rule_entries(
         }
     }
     out
-}
-
-/// A local pod's endpoint as compile sees it, for tools that explain verdicts.
-pub fn endpoint_of<'a>(snap: &'a Snapshot, pod: &PodKey) -> Option<&'a PodInfo> {
-    snap.pods.get(pod)
 }
 
 #[cfg(test)]

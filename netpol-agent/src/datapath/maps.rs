@@ -7,9 +7,7 @@ use anyhow::{anyhow, Context};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
-use netpol_common::{
-    map, reason, Addr, Config, EndpointEntry, PolicyEntry, PolicyKey, COUNTERS_LEN,
-};
+use netpol_common::{map, reason, Addr, Config, EndpointEntry, PolicyKey, COUNTERS_LEN};
 
 use crate::compile::PolicyPrefix;
 use crate::index::net::Cidr;

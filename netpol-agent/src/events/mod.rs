@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use netpol_common::{direction, proto, reason, verdict, Event};
 use serde::{Deserialize, Serialize};
@@ -217,8 +216,6 @@ pub fn human(v: &Verdict) -> String {
         rule
     )
 }
-
-pub type SharedNamer = Arc<Namer>;
 
 #[cfg(test)]
 mod tests {
