@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use netpol_common::direction;
 use serde::Serialize;
 
-use crate::compile::lookup::decide_at;
+use crate::compile::lookup::Lookup;
 use crate::compile::{compile, NodeView};
 use crate::index::net::addr_of;
 use crate::index::Index;
@@ -114,10 +114,11 @@ pub fn simulate(
             });
         }
     }
+    let lookup = Lookup::new(&desired);
     let judge = |pod: &str, dir: u8, peer: &crate::index::PodInfo| -> &'static str {
         match (desired.endpoints.get(pod), peer.ips.first()) {
             (Some(ep), Some(ip)) => {
-                let d = decide_at(&desired, ep, dir, &addr_of(*ip), protocol, port);
+                let d = lookup.decide_at(ep, dir, &addr_of(*ip), protocol, port);
                 match (d.allowed, d.reason) {
                     (true, netpol_common::reason::NOT_ISOLATED) => "not-isolated",
                     (true, _) => "allowed",

@@ -3,13 +3,18 @@
 //! ipBlocks the address is in, and each distinct set is one CIDR identity. That keeps
 //! the per-packet cost at one trie lookup however many ipBlocks overlap, and makes an
 //! ipBlock match pod addresses too (the pod's own identity comes from the ipcache).
+//!
+//! One exception to "identity = set of blocks": an egress rule with a named port and an
+//! ipBlock peer allows a port that only the destination pod can name. Then the pods in
+//! such blocks get host prefixes whose identity is (set, pod identity), so the rule can
+//! allow each of them on its own port.
 
 use std::collections::BTreeMap;
 
 use netpol_common::identity;
 
 use crate::index::net::Cidr;
-use crate::index::{Peer, Snapshot};
+use crate::index::{Peer, PortRef, Snapshot};
 
 /// (cidr, except) of one ipBlock, as a comparable key.
 type Block = (Cidr, Vec<Cidr>);
@@ -19,12 +24,27 @@ pub struct Partition {
     pub prefixes: BTreeMap<Cidr, u32>,
     /// Each block → the CIDR identities whose sets contain it.
     members: BTreeMap<Block, Vec<u32>>,
+    /// CIDR identities of pod host prefixes → the pod identity.
+    pods: BTreeMap<u32, u32>,
 }
 
 impl Partition {
     pub fn new(snap: &Snapshot) -> Partition {
         let mut blocks: Vec<Block> = Vec::new();
+        let mut named_port_blocks = false;
         for p in snap.policies.values() {
+            for rule in p.egress.iter() {
+                named_port_blocks |= rule
+                    .ports
+                    .iter()
+                    .flatten()
+                    .any(|s| matches!(s.port, Some(PortRef::Name(_))))
+                    && rule
+                        .peers
+                        .iter()
+                        .flatten()
+                        .any(|peer| matches!(peer, Peer::Block { .. }));
+            }
             for rule in p.ingress.iter().chain(&p.egress) {
                 for peer in rule.peers.iter().flatten() {
                     if let Peer::Block { cidr, except } = peer {
@@ -45,10 +65,23 @@ impl Partition {
             // Keeps IPv4 addresses out of IPv6 prefixes such as ::/0.
             boundaries.push(Cidr::parse("0.0.0.0/0").expect("literal"));
         }
+        let mut tags: BTreeMap<Cidr, u32> = BTreeMap::new();
+        if named_port_blocks {
+            for pod in snap.pods.values().filter(|p| !p.host_network) {
+                for ip in &pod.ips {
+                    let host = Cidr::host(*ip);
+                    if blocks.iter().any(|(c, _)| c.contains(&host)) {
+                        tags.insert(host, pod.identity);
+                        boundaries.push(host);
+                    }
+                }
+            }
+        }
         boundaries.sort();
         boundaries.dedup();
 
-        let mut sets: BTreeMap<Vec<usize>, u32> = BTreeMap::new();
+        let mut sets: BTreeMap<(Vec<usize>, Option<u32>), u32> = BTreeMap::new();
+        let mut pods = BTreeMap::new();
         let mut prefixes = BTreeMap::new();
         let mut members: BTreeMap<Block, Vec<u32>> = BTreeMap::new();
         for b in &boundaries {
@@ -58,12 +91,16 @@ impl Partition {
                 .filter(|(_, (c, ex))| c.contains(b) && !ex.iter().any(|x| x.contains(b)))
                 .map(|(i, _)| i)
                 .collect();
+            let tag = tags.get(b).copied();
             let id = if set.is_empty() {
                 identity::ANY
             } else {
                 let next = identity::FIRST_CIDR + sets.len() as u32;
-                *sets.entry(set.clone()).or_insert(next)
+                *sets.entry((set.clone(), tag)).or_insert(next)
             };
+            if let (Some(pod), true) = (tag, id != identity::ANY) {
+                pods.insert(id, pod);
+            }
             prefixes.insert(*b, id);
             for i in set {
                 let list = members.entry(blocks[i].clone()).or_default();
@@ -72,7 +109,11 @@ impl Partition {
                 }
             }
         }
-        Partition { prefixes, members }
+        Partition {
+            prefixes,
+            members,
+            pods,
+        }
     }
 
     /// The CIDR identities an ipBlock peer matches.
@@ -85,5 +126,10 @@ impl Partition {
                 .unwrap_or_default(),
             Peer::Pods { .. } => vec![],
         }
+    }
+
+    /// The pod identity behind a CIDR identity of a pod host prefix.
+    pub fn pod_of(&self, cidr_identity: u32) -> Option<u32> {
+        self.pods.get(&cidr_identity).copied()
     }
 }

@@ -8,31 +8,99 @@ use netpol_common::{direction, endpoint_flags, identity, Addr, EndpointEntry, Po
 use super::{Desired, PolicyPrefix};
 use crate::index::net::{mask, Cidr};
 
-/// Longest-prefix match in a map of CIDRs.
-pub fn longest<'a, V>(map: &'a std::collections::BTreeMap<Cidr, V>, addr: &Addr) -> Option<&'a V> {
-    (0..=128u8).rev().find_map(|prefix| {
-        map.get(&Cidr {
-            addr: mask(*addr, prefix),
-            prefix,
-        })
-    })
+/// The compiled maps, ready for many lookups: the prefix lengths each trie holds are
+/// collected once, so a longest-prefix match tries only those.
+pub struct Lookup<'a> {
+    d: &'a Desired,
+    ipcache_lens: Vec<u8>,
+    cidr_lens: Vec<u8>,
+    policy_lens: Vec<u32>,
 }
 
-fn policy_lookup(d: &Desired, key: PolicyKey) -> Option<netpol_common::PolicyEntry> {
-    let bytes = key_bytes(&key);
-    // Valid prefix lengths: 96 down to 80 (port prefixes), then 72 (any protocol).
-    (PolicyKey::PROTO_BITS..=PolicyKey::FULL_BITS)
-        .rev()
-        .chain([PolicyKey::FIXED_BITS])
-        .find_map(|len| {
-            let masked = from_bytes(&mask_bytes(bytes, len));
-            d.policy
+fn lengths<T: Ord + Copy>(it: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v: Vec<T> = it
+        .collect::<std::collections::BTreeSet<T>>()
+        .into_iter()
+        .collect();
+    v.reverse(); // longest first
+    v
+}
+
+impl<'a> Lookup<'a> {
+    pub fn new(d: &'a Desired) -> Lookup<'a> {
+        Lookup {
+            d,
+            ipcache_lens: lengths(d.ipcache.keys().map(|c| c.prefix)),
+            cidr_lens: lengths(d.cidrs.keys().map(|c| c.prefix)),
+            policy_lens: lengths(d.policy.keys().map(|k| k.prefix_len)),
+        }
+    }
+
+    fn policy(&self, key: PolicyKey) -> Option<netpol_common::PolicyEntry> {
+        let bytes = key_bytes(&key);
+        self.policy_lens.iter().find_map(|len| {
+            let masked = from_bytes(&mask_bytes(bytes, *len));
+            self.d
+                .policy
                 .get(&PolicyPrefix {
                     key: masked,
-                    prefix_len: len,
+                    prefix_len: *len,
                 })
                 .copied()
         })
+    }
+
+    /// The policy decision for `peer` at endpoint `ep` in direction `dir`.
+    pub fn decide_at(
+        &self,
+        ep: &EndpointEntry,
+        dir: u8,
+        peer: &Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Decision {
+        let flag = if dir == direction::EGRESS {
+            endpoint_flags::ISOLATED_EGRESS
+        } else {
+            endpoint_flags::ISOLATED_INGRESS
+        };
+        let isolated = ep.flags & flag != 0;
+        let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
+            .map(|e| e.identity)
+            .unwrap_or(identity::WORLD);
+        let cidr_id = longest(&self.d.cidrs, &self.cidr_lens, peer)
+            .map(|e| e.identity)
+            .unwrap_or(identity::ANY);
+        let hits = if isolated {
+            let look = |id| self.policy(lookup_key(ep.id, dir, id, protocol, port));
+            [
+                look(peer_id),
+                if cidr_id != identity::ANY {
+                    look(cidr_id)
+                } else {
+                    None
+                },
+                look(identity::ANY),
+            ]
+        } else {
+            [None, None, None]
+        };
+        decide(isolated, hits)
+    }
+}
+
+/// Longest-prefix match in a map of CIDRs, trying the lengths `lens` (longest first).
+fn longest<'m, V>(
+    map: &'m std::collections::BTreeMap<Cidr, V>,
+    lens: &[u8],
+    addr: &Addr,
+) -> Option<&'m V> {
+    lens.iter().find_map(|prefix| {
+        map.get(&Cidr {
+            addr: mask(*addr, *prefix),
+            prefix: *prefix,
+        })
+    })
 }
 
 fn key_bytes(k: &PolicyKey) -> [u8; 12] {
@@ -63,7 +131,7 @@ fn mask_bytes(mut b: [u8; 12], bits: u32) -> [u8; 12] {
     b
 }
 
-/// The policy decision for `peer` at endpoint `ep` in direction `dir`.
+/// One lookup on `d` (see [`Lookup`] for many).
 pub fn decide_at(
     d: &Desired,
     ep: &EndpointEntry,
@@ -72,31 +140,5 @@ pub fn decide_at(
     protocol: u8,
     port: u16,
 ) -> Decision {
-    let flag = if dir == direction::EGRESS {
-        endpoint_flags::ISOLATED_EGRESS
-    } else {
-        endpoint_flags::ISOLATED_INGRESS
-    };
-    let isolated = ep.flags & flag != 0;
-    let peer_id = longest(&d.ipcache, peer)
-        .map(|e| e.identity)
-        .unwrap_or(identity::WORLD);
-    let cidr_id = longest(&d.cidrs, peer)
-        .map(|e| e.identity)
-        .unwrap_or(identity::ANY);
-    let hits = if isolated {
-        let look = |id| policy_lookup(d, lookup_key(ep.id, dir, id, protocol, port));
-        [
-            look(peer_id),
-            if cidr_id != identity::ANY {
-                look(cidr_id)
-            } else {
-                None
-            },
-            look(identity::ANY),
-        ]
-    } else {
-        [None, None, None]
-    };
-    decide(isolated, hits)
+    Lookup::new(d).decide_at(ep, dir, peer, protocol, port)
 }

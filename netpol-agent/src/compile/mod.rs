@@ -10,6 +10,7 @@
 pub mod cidr;
 pub mod lookup;
 pub mod ports;
+pub mod reference;
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -292,16 +293,22 @@ fn rule_entries(
                     }
                 } else {
                     for peer in &peers {
-                        let targets: Vec<u32> = if *peer == identity::ANY {
-                            snap.identities.keys().copied().collect()
+                        // (key identity, the pod identity that names the port)
+                        let targets: Vec<(u32, u32)> = if *peer == identity::ANY {
+                            snap.identities.keys().map(|t| (*t, *t)).collect()
                         } else if snap.identities.contains_key(peer) {
-                            vec![*peer]
+                            vec![(*peer, *peer)]
                         } else {
-                            vec![] // CIDR peers: only pods define named ports
+                            // An ipBlock: only the pods in it name ports.
+                            blocks
+                                .pod_of(*peer)
+                                .map(|t| (*peer, t))
+                                .into_iter()
+                                .collect()
                         };
-                        for t in targets {
+                        for (key, t) in targets {
                             for port in resolve(&snap.identities[&t]) {
-                                out.push((t, Some(spec.protocol), Some((port, 16))));
+                                out.push((key, Some(spec.protocol), Some((port, 16))));
                             }
                         }
                     }

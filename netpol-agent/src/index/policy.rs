@@ -87,8 +87,11 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
         &spec.pod_selector.clone().unwrap_or_default(),
         "spec.podSelector",
     )?;
-    let (mut isolates_ingress, mut isolates_egress) = (true, spec.egress.is_some());
-    if let Some(types) = &spec.policy_types {
+    // API server defaulting: no policyTypes (missing or empty) means Ingress, plus
+    // Egress when there is at least one egress rule (`egress: []` is not one).
+    let (mut isolates_ingress, mut isolates_egress) =
+        (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
+    if let Some(types) = spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
         isolates_ingress = false;
         isolates_egress = false;
         for (i, t) in types.iter().enumerate() {
@@ -275,10 +278,18 @@ mod tests {
         .unwrap();
         assert!(p.isolates_ingress && !p.isolates_egress);
         let p = parse_policy(&policy(
-            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: []}",
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: [{}]}",
         ))
         .unwrap();
         assert!(p.isolates_ingress && p.isolates_egress);
+        let p = parse_policy(&policy(
+            "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, egress: [], policyTypes: []}",
+        ))
+        .unwrap();
+        assert!(
+            p.isolates_ingress && !p.isolates_egress,
+            "an empty egress list is no egress rule, and empty policyTypes are defaulted"
+        );
         let p = parse_policy(&policy(
             "metadata: {name: p, namespace: x}\nspec: {podSelector: {}, policyTypes: [Egress]}",
         ))

@@ -79,7 +79,8 @@ pub fn parse_manifests(path: &Path, text: &str) -> (Vec<Object>, Vec<ManifestErr
                     index,
                     message: e.to_string(),
                 });
-                continue;
+                // A syntax error ends the stream: the parser would repeat it forever.
+                break;
             }
         };
         if let Err(message) = push_object(value, &mut objects) {
@@ -198,5 +199,14 @@ items:
             msg.contains("bad.yaml") && msg.contains("document 0") && msg.contains("Pod p"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_yaml_syntax_error_is_reported_once_and_ends_the_file() {
+        let text = "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: [\n---\nkind: Namespace\nmetadata: {name: y}\n";
+        let (objs, errs) = parse_manifests(Path::new("broken.yaml"), text);
+        assert_eq!(objs.len(), 1, "the document before the error is kept");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].to_string().contains("broken.yaml"));
     }
 }
