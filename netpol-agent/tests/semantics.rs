@@ -10,38 +10,7 @@ mod support;
 
 use std::net::IpAddr;
 
-use support::{compiled, Compiled};
-
-const NAMESPACES: [&str; 3] = ["x", "y", "z"];
-const PODS: [&str; 3] = ["a", "b", "c"];
-
-fn base() -> String {
-    let mut out = String::new();
-    for (i, ns) in NAMESPACES.iter().enumerate() {
-        out.push_str(&format!(
-            "kind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
-        ));
-        for (j, pod) in PODS.iter().enumerate() {
-            let ports: Vec<String> = [("TCP", "tcp"), ("UDP", "udp"), ("SCTP", "sctp")]
-                .iter()
-                .flat_map(|(p, n)| {
-                    [80, 81].map(|port| {
-                        format!("{{name: serve-{port}-{n}, protocol: {p}, containerPort: {port}}}")
-                    })
-                })
-                .collect();
-            out.push_str(&format!(
-                "kind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\n\
-                 spec: {{containers: [{{name: c, image: agnhost, ports: [{}]}}]}}\n\
-                 status: {{podIP: 10.0.{i}.{j}, podIPs: [{{ip: 10.0.{i}.{j}}}, {{ip: \"fd00::{i}:{j}\"}}]}}\n---\n",
-                ports.join(", "),
-                i = i + 1,
-                j = j + 1
-            ));
-        }
-    }
-    out
-}
+use support::{compiled, e2e_cluster as base, Compiled, NAMESPACES, PODS};
 
 fn cluster(policies: &str) -> Compiled {
     compiled(&format!("{}{policies}", base()))

@@ -26,6 +26,40 @@ pub struct Compiled {
     pub desired: Desired,
 }
 
+pub const NAMESPACES: [&str; 3] = ["x", "y", "z"];
+pub const PODS: [&str; 3] = ["a", "b", "c"];
+
+/// The upstream e2e cluster: namespaces x, y, z (label `ns`), each with pods a, b, c
+/// (label `pod`) serving 80 and 81 on TCP, UDP and SCTP under named ports
+/// `serve-<port>-<tcp|udp|sctp>`; pod j of namespace i has 10.0.i.j and fd00::i:j.
+pub fn e2e_cluster() -> String {
+    let mut out = String::new();
+    for (i, ns) in NAMESPACES.iter().enumerate() {
+        out.push_str(&format!(
+            "kind: Namespace\nmetadata: {{name: {ns}, labels: {{ns: {ns}}}}}\n---\n"
+        ));
+        for (j, pod) in PODS.iter().enumerate() {
+            let ports: Vec<String> = [("TCP", "tcp"), ("UDP", "udp"), ("SCTP", "sctp")]
+                .iter()
+                .flat_map(|(p, n)| {
+                    [80, 81].map(|port| {
+                        format!("{{name: serve-{port}-{n}, protocol: {p}, containerPort: {port}}}")
+                    })
+                })
+                .collect();
+            out.push_str(&format!(
+                "kind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{pod: {pod}}}}}\n\
+                 spec: {{containers: [{{name: c, image: agnhost, ports: [{}]}}]}}\n\
+                 status: {{podIP: 10.0.{i}.{j}, podIPs: [{{ip: 10.0.{i}.{j}}}, {{ip: \"fd00::{i}:{j}\"}}]}}\n---\n",
+                ports.join(", "),
+                i = i + 1,
+                j = j + 1
+            ));
+        }
+    }
+    out
+}
+
 pub fn compiled(yaml: &str) -> Compiled {
     let (objects, errors) = parse_manifests(Path::new("case.yaml"), yaml);
     assert!(errors.is_empty(), "{errors:?}");
