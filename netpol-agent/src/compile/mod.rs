@@ -103,9 +103,14 @@ pub fn compile(snap: &Snapshot, view: &NodeView) -> Desired {
             let subject = &snap.identities[&pod.identity];
             compile_subject(snap, &blocks, pod.identity, subject, &mut out)
         });
+        let audit = if snap.audit_namespaces.contains(&pod.namespace) {
+            endpoint_flags::AUDIT
+        } else {
+            0
+        };
         let mut ep = EndpointEntry {
             id: pod.identity,
-            flags,
+            flags: flags | audit,
             revision,
             identity: pod.identity,
             ..Default::default()

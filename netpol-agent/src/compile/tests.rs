@@ -215,3 +215,15 @@ fn compile_is_deterministic() {
     let (_, d2) = compiled("kind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}]}]}\n");
     assert_eq!(d1, d2);
 }
+
+#[test]
+fn an_annotated_namespace_puts_its_endpoints_in_audit_mode() {
+    let yaml = CLUSTER.replace(
+        "metadata: {name: x, labels: {team: a}}",
+        "metadata: {name: x, labels: {team: a}, annotations: {netpol.io/audit: \"true\"}}",
+    );
+    let snap = Index::new().reset(&state(&yaml));
+    let d = compile(&snap, &NodeView::default());
+    assert_ne!(d.endpoints["x/a"].flags & endpoint_flags::AUDIT, 0);
+    assert_eq!(d.endpoints["y/c"].flags & endpoint_flags::AUDIT, 0);
+}

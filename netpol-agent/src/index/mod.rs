@@ -27,6 +27,10 @@ pub type PodKey = String;
 /// The label the API server sets on every namespace.
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
+/// A namespace with this annotation set to "true" is in audit mode: would-be drops of
+/// its pods pass and are reported as AUDIT (watch first, then enforce).
+pub const AUDIT_ANNOTATION: &str = "netpol.io/audit";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     pub namespace: String,
@@ -72,6 +76,8 @@ pub struct Invalid {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub namespaces: BTreeMap<String, Labels>,
+    /// Namespaces in audit mode ([`AUDIT_ANNOTATION`]).
+    pub audit_namespaces: std::collections::BTreeSet<String>,
     pub pods: BTreeMap<PodKey, PodInfo>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     /// Stable policy ids (for cookies), by `namespace/name`.
@@ -121,6 +127,14 @@ impl Index {
                     let Some(name) = ns.metadata.name.clone() else {
                         continue;
                     };
+                    let audit = ns
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(AUDIT_ANNOTATION));
+                    if audit.is_some_and(|v| v == "true") {
+                        snap.audit_namespaces.insert(name.clone());
+                    }
                     let mut labels = ns.metadata.labels.clone().unwrap_or_default();
                     labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
                     snap.namespaces.insert(name, labels);
