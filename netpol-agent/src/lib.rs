@@ -19,3 +19,4 @@ pub mod index;
 pub mod lab;
 pub mod simulate;
 pub mod source;
+pub mod synthetic;

@@ -19,6 +19,7 @@ use crate::index::{Peer, PortRef, Snapshot};
 /// (cidr, except) of one ipBlock, as a comparable key.
 type Block = (Cidr, Vec<Cidr>);
 
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Partition {
     /// Every boundary prefix → its CIDR identity (ANY when no block covers it).
     pub prefixes: BTreeMap<Cidr, u32>,

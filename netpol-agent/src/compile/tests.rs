@@ -227,3 +227,29 @@ fn an_annotated_namespace_puts_its_endpoints_in_audit_mode() {
     assert_ne!(d.endpoints["x/a"].flags & endpoint_flags::AUDIT, 0);
     assert_eq!(d.endpoints["y/c"].flags & endpoint_flags::AUDIT, 0);
 }
+
+#[test]
+fn the_revision_moves_when_an_allow_is_withdrawn_and_stays_when_one_is_added() {
+    let policy = |ports: &str| {
+        state(&format!(
+            "{CLUSTER}---\nkind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec: {{podSelector: {{matchLabels: {{app: a}}}}, ingress: [{{ports: [{ports}]}}]}}\n"
+        ))
+    };
+    let (mut index, mut compiler) = (Index::new(), Compiler::with_revision_seed(1));
+    let mut revision = |s| {
+        let snap = index.reset(&s);
+        compiler.compile(&snap, &NodeView::default()).endpoints["x/a"].revision
+    };
+    let r1 = revision(policy("{port: 80}"));
+    let r2 = revision(policy("{port: 80}, {port: 81}"));
+    assert_eq!(r1, r2, "widening keeps established connections as they are");
+    let r3 = revision(policy("{port: 81}"));
+    assert_ne!(r2, r3, "port 80 withdrawn: conntrack must re-judge");
+    let r4 = revision(policy("{port: 80}, {port: 81}"));
+    let r5 = revision(policy("{port: 81}"));
+    assert_ne!(
+        r5, r3,
+        "a revision is never reused, even for the same entries"
+    );
+    assert_ne!(r4, r5);
+}
