@@ -9,8 +9,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use netpol_agent::compile::{Compiler, Desired, NodeView};
-use netpol_agent::index::Index;
+use netpol_agent::compile::{Compiler, NodeView};
+use netpol_agent::index::{Change, Index, Kind};
 use netpol_agent::source::{ClusterState, Object};
 use netpol_agent::synthetic::{self, Shape};
 
@@ -60,7 +60,7 @@ struct Full {
 }
 
 #[derive(serde::Serialize)]
-struct Change {
+struct Change_ {
     pods: usize,
     change: &'static str,
     index_ms: f64,
@@ -73,8 +73,6 @@ struct Change {
 struct Run {
     index: Index,
     compiler: Compiler,
-    objects: Vec<Object>,
-    before: Desired,
 }
 
 fn state(objects: &[Object]) -> ClusterState {
@@ -119,47 +117,42 @@ fn full(shape: Shape) -> (Full, Run) {
         total_ms: ms(t2 - t0),
         peak_mib: mib(peak),
     };
-    let run = Run {
-        index,
-        compiler,
-        objects,
-        before: desired,
-    };
+    drop(objects);
+    let run = Run { index, compiler };
     (report, run)
 }
 
-/// Applies `edit` to the objects and measures index + compile to the new desired state,
-/// with the index and compiler kept from the previous state (as the agent keeps them).
+/// Applies one change as a watch event would deliver it (and then its undo, so every
+/// repetition measures the same change), with the index and compiler kept from the
+/// previous state as the agent keeps them: time to the new desired state, and the
+/// map entries that differ from the state before.
 fn change(
     run: &mut Run,
     pods: usize,
     name: &'static str,
-    edit: impl Fn(&mut Vec<Object>),
-) -> Change {
-    let mut objects = run.objects.clone();
-    edit(&mut objects);
-    let after_state = state(&objects);
-    let before_state = state(&run.objects);
+    forward: Change,
+    undo: Change,
+) -> Change_ {
     let view = NodeView::default();
-    let (_, (index_d, compile_d, desired)) = median(5, || {
-        // Back to the old state first, so every repetition measures the same change.
-        let snap = run.index.reset(&before_state);
-        run.compiler.compile(&snap, &view);
+    let (_, (index_d, compile_d, changed, total)) = median(5, || {
+        let before = run.compiler.compile(run.index.snapshot(), &view).clone();
         let t0 = Instant::now();
-        let snap = run.index.reset(&after_state);
+        let snap = run.index.apply(&forward);
         let t1 = Instant::now();
-        let desired = run.compiler.compile(&snap, &view).clone();
+        let after = run.compiler.compile(snap, &view);
         let t2 = Instant::now();
-        (t2 - t0, (t1 - t0, t2 - t1, desired))
+        let counts = (after.changes(&before), after.len());
+        run.index.apply(&undo);
+        (t2 - t0, (t1 - t0, t2 - t1, counts.0, counts.1))
     });
-    Change {
+    Change_ {
         pods,
         change: name,
         index_ms: ms(index_d),
         compile_ms: ms(compile_d),
         total_ms: ms(index_d + compile_d),
-        entries_changed: desired.changes(&run.before),
-        map_entries: desired.len(),
+        entries_changed: changed,
+        map_entries: total,
     }
 }
 
@@ -191,21 +184,51 @@ fn main() {
         let shape = Shape::pods(pods);
         let (f, mut run) = full(shape);
         fulls.push(f);
-        let n = pods;
-        changes.push(change(&mut run, pods, "pod added", |o| {
-            o.push(Object::Pod(synthetic::pod(&shape, n, None)))
-        }));
-        changes.push(change(&mut run, pods, "label changed", |o| {
-            let i = o.iter().position(|x| matches!(x, Object::Pod(_))).unwrap();
-            o[i] = Object::Pod(synthetic::pod(&shape, 0, Some("app-relabelled")));
-        }));
-        changes.push(change(&mut run, pods, "policy edited", |o| {
-            let i = o
-                .iter()
-                .position(|x| matches!(x, Object::NetworkPolicy(p) if p.metadata.name.as_deref() == Some("np-2")))
-                .unwrap();
-            o[i] = Object::NetworkPolicy(synthetic::policy(0, 2, 5433));
-        }));
+        let added = synthetic::pod(&shape, pods, None);
+        changes.push(change(
+            &mut run,
+            pods,
+            "pod added",
+            Change::Upsert(Object::Pod(added.clone())),
+            Change::Delete {
+                kind: Kind::Pod,
+                namespace: added.metadata.namespace.clone().unwrap(),
+                name: added.metadata.name.clone().unwrap(),
+            },
+        ));
+        // A relabel makes a new identity; how many subjects gain a peer depends on who
+        // may reach the pod: few in an ordinary namespace, every pod in the cluster
+        // in ns-0 (every namespace's DNS egress rule allows ns-0, like kube-system).
+        let ordinary = 1 % shape.namespaces;
+        changes.push(change(
+            &mut run,
+            pods,
+            "relabel",
+            Change::Upsert(Object::Pod(synthetic::pod(
+                &shape,
+                ordinary,
+                Some("app-relabelled"),
+            ))),
+            Change::Upsert(Object::Pod(synthetic::pod(&shape, ordinary, None))),
+        ));
+        changes.push(change(
+            &mut run,
+            pods,
+            "relabel in ns-0",
+            Change::Upsert(Object::Pod(synthetic::pod(
+                &shape,
+                0,
+                Some("app-relabelled"),
+            ))),
+            Change::Upsert(Object::Pod(synthetic::pod(&shape, 0, None))),
+        ));
+        changes.push(change(
+            &mut run,
+            pods,
+            "policy edited",
+            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5433))),
+            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5432))),
+        ));
     }
 
     if json {
@@ -244,14 +267,14 @@ fn main() {
             w[1].peak_mib / w[0].peak_mib
         );
     }
-    println!("\none change (median of 5; index + compile to the new desired state)");
+    println!("\none change, applied as a watch event (median of 5; index + compile to the new desired state)");
     println!(
-        "{:>7} {:<14} {:>9} {:>10} {:>9} {:>8} {:>9}",
+        "{:>7} {:<16} {:>9} {:>10} {:>9} {:>8} {:>9}",
         "pods", "change", "index ms", "compile ms", "total ms", "changed", "of"
     );
     for c in &changes {
         println!(
-            "{:>7} {:<14} {:>9.2} {:>10.2} {:>9.2} {:>8} {:>9}",
+            "{:>7} {:<16} {:>9.2} {:>10.2} {:>9.2} {:>8} {:>9}",
             c.pods,
             c.change,
             c.index_ms,

@@ -22,10 +22,10 @@ use netpol_common::{
 };
 
 use crate::index::net::{addr_of, Cidr};
-use crate::index::{IdentityKey, Peer, PodKey, Policy, PortRef, Rule, Selector, Snapshot};
+use crate::index::{IdentityKey, Peer, PodInfo, PodKey, Policy, PortRef, Rule, Selector, Snapshot};
 
 /// What compile needs to know about the node it compiles for.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
     /// `None`: compile every pod as local (simulate, tests).
     pub node: Option<String>,
@@ -98,13 +98,21 @@ pub struct Compiler {
     /// The identities the peer resolutions were last brought up to date with.
     known: BTreeMap<u32, IdentityKey>,
     peers: HashMap<PodPeer, Resolved>,
-    /// Per policy: the model last compiled and its version.
-    policies: HashMap<String, (Arc<Policy>, u64)>,
+    /// Per policy: the model last compiled, its version and its pod peers.
+    policies: HashMap<String, CachedPolicy>,
     partition: (cidr::Partition, u64),
     identities_version: u64,
     subjects: HashMap<u32, Subject>,
     next_version: u64,
     next_revision: u32,
+    /// The node view and pods the endpoints and ipcache were last built from.
+    view: Option<NodeView>,
+    pods: BTreeMap<PodKey, Arc<PodInfo>>,
+    /// Pods claiming each address (the first, in key order, owns it).
+    claims: HashMap<IpAddr, std::collections::BTreeSet<PodKey>>,
+    /// Local endpoint pods of each subject identity.
+    by_identity: BTreeMap<u32, std::collections::BTreeSet<PodKey>>,
+    audit: std::collections::BTreeSet<String>,
 }
 
 /// A pod peer, with the namespace a bare podSelector is relative to.
@@ -127,6 +135,39 @@ impl PodPeer {
     }
 }
 
+struct CachedPolicy {
+    policy: Arc<Policy>,
+    version: u64,
+    /// Pod peers of every rule, ingress then egress, in rule order.
+    peers: Vec<PodPeer>,
+    /// max(version, versions of the peers' resolutions): versions only grow, so this
+    /// changes whenever the policy or what its peers resolve to changes.
+    effective: u64,
+}
+
+impl CachedPolicy {
+    fn new(policy: Arc<Policy>, version: u64) -> CachedPolicy {
+        let mut peers = Vec::new();
+        for rule in policy.ingress.iter().chain(&policy.egress) {
+            for peer in rule.peers.iter().flatten() {
+                if let Peer::Pods { namespaces, pods } = peer {
+                    peers.push(PodPeer {
+                        own_namespace: namespaces.is_none().then(|| policy.namespace.clone()),
+                        namespaces: namespaces.clone(),
+                        pods: pods.clone(),
+                    });
+                }
+            }
+        }
+        CachedPolicy {
+            policy,
+            version,
+            peers,
+            effective: version,
+        }
+    }
+}
+
 struct Resolved {
     ids: Vec<u32>,
     version: u64,
@@ -136,14 +177,18 @@ struct Resolved {
 /// What a subject's entries were compiled from; equal fingerprints, equal entries.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Fingerprint {
+    /// (policy id, effective version) of each selecting policy.
     policies: Vec<(u32, u64)>,
-    peers: Vec<u64>,
     partition: u64,
     identities: u64,
 }
 
 struct Subject {
     fingerprint: Fingerprint,
+    /// Whether its rules use ipBlocks (the partition) or egress named ports (every
+    /// identity's ports): then those changes concern it too.
+    uses_blocks: bool,
+    named_egress: bool,
     entries: Vec<(PolicyPrefix, PolicyEntry)>,
     flags: u32,
     revision: u32,
@@ -178,6 +223,11 @@ impl Compiler {
             subjects: HashMap::new(),
             next_version: 1,
             next_revision: seed | 1,
+            view: None,
+            pods: BTreeMap::new(),
+            claims: HashMap::new(),
+            by_identity: BTreeMap::new(),
+            audit: Default::default(),
         }
     }
 
@@ -187,80 +237,135 @@ impl Compiler {
     }
 
     pub fn compile(&mut self, snap: &Snapshot, view: &NodeView) -> &Desired {
-        self.track_identities(snap);
-        self.track_policies(snap);
+        let identities_changed = self.track_identities(snap);
+        let changed_namespaces = self.track_policies(snap);
+        let policies_changed = !changed_namespaces.is_empty();
         let blocks = cidr::Partition::new(snap);
-        if blocks != self.partition.0 {
+        let partition_changed = blocks != self.partition.0;
+        if partition_changed {
             let v = self.version();
             self.partition = (blocks.clone(), v);
+            self.desired.cidrs = blocks
+                .prefixes
+                .iter()
+                .map(|(c, id)| (*c, CidrEntry { identity: *id }))
+                .collect();
         }
-        let mut out = Desired {
-            policy: std::mem::take(&mut self.desired.policy),
-            ..Default::default()
-        };
-        for addr in &view.host_addrs {
-            out.ipcache.insert(
-                Cidr::host(*addr),
-                IpcacheEntry {
-                    identity: identity::HOST,
-                    endpoint: 0,
-                },
-            );
+        if policies_changed {
+            self.desired.rules = rule_refs(snap);
         }
-        for pod in snap.pods.values() {
-            let id = if pod.host_network {
-                identity::HOST
-            } else {
-                pod.identity
-            };
-            for ip in &pod.ips {
-                out.ipcache.entry(Cidr::host(*ip)).or_insert(IpcacheEntry {
-                    identity: id,
-                    endpoint: 0,
-                });
-            }
-        }
-        for (c, id) in &blocks.prefixes {
-            out.cidrs.insert(*c, CidrEntry { identity: *id });
-        }
-        for (key, policy) in &snap.policies {
-            let id = snap.policy_ids[key];
-            for (dir, rules) in [
-                (direction::INGRESS, &policy.ingress),
-                (direction::EGRESS, &policy.egress),
-            ] {
-                for i in 0..rules.len() {
-                    let direction = if dir == direction::INGRESS {
-                        "ingress"
-                    } else {
-                        "egress"
-                    };
-                    out.rules.insert(
-                        cookie(id, dir, i),
-                        RuleRef {
-                            policy: key.clone(),
-                            direction: direction.into(),
-                            rule: i,
-                        },
-                    );
-                }
+        if self.view.as_ref() != Some(view) {
+            // Another node view: build endpoints and ipcache from scratch.
+            self.view = Some(view.clone());
+            self.pods.clear();
+            self.claims.clear();
+            self.by_identity.clear();
+            self.desired.endpoints.clear();
+            self.desired.ipcache.clear();
+            for addr in &view.host_addrs {
+                self.desired.ipcache.insert(
+                    Cidr::host(*addr),
+                    IpcacheEntry {
+                        identity: identity::HOST,
+                        endpoint: 0,
+                    },
+                );
             }
         }
 
-        let by_namespace = policies_by_namespace(snap);
-        let mut live: HashMap<u32, ()> = HashMap::new();
-        for pod in snap.pods.values() {
-            if pod.host_network
-                || pod.ips.is_empty()
-                || (view.node.is_some() && pod.node != view.node)
-            {
-                continue;
+        // Pods that appeared, went or changed since the last compile.
+        let mut touched_ips = Vec::new();
+        let mut dirty_endpoints = std::collections::BTreeSet::new();
+        for key in changed_pods(&self.pods, &snap.pods) {
+            if let Some(old) = self.pods.remove(&key) {
+                for ip in &old.ips {
+                    if let Some(c) = self.claims.get_mut(ip) {
+                        c.remove(&key);
+                        if c.is_empty() {
+                            self.claims.remove(ip);
+                        }
+                    }
+                    touched_ips.push(*ip);
+                }
+                if let Some(set) = self.by_identity.get_mut(&old.identity) {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        self.by_identity.remove(&old.identity);
+                    }
+                }
+                self.desired.endpoints.remove(&key);
             }
-            if live.insert(pod.identity, ()).is_none() {
-                self.subject(snap, &by_namespace, &blocks, pod.identity, &mut out.policy);
+            if let Some(new) = snap.pods.get(&key) {
+                for ip in &new.ips {
+                    self.claims.entry(*ip).or_default().insert(key.clone());
+                    touched_ips.push(*ip);
+                }
+                if is_local_endpoint(new, view) {
+                    self.by_identity
+                        .entry(new.identity)
+                        .or_default()
+                        .insert(key.clone());
+                    dirty_endpoints.insert(key.clone());
+                }
+                self.pods.insert(key, new.clone());
             }
+        }
+
+        // Subjects: gone ones lose their entries; the others are checked against
+        // their fingerprints, all of them when something global changed.
+        let gone: Vec<u32> = self
+            .subjects
+            .keys()
+            .filter(|id| !self.by_identity.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let s = self.subjects.remove(&id).expect("listed above");
+            for (k, _) in s.entries {
+                self.desired.policy.remove(&k);
+            }
+        }
+        let check: Vec<u32> = self
+            .by_identity
+            .keys()
+            .filter(|id| match self.subjects.get(id) {
+                None => true,
+                Some(s) => {
+                    changed_namespaces.contains(&snap.identities[id].namespace)
+                        || (partition_changed && (s.uses_blocks || s.named_egress))
+                        || (identities_changed && s.named_egress)
+                }
+            })
+            .copied()
+            .collect();
+        if !check.is_empty() {
+            let by_namespace = policies_by_namespace(snap);
+            let mut policy = std::mem::take(&mut self.desired.policy);
+            for id in check {
+                if self.subject(snap, &by_namespace, &blocks, id, &mut policy) {
+                    dirty_endpoints.extend(self.by_identity[&id].iter().cloned());
+                }
+            }
+            self.desired.policy = policy;
+        }
+        if snap.audit_namespaces != self.audit {
+            for ns in snap.audit_namespaces.symmetric_difference(&self.audit) {
+                let prefix = format!("{ns}/");
+                dirty_endpoints.extend(
+                    self.pods
+                        .range(prefix.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&prefix))
+                        .filter(|(_, p)| is_local_endpoint(p, view))
+                        .map(|(k, _)| k.clone()),
+                );
+            }
+            self.audit = snap.audit_namespaces.clone();
+        }
+
+        for key in dirty_endpoints {
+            let pod = &self.pods[&key];
             let subject = &self.subjects[&pod.identity];
-            let audit = if snap.audit_namespaces.contains(&pod.namespace) {
+            let audit = if self.audit.contains(&pod.namespace) {
                 endpoint_flags::AUDIT
             } else {
                 0
@@ -278,32 +383,43 @@ impl Compiler {
                     IpAddr::V6(_) => ep.ipv6 = addr_of(*ip),
                 }
             }
-            out.endpoints.insert(pod.key(), ep);
-            if let Some(e) = out.ipcache.get_mut(&Cidr::host(pod.ips[0])) {
-                e.endpoint = pod.identity;
-            }
+            self.desired.endpoints.insert(key, ep);
         }
-        // Subjects with no local pod left: their entries go.
-        let gone: Vec<u32> = self
-            .subjects
-            .keys()
-            .filter(|id| !live.contains_key(id))
-            .copied()
-            .collect();
-        for id in gone {
-            let s = self.subjects.remove(&id).expect("listed above");
-            for (k, _) in s.entries {
-                out.policy.remove(&k);
+        for ip in touched_ips {
+            let cidr = Cidr::host(ip);
+            if view.host_addrs.contains(&ip) {
+                continue; // the node's own, whoever else claims it
+            }
+            let owner = self
+                .claims
+                .get(&ip)
+                .and_then(|c| c.first())
+                .map(|k| &self.pods[k]);
+            match owner {
+                None => {
+                    self.desired.ipcache.remove(&cidr);
+                }
+                Some(pod) => {
+                    let (identity, endpoint) = if pod.host_network {
+                        (identity::HOST, 0)
+                    } else if is_local_endpoint(pod, view) {
+                        (pod.identity, pod.identity)
+                    } else {
+                        (pod.identity, 0)
+                    };
+                    self.desired
+                        .ipcache
+                        .insert(cidr, IpcacheEntry { identity, endpoint });
+                }
             }
         }
         self.peers.retain(|_, r| std::mem::take(&mut r.used));
-        self.desired = out;
         &self.desired
     }
 
     /// Brings every cached peer resolution up to date with the identities that
     /// appeared and disappeared since the last compile.
-    fn track_identities(&mut self, snap: &Snapshot) {
+    fn track_identities(&mut self, snap: &Snapshot) -> bool {
         let removed: Vec<u32> = self
             .known
             .keys()
@@ -316,7 +432,7 @@ impl Compiler {
             .filter(|(id, _)| !self.known.contains_key(id))
             .collect();
         if removed.is_empty() && added.is_empty() {
-            return;
+            return false;
         }
         let mut bumped = 0;
         for (peer, r) in self.peers.iter_mut() {
@@ -348,26 +464,55 @@ impl Compiler {
             self.known.insert(*id, key.clone());
         }
         self.identities_version = self.version();
+        true
     }
 
-    fn track_policies(&mut self, snap: &Snapshot) {
-        self.policies.retain(|k, _| snap.policies.contains_key(k));
+    /// Returns whether any policy was added, removed or changed.
+    fn track_policies(&mut self, snap: &Snapshot) -> std::collections::BTreeSet<String> {
+        // The namespaces of policies added, removed, edited, or whose peers now
+        // resolve differently: only subjects there can be affected.
+        let mut changed = std::collections::BTreeSet::new();
+        self.policies.retain(|k, c| {
+            let keep = snap.policies.contains_key(k);
+            if !keep {
+                changed.insert(c.policy.namespace.clone());
+            }
+            keep
+        });
         for (key, p) in &snap.policies {
             let same = self
                 .policies
                 .get(key)
-                .is_some_and(|(old, _)| Arc::ptr_eq(old, p) || **old == **p);
+                .is_some_and(|c| Arc::ptr_eq(&c.policy, p) || *c.policy == **p);
             if !same {
                 let v = self.version();
-                self.policies.insert(key.clone(), (p.clone(), v));
+                self.policies
+                    .insert(key.clone(), CachedPolicy::new(p.clone(), v));
+                changed.insert(p.namespace.clone());
             }
         }
+        // Resolve every pod peer (cached unless new) and take the effective versions.
+        let mut policies = std::mem::take(&mut self.policies);
+        for c in policies.values_mut() {
+            let before = c.effective;
+            c.effective = c.version;
+            for peer in &c.peers {
+                let v = self.resolve(snap, peer);
+                c.effective = c.effective.max(v);
+            }
+            if c.effective != before {
+                changed.insert(c.policy.namespace.clone());
+            }
+        }
+        self.policies = policies;
+        changed
     }
 
-    fn resolve(&mut self, snap: &Snapshot, peer: PodPeer) -> (Vec<u32>, u64) {
-        if let Some(r) = self.peers.get_mut(&peer) {
+    /// The version of `peer`'s resolution, resolving it if it is new.
+    fn resolve(&mut self, snap: &Snapshot, peer: &PodPeer) -> u64 {
+        if let Some(r) = self.peers.get_mut(peer) {
             r.used = true;
-            return (r.ids.clone(), r.version);
+            return r.version;
         }
         let ids: Vec<u32> = snap
             .identities
@@ -377,14 +522,14 @@ impl Compiler {
             .collect();
         let version = self.version();
         self.peers.insert(
-            peer,
+            peer.clone(),
             Resolved {
-                ids: ids.clone(),
+                ids,
                 version,
                 used: true,
             },
         );
-        (ids, version)
+        version
     }
 
     /// Compiles one subject identity's entries into `policy` unless its fingerprint
@@ -396,7 +541,7 @@ impl Compiler {
         blocks: &cidr::Partition,
         id: u32,
         policy: &mut BTreeMap<PolicyPrefix, PolicyEntry>,
-    ) {
+    ) -> bool {
         let key = &snap.identities[&id];
         let selecting: Vec<(&String, &Policy)> = by_namespace
             .get(key.namespace.as_str())
@@ -405,13 +550,13 @@ impl Compiler {
             .map(|k| (*k, snap.policies[*k].as_ref()))
             .filter(|(_, p)| p.pod_selector.matches(&key.labels))
             .collect();
-        // Resolve every pod peer (cheap when cached) and fingerprint the inputs.
+        // Fingerprint the inputs; peers were resolved in `track_policies`.
         let mut fp = Fingerprint::default();
-        let mut resolved: Vec<Vec<u32>> = Vec::new();
         let mut uses_blocks = false;
         let mut named_egress = false;
         for (k, p) in &selecting {
-            fp.policies.push((snap.policy_ids[*k], self.policies[*k].1));
+            fp.policies
+                .push((snap.policy_ids[*k], self.policies[*k].effective));
             for (rules, egress) in [(&p.ingress, false), (&p.egress, true)] {
                 for rule in rules {
                     named_egress |= egress
@@ -420,23 +565,11 @@ impl Compiler {
                             .iter()
                             .flatten()
                             .any(|s| matches!(s.port, Some(PortRef::Name(_))));
-                    for peer in rule.peers.iter().flatten() {
-                        match peer {
-                            Peer::Pods { namespaces, pods } => {
-                                let pp = PodPeer {
-                                    own_namespace: namespaces
-                                        .is_none()
-                                        .then(|| p.namespace.clone()),
-                                    namespaces: namespaces.clone(),
-                                    pods: pods.clone(),
-                                };
-                                let (ids, v) = self.resolve(snap, pp);
-                                fp.peers.push(v);
-                                resolved.push(ids);
-                            }
-                            Peer::Block { .. } => uses_blocks = true,
-                        }
-                    }
+                    uses_blocks |= rule
+                        .peers
+                        .iter()
+                        .flatten()
+                        .any(|peer| matches!(peer, Peer::Block { .. }));
                 }
             }
         }
@@ -447,14 +580,15 @@ impl Compiler {
             fp.identities = self.identities_version;
         }
         if self.subjects.get(&id).is_some_and(|s| s.fingerprint == fp) {
-            return;
+            return false;
         }
 
-        let mut entries: BTreeMap<PolicyPrefix, PolicyEntry> = BTreeMap::new();
+        let mut entries: Vec<(PolicyPrefix, PolicyEntry)> = Vec::new();
         let mut flags = 0;
-        let mut resolved = resolved.into_iter();
         for (k, p) in &selecting {
             let policy_id = snap.policy_ids[*k];
+            // The pod peers' resolutions, in the order the rules below meet them.
+            let mut resolved = self.policies[*k].peers.iter().map(|pp| &self.peers[pp].ids);
             for (dir, isolates, rules, flag) in [
                 (
                     direction::INGRESS,
@@ -512,16 +646,21 @@ impl Compiler {
                             },
                             prefix_len: bits,
                         };
-                        entries.entry(prefix).or_insert(PolicyEntry {
-                            cookie: c,
-                            action: policy_action::ALLOW,
-                            precedence: 0,
-                        });
+                        entries.push((
+                            prefix,
+                            PolicyEntry {
+                                cookie: c,
+                                action: policy_action::ALLOW,
+                                precedence: 0,
+                            },
+                        ));
                     }
                 }
             }
         }
-        let entries: Vec<(PolicyPrefix, PolicyEntry)> = entries.into_iter().collect();
+        // One entry per key; the first rule that produced it names it (stable sort).
+        entries.sort_by_key(|(k, _)| *k);
+        entries.dedup_by_key(|(k, _)| *k);
 
         // The revision moves when something allowed before is not any more (or the
         // isolation changed), so conntrack re-judges what it let through; additions
@@ -534,21 +673,31 @@ impl Compiler {
                 self.next_revision
             }
         };
-        if let Some(o) = &old {
-            for (k, _) in &o.entries {
+        // Patch the map with the difference only (both lists are sorted by key).
+        let old_entries: &[(PolicyPrefix, PolicyEntry)] = old.as_ref().map_or(&[], |o| &o.entries);
+        for (k, _) in old_entries {
+            if entries.binary_search_by(|(nk, _)| nk.cmp(k)).is_err() {
                 policy.remove(k);
             }
         }
-        policy.extend(entries.iter().copied());
+        for (k, v) in &entries {
+            if policy.get(k) != Some(v) {
+                policy.insert(*k, *v);
+            }
+        }
+        let changed = old.is_none_or(|o| o.flags != flags || o.revision != revision);
         self.subjects.insert(
             id,
             Subject {
                 fingerprint: fp,
+                uses_blocks,
+                named_egress,
                 entries,
                 flags,
                 revision,
             },
         );
+        changed
     }
 }
 
@@ -558,6 +707,73 @@ fn is_subset(a: &[(PolicyPrefix, PolicyEntry)], b: &[(PolicyPrefix, PolicyEntry)
         b.binary_search_by(|(bk, _)| bk.cmp(k))
             .is_ok_and(|i| b[i].1 == *v)
     })
+}
+
+fn is_local_endpoint(pod: &PodInfo, view: &NodeView) -> bool {
+    !pod.host_network && !pod.ips.is_empty() && (view.node.is_none() || pod.node == view.node)
+}
+
+/// Keys of pods added, removed or replaced between two pod maps (both sorted).
+fn changed_pods(
+    old: &BTreeMap<PodKey, Arc<PodInfo>>,
+    new: &BTreeMap<PodKey, Arc<PodInfo>>,
+) -> Vec<PodKey> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((k, _)), None) => {
+                out.push((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.push((*k).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*kb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(va, vb) && va != vb {
+                        out.push((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// cookie → the rule it names, for every rule of every policy.
+fn rule_refs(snap: &Snapshot) -> BTreeMap<u32, RuleRef> {
+    let mut out = BTreeMap::new();
+    for (key, policy) in &snap.policies {
+        let id = snap.policy_ids[key];
+        for (dir, name, rules) in [
+            (direction::INGRESS, "ingress", &policy.ingress),
+            (direction::EGRESS, "egress", &policy.egress),
+        ] {
+            for i in 0..rules.len() {
+                out.insert(
+                    cookie(id, dir, i),
+                    RuleRef {
+                        policy: key.clone(),
+                        direction: name.into(),
+                        rule: i,
+                    },
+                );
+            }
+        }
+    }
+    out
 }
 
 fn policies_by_namespace(snap: &Snapshot) -> HashMap<&str, Vec<&String>> {

@@ -78,7 +78,7 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Labels>,
     /// Namespaces in audit mode ([`AUDIT_ANNOTATION`]).
     pub audit_namespaces: std::collections::BTreeSet<String>,
-    pub pods: BTreeMap<PodKey, PodInfo>,
+    pub pods: BTreeMap<PodKey, Arc<PodInfo>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
     /// Stable policy ids (for cookies), by `namespace/name`.
     pub policy_ids: BTreeMap<String, u32>,
@@ -93,15 +93,40 @@ impl Snapshot {
         self.pods
             .values()
             .find(|p| !p.host_network && p.ips.contains(&ip))
+            .map(|p| p.as_ref())
     }
 }
 
+/// One change to the cluster, as a watch delivers it.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Upsert(Object),
+    Delete {
+        kind: Kind,
+        namespace: String,
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+}
+
+/// The index owns the snapshot and keeps it current, one change at a time (`apply`)
+/// or by re-listing (`reset`, which applies the difference).
 #[derive(Default)]
 pub struct Index {
     identities: BTreeMap<IdentityKey, u32>,
+    /// Pods per identity; an identity is released when its last pod goes.
+    refs: BTreeMap<u32, usize>,
     next_identity: u32,
-    policy_ids: BTreeMap<String, u32>,
     next_policy: u32,
+    /// Labels and audit switch of the Namespace objects seen (without the name label).
+    namespace_objects: BTreeMap<String, (Labels, bool)>,
+    snap: Snapshot,
 }
 
 impl Index {
@@ -113,128 +138,295 @@ impl Index {
         }
     }
 
-    /// Replaces the whole view with `state` (level-triggered).
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snap
+    }
+
+    /// Replaces the whole view with `state` (a re-list): objects gone are deleted, the
+    /// rest upserted; identities of unchanged pods stay as they were.
     pub fn reset(&mut self, state: &ClusterState) -> Snapshot {
-        let mut snap = Snapshot {
-            digest: state.digest.clone(),
-            ..Default::default()
-        };
-        let mut pods = Vec::new();
-        let mut policies = Vec::new();
+        let mut namespaces = std::collections::BTreeSet::new();
+        let mut pods = std::collections::BTreeSet::new();
+        let mut policies = std::collections::BTreeSet::new();
         for obj in &state.objects {
+            let (ns, name) = object_name(obj);
             match obj {
-                Object::Namespace(ns) => {
-                    let Some(name) = ns.metadata.name.clone() else {
-                        continue;
-                    };
-                    let audit = ns
-                        .metadata
-                        .annotations
-                        .as_ref()
-                        .and_then(|a| a.get(AUDIT_ANNOTATION));
-                    if audit.is_some_and(|v| v == "true") {
-                        snap.audit_namespaces.insert(name.clone());
-                    }
-                    let mut labels = ns.metadata.labels.clone().unwrap_or_default();
-                    labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-                    snap.namespaces.insert(name, labels);
-                }
-                Object::Pod(p) => pods.push(p),
-                Object::NetworkPolicy(np) => policies.push(np),
-                Object::Service(_) => {}
-            }
-        }
-        // Namespaces that pods or policies use exist even without a Namespace object,
-        // as they would in a cluster (the API server would have refused them otherwise).
-        for ns in pods
-            .iter()
-            .map(|p| p.metadata.namespace.clone())
-            .chain(policies.iter().map(|p| p.metadata.namespace.clone()))
-        {
-            let ns = ns.unwrap_or_else(|| "default".into());
-            snap.namespaces
-                .entry(ns.clone())
-                .or_insert_with(|| Labels::from([(NAMESPACE_NAME_LABEL.into(), ns)]));
-        }
-
-        let mut used = BTreeMap::new();
-        for pod in pods {
-            let Some(mut info) = pod_info(pod) else {
-                continue;
+                Object::Namespace(_) => namespaces.insert(name),
+                Object::Pod(_) => pods.insert(format!("{ns}/{name}")),
+                Object::NetworkPolicy(_) => policies.insert(format!("{ns}/{name}")),
+                Object::Service(_) => false,
             };
-            if !info.host_network {
-                let key = IdentityKey {
-                    namespace: info.namespace.clone(),
-                    namespace_labels: snap.namespaces[&info.namespace].clone(),
-                    labels: info.labels.clone(),
-                    named_ports: info.named_ports.clone(),
+        }
+        let gone_pods: Vec<PodKey> = self
+            .snap
+            .pods
+            .keys()
+            .filter(|k| !pods.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone_pods {
+            self.delete_pod(&key);
+        }
+        let known_policies: Vec<String> = self
+            .snap
+            .policies
+            .keys()
+            .cloned()
+            .chain(
+                self.snap
+                    .invalid
+                    .iter()
+                    .filter(|i| i.kind == "NetworkPolicy")
+                    .map(|i| format!("{}/{}", i.namespace, i.name)),
+            )
+            .collect();
+        for key in known_policies.into_iter().filter(|k| !policies.contains(k)) {
+            self.delete_policy(&key);
+        }
+        let gone_namespaces: Vec<String> = self
+            .namespace_objects
+            .keys()
+            .filter(|n| !namespaces.contains(*n))
+            .cloned()
+            .collect();
+        for ns in gone_namespaces {
+            self.delete_namespace(&ns);
+        }
+        // Namespaces first, so pods get their final identity at once.
+        for obj in state
+            .objects
+            .iter()
+            .filter(|o| matches!(o, Object::Namespace(_)))
+        {
+            self.upsert(obj);
+        }
+        for obj in state
+            .objects
+            .iter()
+            .filter(|o| !matches!(o, Object::Namespace(_)))
+        {
+            self.upsert(obj);
+        }
+        self.snap.digest = state.digest.clone();
+        self.snap.clone()
+    }
+
+    /// Applies one change.
+    pub fn apply(&mut self, change: &Change) -> &Snapshot {
+        match change {
+            Change::Upsert(obj) => self.upsert(obj),
+            Change::Delete {
+                kind,
+                namespace,
+                name,
+            } => match kind {
+                Kind::Namespace => self.delete_namespace(name),
+                Kind::Pod => self.delete_pod(&format!("{namespace}/{name}")),
+                Kind::NetworkPolicy => self.delete_policy(&format!("{namespace}/{name}")),
+            },
+        }
+        &self.snap
+    }
+
+    fn upsert(&mut self, obj: &Object) {
+        match obj {
+            Object::Namespace(ns) => {
+                let Some(name) = ns.metadata.name.clone() else {
+                    return;
                 };
-                info.identity = self.identity_for(&key);
-                used.insert(info.identity, key);
-            }
-            snap.pods.insert(info.key(), info);
-        }
-        self.identities.retain(|_, id| used.contains_key(id));
-        snap.identities = used;
-
-        for np in policies {
-            let ns = np
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = np.metadata.name.clone().unwrap_or_default();
-            match policy::parse_policy(np) {
-                Ok(p) => {
-                    let key = format!("{ns}/{name}");
-                    let id = *self.policy_ids.entry(key.clone()).or_insert_with(|| {
-                        self.next_policy += 1;
-                        self.next_policy - 1
-                    });
-                    snap.policy_ids.insert(key.clone(), id);
-                    snap.policies.insert(key, Arc::new(p));
+                let labels = ns.metadata.labels.clone().unwrap_or_default();
+                let audit = ns
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(AUDIT_ANNOTATION))
+                    .is_some_and(|v| v == "true");
+                if self.namespace_objects.get(&name) == Some(&(labels.clone(), audit)) {
+                    return;
                 }
-                Err(error) => {
-                    tracing::warn!(namespace = %ns, policy = %name, %error, "NetworkPolicy rejected");
-                    snap.invalid.push(Invalid {
-                        kind: "NetworkPolicy".into(),
-                        namespace: ns,
-                        name,
-                        error,
-                    });
+                self.namespace_objects.insert(name.clone(), (labels, audit));
+                self.namespace_changed(&name);
+            }
+            Object::Pod(p) => {
+                let Some(mut info) = pod_info(p) else {
+                    // Terminated: it takes no part any more.
+                    let (ns, name) = object_name(obj);
+                    self.delete_pod(&format!("{ns}/{name}"));
+                    return;
+                };
+                self.ensure_namespace(&info.namespace);
+                let key = info.key();
+                if let Some(old) = self.snap.pods.get(&key) {
+                    info.identity = old.identity;
+                    if **old == info {
+                        return;
+                    }
+                }
+                self.delete_pod(&key);
+                self.insert_pod(info);
+            }
+            Object::NetworkPolicy(np) => {
+                let (ns, name) = object_name(obj);
+                let key = format!("{ns}/{name}");
+                self.ensure_namespace(&ns);
+                self.snap.invalid.retain(|i| {
+                    !(i.kind == "NetworkPolicy" && i.namespace == ns && i.name == name)
+                });
+                match policy::parse_policy(np) {
+                    Ok(p) => {
+                        if self.snap.policies.get(&key).is_some_and(|old| **old == p) {
+                            return;
+                        }
+                        if !self.snap.policy_ids.contains_key(&key) {
+                            self.snap.policy_ids.insert(key.clone(), self.next_policy);
+                            self.next_policy += 1;
+                        }
+                        self.snap.policies.insert(key, Arc::new(p));
+                    }
+                    Err(error) => {
+                        tracing::warn!(namespace = %ns, policy = %name, %error, "NetworkPolicy rejected");
+                        self.snap.policies.remove(&key);
+                        self.snap.policy_ids.remove(&key);
+                        self.snap.invalid.push(Invalid {
+                            kind: "NetworkPolicy".into(),
+                            namespace: ns,
+                            name,
+                            error,
+                        });
+                    }
                 }
             }
+            Object::Service(_) => {}
         }
-        self.policy_ids
-            .retain(|k, _| snap.policy_ids.contains_key(k));
-        snap
     }
 
-    fn identity_for(&mut self, key: &IdentityKey) -> u32 {
-        if let Some(id) = self.identities.get(key) {
-            return *id;
+    fn delete_policy(&mut self, key: &str) {
+        self.snap.policies.remove(key);
+        self.snap.policy_ids.remove(key);
+        if let Some((ns, name)) = key.split_once('/') {
+            self.snap
+                .invalid
+                .retain(|i| !(i.kind == "NetworkPolicy" && i.namespace == ns && i.name == name));
         }
-        let id = self.next_identity;
-        self.next_identity += 1;
-        self.identities.insert(key.clone(), id);
-        id
     }
+
+    fn delete_namespace(&mut self, name: &str) {
+        // Pods and policies left in it keep an implied namespace with the name label.
+        if self.namespace_objects.remove(name).is_some() {
+            self.namespace_changed(name);
+        }
+    }
+
+    /// A namespace exists for every pod and policy (the API server guarantees it).
+    fn ensure_namespace(&mut self, ns: &str) {
+        if !self.snap.namespaces.contains_key(ns) {
+            self.snap.namespaces.insert(
+                ns.to_string(),
+                Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.to_string())]),
+            );
+        }
+    }
+
+    /// Recomputes a namespace's labels and the identities of its pods.
+    fn namespace_changed(&mut self, ns: &str) {
+        let (mut labels, audit) = self.namespace_objects.get(ns).cloned().unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.into(), ns.to_string());
+        self.snap.namespaces.insert(ns.to_string(), labels);
+        if audit {
+            self.snap.audit_namespaces.insert(ns.to_string());
+        } else {
+            self.snap.audit_namespaces.remove(ns);
+        }
+        let prefix = format!("{ns}/");
+        let keys: Vec<PodKey> = self
+            .snap
+            .pods
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if let Some(old) = self.snap.pods.get(&key).cloned() {
+                self.delete_pod(&key);
+                self.insert_pod(PodInfo::clone(&old));
+            }
+        }
+    }
+
+    fn insert_pod(&mut self, mut info: PodInfo) {
+        info.identity = 0;
+        if !info.host_network {
+            let key = IdentityKey {
+                namespace: info.namespace.clone(),
+                namespace_labels: self.snap.namespaces[&info.namespace].clone(),
+                labels: info.labels.clone(),
+                named_ports: info.named_ports.clone(),
+            };
+            info.identity = match self.identities.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = self.next_identity;
+                    self.next_identity += 1;
+                    self.identities.insert(key.clone(), id);
+                    self.snap.identities.insert(id, key);
+                    id
+                }
+            };
+            *self.refs.entry(info.identity).or_default() += 1;
+        }
+        self.snap.pods.insert(info.key(), Arc::new(info));
+    }
+
+    fn delete_pod(&mut self, key: &str) {
+        let Some(old) = self.snap.pods.remove(key) else {
+            return;
+        };
+        if old.identity == 0 {
+            return;
+        }
+        let refs = self.refs.get_mut(&old.identity).expect("counted on insert");
+        *refs -= 1;
+        if *refs == 0 {
+            self.refs.remove(&old.identity);
+            if let Some(k) = self.snap.identities.remove(&old.identity) {
+                self.identities.remove(&k);
+            }
+        }
+    }
+}
+
+fn object_name(obj: &Object) -> (String, String) {
+    let meta = match obj {
+        Object::Namespace(o) => &o.metadata,
+        Object::Pod(o) => &o.metadata,
+        Object::NetworkPolicy(o) => &o.metadata,
+        Object::Service(o) => &o.metadata,
+    };
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// The pod as policy sees it; `None` for pods that take no part (terminated).
 fn pod_info(pod: &Pod) -> Option<PodInfo> {
-    let status = pod.status.clone().unwrap_or_default();
-    if matches!(status.phase.as_deref(), Some("Succeeded") | Some("Failed")) {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded") | Some("Failed")) {
         return None; // terminated pods neither send nor receive
     }
-    let spec = pod.spec.clone().unwrap_or_default();
+    let no_spec = Default::default();
+    let spec = pod.spec.as_ref().unwrap_or(&no_spec);
     let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
         .flatten()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
-    if let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok()) {
+    if let Some(ip) = status
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|s| s.parse().ok())
+    {
         if !ips.contains(&ip) {
             ips.insert(0, ip);
         }
