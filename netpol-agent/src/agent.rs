@@ -19,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{server, Status};
-use crate::compile::{compile, NodeView};
+use crate::compile::{Compiler, NodeView};
 use crate::datapath::discovery::{bridge_addrs, Discovery};
 use crate::datapath::{Capacities, Datapath};
 use crate::events::Namer;
@@ -109,12 +109,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         host_addrs,
     };
     let mut index = Index::new();
+    let mut compiler = Compiler::new();
     let mut discovery = Discovery::default();
     let mut snapshot = index.reset(&state_rx.borrow_and_update().clone());
     let mut syncs = 0u64;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let desired = compile(&snapshot, &view);
+        let desired = compiler.compile(&snapshot, &view).clone();
         let wanted: BTreeMap<String, Vec<IpAddr>> = desired
             .endpoints
             .keys()

@@ -1,4 +1,4 @@
-//! `cargo xtask setup|test|demo`: what a newcomer and CI run, the same way.
+//! `cargo xtask setup|test|demo|bench`: what a newcomer and CI run, the same way.
 //!
 //! setup installs only what a fresh machine lacks (nightly rust-src, bpf-linker linked
 //! against the nightly's LLVM, Debian packages, a bpffs mount) and checks the kernel.
@@ -27,6 +27,23 @@ enum Task {
     },
     /// Setup, then the lab demo on examples/demo.
     Demo,
+    /// Benchmarks that report ratios and growth, never pass/fail on time.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Full compile time and peak memory at 1k, 10k, 50k pods; the cost of one change.
+    Compile {
+        /// Pod counts to run instead of the default sizes.
+        sizes: Vec<usize>,
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -47,6 +64,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => setup().and_then(|_| test(&args)),
         Task::Demo => setup().and_then(|_| demo()),
+        Task::Bench { what } => bench(what),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -247,6 +265,21 @@ fn test(args: &[String]) -> Result {
         Ok(())
     } else {
         Err(format!("cargo test failed: {status}"))
+    }
+}
+
+fn bench(what: Bench) -> Result {
+    match what {
+        Bench::Compile { sizes, json } => {
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(root())
+                .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
+                .args(sizes.iter().map(|s| s.to_string()));
+            if json {
+                cmd.arg("--json");
+            }
+            run(&mut cmd)
+        }
     }
 }
 

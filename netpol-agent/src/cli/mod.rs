@@ -105,12 +105,16 @@ pub struct ObserveArgs {
 pub struct SimulateArgs {
     #[arg(long, num_args = 1.., required = true)]
     pub manifests: Vec<PathBuf>,
+    /// TCP, UDP or SCTP.
     #[arg(long, default_value = "TCP")]
     pub protocol: String,
-    #[arg(long)]
+    /// The destination port of every flow.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
+    /// Only flows from this pod (namespace/name).
     #[arg(long)]
     pub from: Option<String>,
+    /// Only flows to this pod (namespace/name).
     #[arg(long)]
     pub to: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
@@ -263,7 +267,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Observe(o) => observe(o),
         Command::Simulate(s) => {
-            let protocol = crate::index::policy::parse_protocol(&s.protocol)
+            let protocol = crate::index::policy::parse_protocol(&s.protocol.to_uppercase())
                 .with_context(|| format!("--protocol {}: expected TCP, UDP or SCTP", s.protocol))?;
             let report = crate::simulate::simulate(
                 &s.manifests,
