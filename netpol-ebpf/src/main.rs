@@ -263,7 +263,7 @@ fn stages(
 
     // 3. An ICMP error travels against the packet it quotes: the quoted tuple as it is
     // names the connection's original direction when that packet was the originator's.
-    if pkt.icmp_error != 0 {
+    if pkt.icmp == parse::icmp::ERROR {
         match parse::parse_quoted(ctx, pkt, &mut scratch.ct) {
             // The quoted packet was sent by whom the error is for.
             parse::PARSED if scratch.ct.saddr == pkt.daddr => {
@@ -310,7 +310,9 @@ fn stages(
 
     // 5. A new connection (or one whose state expired): policy.
     verdict_of(ep, config, pkt, false, out);
-    if out.verdict == verdict::ALLOWED {
+    if pkt.icmp != parse::icmp::TRACKED {
+        // ICMP errors and other messages are no connection of their own.
+    } else if out.verdict == verdict::ALLOWED {
         remember(&scratch.ct, dir, ep.revision, 0, now);
         if config.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % config.sample_allows == 0
         {

@@ -16,6 +16,17 @@ const ETH_P_IPV6: u16 = 0x86DD;
 /// Extension headers walked before the upper layer must have been found.
 pub const MAX_IPV6_EXT: usize = 8;
 
+/// ICMP messages by how the classifier treats them.
+pub mod icmp {
+    /// Not ICMP, or an echo request/reply (tracked by its identifier like a port).
+    pub const TRACKED: u8 = 0;
+    /// An error quoting a packet at `l4 + 8`: passes when that packet's connection is
+    /// tracked, else judged; never creates state.
+    pub const ERROR: u8 = 1;
+    /// Any other message: judged by policy, never creates state.
+    pub const UNTRACKED: u8 = 2;
+}
+
 /// Where a packet stands in fragmentation.
 pub mod frag {
     /// Not fragmented (IPv6 atomic fragments included).
@@ -33,8 +44,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// `frag::*`.
     pub frag: u8,
-    /// 1 when an ICMP/ICMPv6 error quoting a packet at `l4 + 8`.
-    pub icmp_error: u8,
+    /// `icmp::*`: what kind of ICMP/ICMPv6 message this is, when it is one.
+    pub icmp: u8,
     /// The hook's direction (`direction::*`), set by the caller.
     pub dir: u8,
     /// Offset of the upper-layer header from the start of the frame.
@@ -272,7 +283,9 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
                 p.sport = id;
                 p.dport = id;
             } else if is_icmp_error(p.protocol, kind) {
-                p.icmp_error = 1;
+                p.icmp = icmp::ERROR;
+            } else {
+                p.icmp = icmp::UNTRACKED;
             }
         }
         _ => {}
@@ -315,10 +328,8 @@ pub fn parse_quoted(ctx: &TcContext, p: &Packet, k: &mut CtKey) -> u16 {
     let mut hdr = [0u8; 8];
     match k.protocol {
         proto::TCP | proto::UDP | proto::SCTP => {
-            // RFC 792 quotes at least 8 bytes of the upper layer: the ports are there.
-            let mut ports = [0u8; 4];
-            read_or_drop!(ctx, l4, &mut ports);
-            hdr[..4].copy_from_slice(&ports);
+            // RFC 792 quotes at least 8 bytes of the upper layer.
+            read_or_drop!(ctx, l4, &mut hdr);
             k.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
             k.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
         }

@@ -303,12 +303,8 @@ impl Rig {
     pub fn ipcache(&mut self, addr: Addr, identity: u32, endpoint: u32) {
         let mut ipc: LpmTrie<_, Addr, IpcacheEntry> =
             LpmTrie::try_from(self.ebpf.map_mut(map::IPCACHE).unwrap()).unwrap();
-        ipc.insert(
-            &Key::new(128, addr),
-            IpcacheEntry { identity, endpoint },
-            0,
-        )
-        .unwrap();
+        ipc.insert(&Key::new(128, addr), IpcacheEntry { identity, endpoint }, 0)
+            .unwrap();
     }
 
     pub fn write_endpoint(&mut self) {
@@ -390,6 +386,27 @@ impl Rig {
             .unwrap();
     }
 
+    /// Like `run`, but `None` when the kernel refuses the frame itself (EINVAL: too
+    /// short for `BPF_PROG_TEST_RUN` to build an skb of).
+    pub fn try_run(&self, program: &str, packet: &[u8]) -> Option<u32> {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        match prog.test_run(opts) {
+            Ok(r) => Some(r.return_value),
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                None
+            }
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", packet.len()),
+        }
+    }
+
     pub fn run(&self, program: &str, packet: &[u8]) -> u32 {
         let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; packet.len() + 256];
@@ -398,7 +415,10 @@ impl Rig {
             data_out: Some(&mut out),
             ..Default::default()
         };
-        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        match prog.test_run(opts) {
+            Ok(r) => r.return_value,
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", packet.len()),
+        }
     }
 
     /// TC ingress of the host veth: what the pod sends.
