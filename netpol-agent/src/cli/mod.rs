@@ -219,6 +219,9 @@ pub struct LabUpArgs {
     pub manifests: PathBuf,
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: String,
+    /// A flag for the lab's agent (repeat for several), e.g. --agent-arg=--keep-established.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -260,6 +263,9 @@ pub struct LabProbeArgs {
     pub port: u16,
     #[arg(long, default_value = "TCP")]
     pub protocol: String,
+    /// Probe the pods' IPv4 (4) or IPv6 (6) addresses.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=6))]
+    pub family: u8,
     /// Seconds before a connection attempt counts as a timeout.
     #[arg(long, default_value_t = 1.0)]
     pub timeout: f64,
@@ -297,6 +303,7 @@ fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
             .with_context(|| format!("manifest directory {}", a.manifests.display()))?,
         pod_cidr: a.pod_cidr.clone(),
         netpol_bin: std::env::current_exe()?,
+        agent_args: a.agent_args.clone(),
     })
 }
 
@@ -455,6 +462,7 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                 p.to.as_deref(),
                 p.port,
                 protocol,
+                p.family == 6,
                 Duration::from_secs_f64(p.timeout),
             )?;
             print(&report, p.output, || report.table())?;
