@@ -20,6 +20,11 @@ struct Lab {
 
 impl Lab {
     fn up(tag: &str, manifests: &[(&str, &str)]) -> Lab {
+        Lab::up_with(tag, manifests, &[])
+    }
+
+    /// A lab whose agent runs with extra flags.
+    fn up_with(tag: &str, manifests: &[(&str, &str)], agent_args: &[&str]) -> Lab {
         let name = format!("t{tag}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -28,7 +33,13 @@ impl Lab {
         for (file, text) in manifests {
             lab.write(file, text);
         }
-        lab.netpol(&["lab", "up", "--manifests", lab.dir.to_str().unwrap()]);
+        let mut args = vec!["lab", "up", "--manifests", lab.dir.to_str().unwrap()];
+        let flags: Vec<String> = agent_args
+            .iter()
+            .map(|a| format!("--agent-arg={a}"))
+            .collect();
+        args.extend(flags.iter().map(String::as_str));
+        lab.netpol(&args);
         lab
     }
 
@@ -101,9 +112,16 @@ impl Lab {
     }
 
     fn result(&self, port: u16, protocol: &str, from: &str, to: &str) -> String {
+        self.result_family(port, protocol, from, to, 4)
+    }
+
+    fn result_family(&self, port: u16, protocol: &str, from: &str, to: &str, family: u8) -> String {
+        let family = family.to_string();
         let out = self.netpol(&[
             "lab",
             "probe",
+            "--family",
+            &family,
             "--port",
             &port.to_string(),
             "--protocol",
@@ -365,4 +383,513 @@ fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
         (Some(80), Some("TCP"))
     );
     assert_eq!(v["policies"], serde_json::json!(["x/default-deny"]));
+}
+
+// ---- the datapath under real traffic ------------------------------------------------
+
+/// A pod's network namespace and addresses, from the lab's status.
+struct PodNet {
+    netns: String,
+    v4: std::net::IpAddr,
+    v6: std::net::IpAddr,
+}
+
+impl Lab {
+    fn pod(&self, key: &str) -> PodNet {
+        let status = self.status();
+        let p = status["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ) == key
+            })
+            .unwrap_or_else(|| panic!("no pod {key}"))
+            .clone();
+        let ips: Vec<std::net::IpAddr> = p["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ip| ip.as_str().unwrap().parse().unwrap())
+            .collect();
+        PodNet {
+            netns: p["netns"].as_str().unwrap().to_string(),
+            v4: *ips.iter().find(|ip| ip.is_ipv4()).expect("an IPv4 address"),
+            v6: *ips.iter().find(|ip| ip.is_ipv6()).expect("an IPv6 address"),
+        }
+    }
+
+    /// The agent's exact counters: (verdict, reason, direction) → packets, and events.
+    fn counters(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<(String, String, String), u64>,
+        Value,
+    ) {
+        let v: Value = serde_json::from_str(&agent_request(self, "counters")).unwrap();
+        let mut m = std::collections::BTreeMap::new();
+        for c in v["packets"].as_array().unwrap() {
+            let verdict = ["allowed", "dropped", "audit"][c["verdict"].as_u64().unwrap() as usize];
+            let dir = ["ingress", "egress"][c["direction"].as_u64().unwrap() as usize];
+            m.insert(
+                (
+                    verdict.to_string(),
+                    c["reason"].as_str().unwrap().to_string(),
+                    dir.to_string(),
+                ),
+                c["packets"].as_u64().unwrap(),
+            );
+        }
+        (m, v["events"].clone())
+    }
+
+    fn count(&self, verdict: &str, reason: &str, dir: &str) -> u64 {
+        self.counters()
+            .0
+            .get(&(verdict.to_string(), reason.to_string(), dir.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn agent_request(lab: &Lab, op: &str) -> String {
+    let sock = Path::new("/run/netpol/lab")
+        .join(&lab.name)
+        .join("agent.sock");
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(s, "{{\"op\":\"{op}\"}}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `ping` once from a pod; true when answered.
+fn ping(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
+    let netns = lab.pod(from).netns;
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &to.to_string(),
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Opens a connection to the lab server at `to:80` from inside `netns` and reads its
+/// greeting; the stream can then be used from any thread (it stays in its namespace).
+fn connect(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
+    in_netns(netns, move || {
+        use std::io::BufRead;
+        let s = std::net::TcpStream::connect_timeout(
+            &(to, 80).into(),
+            std::time::Duration::from_secs(2),
+        )
+        .expect("connects");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut greeting = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut greeting)
+            .unwrap();
+        assert_eq!(greeting, "netpol-lab 80\n");
+        s
+    })
+}
+
+/// Writes `msg` and reads it back from the lab server's echo; false on timeout.
+fn echo(s: &mut std::net::TcpStream, msg: &[u8], timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    match s.read_exact(&mut got) {
+        Ok(()) => {
+            assert_eq!(got, msg);
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => panic!("echo: {e}"),
+    }
+}
+
+#[test]
+fn ipv6_and_ping_are_enforced_like_ipv4() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("six", &[("pods.yaml", PODS)]);
+    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
+    assert_eq!(lab.result_family(53, "UDP", "x/b", "x/a", 6), "connected");
+    assert!(
+        ping(&lab, "x/b", a.v4) && ping(&lab, "x/b", a.v6),
+        "no policy: pings pass"
+    );
+
+    lab.write("deny.yaml", DENY_X);
+    lab.write("allow.yaml", ALLOW_B_TO_A);
+    lab.wait();
+    assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
+    assert_eq!(lab.result_family(80, "TCP", "y/c", "x/a", 6), "timeout");
+    assert_eq!(lab.result_family(53, "UDP", "x/b", "x/a", 6), "timeout");
+    assert_eq!(lab.result_family(53, "UDP", "x/a", "y/c", 6), "connected");
+    // ICMP echo: no NetworkPolicy rule names ICMP, so an isolated pod cannot be pinged,
+    // and a pod that is not isolated can (its replies pass by conntrack).
+    assert!(!ping(&lab, "x/b", a.v4) && !ping(&lab, "x/b", a.v6));
+    assert!(ping(&lab, "x/b", c.v4) && ping(&lab, "x/b", c.v6));
+    assert!(lab.count("dropped", "POLICY_DENIED", "ingress") >= 2);
+}
+
+const SERVER_ONLY_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ingress-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{ports: [{port: 80}]}]
+"#;
+
+/// 8 MiB each way over IPv4 and IPv6 to a server whose egress is denied: every reply
+/// segment passes by conntrack.
+#[test]
+fn a_large_transfer_passes_when_only_the_server_ingress_is_allowed() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up(
+        "bulk",
+        &[("pods.yaml", PODS), ("server.yaml", SERVER_ONLY_INGRESS)],
+    );
+    lab.wait();
+    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    for to in [a.v4, a.v6] {
+        let started = std::time::Instant::now();
+        let s = connect(&c.netns, to);
+        const TOTAL: usize = 8 << 20;
+        let mut writer = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![0x5au8; 64 << 10];
+            for _ in 0..TOTAL / chunk.len() {
+                writer.write_all(&chunk).unwrap();
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut reader = s;
+        reader
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    assert!(buf[..n].iter().all(|b| *b == 0x5a));
+                    received += n;
+                }
+                Err(e) => panic!("after {received} bytes from {to}: {e}"),
+            }
+        }
+        sender.join().unwrap();
+        assert_eq!(received, TOTAL, "{to}");
+        eprintln!("{to}: 8 MiB echoed in {:?}", started.elapsed());
+    }
+    assert_eq!(
+        lab.result(80, "TCP", "x/a", "y/c"),
+        "timeout",
+        "the server cannot connect out"
+    );
+}
+
+/// An established connection loses its allowing policy: its next packet is dropped as
+/// POLICY_REVOKED; with --keep-established it keeps working while new ones are refused.
+#[test]
+fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let one_sec = std::time::Duration::from_secs(1);
+    for keep in [false, true] {
+        let args: &[&str] = if keep { &["--keep-established"] } else { &[] };
+        let lab = Lab::up_with(
+            if keep { "keep" } else { "cut" },
+            &[
+                ("pods.yaml", PODS),
+                ("deny.yaml", DENY_X),
+                ("allow.yaml", ALLOW_B_TO_A),
+            ],
+            args,
+        );
+        lab.wait();
+        let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+        let mut v4 = connect(&b.netns, a.v4);
+        let mut v6 = connect(&b.netns, a.v6);
+        assert!(echo(&mut v4, b"before\n", one_sec) && echo(&mut v6, b"before\n", one_sec));
+
+        let removed = std::time::Instant::now();
+        lab.remove("allow.yaml");
+        lab.wait();
+        let applied = removed.elapsed();
+        let revoked_before = lab.count("dropped", "POLICY_REVOKED", "ingress");
+        if keep {
+            assert!(echo(&mut v4, b"after\n", one_sec), "kept (v4)");
+            assert!(echo(&mut v6, b"after\n", one_sec), "kept (v6)");
+            assert_eq!(
+                lab.result(80, "TCP", "x/b", "x/a"),
+                "timeout",
+                "new connections are judged"
+            );
+            assert_eq!(revoked_before, 0);
+        } else {
+            assert!(!echo(&mut v4, b"after\n", one_sec), "cut (v4)");
+            assert!(!echo(&mut v6, b"after\n", one_sec), "cut (v6)");
+            assert!(
+                lab.count("dropped", "POLICY_REVOKED", "ingress") >= 2,
+                "dropped as revoked"
+            );
+        }
+        eprintln!("keep={keep}: policy removal enforced {applied:?} after the file went");
+        assert!(applied < std::time::Duration::from_secs(5), "{applied:?}");
+    }
+}
+
+/// A pod with a raw socket sends a datagram with another pod's source address: it is
+/// dropped at the pod's veth (SPOOFED_SOURCE); its honest datagram after it arrives.
+#[test]
+fn a_spoofing_pod_is_stopped_at_its_veth() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("spoof", &[("pods.yaml", PODS)]);
+    let (a, b, c) = (lab.pod("x/a"), lab.pod("x/b"), lab.pod("y/c"));
+    let (std::net::IpAddr::V4(a4), std::net::IpAddr::V4(b4), std::net::IpAddr::V4(c4)) =
+        (a.v4, b.v4, c.v4)
+    else {
+        unreachable!()
+    };
+    let receiver = in_netns(&c.netns, || {
+        std::net::UdpSocket::bind("0.0.0.0:7777").unwrap()
+    });
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let before = lab.count("dropped", "SPOOFED_SOURCE", "egress");
+    in_netns(&b.netns, move || {
+        // IPPROTO_RAW: we write the IP header (the kernel fills in the checksum).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0);
+        for (src, payload) in [(a4, b"spoofed"), (b4, b"honest!")] {
+            let mut p = vec![0u8; 20 + 8 + payload.len()];
+            p[0] = 0x45;
+            let len = p.len() as u16;
+            p[2..4].copy_from_slice(&len.to_be_bytes());
+            p[8] = 64;
+            p[9] = 17;
+            p[12..16].copy_from_slice(&src.octets());
+            p[16..20].copy_from_slice(&c4.octets());
+            p[20..22].copy_from_slice(&4444u16.to_be_bytes());
+            p[22..24].copy_from_slice(&7777u16.to_be_bytes());
+            p[24..26].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+            p[28..].copy_from_slice(payload);
+            let dst = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(c4.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr() as *const _,
+                    p.len(),
+                    0,
+                    &dst as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(
+                n,
+                p.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        unsafe { libc::close(fd) };
+    });
+    // The honest datagram was sent after the spoofed one on the same path: it arriving
+    // first means the spoofed one did not pass.
+    let mut buf = [0u8; 64];
+    let (n, from) = receiver
+        .recv_from(&mut buf)
+        .expect("the honest datagram arrives");
+    assert_eq!((&buf[..n], from.ip()), (&b"honest!"[..], b.v4));
+    assert_eq!(lab.count("dropped", "SPOOFED_SOURCE", "egress"), before + 1);
+}
+
+/// One pod floods another with denied datagrams: the counters count every one exactly,
+/// the flooded endpoint's events are rate limited, and a drop at another pod is still
+/// reported.
+#[test]
+fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "flood",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--event-rate=20", "--event-burst=20"],
+    );
+    lab.wait();
+    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+    let drops = |lab: &Lab| lab.count("dropped", "POLICY_DENIED", "ingress");
+    let events = |lab: &Lab| {
+        let e = lab.counters().1;
+        (
+            e["sent"].as_u64().unwrap(),
+            e["rate_limited"].as_u64().unwrap(),
+        )
+    };
+    let (before, (sent0, limited0)) = (drops(&lab), events(&lab));
+    let to = a.v4;
+    let socket = in_netns(&b.netns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // With IP_RECVERR a datagram the veth could not take fails the send (ENOBUFS)
+        // instead of vanishing, so `sent` counts exactly what reached the veth.
+        let one: libc::c_int = 1;
+        use std::os::fd::AsRawFd;
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                &one as *const _ as *const _,
+                4,
+            )
+        };
+        s
+    });
+    let mut sent = 0u64;
+    let started = std::time::Instant::now();
+    for _burst in 0..20 {
+        for _ in 0..250 {
+            if socket.send_to(b"flood", (to, 5555)).is_ok() {
+                sent += 1;
+            }
+        }
+        // Wait (bounded) until the classifier has judged every datagram sent so far.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while drops(&lab) - before < sent {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {sent} judged",
+                drops(&lab) - before
+            );
+            std::thread::yield_now();
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(sent >= 4000, "{sent} sent");
+    assert_eq!(
+        drops(&lab) - before,
+        sent,
+        "every datagram counted exactly once"
+    );
+    let (sent1, limited1) = events(&lab);
+    assert_eq!(
+        (sent1 - sent0) + (limited1 - limited0),
+        sent,
+        "each drop reported or rate limited"
+    );
+    assert!(
+        limited1 - limited0 >= sent - 200,
+        "the flooded pod's events are limited"
+    );
+    eprintln!(
+        "{sent} datagrams judged in {elapsed:?}; {} events sent, {} rate limited",
+        sent1 - sent0,
+        limited1 - limited0
+    );
+
+    // A drop at another pod is still reported.
+    let mut observer = Command::new(NETPOL)
+        .args([
+            "observe",
+            "--lab",
+            &lab.name,
+            "--verdict",
+            "dropped",
+            "--pod",
+            "x/b",
+            "--count",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut done = false;
+    for _ in 0..10 {
+        assert_eq!(lab.result(80, "TCP", "y/c", "x/b"), "timeout");
+        if observer.try_wait().unwrap().is_some() {
+            done = true;
+            break;
+        }
+    }
+    if !done {
+        let _ = observer.kill();
+        panic!("no event for x/b after the flood of x/a\n{}", lab.logs());
+    }
+    let v: Value = serde_json::from_slice(&observer.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(
+        (v["dst"].as_str(), v["reason"].as_str()),
+        (Some("x/b"), Some("POLICY_DENIED"))
+    );
 }

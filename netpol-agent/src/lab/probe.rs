@@ -161,8 +161,12 @@ fn probe_tcp(dst: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 fn probe_udp(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Outcome> {
-    let socket = UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
-        .context("binding a UDP socket")?;
+    let any: IpAddr = if dst.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(any, 0)).context("binding a UDP socket")?;
     socket.set_read_timeout(Some(timeout))?;
     // Connected: an ICMP port unreachable then surfaces as ECONNREFUSED on recv.
     if let Err(e) = socket.connect(dst).and_then(|_| socket.send(b"ping")) {
