@@ -893,3 +893,140 @@ fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
         (Some("x/b"), Some("POLICY_DENIED"))
     );
 }
+
+fn ip_cmd(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Path MTU discovery under default deny, with node traffic not allowed either: a
+/// client outside the node, behind a router, talks to a pod whose link to it has a
+/// smaller MTU. The node sends "fragmentation needed" to the pod; that error, about a
+/// tracked connection, must pass (RELATED) or the transfer stalls.
+#[test]
+fn path_mtu_discovery_works_under_default_deny() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let policy = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-outside, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{from: [{ipBlock: {cidr: 10.98.0.0/24}}], ports: [{port: 80}]}]
+"#;
+    let lab = Lab::up_with(
+        "pmtu",
+        &[("pods.yaml", PODS), ("policy.yaml", policy)],
+        &["--deny-host-traffic"],
+    );
+    lab.wait();
+    let node = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Named under the lab's prefix: `lab down` (the guard) removes them too.
+    let (router, outside) = (
+        format!("np-{}-zrouter", lab.name),
+        format!("np-{}-zoutside", lab.name),
+    );
+    ip_cmd(&["netns", "add", &router]);
+    ip_cmd(&["netns", "add", &outside]);
+    // node up0 (MTU 1280) ── dn0 router ex0 ── eth0 outside (MTU 1500)
+    ip_cmd(&[
+        "-n", &node, "link", "add", "up0", "mtu", "1280", "type", "veth", "peer", "name", "dn0",
+        "netns", &router, "mtu", "1280",
+    ]);
+    ip_cmd(&[
+        "-n", &router, "link", "add", "ex0", "type", "veth", "peer", "name", "eth0", "netns",
+        &outside,
+    ]);
+    for (ns, dev, addr) in [
+        (&node, "up0", "10.99.0.1/30"),
+        (&router, "dn0", "10.99.0.2/30"),
+        (&router, "ex0", "10.98.0.1/24"),
+        (&outside, "eth0", "10.98.0.2/24"),
+    ] {
+        ip_cmd(&["-n", ns, "addr", "add", addr, "dev", dev]);
+        ip_cmd(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    ip_cmd(&["-n", &router, "link", "set", "lo", "up"]);
+    ip_cmd(&["-n", &outside, "link", "set", "lo", "up"]);
+    ip_cmd(&[
+        "-n",
+        &node,
+        "route",
+        "add",
+        "10.98.0.0/24",
+        "via",
+        "10.99.0.2",
+    ]);
+    ip_cmd(&[
+        "-n",
+        &router,
+        "route",
+        "add",
+        "10.244.0.0/24",
+        "via",
+        "10.99.0.1",
+    ]);
+    ip_cmd(&[
+        "-n",
+        &outside,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.98.0.1",
+    ]);
+    for ns in [&node, &router] {
+        ip_cmd(&[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+    }
+
+    let a = lab.pod("x/a");
+    let related_before = lab.count("allowed", "RELATED", "ingress");
+    let mut s = connect(&outside, a.v4);
+    // 1 MiB each way in 64 KiB writes: the server's full-size segments do not fit the
+    // node's uplink, so it must learn the path MTU from the node's ICMP error.
+    let mut writer = s.try_clone().unwrap();
+    const TOTAL: usize = 1 << 20;
+    let sender = std::thread::spawn(move || {
+        use std::io::Write;
+        let chunk = vec![0x42u8; 64 << 10];
+        for _ in 0..TOTAL / chunk.len() {
+            writer.write_all(&chunk).unwrap();
+        }
+    });
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut got = vec![0u8; TOTAL];
+    std::io::Read::read_exact(&mut s, &mut got).unwrap_or_else(|e| {
+        panic!(
+            "the echo stalled ({e}): path MTU discovery failed; counters: {:?}",
+            lab.counters().0
+        )
+    });
+    sender.join().unwrap();
+    assert!(got.iter().all(|b| *b == 0x42));
+    let related = lab.count("allowed", "RELATED", "ingress") - related_before;
+    assert!(
+        related >= 1,
+        "the node's fragmentation-needed passed as RELATED"
+    );
+    eprintln!("1 MiB echoed over a 1280-byte hop; {related} ICMP errors passed as RELATED");
+}
