@@ -1,11 +1,15 @@
 //! The netpol classifier, attached to both sides of every local pod's host veth.
 //!
-//! One straight pipeline per packet:
-//!   parse → (egress: anti-spoofing) → conntrack (forward, then reverse tuple)
-//!         → peer identity (ipcache, CIDR trie) → policy lookups → verdict → counters/event
+//! One straight pipeline per packet (numbered in [`pipeline`]):
+//!   parse → (egress: anti-spoofing) → later fragments: first fragment's verdict
+//!         → ICMP errors about tracked connections → conntrack (forward, then reverse
+//!         tuple; revision and audit checks) → host traffic → peer identity (ipcache,
+//!         CIDR trie) → policy lookups → verdict → counters → event (token bucket)
 //! `from_pod` (TC ingress of the host veth) judges the pod's egress, `to_pod` (TC
 //! egress of the host veth) its ingress. The precedence of policy hits is
 //! `netpol_common::policy::decide`, the same function the agent's lookup uses.
+//!
+//! Needs Linux 5.8 (BPF ring buffer); see docs/architecture.md for why not less.
 #![no_std]
 #![no_main]
 
