@@ -1030,3 +1030,122 @@ spec:
     );
     eprintln!("1 MiB echoed over a 1280-byte hop; {related} ICMP errors passed as RELATED");
 }
+
+/// Starts `netpol observe` on the lab for the first verdict matching `filter`.
+fn observer(lab: &Lab, filter: &[&str]) -> std::process::Child {
+    Command::new(NETPOL)
+        .args(["observe", "--lab", &lab.name, "--count", "1", "-o", "json"])
+        .args(filter)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Repeats `act` until the observer has its verdict (the verdict itself is the signal
+/// that it subscribed in time), at most `tries` times; returns the verdict.
+fn observe_while(
+    lab: &Lab,
+    mut obs: std::process::Child,
+    tries: usize,
+    mut act: impl FnMut(),
+) -> Value {
+    for _ in 0..tries {
+        act();
+        if obs.try_wait().unwrap().is_some() {
+            let out = obs.wait_with_output().unwrap();
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+    }
+    let _ = obs.kill();
+    panic!("no verdict reached `netpol observe`\n{}", lab.logs());
+}
+
+/// A TCP connection from the node itself (a kubelet probe) to a pod's port 80.
+fn from_node(lab: &Lab, to: std::net::IpAddr) -> bool {
+    let node = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    in_netns(&node, move || {
+        std::net::TcpStream::connect_timeout(&(to, 80).into(), std::time::Duration::from_secs(1))
+            .is_ok()
+    })
+}
+
+/// Kubelet probes (from the node's address) reach pods under default deny, and are
+/// visible as allows (sampled) like any other verdict; with --deny-host-traffic they
+/// are judged by policy, dropped, and reported.
+#[test]
+fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "host",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--sample-allows=1"],
+    );
+    lab.wait();
+    let a = lab.pod("x/a");
+    let obs = observer(&lab, &["--verdict", "allowed", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || {
+        assert!(from_node(&lab, a.v4), "the node reaches x/a")
+    });
+    assert_eq!(
+        (v["reason"].as_str(), v["direction"].as_str()),
+        (Some("HOST_TRAFFIC"), Some("ingress"))
+    );
+    assert!(from_node(&lab, a.v6), "over IPv6 too");
+    assert_eq!(
+        lab.result(80, "TCP", "x/b", "x/a"),
+        "timeout",
+        "pods are still denied"
+    );
+    drop(lab);
+
+    let lab = Lab::up_with(
+        "nohost",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--deny-host-traffic"],
+    );
+    lab.wait();
+    let a = lab.pod("x/a");
+    let obs = observer(&lab, &["--verdict", "dropped", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || assert!(!from_node(&lab, a.v4)));
+    assert_eq!(v["reason"].as_str(), Some("POLICY_DENIED"));
+}
+
+/// Node-wide audit: what default deny would drop passes, reported as AUDIT once per
+/// connection; the exact counters say how much would have been dropped.
+#[test]
+fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "audit",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--audit"],
+    );
+    lab.wait();
+    let obs = observer(&lab, &["--verdict", "audit", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || {
+        assert_eq!(
+            lab.result(80, "TCP", "x/b", "x/a"),
+            "connected",
+            "audit does not drop"
+        );
+    });
+    assert_eq!(
+        (
+            v["reason"].as_str(),
+            v["direction"].as_str(),
+            v["src"].as_str()
+        ),
+        (Some("POLICY_DENIED"), Some("ingress"), Some("x/b"))
+    );
+    assert!(lab.count("audit", "POLICY_DENIED", "ingress") >= 1);
+    assert_eq!(lab.count("dropped", "POLICY_DENIED", "ingress"), 0);
+}
