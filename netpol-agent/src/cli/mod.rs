@@ -513,3 +513,50 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
     }))?;
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl_and_reject_nonsense() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
+        for bad in ["", "s", "1d", "-1s", "1.5s", "0s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn agent_flags_default_to_the_documented_datapath() {
+        let cli = Cli::try_parse_from(["netpol", "agent", "--source", "dir:/x"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
+        assert!(!a.keep_established && !a.audit && !a.deny_host_traffic);
+        assert_eq!(
+            (a.event_rate, a.event_burst, a.sample_allows),
+            (100, 200, 0)
+        );
+        assert_eq!(a.ct_tcp_established_timeout, Duration::from_secs(6 * 3600));
+        let cli = Cli::try_parse_from([
+            "netpol",
+            "agent",
+            "--source",
+            "dir:/x",
+            "--keep-established",
+            "--ct-udp-timeout=2m",
+            "--event-rate=0",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
+        assert!(a.keep_established);
+        assert_eq!(a.ct_udp_timeout, Duration::from_secs(120));
+        assert_eq!(a.event_rate, 0);
+    }
+}

@@ -383,3 +383,49 @@ impl Datapath {
         Ok(aya::maps::PerCpuArray::try_from(m)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netpol_common::{config_flags, v4_mapped};
+    use std::net::IpAddr;
+
+    #[test]
+    fn switches_become_the_config_record() {
+        let c = Switches::default()
+            .config(&[
+                "10.244.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::af4:1".parse().unwrap(),
+            ])
+            .unwrap();
+        assert_eq!(c.flags, config_flags::ALLOW_HOST);
+        assert_eq!(c.host_ipv4, v4_mapped([10, 244, 0, 1]));
+        assert_eq!(c.host_ipv6[0], 0xfd);
+        assert_eq!(c.ct_tcp_established_ns, 6 * 3600 * 1_000_000_000);
+        assert_eq!((c.event_rate, c.event_burst), (100, 200));
+        let c = Switches {
+            allow_host: false,
+            audit: true,
+            keep_established: true,
+            ..Switches::default()
+        }
+        .config(&[])
+        .unwrap();
+        assert_eq!(
+            c.flags,
+            config_flags::AUDIT | config_flags::KEEP_ESTABLISHED
+        );
+        assert!(Switches {
+            event_rate: netpol_common::MAX_EVENT_RATE + 1,
+            ..Switches::default()
+        }
+        .config(&[])
+        .is_err());
+        assert!(Switches {
+            ct_udp_timeout: Duration::ZERO,
+            ..Switches::default()
+        }
+        .config(&[])
+        .is_err());
+    }
+}
