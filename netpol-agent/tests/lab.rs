@@ -509,13 +509,16 @@ fn ping(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
 /// Opens a connection to the lab server at `to:80` from inside `netns` and reads its
 /// greeting; the stream can then be used from any thread (it stays in its namespace).
 fn connect(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
+    try_connect(netns, to).expect("connects")
+}
+
+fn try_connect(netns: &str, to: std::net::IpAddr) -> std::io::Result<std::net::TcpStream> {
     in_netns(netns, move || {
         use std::io::BufRead;
         let s = std::net::TcpStream::connect_timeout(
             &(to, 80).into(),
             std::time::Duration::from_secs(2),
-        )
-        .expect("connects");
+        )?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
         let mut greeting = String::new();
@@ -523,7 +526,7 @@ fn connect(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
             .read_line(&mut greeting)
             .unwrap();
         assert_eq!(greeting, "netpol-lab 80\n");
-        s
+        Ok(s)
     })
 }
 
@@ -904,6 +907,18 @@ fn ip_cmd(args: &[&str]) {
     );
 }
 
+/// `connect`, retried while the new links and neighbours settle (bounded).
+fn connect_when_routed(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match try_connect(netns, to) {
+            Ok(s) => return s,
+            Err(_) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("{to} unreachable from {netns}: {e}"),
+        }
+    }
+}
+
 /// Path MTU discovery under default deny, with node traffic not allowed either: a
 /// client outside the node, behind a router, talks to a pod whose link to it has a
 /// smaller MTU. The node sends "fragmentation needed" to the pod; that error, about a
@@ -921,7 +936,7 @@ metadata: {name: from-outside, namespace: x}
 spec:
   podSelector: {matchLabels: {app: a}}
   policyTypes: [Ingress, Egress]
-  ingress: [{from: [{ipBlock: {cidr: 10.98.0.0/24}}], ports: [{port: 80}]}]
+  ingress: [{from: [{ipBlock: {cidr: 10.98.0.0/24}}, {ipBlock: {cidr: "fd02::/64"}}], ports: [{port: 80}]}]
 "#;
     let lab = Lab::up_with(
         "pmtu",
@@ -940,6 +955,12 @@ spec:
     );
     ip_cmd(&["netns", "add", &router]);
     ip_cmd(&["netns", "add", &outside]);
+    // Routers before their links come up, so the links start in router mode.
+    for ns in [&node, &router] {
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            ip_cmd(&["netns", "exec", ns, "sysctl", "-qw", key]);
+        }
+    }
     // node up0 (MTU 1280) ── dn0 router ex0 ── eth0 outside (MTU 1500)
     ip_cmd(&[
         "-n", &node, "link", "add", "up0", "mtu", "1280", "type", "veth", "peer", "name", "dn0",
@@ -949,13 +970,14 @@ spec:
         "-n", &router, "link", "add", "ex0", "type", "veth", "peer", "name", "eth0", "netns",
         &outside,
     ]);
-    for (ns, dev, addr) in [
-        (&node, "up0", "10.99.0.1/30"),
-        (&router, "dn0", "10.99.0.2/30"),
-        (&router, "ex0", "10.98.0.1/24"),
-        (&outside, "eth0", "10.98.0.2/24"),
+    for (ns, dev, v4, v6) in [
+        (&node, "up0", "10.99.0.1/30", "fd01::1/64"),
+        (&router, "dn0", "10.99.0.2/30", "fd01::2/64"),
+        (&router, "ex0", "10.98.0.1/24", "fd02::1/64"),
+        (&outside, "eth0", "10.98.0.2/24", "fd02::2/64"),
     ] {
-        ip_cmd(&["-n", ns, "addr", "add", addr, "dev", dev]);
+        ip_cmd(&["-n", ns, "addr", "add", v4, "dev", dev]);
+        ip_cmd(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
         ip_cmd(&["-n", ns, "link", "set", dev, "up"]);
     }
     ip_cmd(&["-n", &router, "link", "set", "lo", "up"]);
@@ -969,6 +991,7 @@ spec:
         "via",
         "10.99.0.2",
     ]);
+    ip_cmd(&["-n", &node, "route", "add", "fd02::/64", "via", "fd01::2"]);
     ip_cmd(&[
         "-n",
         &router,
@@ -978,6 +1001,7 @@ spec:
         "via",
         "10.99.0.1",
     ]);
+    ip_cmd(&["-n", &router, "route", "add", "fd00::/96", "via", "fd01::1"]);
     ip_cmd(&[
         "-n",
         &outside,
@@ -987,48 +1011,43 @@ spec:
         "via",
         "10.98.0.1",
     ]);
-    for ns in [&node, &router] {
-        ip_cmd(&[
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-    }
-
+    ip_cmd(&["-n", &outside, "route", "add", "default", "via", "fd02::1"]);
     let a = lab.pod("x/a");
-    let related_before = lab.count("allowed", "RELATED", "ingress");
-    let mut s = connect(&outside, a.v4);
-    // 1 MiB each way in 64 KiB writes: the server's full-size segments do not fit the
-    // node's uplink, so it must learn the path MTU from the node's ICMP error.
-    let mut writer = s.try_clone().unwrap();
-    const TOTAL: usize = 1 << 20;
-    let sender = std::thread::spawn(move || {
-        use std::io::Write;
-        let chunk = vec![0x42u8; 64 << 10];
-        for _ in 0..TOTAL / chunk.len() {
-            writer.write_all(&chunk).unwrap();
-        }
-    });
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let mut got = vec![0u8; TOTAL];
-    std::io::Read::read_exact(&mut s, &mut got).unwrap_or_else(|e| {
-        panic!(
-            "the echo stalled ({e}): path MTU discovery failed; counters: {:?}",
-            lab.counters().0
-        )
-    });
-    sender.join().unwrap();
-    assert!(got.iter().all(|b| *b == 0x42));
-    let related = lab.count("allowed", "RELATED", "ingress") - related_before;
-    assert!(
-        related >= 1,
-        "the node's fragmentation-needed passed as RELATED"
-    );
-    eprintln!("1 MiB echoed over a 1280-byte hop; {related} ICMP errors passed as RELATED");
+    for to in [a.v4, a.v6] {
+        let related_before = lab.count("allowed", "RELATED", "ingress");
+        let mut s = connect_when_routed(&outside, to);
+        // 1 MiB each way in 64 KiB writes: the server's full-size segments do not fit
+        // the node's uplink, so it must learn the path MTU from the node's ICMP error
+        // (fragmentation needed / packet too big).
+        let mut writer = s.try_clone().unwrap();
+        const TOTAL: usize = 1 << 20;
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![0x42u8; 64 << 10];
+            for _ in 0..TOTAL / chunk.len() {
+                writer.write_all(&chunk).unwrap();
+            }
+        });
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = vec![0u8; TOTAL];
+        std::io::Read::read_exact(&mut s, &mut got).unwrap_or_else(|e| {
+            panic!(
+                "{to}: the echo stalled ({e}): path MTU discovery failed; counters: {:?}",
+                lab.counters().0
+            )
+        });
+        sender.join().unwrap();
+        assert!(got.iter().all(|b| *b == 0x42));
+        let related = lab.count("allowed", "RELATED", "ingress") - related_before;
+        assert!(
+            related >= 1,
+            "{to}: the node's ICMP error passed as RELATED"
+        );
+        eprintln!(
+            "{to}: 1 MiB echoed over a 1280-byte hop; {related} ICMP errors passed as RELATED"
+        );
+    }
 }
 
 /// Starts `netpol observe` on the lab for the first verdict matching `filter`.
