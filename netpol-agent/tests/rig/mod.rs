@@ -421,6 +421,20 @@ impl Rig {
         }
     }
 
+    /// Runs `packet` `repeat` times in the kernel; the kernel's mean time per run.
+    pub fn bench(&self, program: &str, packet: &[u8], repeat: u32) -> (u32, std::time::Duration) {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.return_value, r.duration)
+    }
+
     /// TC ingress of the host veth: what the pod sends.
     pub fn egress(&self, packet: &[u8]) -> u32 {
         self.run("from_pod", packet)
