@@ -1248,3 +1248,60 @@ fn per_packet_cost_on_the_main_paths() {
         );
     }
 }
+
+/// The node's map epoch: a peer changing identity changes no endpoint revision, and a
+/// packet judged mid-sync sees old and new entries at once; the epoch the agent bumps
+/// after every complete sync has such connections judged again.
+#[test]
+fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
+    needs_root!();
+    let mut rig = Rig::new(isolated());
+    let epoch = |rig: &mut Rig, epoch| {
+        rig.config(Config {
+            flags: config_flags::TRACE,
+            epoch,
+            ..Config::default()
+        })
+    };
+    epoch(&mut rig, 1);
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x10);
+    let data = v4(CLIENT, SERVER, tcp(40000, 80, ACK));
+    assert_eq!(
+        judge(&mut rig, true, &v4(CLIENT, SERVER, tcp(40000, 80, SYN))),
+        (OK, reason::POLICY_ALLOWED)
+    );
+    let stamp = rig
+        .conntrack(&key4(CLIENT, SERVER, TCP, 40000, 80))
+        .unwrap()
+        .ingress_revision;
+    assert_eq!(stamp, netpol_common::ct_stamp(REVISION, 1));
+    // The client is relabelled: its address maps to an identity no rule allows.
+    rig.ipcache(v4_mapped(CLIENT), 999, 0);
+    assert_eq!(
+        judge(&mut rig, true, &data),
+        (OK, reason::CONNTRACK),
+        "the revision did not change"
+    );
+    epoch(&mut rig, 2);
+    assert_eq!(judge(&mut rig, true, &data), (SHOT, reason::POLICY_REVOKED));
+
+    // Back, then a sync that removes the rule, packet by packet: entries added, the
+    // endpoint's revision written (the rule still there), entries removed, new epoch.
+    rig.ipcache(v4_mapped(CLIENT), CLIENT_ID, 0);
+    epoch(&mut rig, 3);
+    assert_eq!(judge(&mut rig, true, &data), (OK, reason::POLICY_ALLOWED));
+    rig.update_endpoint(|ep| ep.revision = 8);
+    assert_eq!(
+        judge(&mut rig, true, &data),
+        (OK, reason::POLICY_ALLOWED),
+        "judged mid-sync"
+    );
+    rig.revoke(INGRESS, CLIENT_ID, TCP, 80);
+    assert_eq!(judge(&mut rig, true, &data), (OK, reason::CONNTRACK));
+    epoch(&mut rig, 4);
+    assert_eq!(
+        judge(&mut rig, true, &data),
+        (SHOT, reason::POLICY_REVOKED),
+        "cut once the sync is complete"
+    );
+}

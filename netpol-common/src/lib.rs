@@ -275,9 +275,10 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// `ct_flags::*`: which checks of the connection already passed.
     pub flags: u32,
-    /// Revision of the originating endpoint when its egress was allowed (0: not local).
+    /// [`ct_stamp`] of the originating endpoint's revision when its egress was allowed
+    /// (0: not checked here).
     pub egress_revision: u32,
-    /// Revision of the destination endpoint when its ingress was allowed (0: not local).
+    /// [`ct_stamp`] of the destination endpoint's revision when its ingress was allowed.
     pub ingress_revision: u32,
     pub _pad: u32,
 }
@@ -413,8 +414,21 @@ pub struct Config {
     pub ct_tcp_close_ns: u64,
     pub ct_udp_ns: u64,
     pub ct_icmp_ns: u64,
+    /// Bumped by the agent after every sync that changed a map. Conntrack entries record
+    /// it beside the endpoint's revision, so a change anywhere (a peer's identity in the
+    /// ipcache, say, which no endpoint revision covers) has every connection judged again
+    /// at its next packet, against the maps as they are once the sync is complete.
+    pub epoch: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
+
+/// What a conntrack entry records for a passed check: the endpoint's policy revision
+/// combined with the node's map epoch (equal to the revision while the epoch is 0).
+#[inline(always)]
+pub const fn ct_stamp(revision: u32, epoch: u32) -> u32 {
+    revision ^ epoch.wrapping_mul(0x9e37_79b1)
+}
 
 pub mod config_flags {
     /// Allow traffic from the node's own addresses to local pods (kubelet probes).

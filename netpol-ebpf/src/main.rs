@@ -23,10 +23,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    capacity, config_flags, counter_index, ct_flags, ct_timeout, direction, endpoint_flags,
-    event_counter, identity, policy::decide, policy::lookup_key, proto, reason, verdict, Addr,
-    CidrEntry, Config, CtEntry, CtKey, EndpointEntry, Event, EventBucket, FragEntry, FragKey,
-    IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
+    capacity, config_flags, counter_index, ct_flags, ct_stamp, ct_timeout, direction,
+    endpoint_flags, event_counter, identity, policy::decide, policy::lookup_key, proto, reason,
+    verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry, Event, EventBucket, FragEntry,
+    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
 };
 use parse::{frag, Packet};
 
@@ -317,7 +317,13 @@ fn stages(
     if pkt.icmp != parse::icmp::TRACKED {
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
-        remember(&scratch.ct, dir, ep.revision, 0, now);
+        remember(
+            &scratch.ct,
+            dir,
+            ct_stamp(ep.revision, config.epoch),
+            0,
+            now,
+        );
         if config.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % config.sample_allows == 0
         {
             out.report = 1;
@@ -325,7 +331,13 @@ fn stages(
     } else if out.reason == reason::POLICY_DENIED && audit_mode(ep, config) {
         // Audit lets the connection through; it is reported once, and enforced again as
         // soon as audit ends (the entry says the check passed by audit only).
-        remember(&scratch.ct, dir, ep.revision, audit_flag(dir), now);
+        remember(
+            &scratch.ct,
+            dir,
+            ct_stamp(ep.revision, config.epoch),
+            audit_flag(dir),
+            now,
+        );
     }
 }
 
@@ -345,6 +357,7 @@ fn established(
     // The direction in which this endpoint's check of the connection was made.
     let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
     let audit = audit_mode(ep, config);
+    let stamp = ct_stamp(ep.revision, config.epoch);
     // SAFETY: pointer into the map value, valid for this run; concurrent writers on
     // other CPUs can only make fields stale, never invalid.
     unsafe {
@@ -354,7 +367,7 @@ fn established(
             (*e).ingress_revision
         };
         let audited = (*e).flags & audit_flag(jdir) != 0;
-        let current = revision == ep.revision || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+        let current = revision == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
         if current && (!audited || audit) {
             ct_touch(e, pkt, reply, now);
             *out = Outcome::allow(reason::CONNTRACK);
@@ -362,7 +375,7 @@ fn established(
         }
         verdict_of(ep, config, pkt, reply, out);
         if out.verdict == verdict::ALLOWED {
-            set_revision(e, jdir, ep.revision);
+            set_revision(e, jdir, stamp);
             (*e).flags &= !audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
             return;
@@ -372,7 +385,7 @@ fn established(
         }
         if audit {
             // Reported once as AUDIT, then quiet until the policy changes again.
-            set_revision(e, jdir, ep.revision);
+            set_revision(e, jdir, stamp);
             (*e).flags |= audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
         }

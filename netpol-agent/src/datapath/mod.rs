@@ -185,6 +185,8 @@ pub struct Datapath {
     attached: BTreeMap<PodKey, Attachment>,
     /// Endpoint entries as written, by ifindex.
     endpoint_entries: BTreeMap<u32, netpol_common::EndpointEntry>,
+    /// The node config as written; its epoch is bumped by every sync that changes a map.
+    config: Config,
 }
 
 impl Datapath {
@@ -194,6 +196,7 @@ impl Datapath {
             actual: Desired::default(),
             attached: BTreeMap::new(),
             endpoint_entries: BTreeMap::new(),
+            config: Config::default(),
         })
     }
 
@@ -202,7 +205,13 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, config: Config) -> anyhow::Result<()> {
-        maps::write_config(&mut self.ebpf, config)
+        let config = Config {
+            epoch: self.config.epoch,
+            ..config
+        };
+        maps::write_config(&mut self.ebpf, config)?;
+        self.config = config;
+        Ok(())
     }
 
     /// Pods that have an entry and attached programs.
@@ -323,6 +332,19 @@ impl Datapath {
             maps::cidr_key,
         )?;
         self.actual = desired.clone();
+
+        // 4. Once the maps are complete: a new epoch, so that every tracked connection is
+        // judged again at its next packet against them (revocation). Endpoint revisions
+        // alone would miss a peer changing identity, and a packet that arrived between
+        // steps 2 and 3 was judged against old and new entries at once.
+        if stats.written + stats.removed > 0 {
+            let next = Config {
+                epoch: self.config.epoch.wrapping_add(1),
+                ..self.config
+            };
+            maps::write_config(&mut self.ebpf, next)?;
+            self.config = next;
+        }
         Ok(stats)
     }
 
