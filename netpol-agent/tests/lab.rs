@@ -1168,3 +1168,49 @@ fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
     assert!(lab.count("audit", "POLICY_DENIED", "ingress") >= 1);
     assert_eq!(lab.count("dropped", "POLICY_DENIED", "ingress"), 0);
 }
+
+/// A peer relabelled out of the allowing selector loses its established connection,
+/// though the server's own policy entries do not change (another pod keeps the label):
+/// the map epoch the agent bumps after the sync has the connection judged again.
+#[test]
+fn a_peer_relabelled_out_of_an_allow_loses_its_established_connection() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let twin = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: x, labels: {app: b}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
+"#;
+    let lab = Lab::up(
+        "relab",
+        &[
+            ("pods.yaml", PODS),
+            ("twin.yaml", twin),
+            ("deny.yaml", DENY_X),
+            ("allow.yaml", ALLOW_B_TO_A),
+        ],
+    );
+    lab.wait();
+    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+    let one_sec = std::time::Duration::from_secs(1);
+    let mut s = connect(&b.netns, a.v4);
+    assert!(echo(&mut s, b"before\n", one_sec));
+    lab.write(
+        "pods.yaml",
+        &PODS.replace(
+            "metadata: {name: b, namespace: x, labels: {app: b}}",
+            "metadata: {name: b, namespace: x, labels: {app: z}}",
+        ),
+    );
+    lab.wait();
+    assert!(!echo(&mut s, b"after\n", one_sec), "cut");
+    assert!(lab.count("dropped", "POLICY_REVOKED", "ingress") >= 1);
+    assert_eq!(
+        lab.result(80, "TCP", "x/d", "x/a"),
+        "connected",
+        "the twin keeps its access"
+    );
+}
