@@ -373,10 +373,9 @@ fn packet(rng: &mut Rng, egress: bool) -> Vec<u8> {
     if v6_family {
         let peers = [CLIENT6, OTHER6, SERVER6];
         let peer = rng.pick(&peers);
+        // Egress: the pod's own address, but one in ten spoofed.
         let (src, dst) = if egress && !rng.chance(10) {
             (SERVER6, peer)
-        } else if egress {
-            (peer, SERVER6)
         } else {
             (peer, SERVER6)
         };

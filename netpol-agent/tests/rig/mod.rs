@@ -103,7 +103,7 @@ pub struct V4 {
 /// An IPv4 packet without the Ethernet header.
 pub fn ip4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>), o: &V4) -> Vec<u8> {
     let mut opts = o.options.clone();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let ihl = 20 + opts.len();
