@@ -14,16 +14,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aya::maps::RingBuf;
-use netpol_common::{config_flags, map, Config, Event};
+use netpol_common::{map, Event};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{server, Status};
 use crate::compile::{Compiler, NodeView};
 use crate::datapath::discovery::{bridge_addrs, Discovery};
-use crate::datapath::{Capacities, Datapath};
+use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
-use crate::index::net::addr_of;
 use crate::index::Index;
 use crate::source::{dir, ClusterState};
 
@@ -54,30 +53,17 @@ pub struct AgentOptions {
     pub bridge: String,
     pub api_socket: PathBuf,
     pub capacities: Capacities,
-    /// Allow traffic from the node's own addresses to local pods (kubelet probes).
-    pub allow_host: bool,
-    /// Report would-be drops as AUDIT and let them pass, node-wide.
-    pub audit: bool,
+    /// Node-wide switches of the classifier.
+    pub switches: Switches,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut datapath = Datapath::new(&opts.capacities)?;
     let host_addrs = bridge_addrs(&opts.bridge)
         .with_context(|| format!("reading the addresses of bridge {}", opts.bridge))?;
-    let mut config = Config::default();
-    if opts.allow_host {
-        config.flags |= config_flags::ALLOW_HOST;
-    }
-    if opts.audit {
-        config.flags |= config_flags::AUDIT;
-    }
-    for ip in &host_addrs {
-        match ip {
-            IpAddr::V4(_) => config.host_ipv4 = addr_of(*ip),
-            IpAddr::V6(_) => config.host_ipv6 = addr_of(*ip),
-        }
-    }
+    let config = opts.switches.config(&host_addrs)?;
     datapath.set_config(config)?;
+    let counters = datapath.take_counters()?;
     let ring = RingBuf::try_from(
         datapath
             .ebpf_mut()
@@ -101,7 +87,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(pump_events(ring, namer_rx, events_tx.clone()));
-    let api = server::serve(opts.api_socket.clone(), status_rx, events_tx).await?;
+    let api = server::serve(
+        opts.api_socket.clone(),
+        status_rx,
+        events_tx,
+        Arc::new(counters),
+    )
+    .await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
     let view = NodeView {

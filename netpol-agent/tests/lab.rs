@@ -20,6 +20,11 @@ struct Lab {
 
 impl Lab {
     fn up(tag: &str, manifests: &[(&str, &str)]) -> Lab {
+        Lab::up_with(tag, manifests, &[])
+    }
+
+    /// A lab whose agent runs with extra flags.
+    fn up_with(tag: &str, manifests: &[(&str, &str)], agent_args: &[&str]) -> Lab {
         let name = format!("t{tag}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
@@ -28,7 +33,13 @@ impl Lab {
         for (file, text) in manifests {
             lab.write(file, text);
         }
-        lab.netpol(&["lab", "up", "--manifests", lab.dir.to_str().unwrap()]);
+        let mut args = vec!["lab", "up", "--manifests", lab.dir.to_str().unwrap()];
+        let flags: Vec<String> = agent_args
+            .iter()
+            .map(|a| format!("--agent-arg={a}"))
+            .collect();
+        args.extend(flags.iter().map(String::as_str));
+        lab.netpol(&args);
         lab
     }
 
@@ -101,9 +112,16 @@ impl Lab {
     }
 
     fn result(&self, port: u16, protocol: &str, from: &str, to: &str) -> String {
+        self.result_family(port, protocol, from, to, 4)
+    }
+
+    fn result_family(&self, port: u16, protocol: &str, from: &str, to: &str, family: u8) -> String {
+        let family = family.to_string();
         let out = self.netpol(&[
             "lab",
             "probe",
+            "--family",
+            &family,
             "--port",
             &port.to_string(),
             "--protocol",
@@ -365,4 +383,834 @@ fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
         (Some(80), Some("TCP"))
     );
     assert_eq!(v["policies"], serde_json::json!(["x/default-deny"]));
+}
+
+// ---- the datapath under real traffic ------------------------------------------------
+
+/// A pod's network namespace and addresses, from the lab's status.
+struct PodNet {
+    netns: String,
+    v4: std::net::IpAddr,
+    v6: std::net::IpAddr,
+}
+
+impl Lab {
+    fn pod(&self, key: &str) -> PodNet {
+        let status = self.status();
+        let p = status["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap(),
+                    p["name"].as_str().unwrap()
+                ) == key
+            })
+            .unwrap_or_else(|| panic!("no pod {key}"))
+            .clone();
+        let ips: Vec<std::net::IpAddr> = p["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ip| ip.as_str().unwrap().parse().unwrap())
+            .collect();
+        PodNet {
+            netns: p["netns"].as_str().unwrap().to_string(),
+            v4: *ips.iter().find(|ip| ip.is_ipv4()).expect("an IPv4 address"),
+            v6: *ips.iter().find(|ip| ip.is_ipv6()).expect("an IPv6 address"),
+        }
+    }
+
+    /// The agent's exact counters: (verdict, reason, direction) → packets, and events.
+    fn counters(
+        &self,
+    ) -> (
+        std::collections::BTreeMap<(String, String, String), u64>,
+        Value,
+    ) {
+        let v: Value = serde_json::from_str(&agent_request(self, "counters")).unwrap();
+        let mut m = std::collections::BTreeMap::new();
+        for c in v["packets"].as_array().unwrap() {
+            let verdict = ["allowed", "dropped", "audit"][c["verdict"].as_u64().unwrap() as usize];
+            let dir = ["ingress", "egress"][c["direction"].as_u64().unwrap() as usize];
+            m.insert(
+                (
+                    verdict.to_string(),
+                    c["reason"].as_str().unwrap().to_string(),
+                    dir.to_string(),
+                ),
+                c["packets"].as_u64().unwrap(),
+            );
+        }
+        (m, v["events"].clone())
+    }
+
+    fn count(&self, verdict: &str, reason: &str, dir: &str) -> u64 {
+        self.counters()
+            .0
+            .get(&(verdict.to_string(), reason.to_string(), dir.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn agent_request(lab: &Lab, op: &str) -> String {
+    let sock = Path::new("/run/netpol/lab")
+        .join(&lab.name)
+        .join("agent.sock");
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    writeln!(s, "{{\"op\":\"{op}\"}}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// `ping` once from a pod; true when answered.
+fn ping(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
+    let netns = lab.pod(from).netns;
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            &to.to_string(),
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Opens a connection to the lab server at `to:80` from inside `netns` and reads its
+/// greeting; the stream can then be used from any thread (it stays in its namespace).
+fn connect(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
+    try_connect(netns, to).expect("connects")
+}
+
+fn try_connect(netns: &str, to: std::net::IpAddr) -> std::io::Result<std::net::TcpStream> {
+    in_netns(netns, move || {
+        use std::io::BufRead;
+        let s = std::net::TcpStream::connect_timeout(
+            &(to, 80).into(),
+            std::time::Duration::from_secs(2),
+        )?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let mut greeting = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut greeting)
+            .unwrap();
+        assert_eq!(greeting, "netpol-lab 80\n");
+        Ok(s)
+    })
+}
+
+/// Writes `msg` and reads it back from the lab server's echo; false on timeout.
+fn echo(s: &mut std::net::TcpStream, msg: &[u8], timeout: std::time::Duration) -> bool {
+    use std::io::{Read, Write};
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    match s.read_exact(&mut got) {
+        Ok(()) => {
+            assert_eq!(got, msg);
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => panic!("echo: {e}"),
+    }
+}
+
+#[test]
+fn ipv6_and_ping_are_enforced_like_ipv4() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("six", &[("pods.yaml", PODS)]);
+    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
+    assert_eq!(lab.result_family(53, "UDP", "x/b", "x/a", 6), "connected");
+    assert!(
+        ping(&lab, "x/b", a.v4) && ping(&lab, "x/b", a.v6),
+        "no policy: pings pass"
+    );
+
+    lab.write("deny.yaml", DENY_X);
+    lab.write("allow.yaml", ALLOW_B_TO_A);
+    lab.wait();
+    assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
+    assert_eq!(lab.result_family(80, "TCP", "y/c", "x/a", 6), "timeout");
+    assert_eq!(lab.result_family(53, "UDP", "x/b", "x/a", 6), "timeout");
+    assert_eq!(lab.result_family(53, "UDP", "x/a", "y/c", 6), "connected");
+    // ICMP echo: no NetworkPolicy rule names ICMP, so an isolated pod cannot be pinged,
+    // and a pod that is not isolated can (its replies pass by conntrack).
+    assert!(!ping(&lab, "x/b", a.v4) && !ping(&lab, "x/b", a.v6));
+    assert!(ping(&lab, "x/b", c.v4) && ping(&lab, "x/b", c.v6));
+    assert!(lab.count("dropped", "POLICY_DENIED", "ingress") >= 2);
+}
+
+const SERVER_ONLY_INGRESS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: ingress-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{ports: [{port: 80}]}]
+"#;
+
+/// 8 MiB each way over IPv4 and IPv6 to a server whose egress is denied: every reply
+/// segment passes by conntrack.
+#[test]
+fn a_large_transfer_passes_when_only_the_server_ingress_is_allowed() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up(
+        "bulk",
+        &[("pods.yaml", PODS), ("server.yaml", SERVER_ONLY_INGRESS)],
+    );
+    lab.wait();
+    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    for to in [a.v4, a.v6] {
+        let started = std::time::Instant::now();
+        let s = connect(&c.netns, to);
+        const TOTAL: usize = 8 << 20;
+        let mut writer = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![0x5au8; 64 << 10];
+            for _ in 0..TOTAL / chunk.len() {
+                writer.write_all(&chunk).unwrap();
+            }
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut reader = s;
+        reader
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match std::io::Read::read(&mut reader, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    assert!(buf[..n].iter().all(|b| *b == 0x5a));
+                    received += n;
+                }
+                Err(e) => panic!("after {received} bytes from {to}: {e}"),
+            }
+        }
+        sender.join().unwrap();
+        assert_eq!(received, TOTAL, "{to}");
+        eprintln!("{to}: 8 MiB echoed in {:?}", started.elapsed());
+    }
+    assert_eq!(
+        lab.result(80, "TCP", "x/a", "y/c"),
+        "timeout",
+        "the server cannot connect out"
+    );
+}
+
+/// An established connection loses its allowing policy: its next packet is dropped as
+/// POLICY_REVOKED; with --keep-established it keeps working while new ones are refused.
+#[test]
+fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let one_sec = std::time::Duration::from_secs(1);
+    for keep in [false, true] {
+        let args: &[&str] = if keep { &["--keep-established"] } else { &[] };
+        let lab = Lab::up_with(
+            if keep { "keep" } else { "cut" },
+            &[
+                ("pods.yaml", PODS),
+                ("deny.yaml", DENY_X),
+                ("allow.yaml", ALLOW_B_TO_A),
+            ],
+            args,
+        );
+        lab.wait();
+        let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+        let mut v4 = connect(&b.netns, a.v4);
+        let mut v6 = connect(&b.netns, a.v6);
+        assert!(echo(&mut v4, b"before\n", one_sec) && echo(&mut v6, b"before\n", one_sec));
+
+        let removed = std::time::Instant::now();
+        lab.remove("allow.yaml");
+        lab.wait();
+        let applied = removed.elapsed();
+        let revoked_before = lab.count("dropped", "POLICY_REVOKED", "ingress");
+        if keep {
+            assert!(echo(&mut v4, b"after\n", one_sec), "kept (v4)");
+            assert!(echo(&mut v6, b"after\n", one_sec), "kept (v6)");
+            assert_eq!(
+                lab.result(80, "TCP", "x/b", "x/a"),
+                "timeout",
+                "new connections are judged"
+            );
+            assert_eq!(revoked_before, 0);
+        } else {
+            assert!(!echo(&mut v4, b"after\n", one_sec), "cut (v4)");
+            assert!(!echo(&mut v6, b"after\n", one_sec), "cut (v6)");
+            assert!(
+                lab.count("dropped", "POLICY_REVOKED", "ingress") >= 2,
+                "dropped as revoked"
+            );
+        }
+        eprintln!("keep={keep}: policy removal enforced {applied:?} after the file went");
+        assert!(applied < std::time::Duration::from_secs(5), "{applied:?}");
+    }
+}
+
+/// A pod with a raw socket sends a datagram with another pod's source address: it is
+/// dropped at the pod's veth (SPOOFED_SOURCE); its honest datagram after it arrives.
+#[test]
+fn a_spoofing_pod_is_stopped_at_its_veth() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("spoof", &[("pods.yaml", PODS)]);
+    let (a, b, c) = (lab.pod("x/a"), lab.pod("x/b"), lab.pod("y/c"));
+    let (std::net::IpAddr::V4(a4), std::net::IpAddr::V4(b4), std::net::IpAddr::V4(c4)) =
+        (a.v4, b.v4, c.v4)
+    else {
+        unreachable!()
+    };
+    let receiver = in_netns(&c.netns, || {
+        std::net::UdpSocket::bind("0.0.0.0:7777").unwrap()
+    });
+    receiver
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let before = lab.count("dropped", "SPOOFED_SOURCE", "egress");
+    in_netns(&b.netns, move || {
+        // IPPROTO_RAW: we write the IP header (the kernel fills in the checksum).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0);
+        for (src, payload) in [(a4, b"spoofed"), (b4, b"honest!")] {
+            let mut p = vec![0u8; 20 + 8 + payload.len()];
+            p[0] = 0x45;
+            let len = p.len() as u16;
+            p[2..4].copy_from_slice(&len.to_be_bytes());
+            p[8] = 64;
+            p[9] = 17;
+            p[12..16].copy_from_slice(&src.octets());
+            p[16..20].copy_from_slice(&c4.octets());
+            p[20..22].copy_from_slice(&4444u16.to_be_bytes());
+            p[22..24].copy_from_slice(&7777u16.to_be_bytes());
+            p[24..26].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+            p[28..].copy_from_slice(payload);
+            let dst = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(c4.octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr() as *const _,
+                    p.len(),
+                    0,
+                    &dst as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            };
+            assert_eq!(
+                n,
+                p.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        unsafe { libc::close(fd) };
+    });
+    // The honest datagram was sent after the spoofed one on the same path: it arriving
+    // first means the spoofed one did not pass.
+    let mut buf = [0u8; 64];
+    let (n, from) = receiver
+        .recv_from(&mut buf)
+        .expect("the honest datagram arrives");
+    assert_eq!((&buf[..n], from.ip()), (&b"honest!"[..], b.v4));
+    assert_eq!(lab.count("dropped", "SPOOFED_SOURCE", "egress"), before + 1);
+}
+
+/// One pod floods another with denied datagrams: the counters count every one exactly,
+/// the flooded endpoint's events are rate limited, and a drop at another pod is still
+/// reported.
+#[test]
+fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "flood",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--event-rate=20", "--event-burst=20"],
+    );
+    lab.wait();
+    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+    let drops = |lab: &Lab| lab.count("dropped", "POLICY_DENIED", "ingress");
+    let events = |lab: &Lab| {
+        let e = lab.counters().1;
+        (
+            e["sent"].as_u64().unwrap(),
+            e["rate_limited"].as_u64().unwrap(),
+        )
+    };
+    let (before, (sent0, limited0)) = (drops(&lab), events(&lab));
+    let to = a.v4;
+    let socket = in_netns(&b.netns, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // With IP_RECVERR a datagram the veth could not take fails the send (ENOBUFS)
+        // instead of vanishing, so `sent` counts exactly what reached the veth.
+        let one: libc::c_int = 1;
+        use std::os::fd::AsRawFd;
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVERR,
+                &one as *const _ as *const _,
+                4,
+            )
+        };
+        s
+    });
+    let mut sent = 0u64;
+    let started = std::time::Instant::now();
+    for _burst in 0..20 {
+        for _ in 0..250 {
+            if socket.send_to(b"flood", (to, 5555)).is_ok() {
+                sent += 1;
+            }
+        }
+        // Wait (bounded) until the classifier has judged every datagram sent so far.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while drops(&lab) - before < sent {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {sent} judged",
+                drops(&lab) - before
+            );
+            std::thread::yield_now();
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(sent >= 4000, "{sent} sent");
+    assert_eq!(
+        drops(&lab) - before,
+        sent,
+        "every datagram counted exactly once"
+    );
+    let (sent1, limited1) = events(&lab);
+    assert_eq!(
+        (sent1 - sent0) + (limited1 - limited0),
+        sent,
+        "each drop reported or rate limited"
+    );
+    assert!(
+        limited1 - limited0 >= sent - 200,
+        "the flooded pod's events are limited"
+    );
+    eprintln!(
+        "{sent} datagrams judged in {elapsed:?}; {} events sent, {} rate limited",
+        sent1 - sent0,
+        limited1 - limited0
+    );
+
+    // A drop at another pod is still reported.
+    let mut observer = Command::new(NETPOL)
+        .args([
+            "observe",
+            "--lab",
+            &lab.name,
+            "--verdict",
+            "dropped",
+            "--pod",
+            "x/b",
+            "--count",
+            "1",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut done = false;
+    for _ in 0..10 {
+        assert_eq!(lab.result(80, "TCP", "y/c", "x/b"), "timeout");
+        if observer.try_wait().unwrap().is_some() {
+            done = true;
+            break;
+        }
+    }
+    if !done {
+        let _ = observer.kill();
+        panic!("no event for x/b after the flood of x/a\n{}", lab.logs());
+    }
+    let v: Value = serde_json::from_slice(&observer.wait_with_output().unwrap().stdout).unwrap();
+    assert_eq!(
+        (v["dst"].as_str(), v["reason"].as_str()),
+        (Some("x/b"), Some("POLICY_DENIED"))
+    );
+}
+
+fn ip_cmd(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `connect`, retried while the new links and neighbours settle (bounded).
+fn connect_when_routed(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match try_connect(netns, to) {
+            Ok(s) => return s,
+            Err(_) if std::time::Instant::now() < deadline => continue,
+            Err(e) => panic!("{to} unreachable from {netns}: {e}"),
+        }
+    }
+}
+
+/// Path MTU discovery under default deny, with node traffic not allowed either: a
+/// client outside the node, behind a router, talks to a pod whose link to it has a
+/// smaller MTU. The node sends "fragmentation needed" to the pod; that error, about a
+/// tracked connection, must pass (RELATED) or the transfer stalls.
+#[test]
+fn path_mtu_discovery_works_under_default_deny() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let policy = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-outside, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{from: [{ipBlock: {cidr: 10.98.0.0/24}}, {ipBlock: {cidr: "fd02::/64"}}], ports: [{port: 80}]}]
+"#;
+    let lab = Lab::up_with(
+        "pmtu",
+        &[("pods.yaml", PODS), ("policy.yaml", policy)],
+        &["--deny-host-traffic"],
+    );
+    lab.wait();
+    let node = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Named under the lab's prefix: `lab down` (the guard) removes them too.
+    let (router, outside) = (
+        format!("np-{}-zrouter", lab.name),
+        format!("np-{}-zoutside", lab.name),
+    );
+    ip_cmd(&["netns", "add", &router]);
+    ip_cmd(&["netns", "add", &outside]);
+    // Routers before their links come up, so the links start in router mode.
+    for ns in [&node, &router] {
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            ip_cmd(&["netns", "exec", ns, "sysctl", "-qw", key]);
+        }
+    }
+    // node up0 (MTU 1280) ── dn0 router ex0 ── eth0 outside (MTU 1500)
+    ip_cmd(&[
+        "-n", &node, "link", "add", "up0", "mtu", "1280", "type", "veth", "peer", "name", "dn0",
+        "netns", &router, "mtu", "1280",
+    ]);
+    ip_cmd(&[
+        "-n", &router, "link", "add", "ex0", "type", "veth", "peer", "name", "eth0", "netns",
+        &outside,
+    ]);
+    for (ns, dev, v4, v6) in [
+        (&node, "up0", "10.99.0.1/30", "fd01::1/64"),
+        (&router, "dn0", "10.99.0.2/30", "fd01::2/64"),
+        (&router, "ex0", "10.98.0.1/24", "fd02::1/64"),
+        (&outside, "eth0", "10.98.0.2/24", "fd02::2/64"),
+    ] {
+        ip_cmd(&["-n", ns, "addr", "add", v4, "dev", dev]);
+        ip_cmd(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+        ip_cmd(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    ip_cmd(&["-n", &router, "link", "set", "lo", "up"]);
+    ip_cmd(&["-n", &outside, "link", "set", "lo", "up"]);
+    ip_cmd(&[
+        "-n",
+        &node,
+        "route",
+        "add",
+        "10.98.0.0/24",
+        "via",
+        "10.99.0.2",
+    ]);
+    ip_cmd(&["-n", &node, "route", "add", "fd02::/64", "via", "fd01::2"]);
+    ip_cmd(&[
+        "-n",
+        &router,
+        "route",
+        "add",
+        "10.244.0.0/24",
+        "via",
+        "10.99.0.1",
+    ]);
+    ip_cmd(&["-n", &router, "route", "add", "fd00::/96", "via", "fd01::1"]);
+    ip_cmd(&[
+        "-n",
+        &outside,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.98.0.1",
+    ]);
+    ip_cmd(&["-n", &outside, "route", "add", "default", "via", "fd02::1"]);
+    let a = lab.pod("x/a");
+    for to in [a.v4, a.v6] {
+        let related_before = lab.count("allowed", "RELATED", "ingress");
+        let mut s = connect_when_routed(&outside, to);
+        // 1 MiB each way in 64 KiB writes: the server's full-size segments do not fit
+        // the node's uplink, so it must learn the path MTU from the node's ICMP error
+        // (fragmentation needed / packet too big).
+        let mut writer = s.try_clone().unwrap();
+        const TOTAL: usize = 1 << 20;
+        let sender = std::thread::spawn(move || {
+            use std::io::Write;
+            let chunk = vec![0x42u8; 64 << 10];
+            for _ in 0..TOTAL / chunk.len() {
+                writer.write_all(&chunk).unwrap();
+            }
+        });
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = vec![0u8; TOTAL];
+        std::io::Read::read_exact(&mut s, &mut got).unwrap_or_else(|e| {
+            panic!(
+                "{to}: the echo stalled ({e}): path MTU discovery failed; counters: {:?}",
+                lab.counters().0
+            )
+        });
+        sender.join().unwrap();
+        assert!(got.iter().all(|b| *b == 0x42));
+        let related = lab.count("allowed", "RELATED", "ingress") - related_before;
+        assert!(
+            related >= 1,
+            "{to}: the node's ICMP error passed as RELATED"
+        );
+        eprintln!(
+            "{to}: 1 MiB echoed over a 1280-byte hop; {related} ICMP errors passed as RELATED"
+        );
+    }
+}
+
+/// Starts `netpol observe` on the lab for the first verdict matching `filter`.
+fn observer(lab: &Lab, filter: &[&str]) -> std::process::Child {
+    Command::new(NETPOL)
+        .args(["observe", "--lab", &lab.name, "--count", "1", "-o", "json"])
+        .args(filter)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Repeats `act` until the observer has its verdict (the verdict itself is the signal
+/// that it subscribed in time), at most `tries` times; returns the verdict.
+fn observe_while(
+    lab: &Lab,
+    mut obs: std::process::Child,
+    tries: usize,
+    mut act: impl FnMut(),
+) -> Value {
+    for _ in 0..tries {
+        act();
+        if obs.try_wait().unwrap().is_some() {
+            let out = obs.wait_with_output().unwrap();
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+    }
+    let _ = obs.kill();
+    panic!("no verdict reached `netpol observe`\n{}", lab.logs());
+}
+
+/// A TCP connection from the node itself (a kubelet probe) to a pod's port 80.
+fn from_node(lab: &Lab, to: std::net::IpAddr) -> bool {
+    let node = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    in_netns(&node, move || {
+        std::net::TcpStream::connect_timeout(&(to, 80).into(), std::time::Duration::from_secs(1))
+            .is_ok()
+    })
+}
+
+/// Kubelet probes (from the node's address) reach pods under default deny, and are
+/// visible as allows (sampled) like any other verdict; with --deny-host-traffic they
+/// are judged by policy, dropped, and reported.
+#[test]
+fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "host",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--sample-allows=1"],
+    );
+    lab.wait();
+    let a = lab.pod("x/a");
+    let obs = observer(&lab, &["--verdict", "allowed", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || {
+        assert!(from_node(&lab, a.v4), "the node reaches x/a")
+    });
+    assert_eq!(
+        (v["reason"].as_str(), v["direction"].as_str()),
+        (Some("HOST_TRAFFIC"), Some("ingress"))
+    );
+    assert!(from_node(&lab, a.v6), "over IPv6 too");
+    assert_eq!(
+        lab.result(80, "TCP", "x/b", "x/a"),
+        "timeout",
+        "pods are still denied"
+    );
+    drop(lab);
+
+    let lab = Lab::up_with(
+        "nohost",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--deny-host-traffic"],
+    );
+    lab.wait();
+    let a = lab.pod("x/a");
+    let obs = observer(&lab, &["--verdict", "dropped", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || assert!(!from_node(&lab, a.v4)));
+    assert_eq!(v["reason"].as_str(), Some("POLICY_DENIED"));
+}
+
+/// Node-wide audit: what default deny would drop passes, reported as AUDIT once per
+/// connection; the exact counters say how much would have been dropped.
+#[test]
+fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up_with(
+        "audit",
+        &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
+        &["--audit"],
+    );
+    lab.wait();
+    let obs = observer(&lab, &["--verdict", "audit", "--pod", "x/a"]);
+    let v = observe_while(&lab, obs, 10, || {
+        assert_eq!(
+            lab.result(80, "TCP", "x/b", "x/a"),
+            "connected",
+            "audit does not drop"
+        );
+    });
+    assert_eq!(
+        (
+            v["reason"].as_str(),
+            v["direction"].as_str(),
+            v["src"].as_str()
+        ),
+        (Some("POLICY_DENIED"), Some("ingress"), Some("x/b"))
+    );
+    assert!(lab.count("audit", "POLICY_DENIED", "ingress") >= 1);
+    assert_eq!(lab.count("dropped", "POLICY_DENIED", "ingress"), 0);
+}
+
+/// A peer relabelled out of the allowing selector loses its established connection,
+/// though the server's own policy entries do not change (another pod keeps the label):
+/// the map epoch the agent bumps after the sync has the connection judged again.
+#[test]
+fn a_peer_relabelled_out_of_an_allow_loses_its_established_connection() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let twin = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: x, labels: {app: b}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
+"#;
+    let lab = Lab::up(
+        "relab",
+        &[
+            ("pods.yaml", PODS),
+            ("twin.yaml", twin),
+            ("deny.yaml", DENY_X),
+            ("allow.yaml", ALLOW_B_TO_A),
+        ],
+    );
+    lab.wait();
+    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+    let one_sec = std::time::Duration::from_secs(1);
+    let mut s = connect(&b.netns, a.v4);
+    assert!(echo(&mut s, b"before\n", one_sec));
+    lab.write(
+        "pods.yaml",
+        &PODS.replace(
+            "metadata: {name: b, namespace: x, labels: {app: b}}",
+            "metadata: {name: b, namespace: x, labels: {app: z}}",
+        ),
+    );
+    lab.wait();
+    assert!(!echo(&mut s, b"after\n", one_sec), "cut");
+    assert!(lab.count("dropped", "POLICY_REVOKED", "ingress") >= 1);
+    assert_eq!(
+        lab.result(80, "TCP", "x/d", "x/a"),
+        "connected",
+        "the twin keeps its access"
+    );
 }

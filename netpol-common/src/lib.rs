@@ -10,7 +10,7 @@
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
-pub const PIN_VERSION: &str = "v1";
+pub const PIN_VERSION: &str = "v2";
 
 /// Map names, shared by both sides.
 pub mod map {
@@ -22,6 +22,8 @@ pub mod map {
     pub const EVENTS: &str = "NP_EVENTS";
     pub const COUNTERS: &str = "NP_COUNTERS";
     pub const CONFIG: &str = "NP_CONFIG";
+    pub const FRAGMENTS: &str = "NP_FRAGMENTS";
+    pub const EVENT_BUCKETS: &str = "NP_EVENT_BUCKETS";
 }
 
 /// Program names (the functions in netpol-ebpf).
@@ -39,6 +41,8 @@ pub mod capacity {
     pub const CIDRS: u32 = 16384;
     pub const POLICY: u32 = 262144;
     pub const CONNTRACK: u32 = 262144;
+    /// First-fragment verdicts kept for the later fragments of a datagram.
+    pub const FRAGMENTS: u32 = 8192;
     /// Bytes of the event ring buffer (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
 }
@@ -92,6 +96,11 @@ pub mod reason {
     pub const NOT_ISOLATED: u16 = 9;
     /// Allowed: from the node itself to a local pod.
     pub const HOST_TRAFFIC: u16 = 10;
+    /// Allowed: a later fragment of a datagram whose first fragment was allowed.
+    pub const FRAGMENT: u16 = 11;
+    /// Allowed: an ICMP error (unreachable, too big, time exceeded, parameter problem)
+    /// quoting a packet of a tracked connection.
+    pub const RELATED: u16 = 12;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 
@@ -108,6 +117,8 @@ pub mod reason {
             POLICY_ALLOWED => "POLICY_ALLOWED",
             NOT_ISOLATED => "NOT_ISOLATED",
             HOST_TRAFFIC => "HOST_TRAFFIC",
+            FRAGMENT => "FRAGMENT",
+            RELATED => "RELATED",
             _ => "UNKNOWN",
         }
     }
@@ -118,6 +129,19 @@ pub const fn counter_index(verdict: u8, reason: u16, direction: u8) -> u32 {
     ((verdict as u32) * (reason::COUNT as u32) + reason as u32) * 2 + direction as u32
 }
 pub const COUNTERS_LEN: u32 = counter_index(3, 0, 0);
+
+/// Slots of `NP_COUNTERS` after the verdict counters: what happened to events.
+pub mod event_counter {
+    use super::COUNTERS_LEN;
+    /// Events not written because the endpoint's token bucket was empty.
+    pub const RATE_LIMITED: u32 = COUNTERS_LEN;
+    /// Events not written because the ring buffer was full.
+    pub const RING_FULL: u32 = COUNTERS_LEN + 1;
+    /// Events written.
+    pub const SENT: u32 = COUNTERS_LEN + 2;
+}
+/// Entries of the `NP_COUNTERS` per-CPU array.
+pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 3;
 
 /// IP protocol numbers the classifier knows.
 pub mod proto {
@@ -251,9 +275,10 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
     /// `ct_flags::*`: which checks of the connection already passed.
     pub flags: u32,
-    /// Revision of the originating endpoint when its egress was allowed (0: not local).
+    /// [`ct_stamp`] of the originating endpoint's revision when its egress was allowed
+    /// (0: not checked here).
     pub egress_revision: u32,
-    /// Revision of the destination endpoint when its ingress was allowed (0: not local).
+    /// [`ct_stamp`] of the destination endpoint's revision when its ingress was allowed.
     pub ingress_revision: u32,
     pub _pad: u32,
 }
@@ -264,9 +289,78 @@ pub mod ct_flags {
     pub const EGRESS_OK: u32 = 1;
     /// The destination's ingress policy allowed the connection.
     pub const INGRESS_OK: u32 = 2;
-    /// A packet in the reply direction was seen.
+    /// A packet in the reply direction was seen (TCP: the connection is established).
     pub const SEEN_REPLY: u32 = 4;
+    /// `EGRESS_OK` was granted by audit mode only (the policy would have dropped it).
+    pub const EGRESS_AUDIT: u32 = 8;
+    /// `INGRESS_OK` was granted by audit mode only.
+    pub const INGRESS_AUDIT: u32 = 16;
+    /// TCP: a FIN from the originator was seen.
+    pub const FIN_ORIG: u32 = 32;
+    /// TCP: a FIN from the replier was seen.
+    pub const FIN_REPLY: u32 = 64;
+    /// TCP: a RST was seen.
+    pub const RST: u32 = 128;
 }
+
+/// Default conntrack idle timeouts in seconds (`Config` fields of 0 mean these).
+pub mod ct_timeout {
+    /// TCP before a reply was seen (SYN sent).
+    pub const TCP_SYN: u64 = 60;
+    /// TCP after a reply, until FIN from both sides or a RST.
+    pub const TCP_ESTABLISHED: u64 = 21600;
+    /// TCP after FIN from both sides or a RST.
+    pub const TCP_CLOSE: u64 = 10;
+    /// UDP, SCTP and any other protocol.
+    pub const UDP: u64 = 60;
+    /// ICMP and ICMPv6 echo.
+    pub const ICMP: u64 = 30;
+    /// How long a first fragment's verdict waits for the later fragments (as
+    /// Linux's `ipfrag_time`).
+    pub const FRAGMENT: u64 = 30;
+}
+
+/// `NP_FRAGMENTS` key: one IP datagram at one hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    /// IPv4: the 16-bit identification; IPv6: the fragment header's identification.
+    pub id: u32,
+    /// The host veth the datagram crosses (each hook keeps its own verdict).
+    pub ifindex: u32,
+    /// IPv4 protocol, or the fragment header's next header (IPv6).
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 44);
+
+/// `NP_FRAGMENTS` value: the verdict of the datagram's first fragment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    pub last_seen_ns: u64,
+    /// `verdict::ALLOWED` or `verdict::DROPPED` (before audit mode).
+    pub verdict: u8,
+    pub _pad: u8,
+    pub reason: u16,
+    pub cookie: u32,
+    pub peer_identity: u32,
+    pub _pad2: u32,
+}
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 24);
+
+/// `NP_EVENT_BUCKETS` value (keyed by host veth ifindex): one endpoint's token bucket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBucket {
+    pub last_ns: u64,
+    /// Tokens in billionths of an event (one event costs 1e9).
+    pub tokens: u64,
+}
+const _: () = assert!(core::mem::size_of::<EventBucket>() == 16);
 
 /// One ring-buffer record per reported verdict.
 #[repr(C)]
@@ -298,25 +392,57 @@ pub struct Event {
 }
 const _: () = assert!(core::mem::size_of::<Event>() == 80);
 
-/// `NP_CONFIG` (array of one): node-wide switches.
+/// `NP_CONFIG` (array of one): node-wide switches. All zero is a valid configuration:
+/// default timeouts, no event limit, no sampling, no host allowance.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// `config_flags::*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Events per second per endpoint (token bucket refill); 0: no limit.
+    pub event_rate: u32,
+    /// Events an endpoint may send in a burst (bucket size); 0: same as `event_rate`.
+    pub event_burst: u32,
+    /// Report one in this many newly allowed connections; 0: none.
+    pub sample_allows: u32,
     /// The node's own address on the pod network (the bridge), v4-mapped.
     pub host_ipv4: Addr,
     pub host_ipv6: Addr,
+    /// Conntrack idle timeouts in nanoseconds; 0: the default in [`ct_timeout`].
+    pub ct_tcp_syn_ns: u64,
+    pub ct_tcp_established_ns: u64,
+    pub ct_tcp_close_ns: u64,
+    pub ct_udp_ns: u64,
+    pub ct_icmp_ns: u64,
+    /// Bumped by the agent after every sync that changed a map. Conntrack entries record
+    /// it beside the endpoint's revision, so a change anywhere (a peer's identity in the
+    /// ipcache, say, which no endpoint revision covers) has every connection judged again
+    /// at its next packet, against the maps as they are once the sync is complete.
+    pub epoch: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 96);
+
+/// What a conntrack entry records for a passed check: the endpoint's policy revision
+/// combined with the node's map epoch (equal to the revision while the epoch is 0).
+#[inline(always)]
+pub const fn ct_stamp(revision: u32, epoch: u32) -> u32 {
+    revision ^ epoch.wrapping_mul(0x9e37_79b1)
+}
 
 pub mod config_flags {
     /// Allow traffic from the node's own addresses to local pods (kubelet probes).
     pub const ALLOW_HOST: u32 = 1;
     /// Audit everything node-wide.
     pub const AUDIT: u32 = 2;
+    /// Keep established connections when a policy change no longer allows them.
+    pub const KEEP_ESTABLISHED: u32 = 4;
+    /// Report every verdict, allowed ones included (tests and debugging; heavy).
+    pub const TRACE: u32 = 8;
 }
+
+/// Caps of the token bucket, so that its arithmetic cannot overflow.
+pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
 #[cfg(feature = "user")]
 mod user {
@@ -330,4 +456,7 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragEntry {}
+    unsafe impl aya::Pod for EventBucket {}
 }

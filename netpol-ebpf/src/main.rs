@@ -1,11 +1,15 @@
 //! The netpol classifier, attached to both sides of every local pod's host veth.
 //!
-//! One straight pipeline per packet:
-//!   parse → (egress: anti-spoofing) → conntrack (forward, then reverse tuple)
-//!         → peer identity (ipcache, CIDR trie) → policy lookups → verdict → counters/event
+//! One straight pipeline per packet (numbered in [`pipeline`]):
+//!   parse → (egress: anti-spoofing) → later fragments: first fragment's verdict
+//!         → ICMP errors about tracked connections → conntrack (forward, then reverse
+//!         tuple; revision and audit checks) → host traffic → peer identity (ipcache,
+//!         CIDR trie) → policy lookups → verdict → counters → event (token bucket)
 //! `from_pod` (TC ingress of the host veth) judges the pod's egress, `to_pod` (TC
 //! egress of the host veth) its ingress. The precedence of policy hits is
 //! `netpol_common::policy::decide`, the same function the agent's lookup uses.
+//!
+//! Needs Linux 5.8 (BPF ring buffer); see docs/architecture.md for why not less.
 #![no_std]
 #![no_main]
 
@@ -13,17 +17,18 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use netpol_common::{
-    capacity, config_flags, counter_index, ct_flags, direction, endpoint_flags, identity,
-    policy::decide, policy::lookup_key, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey,
-    EndpointEntry, Event, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_LEN,
+    capacity, config_flags, counter_index, ct_flags, ct_stamp, ct_timeout, direction,
+    endpoint_flags, event_counter, identity, policy::decide, policy::lookup_key, proto, reason,
+    verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry, Event, EventBucket, FragEntry,
+    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
 };
-use parse::Packet;
+use parse::{frag, Packet};
 
 #[map(name = "NP_ENDPOINTS")]
 static ENDPOINTS: HashMap<u32, EndpointEntry> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
@@ -40,11 +45,19 @@ static POLICY: LpmTrie<PolicyKey, PolicyEntry> = LpmTrie::with_max_entries(capac
 #[map(name = "NP_CONNTRACK")]
 static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
 
+#[map(name = "NP_FRAGMENTS")]
+static FRAGMENTS: LruHashMap<FragKey, FragEntry> =
+    LruHashMap::with_max_entries(capacity::FRAGMENTS, 0);
+
 #[map(name = "NP_EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
 
+#[map(name = "NP_EVENT_BUCKETS")]
+static EVENT_BUCKETS: LruHashMap<u32, EventBucket> =
+    LruHashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
 #[map(name = "NP_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_MAP_LEN, 0);
 
 #[map(name = "NP_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -55,10 +68,13 @@ struct Scratch {
     ct: CtKey,
     addr: Key<Addr>,
     policy: Key<PolicyKey>,
+    frag: FragKey,
 }
 
 #[map(name = "NP_SCRATCH")]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const NS_PER_SEC: u64 = 1_000_000_000;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -71,8 +87,11 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 }
 
 /// What the pipeline decided, before it is turned into a TC action.
+#[derive(Clone, Copy)]
 struct Outcome {
     verdict: u8,
+    /// 1: report this allow (a sampled new connection).
+    report: u8,
     reason: u16,
     cookie: u32,
     peer_identity: u32,
@@ -82,6 +101,7 @@ impl Outcome {
     const fn allow(reason: u16) -> Self {
         Outcome {
             verdict: verdict::ALLOWED,
+            report: 0,
             reason,
             cookie: 0,
             peer_identity: 0,
@@ -90,6 +110,7 @@ impl Outcome {
     const fn drop(reason: u16) -> Self {
         Outcome {
             verdict: verdict::DROPPED,
+            report: 0,
             reason,
             cookie: 0,
             peer_identity: 0,
@@ -109,74 +130,377 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_SHOT; // cannot happen for an array; never fail open
     };
-    let (out, pkt) = match parse::parse(ctx) {
-        Ok(Some(p)) => (pipeline(ep, config, dir, &p), p),
-        Ok(None) => return TC_ACT_OK, // not IP (ARP) or neighbour discovery
-        Err(code) => (Outcome::drop(code), Packet::default()),
+    let mut pkt = Packet {
+        dir,
+        ..Packet::default()
     };
-    finish(ctx, ep, config, dir, &pkt, out)
+    let mut out = Outcome::drop(reason::NONE);
+    match parse::parse(ctx, &mut pkt) {
+        parse::PARSED => pipeline(ctx, ep, config, &pkt, &mut out),
+        parse::SKIP => return TC_ACT_OK, // not IP, or IPv6 neighbour discovery / MLD
+        code => out = Outcome::drop(code),
+    }
+    finish(ctx, ep, config, &pkt, out)
 }
 
+#[inline(always)]
+fn audit_mode(ep: &EndpointEntry, config: &Config) -> bool {
+    (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0)
+}
+
+/// The conntrack flag recording that the check in direction `jdir` passed.
+#[inline(always)]
+fn ok_flag(jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        ct_flags::EGRESS_OK
+    } else {
+        ct_flags::INGRESS_OK
+    }
+}
+
+/// The conntrack flag recording that the check in `jdir` passed by audit mode only.
+#[inline(always)]
+fn audit_flag(jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        ct_flags::EGRESS_AUDIT
+    } else {
+        ct_flags::INGRESS_AUDIT
+    }
+}
+
+#[inline(always)]
+fn opposite(dir: u8) -> u8 {
+    if dir == direction::EGRESS {
+        direction::INGRESS
+    } else {
+        direction::EGRESS
+    }
+}
+
+/// The pipeline, in order:
+///  1. anti-spoofing (egress): the source must be one of the pod's addresses
+///  2. later fragments follow their first fragment's verdict
+///  3. ICMP errors quoting a tracked connection pass
+///  4. conntrack, forward tuple then reverse tuple; a live entry passes unless the
+///     endpoint's policy revision changed since (revocation) or audit ended
+///  5. host traffic, then policy (`verdict_of`)
+///  6. a first fragment's verdict is remembered for the rest of its datagram
 #[inline(never)]
-fn pipeline(ep: &EndpointEntry, config: &Config, dir: u8, pkt: &Packet) -> Outcome {
-    if dir == direction::EGRESS && !source_is_own(ep, pkt) {
-        return Outcome::drop(reason::SPOOFED_SOURCE);
+fn pipeline(ctx: &TcContext, ep: &EndpointEntry, config: &Config, pkt: &Packet, out: &mut Outcome) {
+    if pkt.dir == direction::EGRESS && !source_is_own(ep, pkt) {
+        *out = Outcome::drop(reason::SPOOFED_SOURCE);
+        return;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return Outcome::drop(reason::NONE); // cannot happen for an array; never fail open
+        *out = Outcome::drop(reason::NONE); // cannot happen for an array; never fail open
+        return;
     };
     // SAFETY: per-CPU scratch, used by this program run only.
     let scratch = unsafe { &mut *scratch };
-    pkt.fill_ct_key(&mut scratch.ct);
     let now = unsafe { bpf_ktime_get_ns() };
-    // The check this hook performs, and the one the other side performed.
-    let (mine, theirs) = if dir == direction::EGRESS {
-        (ct_flags::EGRESS_OK, ct_flags::INGRESS_OK)
-    } else {
-        (ct_flags::INGRESS_OK, ct_flags::EGRESS_OK)
-    };
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.ct) {
-        // SAFETY: pointer into the map value, valid for this run.
-        unsafe {
-            if (*entry).flags & mine != 0 {
-                (*entry).last_seen_ns = now;
-                return Outcome::allow(reason::CONNTRACK);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if pkt.frag != frag::NONE {
+        scratch.frag = FragKey {
+            saddr: pkt.saddr,
+            daddr: pkt.daddr,
+            id: pkt.frag_id,
+            ifindex,
+            protocol: pkt.frag_proto,
+            direction: pkt.dir,
+            _pad: [0; 2],
+        };
+    }
+    if pkt.frag == frag::LATER {
+        *out = match FRAGMENTS.get_ptr(&scratch.frag) {
+            // SAFETY: pointer into the map value, valid for this run.
+            Some(f)
+                if now.saturating_sub(unsafe { (*f).last_seen_ns })
+                    <= ct_timeout::FRAGMENT * NS_PER_SEC =>
+            unsafe {
+                Outcome {
+                    verdict: (*f).verdict,
+                    report: 0,
+                    reason: if (*f).verdict == verdict::ALLOWED {
+                        reason::FRAGMENT
+                    } else {
+                        (*f).reason
+                    },
+                    cookie: (*f).cookie,
+                    peer_identity: (*f).peer_identity,
+                }
+            },
+            _ => Outcome::drop(reason::FRAGMENT_UNKNOWN),
+        };
+        return;
+    }
+    stages(ctx, scratch, ep, config, pkt, out, now);
+    if pkt.frag == frag::FIRST {
+        let entry = FragEntry {
+            last_seen_ns: now,
+            verdict: out.verdict,
+            _pad: 0,
+            reason: out.reason,
+            cookie: out.cookie,
+            peer_identity: out.peer_identity,
+            _pad2: 0,
+        };
+        // A full table evicts the oldest datagram; its later fragments then drop.
+        let _ = FRAGMENTS.insert(&scratch.frag, &entry, 0);
+    }
+}
+
+/// Steps 3 to 5 of the pipeline.
+#[inline(always)]
+fn stages(
+    ctx: &TcContext,
+    scratch: &mut Scratch,
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    out: &mut Outcome,
+    now: u64,
+) {
+    let dir = pkt.dir;
+    // This hook's check, and the one the other side of the connection performed.
+    let (mine, theirs) = (ok_flag(dir), ok_flag(opposite(dir)));
+
+    // 3. An ICMP error travels against the packet it quotes: the quoted tuple as it is
+    // names the connection's original direction when that packet was the originator's.
+    if pkt.icmp == parse::icmp::ERROR {
+        match parse::parse_quoted(ctx, pkt, &mut scratch.ct) {
+            // The quoted packet was sent by whom the error is for.
+            parse::PARSED if scratch.ct.saddr == pkt.daddr => {
+                if let Some(e) = ct_live(&scratch.ct, config, now) {
+                    // SAFETY: pointer into the map value, valid for this run.
+                    if unsafe { (*e).flags } & theirs != 0 {
+                        *out = Outcome::allow(reason::RELATED);
+                        return;
+                    }
+                }
+                scratch.ct.reverse();
+                if let Some(e) = ct_live(&scratch.ct, config, now) {
+                    if unsafe { (*e).flags } & mine != 0 {
+                        *out = Outcome::allow(reason::RELATED);
+                        return;
+                    }
+                }
+            }
+            parse::PARSED | parse::SKIP => {}
+            code => {
+                *out = Outcome::drop(code);
+                return;
             }
         }
     }
+
+    // 4. Conntrack. A packet in the original direction needs this hook's check; a
+    // reply needs the check that was made on this endpoint's side of the original.
+    pkt.fill_ct_key(&mut scratch.ct);
+    if let Some(e) = ct_live(&scratch.ct, config, now) {
+        if unsafe { (*e).flags } & mine != 0 {
+            established(ep, config, pkt, false, e, out, now);
+            return;
+        }
+    }
     scratch.ct.reverse();
-    if let Some(entry) = CONNTRACK.get_ptr_mut(&scratch.ct) {
-        // A reply: pass when the hop on this endpoint's side of the original allowed it.
-        unsafe {
-            if (*entry).flags & theirs != 0 {
-                (*entry).last_seen_ns = now;
-                (*entry).flags |= ct_flags::SEEN_REPLY;
-                return Outcome::allow(reason::CONNTRACK);
-            }
+    if let Some(e) = ct_live(&scratch.ct, config, now) {
+        if unsafe { (*e).flags } & theirs != 0 {
+            established(ep, config, pkt, true, e, out, now);
+            return;
         }
     }
     scratch.ct.reverse();
 
-    let peer = if dir == direction::EGRESS {
+    // 5. A new connection (or one whose state expired): policy.
+    verdict_of(ep, config, pkt, false, out);
+    if pkt.icmp != parse::icmp::TRACKED {
+        // ICMP errors and other messages are no connection of their own.
+    } else if out.verdict == verdict::ALLOWED {
+        remember(
+            &scratch.ct,
+            dir,
+            ct_stamp(ep.revision, config.epoch),
+            0,
+            now,
+        );
+        if config.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % config.sample_allows == 0
+        {
+            out.report = 1;
+        }
+    } else if out.reason == reason::POLICY_DENIED && audit_mode(ep, config) {
+        // Audit lets the connection through; it is reported once, and enforced again as
+        // soon as audit ends (the entry says the check passed by audit only).
+        remember(
+            &scratch.ct,
+            dir,
+            ct_stamp(ep.revision, config.epoch),
+            audit_flag(dir),
+            now,
+        );
+    }
+}
+
+/// A packet of a tracked connection whose check on this endpoint's side passed:
+/// passes, unless the endpoint's policy changed since (revocation) or the pass was
+/// granted by an audit mode that has ended; then the connection is judged again.
+#[inline(always)]
+fn established(
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    reply: bool,
+    e: *mut CtEntry,
+    out: &mut Outcome,
+    now: u64,
+) {
+    // The direction in which this endpoint's check of the connection was made.
+    let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
+    let audit = audit_mode(ep, config);
+    let stamp = ct_stamp(ep.revision, config.epoch);
+    // SAFETY: pointer into the map value, valid for this run; concurrent writers on
+    // other CPUs can only make fields stale, never invalid.
+    unsafe {
+        let revision = if jdir == direction::EGRESS {
+            (*e).egress_revision
+        } else {
+            (*e).ingress_revision
+        };
+        let audited = (*e).flags & audit_flag(jdir) != 0;
+        let current = revision == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+        if current && (!audited || audit) {
+            ct_touch(e, pkt, reply, now);
+            *out = Outcome::allow(reason::CONNTRACK);
+            return;
+        }
+        verdict_of(ep, config, pkt, reply, out);
+        if out.verdict == verdict::ALLOWED {
+            set_revision(e, jdir, stamp);
+            (*e).flags &= !audit_flag(jdir);
+            ct_touch(e, pkt, reply, now);
+            return;
+        }
+        if !audited {
+            out.reason = reason::POLICY_REVOKED;
+        }
+        if audit {
+            // Reported once as AUDIT, then quiet until the policy changes again.
+            set_revision(e, jdir, stamp);
+            (*e).flags |= audit_flag(jdir);
+            ct_touch(e, pkt, reply, now);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn set_revision(e: *mut CtEntry, jdir: u8, revision: u32) {
+    if jdir == direction::EGRESS {
+        (*e).egress_revision = revision;
+    } else {
+        (*e).ingress_revision = revision;
+    }
+}
+
+/// Idle timeout of a connection in its current state.
+#[inline(always)]
+fn timeout_ns(config: &Config, protocol: u8, flags: u32) -> u64 {
+    let (configured, default) = match protocol {
+        proto::TCP => {
+            if flags & ct_flags::RST != 0
+                || flags & (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
+                    == ct_flags::FIN_ORIG | ct_flags::FIN_REPLY
+            {
+                (config.ct_tcp_close_ns, ct_timeout::TCP_CLOSE)
+            } else if flags & ct_flags::SEEN_REPLY != 0 {
+                (config.ct_tcp_established_ns, ct_timeout::TCP_ESTABLISHED)
+            } else {
+                (config.ct_tcp_syn_ns, ct_timeout::TCP_SYN)
+            }
+        }
+        proto::ICMP | proto::ICMPV6 => (config.ct_icmp_ns, ct_timeout::ICMP),
+        _ => (config.ct_udp_ns, ct_timeout::UDP),
+    };
+    if configured != 0 {
+        configured
+    } else {
+        default * NS_PER_SEC
+    }
+}
+
+/// The conntrack entry for `key` unless it has timed out (an expired entry is removed
+/// and is a miss).
+#[inline(always)]
+fn ct_live(key: &CtKey, config: &Config, now: u64) -> Option<*mut CtEntry> {
+    let e = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer into the map value, valid for this run.
+    let (last, flags) = unsafe { ((*e).last_seen_ns, (*e).flags) };
+    if now.saturating_sub(last) > timeout_ns(config, key.protocol, flags) {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
+    Some(e)
+}
+
+/// Advances the TCP state and the idle clock of a connection for one of its packets.
+#[inline(always)]
+unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u64) {
+    let mut flags = (*e).flags;
+    if pkt.protocol == proto::TCP {
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        let closing = ct_flags::RST | ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
+        if !reply && pkt.tcp_flags & (SYN | ACK) == SYN && flags & closing != 0 {
+            // A new connection reusing the tuple of a closed one.
+            flags &= !(closing | ct_flags::SEEN_REPLY);
+        }
+        if pkt.tcp_flags & RST != 0 {
+            flags |= ct_flags::RST;
+        }
+        if pkt.tcp_flags & FIN != 0 {
+            flags |= if reply {
+                ct_flags::FIN_REPLY
+            } else {
+                ct_flags::FIN_ORIG
+            };
+        }
+    }
+    if reply {
+        flags |= ct_flags::SEEN_REPLY;
+    }
+    (*e).flags = flags;
+    (*e).last_seen_ns = now;
+}
+
+/// Judges the connection `pkt` belongs to, in its original direction, at endpoint `ep`:
+/// host traffic, then policy. `reply`: `pkt` travels against the original direction.
+#[inline(never)]
+fn verdict_of(ep: &EndpointEntry, config: &Config, pkt: &Packet, reply: bool, out: &mut Outcome) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        *out = Outcome::drop(reason::NONE);
+        return;
+    };
+    // SAFETY: per-CPU scratch; the caller's conntrack key is not touched here.
+    let scratch = unsafe { &mut *scratch };
+    let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
+    let peer = if pkt.dir == direction::EGRESS {
         &pkt.daddr
     } else {
         &pkt.saddr
     };
-    let out = if dir == direction::INGRESS
+    let port = if reply { pkt.sport } else { pkt.dport };
+    if jdir == direction::INGRESS
         && config.flags & config_flags::ALLOW_HOST != 0
         && is_host(config, peer)
     {
-        Outcome {
+        *out = Outcome {
             peer_identity: identity::HOST,
             ..Outcome::allow(reason::HOST_TRAFFIC)
-        }
-    } else {
-        policy(scratch, ep, dir, peer, pkt)
-    };
-    if out.verdict == verdict::ALLOWED {
-        remember(&scratch.ct, mine, ep.revision, dir, now);
+        };
+        return;
     }
-    out
+    policy(scratch, ep, jdir, peer, pkt.protocol, port, out);
 }
 
 #[inline(always)]
@@ -185,8 +509,10 @@ fn policy(
     ep: &EndpointEntry,
     dir: u8,
     peer: &Addr,
-    pkt: &Packet,
-) -> Outcome {
+    protocol: u8,
+    port: u16,
+    out: &mut Outcome,
+) {
     scratch.addr = Key::new(128, *peer);
     let peer_identity = match IPCACHE.get(&scratch.addr) {
         Some(e) => e.identity,
@@ -206,7 +532,7 @@ fn policy(
     if isolated {
         scratch.policy = Key::new(
             PolicyKey::FULL_BITS,
-            lookup_key(ep.id, dir, peer_identity, pkt.protocol, pkt.dport),
+            lookup_key(ep.id, dir, peer_identity, protocol, port),
         );
         hits[0] = POLICY.get(&scratch.policy).copied();
         if cidr_identity != identity::ANY {
@@ -217,39 +543,39 @@ fn policy(
         hits[2] = POLICY.get(&scratch.policy).copied();
     }
     let d = decide(isolated, hits);
-    Outcome {
+    *out = Outcome {
         verdict: if d.allowed {
             verdict::ALLOWED
         } else {
             verdict::DROPPED
         },
+        report: 0,
         reason: d.reason,
         cookie: d.cookie,
         peer_identity,
-    }
+    };
 }
 
-/// Records that this hook's check passed for the connection `key` belongs to.
+/// Records that the check in direction `jdir` passed for the connection `key` names
+/// (`audited`: by audit mode only).
 #[inline(always)]
-fn remember(key: &CtKey, mine: u32, revision: u32, dir: u8, now: u64) {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, now: u64) {
+    let ok = ok_flag(jdir);
+    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: pointer into the map value, valid for this run.
         unsafe {
-            (*entry).flags |= mine;
-            (*entry).last_seen_ns = now;
-            if dir == direction::EGRESS {
-                (*entry).egress_revision = revision;
-            } else {
-                (*entry).ingress_revision = revision;
-            }
+            (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | audited;
+            (*e).last_seen_ns = now;
+            set_revision(e, jdir, revision);
         }
         return;
     }
     let mut entry = CtEntry {
         last_seen_ns: now,
-        flags: mine,
+        flags: ok | audited,
         ..CtEntry::default()
     };
-    if dir == direction::EGRESS {
+    if jdir == direction::EGRESS {
         entry.egress_revision = revision;
     } else {
         entry.ingress_revision = revision;
@@ -275,25 +601,28 @@ fn is_host(config: &Config, addr: &Addr) -> bool {
 }
 
 #[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
 fn finish(
     ctx: &TcContext,
     ep: &EndpointEntry,
     config: &Config,
-    dir: u8,
     pkt: &Packet,
     mut out: Outcome,
 ) -> i32 {
-    let audit =
-        (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0);
-    if out.verdict == verdict::DROPPED && audit {
+    if out.verdict == verdict::DROPPED && audit_mode(ep, config) {
         out.verdict = verdict::AUDIT;
     }
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter_index(out.verdict, out.reason, dir)) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-        unsafe { *slot += 1 };
-    }
-    if out.verdict != verdict::ALLOWED {
-        report(ctx, ep, dir, pkt, &out);
+    count(counter_index(out.verdict, out.reason, pkt.dir));
+    if out.verdict != verdict::ALLOWED || out.report != 0 || config.flags & config_flags::TRACE != 0
+    {
+        report(ctx, ep, pkt, &out);
     }
     if out.verdict == verdict::DROPPED {
         TC_ACT_SHOT
@@ -302,11 +631,73 @@ fn finish(
     }
 }
 
-#[inline(never)]
-fn report(ctx: &TcContext, ep: &EndpointEntry, dir: u8, pkt: &Packet, out: &Outcome) {
-    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        return; // ring full: the counters still hold the exact count
+/// Takes one token from the endpoint's event bucket; `false` when it is empty.
+#[inline(always)]
+fn take_token(ifindex: u32, now: u64) -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return false;
     };
+    let rate = config.event_rate as u64;
+    if rate == 0 {
+        return true;
+    }
+    let rate = if rate > MAX_EVENT_RATE as u64 {
+        MAX_EVENT_RATE as u64
+    } else {
+        rate
+    };
+    let burst = match config.event_burst as u64 {
+        0 => rate,
+        b if b > MAX_EVENT_RATE as u64 => MAX_EVENT_RATE as u64,
+        b => b,
+    };
+    let cap = burst * NS_PER_SEC;
+    let Some(b) = EVENT_BUCKETS.get_ptr_mut(&ifindex) else {
+        let fresh = EventBucket {
+            last_ns: now,
+            tokens: cap - NS_PER_SEC,
+        };
+        let _ = EVENT_BUCKETS.insert(&ifindex, &fresh, 0);
+        return true;
+    };
+    // SAFETY: pointer into the map value, valid for this run. CPUs race on the bucket;
+    // a lost update can only let a few more events through, never fewer.
+    unsafe {
+        let elapsed = now.saturating_sub((*b).last_ns);
+        // elapsed * rate < cap <= 1e15 when it is computed: no overflow.
+        let mut tokens = if elapsed >= cap / rate {
+            cap
+        } else {
+            (*b).tokens + elapsed * rate
+        };
+        if tokens > cap {
+            tokens = cap;
+        }
+        (*b).last_ns = now;
+        if tokens >= NS_PER_SEC {
+            (*b).tokens = tokens - NS_PER_SEC;
+            true
+        } else {
+            (*b).tokens = tokens;
+            false
+        }
+    }
+}
+
+#[inline(never)]
+fn report(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if !take_token(ifindex, now) {
+        count(event_counter::RATE_LIMITED);
+        return;
+    }
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        count(event_counter::RING_FULL); // the verdict counters still hold the exact count
+        return;
+    };
+    let dir = pkt.dir;
     let (src_identity, dst_identity) = if dir == direction::EGRESS {
         (ep.identity, out.peer_identity)
     } else {
@@ -317,8 +708,8 @@ fn report(ctx: &TcContext, ep: &EndpointEntry, dir: u8, pkt: &Packet, out: &Outc
     let ev = slot.as_mut_ptr();
     // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
     unsafe {
-        (*ev).timestamp_ns = bpf_ktime_get_ns();
-        (*ev).ifindex = (*ctx.skb.skb).ifindex;
+        (*ev).timestamp_ns = now;
+        (*ev).ifindex = ifindex;
         (*ev).endpoint = ep.id;
         (*ev).src_identity = src_identity;
         (*ev).dst_identity = dst_identity;
@@ -338,6 +729,7 @@ fn report(ctx: &TcContext, ep: &EndpointEntry, dir: u8, pkt: &Packet, out: &Outc
         (*ev).daddr = pkt.daddr;
     }
     slot.submit(0);
+    count(event_counter::SENT);
 }
 
 #[cfg(not(test))]

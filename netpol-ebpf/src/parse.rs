@@ -1,20 +1,59 @@
-//! Header parsing that honours the wire: IPv4 options (IHL), a bounded walk of the
-//! IPv6 extension-header chain, and a drop reason for anything truncated or malformed.
+//! Header parsing that honours the wire: IPv4 options (IHL) and fragments, a bounded
+//! walk of the IPv6 extension-header chain, TCP/UDP/SCTP ports, ICMP/ICMPv6 echo ids
+//! and errors, and a drop reason for anything truncated or malformed.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
 use netpol_common::{proto, reason, v4_mapped, Addr, CtKey};
+
+/// `parse` result: the packet is not judged (not IP, neighbour discovery, MLD).
+pub const SKIP: u16 = u16::MAX;
+/// `parse` / `parse_quoted` result: parsed.
+pub const PARSED: u16 = 0;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 /// Extension headers walked before the upper layer must have been found.
-const MAX_IPV6_EXT: usize = 6;
+pub const MAX_IPV6_EXT: usize = 8;
+
+/// ICMP messages by how the classifier treats them.
+pub mod icmp {
+    /// Not ICMP, or an echo request/reply (tracked by its identifier like a port).
+    pub const TRACKED: u8 = 0;
+    /// An error quoting a packet at `l4 + 8`: passes when that packet's connection is
+    /// tracked, else judged; never creates state.
+    pub const ERROR: u8 = 1;
+    /// Any other message: judged by policy, never creates state.
+    pub const UNTRACKED: u8 = 2;
+}
+
+/// Where a packet stands in fragmentation.
+pub mod frag {
+    /// Not fragmented (IPv6 atomic fragments included).
+    pub const NONE: u8 = 0;
+    /// Offset 0, more fragments follow: judged on its ports, verdict remembered.
+    pub const FIRST: u8 = 1;
+    /// Offset > 0: no upper-layer header; follows the first fragment's verdict.
+    pub const LATER: u8 = 2;
+}
 
 #[derive(Clone, Copy, Default)]
 pub struct Packet {
     pub family: u8,
     pub protocol: u8,
     pub tcp_flags: u8,
+    /// `frag::*`.
+    pub frag: u8,
+    /// `icmp::*`: what kind of ICMP/ICMPv6 message this is, when it is one.
+    pub icmp: u8,
+    /// The hook's direction (`direction::*`), set by the caller.
+    pub dir: u8,
+    /// Offset of the upper-layer header from the start of the frame.
+    pub l4: u16,
+    /// Fragment identification; with `frag_proto`, keys the datagram.
+    pub frag_id: u32,
+    /// IPv4 protocol, or the next header of the IPv6 fragment header.
+    pub frag_proto: u8,
     pub saddr: Addr,
     pub daddr: Addr,
     /// Host order. ICMP echo: the identifier, in both ports (so replies reverse onto it).
@@ -34,57 +73,147 @@ impl Packet {
     }
 }
 
+/// Copies `size_of::<T>()` packet bytes at `off` into `dst`; `false` when the packet is
+/// too short. Results are written into initialised memory and parsing returns plain
+/// codes, not `Result<T, _>`: LLVM leaves the payload of an `Err` undefined, and the
+/// verifier rejects a read of the undefined register on merged paths.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T, u16> {
-    ctx.load::<T>(off).map_err(|_| reason::MALFORMED)
+fn read<T>(ctx: &TcContext, off: usize, dst: &mut T) -> bool {
+    // SAFETY: `dst` is valid for writes of its size; the helper bounds-checks the packet.
+    unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const c_void,
+            off as u32,
+            dst as *mut T as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+        ) == 0
+    }
 }
 
-/// `Ok(None)`: a packet the classifier does not judge (not IP, or IPv6 neighbour
-/// discovery, which the link needs to work at all).
+/// Reads into `$dst` or returns `MALFORMED` from the enclosing function.
+macro_rules! read_or_drop {
+    ($ctx:expr, $off:expr, $dst:expr) => {
+        if !read($ctx, $off, $dst) {
+            return reason::MALFORMED;
+        }
+    };
+}
+
+/// ICMP/ICMPv6 errors that quote the packet that caused them.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u16> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    let mut p = Packet::default();
+fn is_icmp_error(protocol: u8, kind: u8) -> bool {
+    if protocol == proto::ICMP {
+        // destination unreachable (incl. fragmentation needed), time exceeded,
+        // parameter problem
+        kind == 3 || kind == 11 || kind == 12
+    } else {
+        // destination unreachable, packet too big, time exceeded, parameter problem
+        (1..=4).contains(&kind)
+    }
+}
+
+/// Parses the frame into `p`. Returns [`PARSED`], [`SKIP`] (a packet the classifier
+/// does not judge: not IP, or IPv6 neighbour discovery / multicast listener messages,
+/// which the link needs to work at all), or a drop reason.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
+    let mut ethertype = [0u8; 2];
+    read_or_drop!(ctx, 12, &mut ethertype);
     let l4: usize;
-    let mut first_fragment = true;
-    match ethertype {
+    let mut hop_limit: u8 = 0;
+    match u16::from_be_bytes(ethertype) {
         ETH_P_IP => {
-            let vihl: u8 = load(ctx, ETH_HLEN)?;
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            if vihl >> 4 != 4 || ihl < 20 {
-                return Err(reason::MALFORMED);
+            // version/IHL .. destination: the fixed 20 bytes
+            let mut h = [0u8; 20];
+            read_or_drop!(ctx, ETH_HLEN, &mut h);
+            let ihl = ((h[0] & 0x0f) as usize) * 4;
+            if h[0] >> 4 != 4 || ihl < 20 {
+                return reason::MALFORMED;
             }
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            first_fragment = frag & 0x1fff == 0;
             p.family = 4;
-            p.protocol = load(ctx, ETH_HLEN + 9)?;
-            p.saddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
-            p.daddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
+            // The whole header, options included, must be there.
+            let mut last = 0u8;
+            read_or_drop!(ctx, ETH_HLEN + ihl - 1, &mut last);
+            let frag_word = u16::from_be_bytes([h[6], h[7]]);
+            let offset = frag_word & 0x1fff;
+            let more = frag_word & 0x2000 != 0;
+            p.protocol = h[9];
+            p.saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
+            p.daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+            if offset != 0 || more {
+                p.frag = if offset != 0 {
+                    frag::LATER
+                } else {
+                    frag::FIRST
+                };
+                p.frag_id = u16::from_be_bytes([h[4], h[5]]) as u32;
+                p.frag_proto = p.protocol;
+                // RFC 1858: a fragment at offset 8 can only serve to overwrite the TCP
+                // header of the first one.
+                if offset == 1 && p.protocol == proto::TCP {
+                    return reason::MALFORMED;
+                }
+            }
             l4 = ETH_HLEN + ihl;
         }
         ETH_P_IPV6 => {
+            let mut h = [0u8; 8];
+            read_or_drop!(ctx, ETH_HLEN, &mut h);
+            if h[0] >> 4 != 6 {
+                return reason::MALFORMED;
+            }
             p.family = 6;
-            p.saddr = load(ctx, ETH_HLEN + 8)?;
-            p.daddr = load(ctx, ETH_HLEN + 24)?;
-            let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+            hop_limit = h[7];
+            read_or_drop!(ctx, ETH_HLEN + 8, &mut p.saddr);
+            read_or_drop!(ctx, ETH_HLEN + 24, &mut p.daddr);
+            let mut next: u8 = h[6];
             let mut off = ETH_HLEN + 40;
             let mut found = false;
             for _ in 0..MAX_IPV6_EXT {
                 match next {
-                    // hop-by-hop, routing, destination options: (len + 1) * 8 bytes
-                    0 | 43 | 60 => {
-                        let hdr: [u8; 2] = load(ctx, off)?;
+                    // hop-by-hop, routing, destination options, mobility, HIP, shim6:
+                    // (len + 1) * 8 bytes
+                    0 | 43 | 60 | 135 | 139 | 140 => {
+                        let mut hdr = [0u8; 2];
+                        read_or_drop!(ctx, off, &mut hdr);
                         next = hdr[0];
                         off += (hdr[1] as usize + 1) * 8;
                     }
-                    // fragment header: 8 bytes; offset in the high 13 bits of bytes 2..4
-                    44 => {
-                        let hdr: [u8; 4] = load(ctx, off)?;
+                    // authentication header: (len + 2) * 4 bytes
+                    51 => {
+                        let mut hdr = [0u8; 2];
+                        read_or_drop!(ctx, off, &mut hdr);
                         next = hdr[0];
-                        if u16::from_be_bytes([hdr[2], hdr[3]]) >> 3 != 0 {
-                            first_fragment = false;
+                        off += (hdr[1] as usize + 2) * 4;
+                    }
+                    // fragment header: 8 bytes; offset in the high 13 bits of bytes 2..4,
+                    // M in the low bit, identification in bytes 4..8
+                    44 => {
+                        let mut hdr = [0u8; 8];
+                        read_or_drop!(ctx, off, &mut hdr);
+                        let word = u16::from_be_bytes([hdr[2], hdr[3]]);
+                        let offset = word >> 3;
+                        let more = word & 1 != 0;
+                        // An atomic fragment (offset 0, no more) is a whole datagram.
+                        if offset != 0 || more {
+                            if p.frag != frag::NONE {
+                                return reason::MALFORMED; // two fragment headers
+                            }
+                            p.frag = if offset != 0 {
+                                frag::LATER
+                            } else {
+                                frag::FIRST
+                            };
+                            p.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                            p.frag_proto = hdr[0];
                         }
+                        next = hdr[0];
                         off += 8;
+                        if p.frag == frag::LATER {
+                            // What follows is the middle of a datagram, not a header.
+                            found = true;
+                            break;
+                        }
                     }
                     _ => {
                         found = true;
@@ -93,34 +222,56 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u16> {
                 }
             }
             if !found {
-                return Err(reason::UNKNOWN_L4);
+                return reason::UNKNOWN_L4;
             }
             p.protocol = next;
             l4 = off;
         }
-        _ => return Ok(None),
+        _ => return SKIP,
     }
-    if !first_fragment {
-        // No upper-layer header: judged with port 0, so only port-less rules allow it.
-        return Ok(Some(p));
+    p.l4 = l4 as u16;
+    if p.frag == frag::LATER {
+        // No upper-layer header: the first fragment's verdict decides.
+        return PARSED;
     }
     match p.protocol {
         proto::TCP => {
-            let ports: [u16; 2] = load(ctx, l4)?;
-            p.sport = u16::from_be(ports[0]);
-            p.dport = u16::from_be(ports[1]);
-            p.tcp_flags = load(ctx, l4 + 13)?;
+            let mut hdr = [0u8; 20];
+            read_or_drop!(ctx, l4, &mut hdr);
+            p.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            p.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+            let doff = (hdr[12] >> 4) as usize * 4;
+            if doff < 20 {
+                return reason::MALFORMED; // data offset below the minimum header
+            }
+            // The options, too, must be there.
+            let mut last = 0u8;
+            read_or_drop!(ctx, l4 + doff - 1, &mut last);
+            p.tcp_flags = hdr[13];
         }
         proto::UDP | proto::SCTP => {
-            let ports: [u16; 2] = load(ctx, l4)?;
-            p.sport = u16::from_be(ports[0]);
-            p.dport = u16::from_be(ports[1]);
+            // UDP's header is 8 bytes, SCTP's common header 12: both must be there.
+            let mut hdr = [0u8; 8];
+            read_or_drop!(ctx, l4, &mut hdr);
+            if p.protocol == proto::SCTP {
+                let mut tag = [0u8; 4];
+                read_or_drop!(ctx, l4 + 8, &mut tag);
+            }
+            p.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            p.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
         }
         proto::ICMP | proto::ICMPV6 => {
-            let hdr: [u8; 8] = load(ctx, l4)?;
+            let mut hdr = [0u8; 8];
+            read_or_drop!(ctx, l4, &mut hdr);
             let kind = hdr[0];
-            if p.protocol == proto::ICMPV6 && (133..=137).contains(&kind) {
-                return Ok(None);
+            if p.protocol == proto::ICMPV6 && p.family == 6 {
+                // Neighbour discovery (RFC 4861: hop limit 255, never routed) and
+                // multicast listener messages (RFC 2710/3810: hop limit 1).
+                if ((133..=137).contains(&kind) && hop_limit == 255)
+                    || (((130..=132).contains(&kind) || kind == 143) && hop_limit == 1)
+                {
+                    return SKIP;
+                }
             }
             let is_echo = if p.protocol == proto::ICMP {
                 kind == 0 || kind == 8
@@ -131,9 +282,72 @@ pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, u16> {
                 let id = u16::from_be_bytes([hdr[4], hdr[5]]);
                 p.sport = id;
                 p.dport = id;
+            } else if is_icmp_error(p.protocol, kind) {
+                p.icmp = icmp::ERROR;
+            } else {
+                p.icmp = icmp::UNTRACKED;
             }
         }
         _ => {}
     }
-    Ok(Some(p))
+    PARSED
+}
+
+/// The tuple of the packet an ICMP error quotes, into `k` (as that packet travelled).
+/// [`PARSED`]; [`SKIP`] when the quote is not a first fragment of a TCP/UDP/SCTP/echo
+/// packet (the error is then judged as any other packet); `MALFORMED` when cut short.
+#[inline(always)]
+pub fn parse_quoted(ctx: &TcContext, p: &Packet, k: &mut CtKey) -> u16 {
+    let off = p.l4 as usize + 8;
+    let l4: usize;
+    if p.family == 4 {
+        let mut h = [0u8; 20];
+        read_or_drop!(ctx, off, &mut h);
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
+        if h[0] >> 4 != 4 || ihl < 20 {
+            return SKIP;
+        }
+        if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+            return SKIP; // a later fragment quotes no ports
+        }
+        k.protocol = h[9];
+        k.saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
+        k.daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+        l4 = off + ihl;
+    } else {
+        // The quoted packet's own extension headers are not walked: an error quoting
+        // one is judged by policy like any other packet.
+        let mut h = [0u8; 8];
+        read_or_drop!(ctx, off, &mut h);
+        k.protocol = h[6];
+        read_or_drop!(ctx, off + 8, &mut k.saddr);
+        read_or_drop!(ctx, off + 24, &mut k.daddr);
+        l4 = off + 40;
+    }
+    k._pad = [0; 3];
+    let mut hdr = [0u8; 8];
+    match k.protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            // RFC 792 quotes at least 8 bytes of the upper layer.
+            read_or_drop!(ctx, l4, &mut hdr);
+            k.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
+            k.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            read_or_drop!(ctx, l4, &mut hdr);
+            let echo = if k.protocol == proto::ICMP {
+                hdr[0] == 0 || hdr[0] == 8
+            } else {
+                hdr[0] == 128 || hdr[0] == 129
+            };
+            if !echo {
+                return SKIP;
+            }
+            let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+            k.sport = id;
+            k.dport = id;
+        }
+        _ => return SKIP,
+    }
+    PARSED
 }

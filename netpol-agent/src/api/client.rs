@@ -21,7 +21,10 @@ async fn send(socket: &Path, req: &Request) -> anyhow::Result<BufReader<UnixStre
     Ok(BufReader::new(stream))
 }
 
-async fn one_line(socket: &Path, req: &Request) -> anyhow::Result<Status> {
+async fn one_line<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+) -> anyhow::Result<T> {
     let mut reader = send(socket, req).await?;
     let mut line = String::new();
     reader.read_line(&mut line).await?;
@@ -33,6 +36,10 @@ async fn one_line(socket: &Path, req: &Request) -> anyhow::Result<Status> {
 
 pub async fn status(socket: &Path) -> anyhow::Result<Status> {
     one_line(socket, &Request::Status).await
+}
+
+pub async fn counters(socket: &Path) -> anyhow::Result<super::Counters> {
+    one_line(socket, &Request::Counters).await
 }
 
 /// Returns once the agent's datapath has converged to `digest` (empty: its current input).

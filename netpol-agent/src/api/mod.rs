@@ -5,7 +5,7 @@
 //! Requests: `{"op":"status"}` → one [`Status`] line; `{"op":"wait","digest":D}` → one
 //! [`Status`] line once the datapath has converged to source digest D (or the agent's
 //! current input when D is empty); `{"op":"observe"}` → one event per line until the
-//! client hangs up.
+//! client hangs up; `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums).
 
 pub mod client;
 pub mod server;
@@ -23,6 +23,15 @@ pub enum Request {
         digest: String,
     },
     Observe,
+    Counters,
+}
+
+/// The classifier's exact counters: packets per (verdict, reason, direction), and what
+/// happened to events.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: Vec<crate::datapath::maps::Counter>,
+    pub events: crate::datapath::maps::EventCounters,
 }
 
 /// What the agent reports about itself.

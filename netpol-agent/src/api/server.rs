@@ -9,12 +9,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use super::{Request, Status};
+use super::{Counters, Request, Status};
+use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
 
 pub async fn serve(
     socket: PathBuf,
     status: watch::Receiver<Status>,
     events: broadcast::Sender<Arc<str>>,
+    counters: Arc<CounterMap>,
 ) -> anyhow::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -28,8 +30,9 @@ pub async fn serve(
                 continue;
             };
             let (status, events) = (status.clone(), events.subscribe());
+            let counters = counters.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, status, events).await {
+                if let Err(e) = handle(stream, status, events, &counters).await {
                     tracing::debug!(error = %e, "api client");
                 }
             });
@@ -41,6 +44,7 @@ async fn handle(
     stream: UnixStream,
     mut status: watch::Receiver<Status>,
     mut events: broadcast::Receiver<Arc<str>>,
+    counters: &CounterMap,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -68,6 +72,15 @@ async fn handle(
                 .map(|s| s.clone())?;
             write
                 .write_all(format!("{}\n", serde_json::to_string(&s)?).as_bytes())
+                .await?;
+        }
+        Request::Counters => {
+            let c = Counters {
+                packets: read_counters(counters)?,
+                events: read_event_counters(counters)?,
+            };
+            write
+                .write_all(format!("{}\n", serde_json::to_string(&c)?).as_bytes())
                 .await?;
         }
         Request::Observe => loop {

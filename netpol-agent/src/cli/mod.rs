@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::{AgentOptions, SourceSpec};
-use crate::datapath::Capacities;
+use crate::datapath::{Capacities, Switches};
 use crate::events::{human, Verdict};
 use crate::lab;
 
@@ -36,6 +36,8 @@ pub enum Command {
     Agent(AgentArgs),
     /// Tail verdicts from the local agent.
     Observe(ObserveArgs),
+    /// The classifier's exact packet counters per verdict, reason and direction.
+    Counters(CountersArgs),
     /// Print the policy verdict for every ordered pair of pods in a set of manifests.
     Simulate(SimulateArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
@@ -62,6 +64,35 @@ pub struct AgentArgs {
     /// Let would-be drops pass and report them as AUDIT, on the whole node.
     #[arg(long)]
     pub audit: bool,
+    /// Keep established connections when a policy change no longer allows them
+    /// (default: their next packet is judged again and dropped as POLICY_REVOKED).
+    #[arg(long)]
+    pub keep_established: bool,
+    /// Events per second each pod may cause (drops, audits, sampled allows); 0: no limit.
+    /// The per-reason counters stay exact whatever this limits.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_EVENT_RATE)]
+    pub event_rate: u32,
+    /// Events a pod may cause in a burst above --event-rate.
+    #[arg(long, default_value_t = crate::datapath::DEFAULT_EVENT_BURST)]
+    pub event_burst: u32,
+    /// Report one in N newly allowed connections as an allow event (0: none).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub sample_allows: u32,
+    /// Idle timeout of a TCP connection before its reply (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ct_tcp_syn_timeout: Duration,
+    /// Idle timeout of an established TCP connection.
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub ct_tcp_established_timeout: Duration,
+    /// How long a TCP connection is kept after FINs from both sides or a RST.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub ct_tcp_close_timeout: Duration,
+    /// Idle timeout of UDP, SCTP and other connections.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ct_udp_timeout: Duration,
+    /// Idle timeout of ICMP echo exchanges.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub ct_icmp_timeout: Duration,
     #[arg(long, default_value_t = netpol_common::capacity::ENDPOINTS)]
     pub endpoints_capacity: u32,
     #[arg(long, default_value_t = netpol_common::capacity::IPCACHE)]
@@ -72,6 +103,32 @@ pub struct AgentArgs {
     pub policy_capacity: u32,
     #[arg(long, default_value_t = netpol_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
+    /// Datagrams whose first fragment's verdict is kept for their later fragments.
+    #[arg(long, default_value_t = netpol_common::capacity::FRAGMENTS)]
+    pub fragments_capacity: u32,
+}
+
+/// A duration as kubectl writes them: `500ms`, `30s`, `5m`, `6h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: expected e.g. 500ms, 30s, 5m or 6h");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(format!(
+            "invalid duration {text:?}: must be longer than zero"
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Args)]
@@ -97,6 +154,17 @@ pub struct ObserveArgs {
     /// Stop after this many verdicts.
     #[arg(long)]
     pub count: Option<usize>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args)]
+pub struct CountersArgs {
+    #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Read the agent of a lab instead of the local agent.
+    #[arg(long)]
+    pub lab: Option<String>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -155,6 +223,9 @@ pub struct LabUpArgs {
     pub manifests: PathBuf,
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: String,
+    /// A flag for the lab's agent (repeat for several), e.g. --agent-arg=--keep-established.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -196,6 +267,9 @@ pub struct LabProbeArgs {
     pub port: u16,
     #[arg(long, default_value = "TCP")]
     pub protocol: String,
+    /// Probe the pods' IPv4 (4) or IPv6 (6) addresses.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=6))]
+    pub family: u8,
     /// Seconds before a connection attempt counts as a timeout.
     #[arg(long, default_value_t = 1.0)]
     pub timeout: f64,
@@ -233,6 +307,7 @@ fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
             .with_context(|| format!("manifest directory {}", a.manifests.display()))?,
         pod_cidr: a.pod_cidr.clone(),
         netpol_bin: std::env::current_exe()?,
+        agent_args: a.agent_args.clone(),
     })
 }
 
@@ -258,14 +333,64 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     cidrs: a.cidrs_capacity,
                     policy: a.policy_capacity,
                     conntrack: a.conntrack_capacity,
+                    fragments: a.fragments_capacity,
                 },
-                allow_host: !a.deny_host_traffic,
-                audit: a.audit,
+                switches: Switches {
+                    allow_host: !a.deny_host_traffic,
+                    audit: a.audit,
+                    keep_established: a.keep_established,
+                    event_rate: a.event_rate,
+                    event_burst: a.event_burst,
+                    sample_allows: a.sample_allows,
+                    ct_tcp_syn_timeout: a.ct_tcp_syn_timeout,
+                    ct_tcp_established_timeout: a.ct_tcp_established_timeout,
+                    ct_tcp_close_timeout: a.ct_tcp_close_timeout,
+                    ct_udp_timeout: a.ct_udp_timeout,
+                    ct_icmp_timeout: a.ct_icmp_timeout,
+                },
             };
             tokio::runtime::Runtime::new()?.block_on(crate::agent::run(opts))?;
             Ok(0)
         }
         Command::Observe(o) => observe(o),
+        Command::Counters(c) => {
+            let socket = match &c.lab {
+                Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
+                None => c.socket.clone(),
+            };
+            let counters =
+                tokio::runtime::Runtime::new()?.block_on(crate::api::client::counters(&socket))?;
+            print(&counters, c.output, || {
+                let mut t = format!(
+                    "{:<8} {:<8} {:<18} {:>12}\n",
+                    "VERDICT", "DIR", "REASON", "PACKETS"
+                );
+                for p in &counters.packets {
+                    t.push_str(&format!(
+                        "{:<8} {:<8} {:<18} {:>12}\n",
+                        match p.verdict {
+                            netpol_common::verdict::ALLOWED => "allowed",
+                            netpol_common::verdict::AUDIT => "audit",
+                            _ => "dropped",
+                        },
+                        if p.direction == netpol_common::direction::EGRESS {
+                            "egress"
+                        } else {
+                            "ingress"
+                        },
+                        p.reason,
+                        p.packets
+                    ));
+                }
+                let e = &counters.events;
+                t.push_str(&format!(
+                    "events: {} sent, {} rate-limited, {} lost (ring full)\n",
+                    e.sent, e.rate_limited, e.ring_full
+                ));
+                t
+            })?;
+            Ok(0)
+        }
         Command::Simulate(s) => {
             let protocol = crate::index::policy::parse_protocol(&s.protocol.to_uppercase())
                 .with_context(|| format!("--protocol {}: expected TCP, UDP or SCTP", s.protocol))?;
@@ -341,6 +466,7 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                 p.to.as_deref(),
                 p.port,
                 protocol,
+                p.family == 6,
                 Duration::from_secs_f64(p.timeout),
             )?;
             print(&report, p.output, || report.table())?;
@@ -390,4 +516,51 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
         o.count.is_none_or(|c| seen < c)
     }))?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl_and_reject_nonsense() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
+        for bad in ["", "s", "1d", "-1s", "1.5s", "0s", "ms"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn agent_flags_default_to_the_documented_datapath() {
+        let cli = Cli::try_parse_from(["netpol", "agent", "--source", "dir:/x"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
+        assert!(!a.keep_established && !a.audit && !a.deny_host_traffic);
+        assert_eq!(
+            (a.event_rate, a.event_burst, a.sample_allows),
+            (100, 200, 0)
+        );
+        assert_eq!(a.ct_tcp_established_timeout, Duration::from_secs(6 * 3600));
+        let cli = Cli::try_parse_from([
+            "netpol",
+            "agent",
+            "--source",
+            "dir:/x",
+            "--keep-established",
+            "--ct-udp-timeout=2m",
+            "--event-rate=0",
+        ])
+        .unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("agent")
+        };
+        assert!(a.keep_established);
+        assert_eq!(a.ct_udp_timeout, Duration::from_secs(120));
+        assert_eq!(a.event_rate, 0);
+    }
 }

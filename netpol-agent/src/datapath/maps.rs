@@ -7,7 +7,9 @@ use anyhow::{anyhow, Context};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
-use netpol_common::{map, reason, Addr, Config, EndpointEntry, PolicyKey, COUNTERS_LEN};
+use netpol_common::{
+    event_counter, map, reason, Addr, Config, EndpointEntry, PolicyKey, COUNTERS_LEN,
+};
 
 use crate::compile::PolicyPrefix;
 use crate::index::net::Cidr;
@@ -100,19 +102,20 @@ pub fn write_config(ebpf: &mut Ebpf, config: Config) -> anyhow::Result<()> {
 }
 
 /// One exact counter: packets with this verdict, reason and direction, summed over CPUs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counter {
     pub verdict: u8,
-    pub reason: &'static str,
+    pub reason: String,
     pub direction: u8,
     pub packets: u64,
 }
 
-pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
-    let m = ebpf
-        .map(map::COUNTERS)
-        .ok_or_else(|| anyhow!("map {} missing", map::COUNTERS))?;
-    let a: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+/// The counters map, taken out of the object so that the API can read it on its own.
+pub type CounterMap = PerCpuArray<MapData, u64>;
+
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    a: &PerCpuArray<T, u64>,
+) -> anyhow::Result<Vec<Counter>> {
     let mut out = Vec::new();
     for verdict in 0..3u8 {
         for code in 0..reason::COUNT {
@@ -123,7 +126,7 @@ pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
                 if packets > 0 {
                     out.push(Counter {
                         verdict,
-                        reason: reason::name(code),
+                        reason: reason::name(code).to_string(),
                         direction,
                         packets,
                     });
@@ -132,4 +135,26 @@ pub fn read_counters(ebpf: &Ebpf) -> anyhow::Result<Vec<Counter>> {
         }
     }
     Ok(out)
+}
+
+/// What happened to events, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EventCounters {
+    /// Written to the ring buffer.
+    pub sent: u64,
+    /// Not written: the endpoint's token bucket was empty.
+    pub rate_limited: u64,
+    /// Not written: the ring buffer was full.
+    pub ring_full: u64,
+}
+
+pub fn read_event_counters<T: std::borrow::Borrow<MapData>>(
+    a: &PerCpuArray<T, u64>,
+) -> anyhow::Result<EventCounters> {
+    let sum = |idx: u32| -> anyhow::Result<u64> { Ok(a.get(&idx, 0)?.iter().sum()) };
+    Ok(EventCounters {
+        sent: sum(event_counter::SENT)?,
+        rate_limited: sum(event_counter::RATE_LIMITED)?,
+        ring_full: sum(event_counter::RING_FULL)?,
+    })
 }

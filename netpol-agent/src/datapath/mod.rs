@@ -11,12 +11,13 @@ pub mod discovery;
 pub mod maps;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
-use netpol_common::{capacity, map, program, Config};
+use netpol_common::{capacity, ct_timeout, map, program, Config};
 
 use crate::compile::Desired;
 use crate::index::PodKey;
@@ -34,6 +35,7 @@ pub struct Capacities {
     pub cidrs: u32,
     pub policy: u32,
     pub conntrack: u32,
+    pub fragments: u32,
 }
 
 impl Default for Capacities {
@@ -44,7 +46,97 @@ impl Default for Capacities {
             cidrs: capacity::CIDRS,
             policy: capacity::POLICY,
             conntrack: capacity::CONNTRACK,
+            fragments: capacity::FRAGMENTS,
         }
+    }
+}
+
+/// Node-wide switches of the classifier (flags of the agent), written to `NP_CONFIG`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Switches {
+    /// Allow traffic from the node's own addresses to local pods (kubelet probes).
+    pub allow_host: bool,
+    /// Report would-be drops as AUDIT and let them pass, node-wide.
+    pub audit: bool,
+    /// Keep established connections when a policy change no longer allows them.
+    pub keep_established: bool,
+    /// Events per second per endpoint (0: no limit) and burst.
+    pub event_rate: u32,
+    pub event_burst: u32,
+    /// Report one in this many new allowed connections (0: none).
+    pub sample_allows: u32,
+    pub ct_tcp_syn_timeout: Duration,
+    pub ct_tcp_established_timeout: Duration,
+    pub ct_tcp_close_timeout: Duration,
+    pub ct_udp_timeout: Duration,
+    pub ct_icmp_timeout: Duration,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            allow_host: true,
+            audit: false,
+            keep_established: false,
+            event_rate: DEFAULT_EVENT_RATE,
+            event_burst: DEFAULT_EVENT_BURST,
+            sample_allows: 0,
+            ct_tcp_syn_timeout: Duration::from_secs(ct_timeout::TCP_SYN),
+            ct_tcp_established_timeout: Duration::from_secs(ct_timeout::TCP_ESTABLISHED),
+            ct_tcp_close_timeout: Duration::from_secs(ct_timeout::TCP_CLOSE),
+            ct_udp_timeout: Duration::from_secs(ct_timeout::UDP),
+            ct_icmp_timeout: Duration::from_secs(ct_timeout::ICMP),
+        }
+    }
+}
+
+/// Events per second an endpoint may cause by default, and its burst.
+pub const DEFAULT_EVENT_RATE: u32 = 100;
+pub const DEFAULT_EVENT_BURST: u32 = 200;
+
+impl Switches {
+    /// The `NP_CONFIG` record for these switches and the node's own addresses.
+    pub fn config(&self, host_addrs: &[std::net::IpAddr]) -> anyhow::Result<Config> {
+        use netpol_common::{config_flags, MAX_EVENT_RATE};
+        if self.event_rate > MAX_EVENT_RATE || self.event_burst > MAX_EVENT_RATE {
+            bail!("--event-rate and --event-burst must be at most {MAX_EVENT_RATE}");
+        }
+        let ns = |what: &str, d: Duration| -> anyhow::Result<u64> {
+            if d.is_zero() {
+                bail!("{what} must be longer than zero");
+            }
+            Ok(d.as_nanos().min(u64::MAX as u128) as u64)
+        };
+        let mut c = Config {
+            event_rate: self.event_rate,
+            event_burst: self.event_burst,
+            sample_allows: self.sample_allows,
+            ct_tcp_syn_ns: ns("--ct-tcp-syn-timeout", self.ct_tcp_syn_timeout)?,
+            ct_tcp_established_ns: ns(
+                "--ct-tcp-established-timeout",
+                self.ct_tcp_established_timeout,
+            )?,
+            ct_tcp_close_ns: ns("--ct-tcp-close-timeout", self.ct_tcp_close_timeout)?,
+            ct_udp_ns: ns("--ct-udp-timeout", self.ct_udp_timeout)?,
+            ct_icmp_ns: ns("--ct-icmp-timeout", self.ct_icmp_timeout)?,
+            ..Config::default()
+        };
+        if self.allow_host {
+            c.flags |= config_flags::ALLOW_HOST;
+        }
+        if self.audit {
+            c.flags |= config_flags::AUDIT;
+        }
+        if self.keep_established {
+            c.flags |= config_flags::KEEP_ESTABLISHED;
+        }
+        for ip in host_addrs {
+            match ip {
+                std::net::IpAddr::V4(_) => c.host_ipv4 = crate::index::net::addr_of(*ip),
+                std::net::IpAddr::V6(_) => c.host_ipv6 = crate::index::net::addr_of(*ip),
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -59,6 +151,7 @@ pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
         .map_max_entries(map::CIDRS, caps.cidrs)
         .map_max_entries(map::POLICY, caps.policy)
         .map_max_entries(map::CONNTRACK, caps.conntrack)
+        .map_max_entries(map::FRAGMENTS, caps.fragments)
         .load(CLASSIFIER)
         .context("loading the classifier (needs root, BTF and bpffs; run `cargo xtask setup`)")?;
     for name in [program::FROM_POD, program::TO_POD] {
@@ -92,6 +185,8 @@ pub struct Datapath {
     attached: BTreeMap<PodKey, Attachment>,
     /// Endpoint entries as written, by ifindex.
     endpoint_entries: BTreeMap<u32, netpol_common::EndpointEntry>,
+    /// The node config as written; its epoch is bumped by every sync that changes a map.
+    config: Config,
 }
 
 impl Datapath {
@@ -101,6 +196,7 @@ impl Datapath {
             actual: Desired::default(),
             attached: BTreeMap::new(),
             endpoint_entries: BTreeMap::new(),
+            config: Config::default(),
         })
     }
 
@@ -109,7 +205,13 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, config: Config) -> anyhow::Result<()> {
-        maps::write_config(&mut self.ebpf, config)
+        let config = Config {
+            epoch: self.config.epoch,
+            ..config
+        };
+        maps::write_config(&mut self.ebpf, config)?;
+        self.config = config;
+        Ok(())
     }
 
     /// Pods that have an entry and attached programs.
@@ -230,6 +332,19 @@ impl Datapath {
             maps::cidr_key,
         )?;
         self.actual = desired.clone();
+
+        // 4. Once the maps are complete: a new epoch, so that every tracked connection is
+        // judged again at its next packet against them (revocation). Endpoint revisions
+        // alone would miss a peer changing identity, and a packet that arrived between
+        // steps 2 and 3 was judged against old and new entries at once.
+        if stats.written + stats.removed > 0 {
+            let next = Config {
+                epoch: self.config.epoch.wrapping_add(1),
+                ..self.config
+            };
+            maps::write_config(&mut self.ebpf, next)?;
+            self.config = next;
+        }
         Ok(stats)
     }
 
@@ -281,7 +396,58 @@ impl Datapath {
         }
     }
 
-    pub fn counters(&self) -> anyhow::Result<Vec<maps::Counter>> {
-        maps::read_counters(&self.ebpf)
+    /// Takes the counters map out of the object, for a reader of its own (the API).
+    pub fn take_counters(&mut self) -> anyhow::Result<maps::CounterMap> {
+        let m = self
+            .ebpf
+            .take_map(map::COUNTERS)
+            .context("counters map missing")?;
+        Ok(aya::maps::PerCpuArray::try_from(m)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netpol_common::{config_flags, v4_mapped};
+    use std::net::IpAddr;
+
+    #[test]
+    fn switches_become_the_config_record() {
+        let c = Switches::default()
+            .config(&[
+                "10.244.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::af4:1".parse().unwrap(),
+            ])
+            .unwrap();
+        assert_eq!(c.flags, config_flags::ALLOW_HOST);
+        assert_eq!(c.host_ipv4, v4_mapped([10, 244, 0, 1]));
+        assert_eq!(c.host_ipv6[0], 0xfd);
+        assert_eq!(c.ct_tcp_established_ns, 6 * 3600 * 1_000_000_000);
+        assert_eq!((c.event_rate, c.event_burst), (100, 200));
+        let c = Switches {
+            allow_host: false,
+            audit: true,
+            keep_established: true,
+            ..Switches::default()
+        }
+        .config(&[])
+        .unwrap();
+        assert_eq!(
+            c.flags,
+            config_flags::AUDIT | config_flags::KEEP_ESTABLISHED
+        );
+        assert!(Switches {
+            event_rate: netpol_common::MAX_EVENT_RATE + 1,
+            ..Switches::default()
+        }
+        .config(&[])
+        .is_err());
+        assert!(Switches {
+            ct_udp_timeout: Duration::ZERO,
+            ..Switches::default()
+        }
+        .config(&[])
+        .is_err());
     }
 }

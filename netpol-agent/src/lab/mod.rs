@@ -5,6 +5,7 @@
 //!   np-<lab>-node0 (netns)                     np-<lab>-<ns>-<pod> (netns)
 //!   ┌──────────────────────────────┐           ┌──────────────────────────┐
 //!   │ cni0 10.244.0.1/24 ── np<hash>┼── veth ───┼ eth0 10.244.0.N/24       │
+//!   │      fd00::af4:1/96           │           │      fd00::af4:N/96      │
 //!   │ netpol agent (TC on np<hash>) │           │ netpol lab serve (ports) │
 //!   └──────────────────────────────┘           └──────────────────────────┘
 //! ```
@@ -51,6 +52,8 @@ pub struct UpOptions {
     pub pod_cidr: String,
     /// The netpol binary run as supervisor, agent and pod servers.
     pub netpol_bin: PathBuf,
+    /// Extra flags for the lab's agent (`--keep-established`, `--event-rate=10`, ...).
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +261,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         .args(["lab", "run", "--name", &opts.name, "--manifests"])
         .arg(&manifests)
         .args(["--pod-cidr", &opts.pod_cidr])
+        .args(opts.agent_args.iter().map(|a| format!("--agent-arg={a}")))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -2,7 +2,7 @@
 //! the command and its stderr; callers add which pod or node it was for.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
@@ -87,7 +87,17 @@ pub fn delete_link(netns: &str, link: &str) -> anyhow::Result<()> {
     ip(&["-n", netns, "link", "del", link], None).map(drop)
 }
 
-/// The node: a namespace with `lo` and the bridge holding the pods' gateway address.
+/// The pods' IPv6 network: each pod's IPv4 address embedded in `fd00::/96`, so the
+/// dual-stack address follows from the IPv4 one (`10.244.0.2` → `fd00::af4:2`).
+pub const IPV6_PREFIX: u8 = 96;
+
+pub fn ipv6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::from([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d])
+}
+
+/// The node: a namespace with `lo` and the bridge holding the pods' gateway addresses
+/// (IPv4 and IPv6; no duplicate address detection, so the addresses work at once).
 pub fn setup_node(netns: &str, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> anyhow::Result<()> {
     add(netns)?;
     batch(
@@ -96,6 +106,10 @@ pub fn setup_node(netns: &str, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> a
             "link set lo up".into(),
             format!("link add {bridge} type bridge"),
             format!("addr add {gateway}/{prefix} dev {bridge}"),
+            format!(
+                "addr add {}/{IPV6_PREFIX} dev {bridge} nodad",
+                ipv6_of(gateway)
+            ),
             format!("link set {bridge} up"),
         ],
     )
@@ -135,8 +149,10 @@ pub fn setup_pod(link: &PodLink) -> anyhow::Result<()> {
             &[
                 "link set lo up".into(),
                 format!("addr add {}/{} dev eth0", link.ip, link.prefix),
+                format!("addr add {}/{IPV6_PREFIX} dev eth0 nodad", ipv6_of(link.ip)),
                 "link set eth0 up".into(),
                 format!("route add default via {}", link.gateway),
+                format!("route add default via {}", ipv6_of(link.gateway)),
             ],
         )
     })();

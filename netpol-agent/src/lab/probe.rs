@@ -29,6 +29,7 @@ pub fn probe(
     to: Option<&str>,
     port: u16,
     protocol: Protocol,
+    ipv6: bool,
     timeout: Duration,
 ) -> anyhow::Result<ProbeReport> {
     let state = super::read_state(name)?;
@@ -47,13 +48,18 @@ pub fn probe(
             .iter()
             .filter(|p| selected(to, p) && p.key() != src.key())
         {
-            let ip = dst
+            let dst_ip = dst
                 .ips
-                .first()
-                .with_context(|| format!("pod {} has no address", dst.key()))?;
-            let dst_ip = ip
-                .parse()
-                .with_context(|| format!("pod {}: bad address {ip}", dst.key()))?;
+                .iter()
+                .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                .find(|ip| ip.is_ipv6() == ipv6)
+                .with_context(|| {
+                    format!(
+                        "pod {} has no IPv{} address",
+                        dst.key(),
+                        if ipv6 { 6 } else { 4 }
+                    )
+                })?;
             jobs.push(Job {
                 from: src,
                 to: dst,
@@ -155,8 +161,12 @@ fn probe_tcp(dst: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 fn probe_udp(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Outcome> {
-    let socket = UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
-        .context("binding a UDP socket")?;
+    let any: IpAddr = if dst.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind(SocketAddr::new(any, 0)).context("binding a UDP socket")?;
     socket.set_read_timeout(Some(timeout))?;
     // Connected: an ICMP port unreachable then surfaces as ECONNREFUSED on recv.
     if let Err(e) = socket.connect(dst).and_then(|_| socket.send(b"ping")) {

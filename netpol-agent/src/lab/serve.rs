@@ -2,7 +2,7 @@
 //! probe tells "policy dropped it" (timeout) from "nothing listens" (refused).
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv6Addr, SocketAddr};
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,7 +17,8 @@ pub fn serve(tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let any = |port| SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port);
+        // `[::]` takes IPv4 too (v4-mapped), as long as net.ipv6.bindv6only is 0.
+        let any = |port| SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port);
         // Bind everything before announcing readiness: the supervisor waits for it.
         let mut tasks = JoinSet::new();
         for &port in tcp {

@@ -217,6 +217,8 @@ struct Lab {
     paths: Paths,
     manifests: PathBuf,
     netpol_bin: PathBuf,
+    /// Extra flags for the agent (`lab up --agent-arg`).
+    agent_args: Vec<String>,
     cidr: PodCidr,
     node_netns: String,
     pool: IpPool,
@@ -255,6 +257,7 @@ impl Lab {
             paths: Paths::new(&opts.name),
             manifests: opts.manifests.clone(),
             netpol_bin: opts.netpol_bin.clone(),
+            agent_args: opts.agent_args.clone(),
             cidr,
             node_netns: super::node_netns(&opts.name),
             pool: IpPool::new(cidr),
@@ -279,7 +282,7 @@ impl Lab {
                     namespace: ns.clone(),
                     name: name.clone(),
                     node: NODE_NAME.into(),
-                    ips: vec![p.ip.to_string()],
+                    ips: vec![p.ip.to_string(), netns::ipv6_of(p.ip).to_string()],
                     netns: p.netns.clone(),
                     veth: p.veth.clone(),
                 })
@@ -478,6 +481,7 @@ impl Lab {
             .arg(format!("dir:{}", self.paths.cluster.display()))
             .args(["--node", NODE_NAME, "--bridge", BRIDGE, "--api-socket"])
             .arg(&self.paths.agent_sock)
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -535,7 +539,12 @@ fn place(pod: &Pod, ip: Ipv4Addr) -> Pod {
     let status = pod.status.get_or_insert_with(K8sPodStatus::default);
     status.phase = Some("Running".into());
     status.pod_ip = Some(ip.to_string());
-    status.pod_ips = Some(vec![PodIP { ip: ip.to_string() }]);
+    status.pod_ips = Some(vec![
+        PodIP { ip: ip.to_string() },
+        PodIP {
+            ip: netns::ipv6_of(ip).to_string(),
+        },
+    ]);
     pod
 }
 

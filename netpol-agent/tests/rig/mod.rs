@@ -1,0 +1,510 @@
+//! The classifier under `BPF_PROG_TEST_RUN`: crafted frames and prepared maps, shared by
+//! the table tests (classifier.rs) and the fuzz test (fuzz.rs). Needs root.
+#![allow(dead_code)] // each test file uses a different part
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::Ebpf;
+use netpol_agent::datapath::{load, Capacities};
+use netpol_common::{
+    counter_index, map, policy_action, v4_mapped, Addr, Config, CtEntry, CtKey, EndpointEntry,
+    Event, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+/// BPF_PROG_TEST_RUN runs skb programs on the loopback device.
+pub const LO: u32 = 1;
+
+pub const CLIENT: [u8; 4] = [10, 244, 0, 2];
+pub const SERVER: [u8; 4] = [10, 244, 0, 3];
+pub const HOST: [u8; 4] = [10, 244, 0, 1];
+pub const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const SERVER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
+pub const ROUTER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const CLIENT_ID: u32 = 300;
+pub const SERVER_ID: u32 = 301;
+/// The endpoint's revision in a fresh rig.
+pub const REVISION: u32 = 7;
+
+pub fn root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips the calling test (returns) when not root.
+#[macro_export]
+macro_rules! needs_root {
+    () => {
+        if !rig::root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+// ---- frames -------------------------------------------------------------------------
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const SCTP: u8 = 132;
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+pub const FIN: u8 = 0x01;
+pub const RST: u8 = 0x04;
+
+pub fn tcp(sport: u16, dport: u16, flags: u8) -> (u8, Vec<u8>) {
+    let mut h = vec![0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = flags;
+    (TCP, h)
+}
+
+pub fn udp(sport: u16, dport: u16) -> (u8, Vec<u8>) {
+    let mut h = vec![0u8; 8];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..6].copy_from_slice(&8u16.to_be_bytes());
+    (UDP, h)
+}
+
+pub fn sctp(sport: u16, dport: u16) -> (u8, Vec<u8>) {
+    let mut h = vec![0u8; 12];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    (SCTP, h)
+}
+
+/// ICMP (`v6` false) or ICMPv6 header with `rest` (the id for echo) and a payload.
+pub fn icmp(v6: bool, kind: u8, code: u8, id: u16, payload: &[u8]) -> (u8, Vec<u8>) {
+    let mut h = vec![kind, code, 0, 0];
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&[0, 0]);
+    h.extend_from_slice(payload);
+    (if v6 { ICMPV6 } else { ICMP }, h)
+}
+
+/// IPv4 header knobs.
+#[derive(Clone, Default)]
+pub struct V4 {
+    /// Options (padded to a multiple of 4 by the builder).
+    pub options: Vec<u8>,
+    pub id: u16,
+    /// Fragment offset in 8-byte units.
+    pub offset: u16,
+    pub more: bool,
+}
+
+/// An IPv4 packet without the Ethernet header.
+pub fn ip4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>), o: &V4) -> Vec<u8> {
+    let mut opts = o.options.clone();
+    while !opts.len().is_multiple_of(4) {
+        opts.push(0);
+    }
+    let ihl = 20 + opts.len();
+    let mut p = vec![0u8; ihl];
+    p[0] = 0x40 | (ihl / 4) as u8;
+    p[2..4].copy_from_slice(&((ihl + l4.1.len()) as u16).to_be_bytes());
+    p[4..6].copy_from_slice(&o.id.to_be_bytes());
+    let frag = o.offset | if o.more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&frag.to_be_bytes());
+    p[8] = 64;
+    p[9] = l4.0;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..].copy_from_slice(&opts);
+    p.extend_from_slice(&l4.1);
+    p
+}
+
+/// IPv6 extension headers, chained by the builder.
+#[derive(Clone, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestOpts,
+    /// offset in 8-byte units
+    Fragment {
+        offset: u16,
+        more: bool,
+        id: u32,
+    },
+    Auth,
+}
+
+impl Ext {
+    fn code(&self) -> u8 {
+        match self {
+            Ext::HopByHop => 0,
+            Ext::Routing => 43,
+            Ext::DestOpts => 60,
+            Ext::Fragment { .. } => 44,
+            Ext::Auth => 51,
+        }
+    }
+    fn bytes(&self, next: u8) -> Vec<u8> {
+        match self {
+            // 16 bytes: len field 1 (units of 8 beyond the first 8)
+            Ext::HopByHop | Ext::DestOpts => {
+                let mut b = vec![next, 1];
+                b.extend_from_slice(&[1, 12]); // PadN option covering the rest
+                b.extend_from_slice(&[0; 12]);
+                b
+            }
+            // type 0 routing header with no addresses left: 8 bytes
+            Ext::Routing => vec![next, 0, 0, 0, 0, 0, 0, 0],
+            Ext::Fragment { offset, more, id } => {
+                let word = (offset << 3) | u16::from(*more);
+                let mut b = vec![next, 0];
+                b.extend_from_slice(&word.to_be_bytes());
+                b.extend_from_slice(&id.to_be_bytes());
+                b
+            }
+            // 24 bytes: (len + 2) * 4 with len 4
+            Ext::Auth => {
+                let mut b = vec![next, 4];
+                b.extend_from_slice(&[0; 22]);
+                b
+            }
+        }
+    }
+}
+
+/// An IPv6 packet without the Ethernet header; `next` overrides the last next-header
+/// value (an unknown upper layer, say).
+pub fn ip6(src: [u8; 16], dst: [u8; 16], exts: &[Ext], l4: (u8, Vec<u8>)) -> Vec<u8> {
+    ip6_hop(src, dst, exts, l4, 64)
+}
+
+pub fn ip6_hop(
+    src: [u8; 16],
+    dst: [u8; 16],
+    exts: &[Ext],
+    l4: (u8, Vec<u8>),
+    hop_limit: u8,
+) -> Vec<u8> {
+    let mut chain = Vec::new();
+    for (i, e) in exts.iter().enumerate() {
+        let next = exts.get(i + 1).map(Ext::code).unwrap_or(l4.0);
+        chain.extend(e.bytes(next));
+    }
+    let first = exts.first().map(Ext::code).unwrap_or(l4.0);
+    let mut p = vec![0u8; 40];
+    p[0] = 0x60;
+    p[4..6].copy_from_slice(&((chain.len() + l4.1.len()) as u16).to_be_bytes());
+    p[6] = first;
+    p[7] = hop_limit;
+    p[8..24].copy_from_slice(&src);
+    p[24..40].copy_from_slice(&dst);
+    p.extend(chain);
+    p.extend_from_slice(&l4.1);
+    p
+}
+
+pub fn eth(ethertype: u16, ip: Vec<u8>) -> Vec<u8> {
+    let mut p = vec![0u8; 12];
+    p[0] = 0x02;
+    p[6] = 0x02;
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p.extend(ip);
+    p
+}
+
+pub fn v4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>)) -> Vec<u8> {
+    eth(0x0800, ip4(src, dst, l4, &V4::default()))
+}
+
+pub fn v4o(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>), o: &V4) -> Vec<u8> {
+    eth(0x0800, ip4(src, dst, l4, o))
+}
+
+pub fn v6(src: [u8; 16], dst: [u8; 16], exts: &[Ext], l4: (u8, Vec<u8>)) -> Vec<u8> {
+    eth(0x86dd, ip6(src, dst, exts, l4))
+}
+
+pub fn key4(src: [u8; 4], dst: [u8; 4], protocol: u8, sport: u16, dport: u16) -> CtKey {
+    CtKey {
+        saddr: v4_mapped(src),
+        daddr: v4_mapped(dst),
+        sport,
+        dport,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+pub fn key6(src: [u8; 16], dst: [u8; 16], protocol: u8, sport: u16, dport: u16) -> CtKey {
+    CtKey {
+        saddr: src,
+        daddr: dst,
+        sport,
+        dport,
+        protocol,
+        _pad: [0; 3],
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+// ---- the rig --------------------------------------------------------------------------
+
+pub struct Rig {
+    pub ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    pub endpoint: EndpointEntry,
+}
+
+impl Rig {
+    /// The endpoint under test sits on `lo`: the server pod (IPv4 and IPv6), with the
+    /// given flags; the client is a known pod identity.
+    pub fn new(flags: u32) -> Rig {
+        let mut ebpf =
+            load(&Capacities::default()).expect("classifier loads and passes the verifier");
+        let events = RingBuf::try_from(ebpf.take_map(map::EVENTS).unwrap()).unwrap();
+        let endpoint = EndpointEntry {
+            id: SERVER_ID,
+            flags,
+            revision: REVISION,
+            identity: SERVER_ID,
+            ipv4: v4_mapped(SERVER),
+            ipv6: SERVER6,
+        };
+        let mut rig = Rig {
+            ebpf,
+            events,
+            endpoint,
+        };
+        rig.write_endpoint();
+        for (addr, identity, endpoint) in [
+            (v4_mapped(CLIENT), CLIENT_ID, 0),
+            (v4_mapped(SERVER), SERVER_ID, SERVER_ID),
+            (CLIENT6, CLIENT_ID, 0),
+            (SERVER6, SERVER_ID, SERVER_ID),
+            (v4_mapped(HOST), netpol_common::identity::HOST, 0),
+        ] {
+            rig.ipcache(addr, identity, endpoint);
+        }
+        rig
+    }
+
+    pub fn ipcache(&mut self, addr: Addr, identity: u32, endpoint: u32) {
+        let mut ipc: LpmTrie<_, Addr, IpcacheEntry> =
+            LpmTrie::try_from(self.ebpf.map_mut(map::IPCACHE).unwrap()).unwrap();
+        ipc.insert(&Key::new(128, addr), IpcacheEntry { identity, endpoint }, 0)
+            .unwrap();
+    }
+
+    pub fn write_endpoint(&mut self) {
+        let mut eps: HashMap<_, u32, EndpointEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::ENDPOINTS).unwrap()).unwrap();
+        eps.insert(LO, self.endpoint, 0).unwrap();
+    }
+
+    /// Changes the endpoint entry as compile would (flags, revision).
+    pub fn update_endpoint(&mut self, f: impl FnOnce(&mut EndpointEntry)) {
+        f(&mut self.endpoint);
+        self.write_endpoint();
+    }
+
+    pub fn config(&mut self, c: Config) {
+        let mut a: Array<_, Config> =
+            Array::try_from(self.ebpf.map_mut(map::CONFIG).unwrap()).unwrap();
+        a.set(0, c, 0).unwrap();
+    }
+
+    fn policy_trie(&mut self) -> LpmTrie<&mut MapData, PolicyKey, PolicyEntry> {
+        LpmTrie::try_from(self.ebpf.map_mut(map::POLICY).unwrap()).unwrap()
+    }
+
+    /// A rule of the server: (direction, peer identity, protocol, port) → allow.
+    pub fn allow(&mut self, dir: u8, peer: u32, protocol: u8, port: u16, cookie: u32) {
+        let key = PolicyKey {
+            endpoint: SERVER_ID,
+            identity: peer,
+            direction: dir,
+            protocol,
+            port_be: port.to_be_bytes(),
+        };
+        self.policy_trie()
+            .insert(
+                &Key::new(PolicyKey::FULL_BITS, key),
+                PolicyEntry {
+                    cookie,
+                    action: policy_action::ALLOW,
+                    precedence: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    /// A rule allowing every protocol and port from/to `peer`.
+    pub fn allow_all(&mut self, dir: u8, peer: u32, cookie: u32) {
+        let key = PolicyKey {
+            endpoint: SERVER_ID,
+            identity: peer,
+            direction: dir,
+            protocol: 0,
+            port_be: [0, 0],
+        };
+        self.policy_trie()
+            .insert(
+                &Key::new(PolicyKey::FIXED_BITS, key),
+                PolicyEntry {
+                    cookie,
+                    action: policy_action::ALLOW,
+                    precedence: 0,
+                },
+                0,
+            )
+            .unwrap();
+    }
+
+    pub fn revoke(&mut self, dir: u8, peer: u32, protocol: u8, port: u16) {
+        let key = PolicyKey {
+            endpoint: SERVER_ID,
+            identity: peer,
+            direction: dir,
+            protocol,
+            port_be: port.to_be_bytes(),
+        };
+        self.policy_trie()
+            .remove(&Key::new(PolicyKey::FULL_BITS, key))
+            .unwrap();
+    }
+
+    /// Like `run`, but `None` when the kernel refuses the frame itself (EINVAL: too
+    /// short for `BPF_PROG_TEST_RUN` to build an skb of).
+    pub fn try_run(&self, program: &str, packet: &[u8]) -> Option<u32> {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        match prog.test_run(opts) {
+            Ok(r) => Some(r.return_value),
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                None
+            }
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", packet.len()),
+        }
+    }
+
+    pub fn run(&self, program: &str, packet: &[u8]) -> u32 {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        match prog.test_run(opts) {
+            Ok(r) => r.return_value,
+            Err(e) => panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", packet.len()),
+        }
+    }
+
+    /// Runs `packet` `repeat` times in the kernel; the kernel's mean time per run.
+    pub fn bench(&self, program: &str, packet: &[u8], repeat: u32) -> (u32, std::time::Duration) {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        };
+        let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.return_value, r.duration)
+    }
+
+    /// TC ingress of the host veth: what the pod sends.
+    pub fn egress(&self, packet: &[u8]) -> u32 {
+        self.run("from_pod", packet)
+    }
+
+    /// TC egress of the host veth: what is delivered to the pod.
+    pub fn ingress(&self, packet: &[u8]) -> u32 {
+        self.run("to_pod", packet)
+    }
+
+    pub fn next_event(&mut self) -> Option<Event> {
+        let item = self.events.next()?;
+        assert!(item.len() >= std::mem::size_of::<Event>());
+        Some(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) })
+    }
+
+    pub fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.next_event()).collect()
+    }
+
+    pub fn conntrack(&self, key: &CtKey) -> Option<CtEntry> {
+        let ct: HashMap<_, CtKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(map::CONNTRACK).unwrap()).unwrap();
+        ct.get(key, 0).ok()
+    }
+
+    pub fn put_conntrack(&mut self, key: &CtKey, entry: CtEntry) {
+        let mut ct: HashMap<_, CtKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
+        ct.insert(key, entry, 0).unwrap();
+    }
+
+    pub fn clear_conntrack(&mut self) {
+        let mut ct: HashMap<_, CtKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
+        let keys: Vec<CtKey> = ct.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = ct.remove(&k);
+        }
+    }
+
+    pub fn conntrack_len(&self) -> usize {
+        let ct: HashMap<_, CtKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(map::CONNTRACK).unwrap()).unwrap();
+        ct.keys().count()
+    }
+
+    pub fn fragment(&self, key: &FragKey) -> Option<FragEntry> {
+        let m: HashMap<_, FragKey, FragEntry> =
+            HashMap::try_from(self.ebpf.map(map::FRAGMENTS).unwrap()).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    pub fn clear_fragments(&mut self) {
+        let mut m: HashMap<_, FragKey, FragEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::FRAGMENTS).unwrap()).unwrap();
+        let keys: Vec<FragKey> = m.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = m.remove(&k);
+        }
+    }
+
+    /// Exact packets counted for (verdict, reason, direction), summed over CPUs.
+    pub fn counter(&self, verdict: u8, reason: u16, dir: u8) -> u64 {
+        self.slot(counter_index(verdict, reason, dir))
+    }
+
+    pub fn slot(&self, idx: u32) -> u64 {
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map::COUNTERS).unwrap()).unwrap();
+        a.get(&idx, 0).unwrap().iter().sum()
+    }
+}
