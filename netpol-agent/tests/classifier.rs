@@ -1176,7 +1176,9 @@ fn the_verifier_accepts_both_programs_with_room_to_spare() {
             .verified_instruction_count()
             .expect("kernel reports it");
         eprintln!("{name}: {verified} instructions verified");
-        assert!(verified < 500_000, "{name}: {verified} of the 1M budget");
+        // The cluster-policy tiers (a second set of lookups) took from_pod from ~310k to
+        // ~500k; 600k leaves 40% of the budget free.
+        assert!(verified < 600_000, "{name}: {verified} of the 1M budget");
     }
 }
 

@@ -64,6 +64,9 @@ pub mod identity {
 pub mod direction {
     pub const INGRESS: u8 = 0;
     pub const EGRESS: u8 = 1;
+    /// Or-ed into `PolicyKey::direction` for the Admin tier's entries (cluster-wide
+    /// policy), which are looked up apart from the NetworkPolicy/Baseline entries.
+    pub const ADMIN_TIER: u8 = 2;
 }
 
 pub mod verdict {
@@ -101,6 +104,14 @@ pub mod reason {
     /// Allowed: an ICMP error (unreachable, too big, time exceeded, parameter problem)
     /// quoting a packet of a tracked connection.
     pub const RELATED: u16 = 12;
+    /// Allowed by an Admin-tier cluster policy rule (final, whatever NetworkPolicy says).
+    pub const ADMIN_ALLOWED: u16 = 24;
+    /// Denied by an Admin-tier cluster policy rule (final).
+    pub const ADMIN_DENIED: u16 = 25;
+    /// Allowed by a Baseline-tier rule (the pod is not isolated by NetworkPolicy).
+    pub const BASELINE_ALLOWED: u16 = 26;
+    /// Denied by a Baseline-tier rule (the pod is not isolated by NetworkPolicy).
+    pub const BASELINE_DENIED: u16 = 27;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 
@@ -119,6 +130,10 @@ pub mod reason {
             HOST_TRAFFIC => "HOST_TRAFFIC",
             FRAGMENT => "FRAGMENT",
             RELATED => "RELATED",
+            ADMIN_ALLOWED => "ADMIN_ALLOWED",
+            ADMIN_DENIED => "ADMIN_DENIED",
+            BASELINE_ALLOWED => "BASELINE_ALLOWED",
+            BASELINE_DENIED => "BASELINE_DENIED",
             _ => "UNKNOWN",
         }
     }
@@ -185,6 +200,12 @@ pub mod endpoint_flags {
     pub const ISOLATED_EGRESS: u32 = 2;
     /// Would-be drops pass and are reported as AUDIT.
     pub const AUDIT: u32 = 4;
+    /// Admin-tier entries exist for this endpoint in that direction.
+    pub const ADMIN_INGRESS: u32 = 8;
+    pub const ADMIN_EGRESS: u32 = 16;
+    /// Baseline-tier entries exist (only where NetworkPolicy does not isolate).
+    pub const BASELINE_INGRESS: u32 = 32;
+    pub const BASELINE_EGRESS: u32 = 64;
 }
 
 /// `NP_IPCACHE` value (LPM trie keyed by [`Addr`]): who owns an address.
@@ -243,6 +264,10 @@ const _: () = assert!(core::mem::size_of::<PolicyEntry>() == 8);
 pub mod policy_action {
     pub const ALLOW: u16 = 0;
     pub const DENY: u16 = 1;
+    /// Admin tier only: skip the rest of the tier, NetworkPolicy (or Baseline) decides.
+    pub const PASS: u16 = 2;
+    /// Never stored: what a lookup that found nothing yields (`policy::MISS`).
+    pub const MISS: u16 = 0xffff;
 }
 
 /// `NP_CONNTRACK` key: the 5-tuple in the direction of the connection's first packet.

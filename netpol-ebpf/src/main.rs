@@ -7,7 +7,7 @@
 //!         CIDR trie) → policy lookups → verdict → counters → event (token bucket)
 //! `from_pod` (TC ingress of the host veth) judges the pod's egress, `to_pod` (TC
 //! egress of the host veth) its ingress. The precedence of policy hits is
-//! `netpol_common::policy::decide`, the same function the agent's lookup uses.
+//! `netpol_common::policy::decide_tiers`, the same function the agent's lookup uses.
 //!
 //! Needs Linux 5.8 (BPF ring buffer); see docs/architecture.md for why not less.
 #![no_std]
@@ -24,9 +24,10 @@ use aya_ebpf::{
 };
 use netpol_common::{
     capacity, config_flags, counter_index, ct_flags, ct_stamp, ct_timeout, direction,
-    endpoint_flags, event_counter, identity, policy::decide, policy::lookup_key, proto, reason,
-    verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry, Event, EventBucket, FragEntry,
-    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
+    endpoint_flags, event_counter, identity, policy::decide_tiers, policy::lookup_key,
+    policy::MISS, proto, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry,
+    Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN,
+    MAX_EVENT_RATE,
 };
 use parse::{frag, Packet};
 
@@ -69,6 +70,8 @@ struct Scratch {
     addr: Key<Addr>,
     policy: Key<PolicyKey>,
     frag: FragKey,
+    /// Policy hits per tier: [0] Admin, [1] NetworkPolicy/Baseline.
+    hits: [[PolicyEntry; 3]; 2],
 }
 
 #[map(name = "NP_SCRATCH")]
@@ -522,27 +525,42 @@ fn policy(
         Some(e) => e.identity,
         None => identity::ANY,
     };
-    let isolated_flag = if dir == direction::EGRESS {
-        endpoint_flags::ISOLATED_EGRESS
+    let (isolated_flag, admin_flag, baseline_flag) = if dir == direction::EGRESS {
+        (
+            endpoint_flags::ISOLATED_EGRESS,
+            endpoint_flags::ADMIN_EGRESS,
+            endpoint_flags::BASELINE_EGRESS,
+        )
     } else {
-        endpoint_flags::ISOLATED_INGRESS
+        (
+            endpoint_flags::ISOLATED_INGRESS,
+            endpoint_flags::ADMIN_INGRESS,
+            endpoint_flags::BASELINE_INGRESS,
+        )
     };
     let isolated = ep.flags & isolated_flag != 0;
-    let mut hits = [None, None, None];
-    if isolated {
+    scratch.hits = [[MISS; 3]; 2];
+    if ep.flags & admin_flag != 0 {
+        scratch.policy = Key::new(
+            PolicyKey::FULL_BITS,
+            lookup_key(
+                ep.id,
+                dir | direction::ADMIN_TIER,
+                peer_identity,
+                protocol,
+                port,
+            ),
+        );
+        lookup3(scratch, 0, peer_identity, cidr_identity);
+    }
+    if isolated || ep.flags & baseline_flag != 0 {
         scratch.policy = Key::new(
             PolicyKey::FULL_BITS,
             lookup_key(ep.id, dir, peer_identity, protocol, port),
         );
-        hits[0] = POLICY.get(&scratch.policy).copied();
-        if cidr_identity != identity::ANY {
-            scratch.policy.data.identity = cidr_identity;
-            hits[1] = POLICY.get(&scratch.policy).copied();
-        }
-        scratch.policy.data.identity = identity::ANY;
-        hits[2] = POLICY.get(&scratch.policy).copied();
+        lookup3(scratch, 1, peer_identity, cidr_identity);
     }
-    let d = decide(isolated, hits);
+    let d = decide_tiers(&scratch.hits[0], isolated, &scratch.hits[1]);
     *out = Outcome {
         verdict: if d.allowed {
             verdict::ALLOWED
@@ -554,6 +572,29 @@ fn policy(
         cookie: d.cookie,
         peer_identity,
     };
+}
+
+/// The three policy lookups of one tier (`tier` 0: Admin, 1: the rest) with the key
+/// the caller put in `scratch.policy`, into `scratch.hits`: the peer's identity, its
+/// CIDR identity (when it falls in an ipBlock boundary), and ANY. Not inlined: the verifier then walks it once per call site
+/// instead of once per path through the caller.
+#[inline(never)]
+fn lookup3(scratch: &mut Scratch, tier: usize, peer_identity: u32, cidr_identity: u32) {
+    let tier = if tier == 0 { 0 } else { 1 };
+    scratch.policy.data.identity = peer_identity;
+    if let Some(e) = POLICY.get(&scratch.policy) {
+        scratch.hits[tier][0] = *e;
+    }
+    if cidr_identity != identity::ANY {
+        scratch.policy.data.identity = cidr_identity;
+        if let Some(e) = POLICY.get(&scratch.policy) {
+            scratch.hits[tier][1] = *e;
+        }
+    }
+    scratch.policy.data.identity = identity::ANY;
+    if let Some(e) = POLICY.get(&scratch.policy) {
+        scratch.hits[tier][2] = *e;
+    }
 }
 
 /// Records that the check in direction `jdir` passed for the connection `key` names

@@ -2,7 +2,7 @@
 //! longest-prefix matching and the same precedence function (`netpol_common::policy`).
 //! `simulate` and the differential tests use it; it must agree with the kernel.
 
-use netpol_common::policy::{decide, lookup_key, Decision};
+use netpol_common::policy::{decide_tiers, lookup_key, Decision, MISS};
 use netpol_common::{direction, endpoint_flags, identity, Addr, EndpointEntry, PolicyKey};
 
 use super::{Desired, PolicyPrefix};
@@ -59,33 +59,53 @@ impl<'a> Lookup<'a> {
         protocol: u8,
         port: u16,
     ) -> Decision {
-        let flag = if dir == direction::EGRESS {
-            endpoint_flags::ISOLATED_EGRESS
+        let (isolated_flag, admin_flag, baseline_flag) = if dir == direction::EGRESS {
+            (
+                endpoint_flags::ISOLATED_EGRESS,
+                endpoint_flags::ADMIN_EGRESS,
+                endpoint_flags::BASELINE_EGRESS,
+            )
         } else {
-            endpoint_flags::ISOLATED_INGRESS
+            (
+                endpoint_flags::ISOLATED_INGRESS,
+                endpoint_flags::ADMIN_INGRESS,
+                endpoint_flags::BASELINE_INGRESS,
+            )
         };
-        let isolated = ep.flags & flag != 0;
+        let isolated = ep.flags & isolated_flag != 0;
         let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
             .map(|e| e.identity)
             .unwrap_or(identity::WORLD);
         let cidr_id = longest(&self.d.cidrs, &self.cidr_lens, peer)
             .map(|e| e.identity)
             .unwrap_or(identity::ANY);
-        let hits = if isolated {
-            let look = |id| self.policy(lookup_key(ep.id, dir, id, protocol, port));
+        // The classifier's three lookups per tier (`lookup3`).
+        let look3 = |dir: u8| {
+            let look = |id| {
+                self.policy(lookup_key(ep.id, dir, id, protocol, port))
+                    .unwrap_or(MISS)
+            };
             [
                 look(peer_id),
                 if cidr_id != identity::ANY {
                     look(cidr_id)
                 } else {
-                    None
+                    MISS
                 },
                 look(identity::ANY),
             ]
-        } else {
-            [None, None, None]
         };
-        decide(isolated, hits)
+        let admin = if ep.flags & admin_flag != 0 {
+            look3(dir | direction::ADMIN_TIER)
+        } else {
+            [MISS; 3]
+        };
+        let lower = if isolated || ep.flags & baseline_flag != 0 {
+            look3(dir)
+        } else {
+            [MISS; 3]
+        };
+        decide_tiers(&admin, isolated, &lower)
     }
 }
 

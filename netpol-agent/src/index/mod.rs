@@ -148,12 +148,14 @@ impl Index {
         let mut namespaces = std::collections::BTreeSet::new();
         let mut pods = std::collections::BTreeSet::new();
         let mut policies = std::collections::BTreeSet::new();
+        let mut cluster = std::collections::BTreeSet::new();
         for obj in &state.objects {
             let (ns, name) = object_name(obj);
             match obj {
                 Object::Namespace(_) => namespaces.insert(name),
                 Object::Pod(_) => pods.insert(format!("{ns}/{name}")),
                 Object::NetworkPolicy(_) => policies.insert(format!("{ns}/{name}")),
+                Object::ClusterPolicy(_) => cluster.insert(name),
                 Object::Service(_) => false,
             };
         }
@@ -297,6 +299,7 @@ impl Index {
                 }
             }
             Object::Service(_) => {}
+            Object::ClusterPolicy(_) => {} // TODO cluster tiers
         }
     }
 
@@ -401,6 +404,7 @@ fn object_name(obj: &Object) -> (String, String) {
         Object::Pod(o) => &o.metadata,
         Object::NetworkPolicy(o) => &o.metadata,
         Object::Service(o) => &o.metadata,
+        Object::ClusterPolicy(o) => &o.metadata,
     };
     (
         meta.namespace.clone().unwrap_or_else(|| "default".into()),

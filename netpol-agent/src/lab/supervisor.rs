@@ -451,6 +451,7 @@ impl Lab {
                 Object::Namespace(o) => serde_yaml::to_string(o),
                 Object::NetworkPolicy(o) => serde_yaml::to_string(o),
                 Object::Service(o) => serde_yaml::to_string(o),
+                Object::ClusterPolicy(o) => serde_yaml::to_string(o),
                 Object::Pod(pod) => {
                     let placed = pod_key(pod)
                         .and_then(|k| self.pods.get(&k))

@@ -12,6 +12,8 @@ pub enum Object {
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     Service(Service),
+    /// ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy.
+    ClusterPolicy(super::cluster_policy::ClusterPolicyObject),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,9 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
             serde_yaml::from_value(value).map_err(typed)?,
         )),
         "Service" => out.push(Object::Service(
+            serde_yaml::from_value(value).map_err(typed)?,
+        )),
+        k if super::cluster_policy::KINDS.contains(&k) => out.push(Object::ClusterPolicy(
             serde_yaml::from_value(value).map_err(typed)?,
         )),
         "List" => {

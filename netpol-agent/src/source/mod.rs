@@ -3,6 +3,7 @@
 //!
 //! source ──► index ──► compile ──► datapath ──► events
 
+pub mod cluster_policy;
 pub mod dir;
 pub mod manifest;
 
