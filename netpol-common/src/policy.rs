@@ -60,16 +60,21 @@ fn strongest(hits: &[PolicyEntry; 3]) -> PolicyEntry {
     while i < 3 {
         let hit = hits[i];
         if hit.action != policy_action::MISS
-            && (best.action == policy_action::MISS
-                || hit.precedence > best.precedence
-                || (hit.precedence == best.precedence
-                    && strength(hit.action) > strength(best.action)))
+            && (best.action == policy_action::MISS || stronger(&hit, &best))
         {
             best = hit;
         }
         i += 1;
     }
     best
+}
+
+/// Whether hit `a` beats hit `b` (both found): higher precedence, or on a tie the
+/// stronger action (deny, then pass, then allow).
+#[inline(always)]
+pub fn stronger(a: &PolicyEntry, b: &PolicyEntry) -> bool {
+    a.precedence > b.precedence
+        || (a.precedence == b.precedence && strength(a.action) > strength(b.action))
 }
 
 #[inline(always)]

@@ -57,6 +57,19 @@ impl Partition {
                 }
             }
         }
+        // Cluster policies' `networks` peers are blocks without `except`.
+        for p in snap.cluster_policies.values() {
+            for r in p.ingress.iter().chain(&p.egress) {
+                for peer in r.rule.peers.iter().flatten() {
+                    if let Peer::Block { cidr, except } = peer {
+                        let b = (*cidr, except.clone());
+                        if !blocks.contains(&b) {
+                            blocks.push(b);
+                        }
+                    }
+                }
+            }
+        }
         blocks.sort();
         let mut boundaries: Vec<Cidr> = blocks
             .iter()

@@ -123,6 +123,13 @@ fn longest<'m, V>(
     })
 }
 
+/// Whether prefix `a` contains every key of prefix `b` (the trie's view).
+pub fn covers(a: &PolicyPrefix, b: &PolicyPrefix) -> bool {
+    a.prefix_len <= b.prefix_len
+        && mask_bytes(key_bytes(&b.key), a.prefix_len)
+            == mask_bytes(key_bytes(&a.key), a.prefix_len)
+}
+
 fn key_bytes(k: &PolicyKey) -> [u8; 12] {
     let mut b = [0u8; 12];
     b[0..4].copy_from_slice(&k.endpoint.to_ne_bytes());

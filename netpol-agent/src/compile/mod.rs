@@ -16,11 +16,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use netpol_common::policy::stronger;
 use netpol_common::{
     direction, endpoint_flags, identity, policy_action, CidrEntry, EndpointEntry, IpcacheEntry,
     PolicyEntry, PolicyKey,
 };
 
+use crate::index::cluster::{Action, ClusterPolicy, Tier};
 use crate::index::net::{addr_of, Cidr};
 use crate::index::{IdentityKey, Peer, PodInfo, PodKey, Policy, PortRef, Rule, Selector, Snapshot};
 
@@ -100,6 +102,10 @@ pub struct Compiler {
     peers: HashMap<PodPeer, Resolved>,
     /// Per policy: the model last compiled, its version and its pod peers.
     policies: HashMap<String, CachedPolicy>,
+    /// Per cluster policy (`Kind/name`): the same, and the precedence of its rule 0.
+    cluster: HashMap<String, CachedCluster>,
+    /// Bumped whenever any cluster policy, its peers, or their order changes.
+    cluster_version: u64,
     partition: (cidr::Partition, u64),
     identities_version: u64,
     subjects: HashMap<u32, Subject>,
@@ -168,6 +174,32 @@ impl CachedPolicy {
     }
 }
 
+struct CachedCluster {
+    policy: Arc<ClusterPolicy>,
+    peers: Vec<PodPeer>,
+    /// Precedence of rule 0; rule i has `base - i` (within a tier; higher wins).
+    base: u16,
+    /// The highest version among its peers' resolutions (see `CachedPolicy`).
+    peers_version: u64,
+}
+
+/// Pod peers of every rule of a cluster policy, ingress then egress, in rule order.
+fn cluster_peers(p: &ClusterPolicy) -> Vec<PodPeer> {
+    let mut peers = Vec::new();
+    for r in p.ingress.iter().chain(&p.egress) {
+        for peer in r.rule.peers.iter().flatten() {
+            if let Peer::Pods { namespaces, pods } = peer {
+                peers.push(PodPeer {
+                    own_namespace: None,
+                    namespaces: namespaces.clone(),
+                    pods: pods.clone(),
+                });
+            }
+        }
+    }
+    peers
+}
+
 struct Resolved {
     ids: Vec<u32>,
     version: u64,
@@ -179,6 +211,8 @@ struct Resolved {
 struct Fingerprint {
     /// (policy id, effective version) of each selecting policy.
     policies: Vec<(u32, u64)>,
+    /// The cluster policies' version, when any selects the subject.
+    cluster: u64,
     partition: u64,
     identities: u64,
 }
@@ -218,6 +252,8 @@ impl Compiler {
             known: BTreeMap::new(),
             peers: HashMap::new(),
             policies: HashMap::new(),
+            cluster: HashMap::new(),
+            cluster_version: 0,
             partition: (cidr::Partition::default(), 0),
             identities_version: 0,
             subjects: HashMap::new(),
@@ -239,7 +275,8 @@ impl Compiler {
     pub fn compile(&mut self, snap: &Snapshot, view: &NodeView) -> &Desired {
         let identities_changed = self.track_identities(snap);
         let changed_namespaces = self.track_policies(snap);
-        let policies_changed = !changed_namespaces.is_empty();
+        let cluster_changed = self.track_cluster(snap);
+        let policies_changed = !changed_namespaces.is_empty() || cluster_changed;
         let blocks = cidr::Partition::new(snap);
         let partition_changed = blocks != self.partition.0;
         if partition_changed {
@@ -331,7 +368,8 @@ impl Compiler {
             .filter(|id| match self.subjects.get(id) {
                 None => true,
                 Some(s) => {
-                    changed_namespaces.contains(&snap.identities[id].namespace)
+                    cluster_changed
+                        || changed_namespaces.contains(&snap.identities[id].namespace)
                         || (partition_changed && (s.uses_blocks || s.named_egress))
                         || (identities_changed && s.named_egress)
                 }
@@ -508,6 +546,67 @@ impl Compiler {
         changed
     }
 
+    /// Brings the cluster policies' cache up to date; returns whether anything about
+    /// them (content, peers' resolution, order) changed.
+    fn track_cluster(&mut self, snap: &Snapshot) -> bool {
+        let mut changed = self.cluster.len() != snap.cluster_policies.len()
+            || self
+                .cluster
+                .keys()
+                .any(|k| !snap.cluster_policies.contains_key(k));
+        self.cluster
+            .retain(|k, _| snap.cluster_policies.contains_key(k));
+        for (key, p) in &snap.cluster_policies {
+            let same = self
+                .cluster
+                .get(key)
+                .is_some_and(|c| Arc::ptr_eq(&c.policy, p) || *c.policy == **p);
+            if !same {
+                self.cluster.insert(
+                    key.clone(),
+                    CachedCluster {
+                        policy: p.clone(),
+                        peers: cluster_peers(p),
+                        base: 0,
+                        peers_version: 0,
+                    },
+                );
+                changed = true;
+            }
+        }
+        let mut cluster = std::mem::take(&mut self.cluster);
+        for c in cluster.values_mut() {
+            let mut v = 0;
+            for peer in &c.peers {
+                v = v.max(self.resolve(snap, peer));
+            }
+            changed |= v != c.peers_version;
+            c.peers_version = v;
+        }
+        self.cluster = cluster;
+        if changed {
+            // Precedence: within each tier, policies in evaluation order, then rules in
+            // written order; the first rule evaluated gets the highest number.
+            let mut order: Vec<(&String, &CachedCluster)> = self.cluster.iter().collect();
+            order.sort_by(|a, b| a.1.policy.order().cmp(&b.1.policy.order()));
+            let mut bases = Vec::new();
+            let mut next = (None, u16::MAX);
+            for (key, c) in order {
+                if next.0 != Some(c.policy.tier) {
+                    next = (Some(c.policy.tier), u16::MAX);
+                }
+                bases.push((key.clone(), next.1));
+                let rules = c.policy.ingress.len().max(c.policy.egress.len()) as u16;
+                next.1 = next.1.saturating_sub(rules.max(1));
+            }
+            for (key, base) in bases {
+                self.cluster.get_mut(&key).expect("listed above").base = base;
+            }
+            self.cluster_version = self.version();
+        }
+        changed
+    }
+
     /// The version of `peer`'s resolution, resolving it if it is new.
     fn resolve(&mut self, snap: &Snapshot, peer: &PodPeer) -> u64 {
         if let Some(r) = self.peers.get_mut(peer) {
@@ -573,6 +672,25 @@ impl Compiler {
                 }
             }
         }
+        let cluster: Vec<(&String, &ClusterPolicy, u16)> = self
+            .cluster
+            .iter()
+            .filter(|(_, c)| {
+                c.policy.namespaces.matches(&key.namespace_labels)
+                    && c.policy.pods.matches(&key.labels)
+            })
+            .map(|(k, c)| (k, c.policy.as_ref(), c.base))
+            .collect();
+        if !cluster.is_empty() {
+            fp.cluster = self.cluster_version;
+            uses_blocks |= cluster.iter().any(|(_, p, _)| {
+                p.ingress
+                    .iter()
+                    .chain(&p.egress)
+                    .flat_map(|r| r.rule.peers.iter().flatten())
+                    .any(|peer| matches!(peer, Peer::Block { .. }))
+            });
+        }
         if uses_blocks || named_egress {
             fp.partition = self.partition.1;
         }
@@ -629,23 +747,7 @@ impl Compiler {
                     for (peer, protocol, port_prefix) in
                         rule_entries(snap, blocks, key, dir, rule, peers)
                     {
-                        let (port_be, bits) = match (protocol, port_prefix) {
-                            (None, _) => ([0, 0], PolicyKey::FIXED_BITS),
-                            (Some(_), None) => ([0, 0], PolicyKey::PROTO_BITS),
-                            (Some(_), Some((port, len))) => {
-                                (port.to_be_bytes(), PolicyKey::PROTO_BITS + len as u32)
-                            }
-                        };
-                        let prefix = PolicyPrefix {
-                            key: PolicyKey {
-                                endpoint: id,
-                                identity: peer,
-                                direction: dir,
-                                protocol: protocol.unwrap_or(0),
-                                port_be,
-                            },
-                            prefix_len: bits,
-                        };
+                        let prefix = prefix_of(id, peer, dir, protocol, port_prefix);
                         entries.push((
                             prefix,
                             PolicyEntry {
@@ -658,9 +760,82 @@ impl Compiler {
                 }
             }
         }
-        // One entry per key; the first rule that produced it names it (stable sort).
+        // Cluster-wide rules: Admin entries in their own key space, Baseline entries
+        // only where NetworkPolicy does not isolate (there NetworkPolicy decides).
+        for (ckey, p, base) in &cluster {
+            let policy_id = snap.policy_ids[*ckey];
+            let mut resolved = self.cluster[*ckey]
+                .peers
+                .iter()
+                .map(|pp| &self.peers[pp].ids);
+            for (dir, rules) in [
+                (direction::INGRESS, &p.ingress),
+                (direction::EGRESS, &p.egress),
+            ] {
+                let (isolated, admin_flag, baseline_flag) = if dir == direction::INGRESS {
+                    (
+                        flags & endpoint_flags::ISOLATED_INGRESS != 0,
+                        endpoint_flags::ADMIN_INGRESS,
+                        endpoint_flags::BASELINE_INGRESS,
+                    )
+                } else {
+                    (
+                        flags & endpoint_flags::ISOLATED_EGRESS != 0,
+                        endpoint_flags::ADMIN_EGRESS,
+                        endpoint_flags::BASELINE_EGRESS,
+                    )
+                };
+                for (i, cr) in rules.iter().enumerate() {
+                    let mut ids = Vec::new();
+                    for peer in cr.rule.peers.iter().flatten() {
+                        match peer {
+                            Peer::Pods { .. } => {
+                                ids.extend(resolved.next().expect("resolved in track_cluster"))
+                            }
+                            Peer::Block { .. } => ids.extend(blocks.identities_of(peer)),
+                        }
+                    }
+                    ids.sort_unstable();
+                    ids.dedup();
+                    let (key_dir, flag) = match p.tier {
+                        Tier::Admin => (dir | direction::ADMIN_TIER, admin_flag),
+                        Tier::Baseline if isolated => continue,
+                        Tier::Baseline => (dir, baseline_flag),
+                    };
+                    let entry = PolicyEntry {
+                        cookie: cookie(policy_id, dir, i),
+                        action: match cr.action {
+                            Action::Accept => policy_action::ALLOW,
+                            Action::Deny => policy_action::DENY,
+                            Action::Pass => policy_action::PASS,
+                        },
+                        precedence: base.saturating_sub(i as u16),
+                    };
+                    for (peer, protocol, port_prefix) in
+                        rule_entries(snap, blocks, key, dir, &cr.rule, Some(ids))
+                    {
+                        entries.push((prefix_of(id, peer, key_dir, protocol, port_prefix), entry));
+                        flags |= flag;
+                    }
+                }
+            }
+        }
+
+        // One entry per key: the strongest (for NetworkPolicy, all equal: the first rule
+        // that produced it names it; the sort is stable).
         entries.sort_by_key(|(k, _)| *k);
-        entries.dedup_by_key(|(k, _)| *k);
+        entries.dedup_by(|later, first| {
+            if later.0 != first.0 {
+                return false;
+            }
+            if stronger(&later.1, &first.1) {
+                first.1 = later.1;
+            }
+            true
+        });
+        if !cluster.is_empty() {
+            push_down(&mut entries);
+        }
 
         // The revision moves when something allowed before is not any more (or the
         // isolation changed), so conntrack re-judges what it let through; additions
@@ -698,6 +873,50 @@ impl Compiler {
             },
         );
         changed
+    }
+}
+
+/// The trie key of one entry: protocol `None` = any protocol, port `None` = any port.
+fn prefix_of(
+    endpoint: u32,
+    peer: u32,
+    direction: u8,
+    protocol: Option<u8>,
+    port_prefix: Option<(u16, u8)>,
+) -> PolicyPrefix {
+    let (port_be, bits) = match (protocol, port_prefix) {
+        (None, _) => ([0, 0], PolicyKey::FIXED_BITS),
+        (Some(_), None) => ([0, 0], PolicyKey::PROTO_BITS),
+        (Some(_), Some((port, len))) => (port.to_be_bytes(), PolicyKey::PROTO_BITS + len as u32),
+    };
+    PolicyPrefix {
+        key: PolicyKey {
+            endpoint,
+            identity: peer,
+            direction,
+            protocol: protocol.unwrap_or(0),
+            port_be,
+        },
+        prefix_len: bits,
+    }
+}
+
+/// The trie answers with the longest prefix only, so an entry must already hold the
+/// strongest decision of every broader entry that covers it (a port-80 Accept under an
+/// all-ports Deny of higher precedence must read Deny). Entries are sorted by key.
+fn push_down(entries: &mut [(PolicyPrefix, PolicyEntry)]) {
+    // Only entries of one (endpoint, identity, direction) can cover each other, and
+    // the sort keeps each such group together.
+    let group = |k: &PolicyPrefix| (k.key.endpoint, k.key.identity, k.key.direction);
+    for chunk in entries.chunk_by_mut(|a, b| group(&a.0) == group(&b.0)) {
+        let before: Vec<(PolicyPrefix, PolicyEntry)> = chunk.to_vec();
+        for (k, v) in chunk.iter_mut() {
+            for (bk, bv) in &before {
+                if bk.prefix_len < k.prefix_len && lookup::covers(bk, k) && stronger(bv, v) {
+                    *v = *bv;
+                }
+            }
+        }
     }
 }
 
@@ -752,26 +971,28 @@ fn changed_pods(
     }
 }
 
-/// cookie → the rule it names, for every rule of every policy.
+/// cookie → the rule it names, for every rule of every policy, cluster-wide ones too.
 fn rule_refs(snap: &Snapshot) -> BTreeMap<u32, RuleRef> {
     let mut out = BTreeMap::new();
-    for (key, policy) in &snap.policies {
-        let id = snap.policy_ids[key];
-        for (dir, name, rules) in [
-            (direction::INGRESS, "ingress", &policy.ingress),
-            (direction::EGRESS, "egress", &policy.egress),
-        ] {
-            for i in 0..rules.len() {
-                out.insert(
-                    cookie(id, dir, i),
-                    RuleRef {
-                        policy: key.clone(),
-                        direction: name.into(),
-                        rule: i,
-                    },
-                );
-            }
+    let mut add = |key: &String, dir: u8, name: &str, rules: usize| {
+        for i in 0..rules {
+            out.insert(
+                cookie(snap.policy_ids[key], dir, i),
+                RuleRef {
+                    policy: key.clone(),
+                    direction: name.into(),
+                    rule: i,
+                },
+            );
         }
+    };
+    for (key, policy) in &snap.policies {
+        add(key, direction::INGRESS, "ingress", policy.ingress.len());
+        add(key, direction::EGRESS, "egress", policy.egress.len());
+    }
+    for (key, policy) in &snap.cluster_policies {
+        add(key, direction::INGRESS, "ingress", policy.ingress.len());
+        add(key, direction::EGRESS, "egress", policy.egress.len());
     }
     out
 }

@@ -6,6 +6,7 @@
 //! identities are hash-consed (namespace labels + pod labels + named ports → u32) and
 //! stay stable across resets while in use, so an update rewrites only what changed.
 
+pub mod cluster;
 pub mod net;
 pub mod policy;
 pub mod selector;
@@ -80,10 +81,15 @@ pub struct Snapshot {
     pub audit_namespaces: std::collections::BTreeSet<String>,
     pub pods: BTreeMap<PodKey, Arc<PodInfo>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
+    /// Cluster-wide policies (Admin and Baseline tiers), by `Kind/name`.
+    pub cluster_policies: BTreeMap<String, Arc<cluster::ClusterPolicy>>,
     /// Stable policy ids (for cookies), by `namespace/name`.
     pub policy_ids: BTreeMap<String, u32>,
     pub identities: BTreeMap<u32, IdentityKey>,
     pub invalid: Vec<Invalid>,
+    /// Cluster policies of one tier at one priority whose rules could conflict: the API
+    /// leaves their order undefined; netpol orders them by name (reported, not fatal).
+    pub conflicts: Vec<String>,
     /// The source digest this snapshot was built from.
     pub digest: String,
 }
@@ -113,6 +119,9 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    ClusterNetworkPolicy,
+    AdminNetworkPolicy,
+    BaselineAdminNetworkPolicy,
 }
 
 /// The index owns the snapshot and keeps it current, one change at a time (`apply`)
@@ -155,7 +164,7 @@ impl Index {
                 Object::Namespace(_) => namespaces.insert(name),
                 Object::Pod(_) => pods.insert(format!("{ns}/{name}")),
                 Object::NetworkPolicy(_) => policies.insert(format!("{ns}/{name}")),
-                Object::ClusterPolicy(_) => cluster.insert(name),
+                Object::ClusterPolicy(o) => cluster.insert(format!("{}/{name}", o.kind)),
                 Object::Service(_) => false,
             };
         }
@@ -184,6 +193,23 @@ impl Index {
             .collect();
         for key in known_policies.into_iter().filter(|k| !policies.contains(k)) {
             self.delete_policy(&key);
+        }
+        let gone_cluster: Vec<String> = self
+            .snap
+            .cluster_policies
+            .keys()
+            .cloned()
+            .chain(
+                self.snap
+                    .invalid
+                    .iter()
+                    .filter(|i| i.namespace.is_empty())
+                    .map(|i| format!("{}/{}", i.kind, i.name)),
+            )
+            .filter(|k| !cluster.contains(k))
+            .collect();
+        for key in gone_cluster {
+            self.delete_cluster_policy(&key);
         }
         let gone_namespaces: Vec<String> = self
             .namespace_objects
@@ -225,6 +251,15 @@ impl Index {
                 Kind::Namespace => self.delete_namespace(name),
                 Kind::Pod => self.delete_pod(&format!("{namespace}/{name}")),
                 Kind::NetworkPolicy => self.delete_policy(&format!("{namespace}/{name}")),
+                Kind::ClusterNetworkPolicy => {
+                    self.delete_cluster_policy(&format!("ClusterNetworkPolicy/{name}"))
+                }
+                Kind::AdminNetworkPolicy => {
+                    self.delete_cluster_policy(&format!("AdminNetworkPolicy/{name}"))
+                }
+                Kind::BaselineAdminNetworkPolicy => {
+                    self.delete_cluster_policy(&format!("BaselineAdminNetworkPolicy/{name}"))
+                }
             },
         }
         &self.snap
@@ -299,7 +334,43 @@ impl Index {
                 }
             }
             Object::Service(_) => {}
-            Object::ClusterPolicy(_) => {} // TODO cluster tiers
+            Object::ClusterPolicy(o) => {
+                let name = o.metadata.name.clone().unwrap_or_default();
+                let key = format!("{}/{name}", o.kind);
+                let parsed = cluster::parse(o);
+                if let Ok(p) = &parsed {
+                    if self
+                        .snap
+                        .cluster_policies
+                        .get(&key)
+                        .is_some_and(|old| **old == *p)
+                    {
+                        return;
+                    }
+                }
+                let id = self.snap.policy_ids.get(&key).copied();
+                self.delete_cluster_policy(&key);
+                match parsed {
+                    Ok(p) => {
+                        let id = id.unwrap_or_else(|| {
+                            self.next_policy += 1;
+                            self.next_policy - 1
+                        });
+                        self.snap.policy_ids.insert(key.clone(), id);
+                        self.snap.cluster_policies.insert(key, Arc::new(p));
+                    }
+                    Err(error) => {
+                        tracing::warn!(kind = %o.kind, policy = %name, %error, "cluster policy rejected");
+                        self.snap.invalid.push(Invalid {
+                            kind: o.kind.clone(),
+                            namespace: String::new(),
+                            name,
+                            error,
+                        });
+                    }
+                }
+                self.snap.conflicts = cluster::conflicts(&self.snap.cluster_policies);
+            }
         }
     }
 
@@ -311,6 +382,17 @@ impl Index {
                 .invalid
                 .retain(|i| !(i.kind == "NetworkPolicy" && i.namespace == ns && i.name == name));
         }
+    }
+
+    fn delete_cluster_policy(&mut self, key: &str) {
+        self.snap.cluster_policies.remove(key);
+        self.snap.policy_ids.remove(key);
+        if let Some((kind, name)) = key.split_once('/') {
+            self.snap
+                .invalid
+                .retain(|i| !(i.namespace.is_empty() && i.kind == kind && i.name == name));
+        }
+        self.snap.conflicts = cluster::conflicts(&self.snap.cluster_policies);
     }
 
     fn delete_namespace(&mut self, name: &str) {

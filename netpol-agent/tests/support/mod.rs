@@ -163,6 +163,24 @@ impl Compiled {
                 }
             }
         }
+        for o in &self.state.objects {
+            if let Object::ClusterPolicy(c) = o {
+                let name = c.metadata.name.clone().unwrap_or_default();
+                let rejected = self
+                    .snap
+                    .invalid
+                    .iter()
+                    .any(|i| i.kind == c.kind && i.name == name);
+                if rejected == reference::cluster_valid(c) {
+                    return Some(format!(
+                        "{} {name}: reference valid={}, index rejected={rejected} ({:?})",
+                        c.kind,
+                        reference::cluster_valid(c),
+                        self.snap.invalid
+                    ));
+                }
+            }
+        }
         let mut addrs: Vec<IpAddr> = extra.to_vec();
         for o in &self.state.objects {
             if let Object::Pod(p) = o {
