@@ -21,10 +21,11 @@ use tokio::sync::{broadcast, watch};
 use crate::api::{server, Status};
 use crate::compile::{Compiler, NodeView};
 use crate::datapath::discovery::{bridge_addrs, Discovery};
+use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
 use crate::index::Index;
-use crate::source::{dir, ClusterState};
+use crate::source::dir;
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
@@ -55,10 +56,31 @@ pub struct AgentOptions {
     pub capacities: Capacities,
     /// Node-wide switches of the classifier.
     pub switches: Switches,
+    /// Root of pinned maps and programs in bpffs (`<root>/<PIN_VERSION>/`).
+    pub pin_root: PathBuf,
+    /// Pin under this version instead of the build's (upgrade tests only).
+    pub pin_version: Option<String>,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
-    let mut datapath = Datapath::new(&opts.capacities)?;
+    let started = std::time::Instant::now();
+    let pins = match &opts.pin_version {
+        Some(v) => PinDir::with_version(&opts.pin_root, v),
+        None => PinDir::new(&opts.pin_root),
+    };
+    let mut datapath = Datapath::open(&opts.capacities, pins.clone())?;
+    {
+        let a = datapath.adoption();
+        tracing::info!(
+            pins = %pins.dir().display(),
+            adopted = a.adopted,
+            adopted_entries = a.adopted_entries,
+            epoch = a.epoch,
+            replaced_versions = ?a.replaced_versions,
+            migrated_conntrack = a.migrated_conntrack,
+            "datapath opened"
+        );
+    }
     let host_addrs = bridge_addrs(&opts.bridge)
         .with_context(|| format!("reading the addresses of bridge {}", opts.bridge))?;
     let config = opts.switches.config(&host_addrs)?;
@@ -79,7 +101,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
 
     let SourceSpec::Dir(paths) = &opts.source;
-    let (state_tx, mut state_rx) = watch::channel(ClusterState::default());
+    // The first sync must see the whole cluster: a sync against an empty state would
+    // empty the adopted maps and open every pod.
+    let (state_tx, mut state_rx) = watch::channel(dir::read_state(paths));
     let watch_paths = paths.clone();
     tokio::spawn(async move {
         if let Err(e) = dir::watch(watch_paths, state_tx).await {
@@ -105,6 +129,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut discovery = Discovery::default();
     let mut snapshot = index.reset(&state_rx.borrow_and_update().clone());
     let mut syncs = 0u64;
+    let mut ready_ms: Option<u64> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let desired = compiler.compile(&snapshot, &view).clone();
@@ -150,8 +175,25 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             policy_entries: desired.policy.len(),
             invalid: snapshot.invalid.clone(),
             syncs,
+            ready_ms: None,
+            adopted: false,
         };
         let converged = status.converged;
+        if converged && ready_ms.is_none() {
+            let ms = started.elapsed().as_millis() as u64;
+            ready_ms = Some(ms);
+            // Every located endpoint runs this version's programs now.
+            datapath.retire_replaced_versions();
+            tracing::info!(
+                ready_ms = ms,
+                "agent ready: the datapath enforces the cluster state"
+            );
+        }
+        let status = Status {
+            ready_ms,
+            adopted: datapath.adoption().adopted,
+            ..status
+        };
         namer_tx.send_replace(Arc::new(Namer::new(&snapshot, &desired)));
         status_tx.send_replace(status);
 

@@ -51,4 +51,10 @@ pub struct Status {
     pub invalid: Vec<crate::index::Invalid>,
     /// Times the datapath was synced.
     pub syncs: u64,
+    /// Milliseconds from the agent's start to its first convergence (None: not yet).
+    #[serde(default)]
+    pub ready_ms: Option<u64>,
+    /// Whether the agent adopted pinned maps of a previous agent of its version.
+    #[serde(default)]
+    pub adopted: bool,
 }

@@ -58,6 +58,12 @@ pub struct AgentArgs {
     pub bridge: String,
     #[arg(long, default_value = crate::api::DEFAULT_SOCKET)]
     pub api_socket: PathBuf,
+    /// Root of pinned maps and programs in bpffs; the next agent adopts them.
+    #[arg(long, default_value = crate::datapath::pin::DEFAULT_ROOT)]
+    pub pin_root: PathBuf,
+    /// Pin under this version instead of the build's own (upgrade tests).
+    #[arg(long, hide = true)]
+    pub pin_version: Option<String>,
     /// Deny traffic from the node's own addresses to isolated pods (breaks kubelet probes).
     #[arg(long)]
     pub deny_host_traffic: bool,
@@ -348,6 +354,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     ct_udp_timeout: a.ct_udp_timeout,
                     ct_icmp_timeout: a.ct_icmp_timeout,
                 },
+                pin_root: a.pin_root,
+                pin_version: a.pin_version,
             };
             tokio::runtime::Runtime::new()?.block_on(crate::agent::run(opts))?;
             Ok(0)

@@ -8,7 +8,8 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
 use netpol_common::{
-    event_counter, map, reason, Addr, Config, EndpointEntry, PolicyKey, COUNTERS_LEN,
+    event_counter, map, reason, Addr, Config, CtEntry, CtKey, EndpointEntry, PolicyKey,
+    COUNTERS_LEN,
 };
 
 use crate::compile::PolicyPrefix;
@@ -20,6 +21,71 @@ pub fn cidr_key(c: &Cidr) -> Key<Addr> {
 
 pub fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
     Key::new(p.prefix_len, p.key)
+}
+
+pub fn cidr_of(k: &Key<Addr>) -> Cidr {
+    Cidr {
+        addr: k.data(),
+        prefix: k.prefix_len() as u8,
+    }
+}
+
+pub fn policy_prefix_of(k: &Key<PolicyKey>) -> PolicyPrefix {
+    PolicyPrefix {
+        key: k.data(),
+        prefix_len: k.prefix_len(),
+    }
+}
+
+/// Reads a whole trie back (adoption of pinned state).
+pub fn read_trie<K: Ord, D: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    key: fn(&Key<D>) -> K,
+) -> anyhow::Result<BTreeMap<K, V>> {
+    let t: LpmTrie<_, D, V> = trie(ebpf, name)?;
+    let mut out = BTreeMap::new();
+    for item in t.iter() {
+        let (k, v) = item.with_context(|| format!("reading {name}"))?;
+        out.insert(key(&k), v);
+    }
+    Ok(out)
+}
+
+/// Reads the endpoint entries back, by ifindex (adoption of pinned state).
+pub fn read_endpoints(ebpf: &mut Ebpf) -> anyhow::Result<BTreeMap<u32, EndpointEntry>> {
+    let m = endpoints(ebpf)?;
+    let mut out = BTreeMap::new();
+    for item in m.iter() {
+        let (k, v) = item.context("reading endpoints")?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+pub fn read_config(ebpf: &mut Ebpf) -> anyhow::Result<Config> {
+    let a: Array<_, Config> = Array::try_from(
+        ebpf.map_mut(map::CONFIG)
+            .ok_or_else(|| anyhow!("map {} missing", map::CONFIG))?,
+    )?;
+    a.get(&0, 0).context("reading the node config")
+}
+
+pub fn conntrack(ebpf: &mut Ebpf) -> anyhow::Result<HashMap<&mut MapData, CtKey, CtEntry>> {
+    Ok(HashMap::try_from(
+        ebpf.map_mut(map::CONNTRACK)
+            .ok_or_else(|| anyhow!("map {} missing", map::CONNTRACK))?,
+    )?)
+}
+
+/// The capacity (max entries) of a map, for metrics.
+pub fn capacity_of(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    use aya::maps::Map;
+    let data = match ebpf.map(name)? {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::LpmTrie(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.max_entries())
 }
 
 fn trie<'a, K: aya::Pod, V: aya::Pod>(

@@ -9,12 +9,16 @@
 
 pub mod discovery;
 pub mod maps;
+pub mod pin;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
+use aya::programs::links::Link;
+use aya::programs::tc::{
+    self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
+};
 use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use netpol_common::{capacity, ct_timeout, map, program, Config};
@@ -142,10 +146,32 @@ impl Switches {
 
 /// Loads the classifier with the given capacities (programs loaded, not attached).
 pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
+    load_with(caps, None, true)
+}
+
+/// Loads the classifier with its maps pinned under `pins` (reused when already there);
+/// the programs are loaded (verified) only if `programs`.
+pub fn load_with(
+    caps: &Capacities,
+    pins: Option<&pin::PinDir>,
+    programs: bool,
+) -> anyhow::Result<Ebpf> {
     if CLASSIFIER.is_empty() {
         bail!("this netpol was built with AYA_BUILD_SKIP: it carries no classifier; rebuild without it");
     }
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, std::path::PathBuf)> = pins
+        .map(|p| {
+            pin::PINNED_MAPS
+                .iter()
+                .map(|name| (*name, p.map_path(name)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader
         .map_max_entries(map::ENDPOINTS, caps.endpoints)
         .map_max_entries(map::IPCACHE, caps.ipcache)
         .map_max_entries(map::CIDRS, caps.cidrs)
@@ -154,6 +180,9 @@ pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
         .map_max_entries(map::FRAGMENTS, caps.fragments)
         .load(CLASSIFIER)
         .context("loading the classifier (needs root, BTF and bpffs; run `cargo xtask setup`)")?;
+    if !programs {
+        return Ok(ebpf);
+    }
     for name in [program::FROM_POD, program::TO_POD] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -174,9 +203,34 @@ pub struct SyncStats {
     pub detached: usize,
 }
 
+/// Filters are attached at this priority and handle, so that a later agent can replace
+/// them atomically (netlink "change" of the same filter) instead of detaching first.
+pub const FILTER_PRIORITY: u16 = 1;
+pub const FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (program::FROM_POD, TcAttachType::Ingress),
+    (program::TO_POD, TcAttachType::Egress),
+];
+
 struct Attachment {
     location: Location,
-    links: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+/// How the datapath came up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Pinned maps of this version were reused (a restart).
+    pub adopted: bool,
+    /// Other versions' pinned directories, rebuilt from and removed once every filter
+    /// runs this version's programs (an upgrade).
+    pub replaced_versions: Vec<String>,
+    /// Conntrack entries copied from another version.
+    pub migrated_conntrack: usize,
+    /// Entries found in the pinned maps at start.
+    pub adopted_entries: usize,
+    /// The epoch read back from the pinned config.
+    pub epoch: u32,
 }
 
 pub struct Datapath {
@@ -187,17 +241,116 @@ pub struct Datapath {
     endpoint_entries: BTreeMap<u32, netpol_common::EndpointEntry>,
     /// The node config as written; its epoch is bumped by every sync that changes a map.
     config: Config,
+    pins: Option<pin::PinDir>,
+    adoption: Adoption,
+    /// The programs the filters run, opened from their pins.
+    programs: Vec<(&'static str, TcAttachType, SchedClassifier)>,
+}
+
+/// Identifies the embedded classifier (a digest of its bytes).
+pub fn build_id() -> String {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(CLASSIFIER);
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Datapath {
-    pub fn new(caps: &Capacities) -> anyhow::Result<Datapath> {
+    /// The node's datapath, pinned under `pins`: adopts what a previous agent of this
+    /// version left (map contents become the actual state the first sync diffs against;
+    /// the epoch continues), or rebuilds from another version (conntrack migrated when
+    /// its layout is unchanged). Nothing is detached or emptied here: the previous
+    /// programs keep enforcing the previous state until the first sync replaces them.
+    pub fn open(caps: &Capacities, pins: pin::PinDir) -> anyhow::Result<Datapath> {
+        let found = pins.survey()?;
+        pins.create()?;
+        // The same classifier pinned already (a restart): its programs are adopted as
+        // they are, which spares the verifier's second or so.
+        let reuse = found == pin::Found::SameVersion && pins.has_build(&build_id());
+        let mut ebpf = load_with(caps, Some(&pins), !reuse)?;
+        if !reuse {
+            for (name, _) in HOOKS {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .context("program missing")?
+                    .try_into()?;
+                let path = pins.program_path(name);
+                let _ = std::fs::remove_file(&path);
+                prog.pin(&path)
+                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
+            }
+            pins.write_build(&build_id())?;
+        }
+        let mut programs = Vec::new();
+        for (name, hook) in HOOKS {
+            let path = pins.program_path(name);
+            let prog = SchedClassifier::from_pin(&path)
+                .with_context(|| format!("opening the pinned {}", path.display()))?;
+            programs.push((name, hook, prog));
+        }
+        pins.write_layout()?;
+        let mut adoption = Adoption::default();
+        let mut actual = Desired::default();
+        let mut endpoint_entries = BTreeMap::new();
+        let mut config = Config::default();
+        match &found {
+            pin::Found::SameVersion => {
+                adoption.adopted = true;
+                actual.ipcache = maps::read_trie(&mut ebpf, map::IPCACHE, maps::cidr_of)?;
+                actual.cidrs = maps::read_trie(&mut ebpf, map::CIDRS, maps::cidr_of)?;
+                actual.policy = maps::read_trie(&mut ebpf, map::POLICY, maps::policy_prefix_of)?;
+                endpoint_entries = maps::read_endpoints(&mut ebpf)?;
+                config = maps::read_config(&mut ebpf)?;
+                adoption.adopted_entries = actual.ipcache.len()
+                    + actual.cidrs.len()
+                    + actual.policy.len()
+                    + endpoint_entries.len();
+                adoption.epoch = config.epoch;
+            }
+            pin::Found::OtherVersions(versions) => {
+                adoption.replaced_versions = versions.clone();
+                let mut ct = maps::conntrack(&mut ebpf)?;
+                for v in versions {
+                    let old = pin::PinDir::with_version(&pins.root, v);
+                    match pin::migrate_conntrack(&old, &mut ct) {
+                        Ok(Some(n)) => adoption.migrated_conntrack += n,
+                        Ok(None) => {
+                            tracing::warn!(version = %v, "conntrack layout changed: connections are judged again")
+                        }
+                        Err(e) => {
+                            tracing::warn!(version = %v, error = %format!("{e:#}"), "conntrack not migrated")
+                        }
+                    }
+                }
+            }
+            pin::Found::Nothing => {}
+        }
         Ok(Datapath {
-            ebpf: load(caps)?,
-            actual: Desired::default(),
+            ebpf,
+            actual,
             attached: BTreeMap::new(),
-            endpoint_entries: BTreeMap::new(),
-            config: Config::default(),
+            endpoint_entries,
+            config,
+            pins: Some(pins),
+            adoption,
+            programs,
         })
+    }
+
+    pub fn adoption(&self) -> &Adoption {
+        &self.adoption
+    }
+
+    /// Once every located endpoint runs this version's programs: removes the pinned
+    /// directories of the versions it replaced.
+    pub fn retire_replaced_versions(&mut self) {
+        if self.adoption.replaced_versions.is_empty() {
+            return;
+        }
+        if let Some(p) = &self.pins {
+            pin::remove_versions(&p.root, &self.adoption.replaced_versions);
+            tracing::info!(versions = ?self.adoption.replaced_versions, "old pinned versions removed");
+        }
+        self.adoption.replaced_versions.clear();
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -282,12 +435,11 @@ impl Datapath {
                 continue;
             }
             match self.attach(loc) {
-                Ok(links) => {
+                Ok(()) => {
                     self.attached.insert(
                         pod.clone(),
                         Attachment {
                             location: loc.clone(),
-                            links,
                         },
                     );
                     stats.attached += 1;
@@ -348,50 +500,60 @@ impl Datapath {
         Ok(stats)
     }
 
-    fn attach(
-        &mut self,
-        loc: &Location,
-    ) -> anyhow::Result<Vec<(&'static str, SchedClassifierLinkId)>> {
+    /// Attaches both programs to a veth. A filter already at our priority and handle
+    /// (a previous agent's, maybe of another version) is changed in place, atomically:
+    /// the veth is never without a filter.
+    fn attach(&mut self, loc: &Location) -> anyhow::Result<()> {
         // clsact may already exist (a previous agent): that is fine.
         let _ = tc::qdisc_add_clsact(&loc.ifname);
-        let mut links = Vec::new();
-        for (name, hook) in [
-            (program::FROM_POD, TcAttachType::Ingress),
-            (program::TO_POD, TcAttachType::Egress),
-        ] {
-            // A previous agent's filter (after a crash) is replaced, not stacked.
-            let _ = tc::qdisc_detach_program(&loc.ifname, hook, name);
-            let prog: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .context("program missing")?
-                .try_into()?;
-            // Netlink filters outlive the agent: if it dies, the last state keeps being
-            // enforced (closed), instead of the hook vanishing with the process (open).
-            let id = prog
-                .attach_with_options(
-                    &loc.ifname,
-                    hook,
-                    TcAttachOptions::Netlink(NlOptions {
-                        priority: 1,
-                        ..Default::default()
-                    }),
-                )
-                .with_context(|| format!("attaching {name} to {}", loc.ifname))?;
-            links.push((name, id));
+        for (name, hook, prog) in &mut self.programs {
+            let (name, hook) = (*name, *hook);
+            let existing = SchedClassifierLink::attached(
+                &loc.ifname,
+                hook,
+                FILTER_PRIORITY,
+                FILTER_HANDLE,
+                None,
+            )
+            .with_context(|| format!("veth {}", loc.ifname))?;
+            let id = match prog.attach_to_link(existing) {
+                Ok(id) => id,
+                Err(_) => {
+                    // No filter of ours there yet. Filters of agents from before fixed
+                    // handles are named like ours: replace them (a short gap, once).
+                    let _ = tc::qdisc_detach_program(&loc.ifname, hook, name);
+                    // Netlink filters outlive the agent: if it dies, the last state keeps
+                    // being enforced (closed), instead of the hook vanishing (open).
+                    prog.attach_with_options(
+                        &loc.ifname,
+                        hook,
+                        TcAttachOptions::Netlink(NlOptions {
+                            priority: FILTER_PRIORITY,
+                            handle: FILTER_HANDLE,
+                            ..Default::default()
+                        }),
+                    )
+                    .with_context(|| format!("attaching {name} to {}", loc.ifname))?
+                }
+            };
+            // The filter is not the process's: aya would detach it when the program is
+            // dropped (agent exit, upgrade), which would open the pod.
+            std::mem::forget(prog.take_link(id)?);
         }
-        Ok(links)
+        Ok(())
     }
 
     fn detach(&mut self, a: Attachment) {
-        for (name, id) in a.links {
-            if let Some(Ok(prog)) = self
-                .ebpf
-                .program_mut(name)
-                .map(<&mut SchedClassifier>::try_from)
-            {
-                // The veth may be gone already (pod deleted): nothing left to detach then.
-                let _ = prog.detach(id);
+        for (_, hook) in HOOKS {
+            // The veth may be gone already (pod deleted): nothing left to detach then.
+            if let Ok(link) = SchedClassifierLink::attached(
+                &a.location.ifname,
+                hook,
+                FILTER_PRIORITY,
+                FILTER_HANDLE,
+                None,
+            ) {
+                let _ = link.detach();
             }
         }
     }

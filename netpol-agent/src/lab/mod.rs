@@ -184,6 +184,13 @@ fn netns_prefix(lab: &str) -> String {
     format!("np-{lab}-")
 }
 
+/// Where a lab's agent pins its maps and programs: a bpffs of the lab's own, mounted by
+/// the supervisor (labs run in parallel, and `ip netns exec` hides /sys/fs/bpf behind a
+/// fresh sysfs).
+pub fn pin_root(lab: &str) -> PathBuf {
+    state_dir(lab).join("bpffs")
+}
+
 pub(crate) fn node_netns(lab: &str) -> String {
     format!("{}{NODE_NAME}", netns_prefix(lab))
 }

@@ -301,6 +301,16 @@ impl Lab {
     }
 
     fn setup_node(&self) -> anyhow::Result<()> {
+        let pins = super::pin_root(&self.name);
+        std::fs::create_dir_all(&pins)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&pins)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            bail!("mounting a bpffs at {} failed", pins.display());
+        }
         netns::setup_node(
             &self.node_netns,
             BRIDGE,
@@ -482,6 +492,8 @@ impl Lab {
             .arg(format!("dir:{}", self.paths.cluster.display()))
             .args(["--node", NODE_NAME, "--bridge", BRIDGE, "--api-socket"])
             .arg(&self.paths.agent_sock)
+            .arg("--pin-root")
+            .arg(super::pin_root(&self.name))
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -529,6 +541,12 @@ impl Lab {
         }
         if let Err(e) = netns::delete(&self.node_netns) {
             log(format!("deleting the node: {e:#}"));
+        }
+        // The agent leaves its pins for the next one; the lab is gone, so are they.
+        let pins = super::pin_root(&self.name);
+        if let Ok(c) = std::ffi::CString::new(pins.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a plain syscall on a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
