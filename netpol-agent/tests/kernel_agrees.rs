@@ -198,13 +198,11 @@ impl Kernel {
     }
 }
 
-#[test]
-fn the_kernel_verdict_equals_the_userspace_lookup_for_every_feature() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let c = support::compiled(&format!("{}{POLICIES}", support::e2e_cluster()));
+/// Every flow between the e2e cluster's pods and `EXTERNAL`, every protocol, ports
+/// 80-82, each side at its own hook: the kernel must do what the lookup says. Returns
+/// the (allowed, reason, protocol, IPv4) combinations seen.
+fn kernel_agrees(policies: &str) -> std::collections::BTreeSet<(bool, u16, u8, bool)> {
+    let c = support::compiled(&format!("{}{policies}", support::e2e_cluster()));
     assert!(c.snap.invalid.is_empty(), "{:?}", c.snap.invalid);
     let lookup = Lookup::new(&c.desired);
     let mut kernel = Kernel::with(&c.desired);
@@ -276,6 +274,17 @@ fn the_kernel_verdict_equals_the_userspace_lookup_for_every_feature() {
             }
         }
     }
+    eprintln!("{runs} packets through the kernel, {drops} dropped, all as the lookup said");
+    kinds
+}
+
+#[test]
+fn the_kernel_verdict_equals_the_userspace_lookup_for_every_feature() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let kinds = kernel_agrees(POLICIES);
     // The table must exercise both outcomes for every protocol and family.
     for protocol in [proto::TCP, proto::UDP, proto::SCTP] {
         for v4 in [true, false] {
@@ -286,5 +295,70 @@ fn the_kernel_verdict_equals_the_userspace_lookup_for_every_feature() {
             assert!(kinds.iter().any(|k| !k.0 && k.2 == protocol && k.3 == v4));
         }
     }
-    eprintln!("{runs} packets through the kernel, {drops} dropped, all as the lookup said");
+}
+
+/// Admin (Accept, Deny, Pass) and Baseline (Allow, Deny) tiers over NetworkPolicy,
+/// both API generations, ports of all three protocols.
+const TIERS: &str = r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: guard-y}
+spec:
+  priority: 10
+  subject: {namespaces: {matchLabels: {ns: y}}}
+  ingress:
+  - {action: Pass, from: [{namespaces: {matchLabels: {ns: x}}}], ports: [{portNumber: {protocol: TCP, port: 80}}]}
+  - {action: Allow, from: [{pods: {namespaceSelector: {matchLabels: {ns: z}}, podSelector: {matchLabels: {pod: a}}}}]}
+  - {action: Deny, from: [{namespaces: {}}], ports: [{portRange: {protocol: SCTP, start: 80, end: 81}}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: egress-guard}
+spec:
+  tier: Admin
+  priority: 20
+  subject: {pods: {namespaceSelector: {matchLabels: {ns: x}}, podSelector: {matchLabels: {pod: b}}}}
+  egress:
+  - {action: Deny, to: [{networks: ["10.0.3.0/24", "fd00::3:0/112"]}], protocols: [{udp: {}}]}
+  - {action: Accept, to: [{namespaces: {}}], protocols: [{destinationNamedPort: serve-81-sctp}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {}}
+  ingress:
+  - {action: Allow, from: [{namespaces: {matchLabels: {ns: z}}}], ports: [{portNumber: {protocol: UDP, port: 81}}]}
+  - {action: Deny, from: [{namespaces: {}}]}
+---
+kind: NetworkPolicy
+metadata: {name: y-allows-x, namespace: y}
+spec:
+  podSelector: {}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {ns: x}}}], ports: [{port: 80}]}]
+"#;
+
+#[test]
+fn the_kernel_resolves_every_tier_and_action_as_the_lookup_does() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let kinds = kernel_agrees(TIERS);
+    use netpol_common::reason::*;
+    for reason in [
+        ADMIN_ALLOWED,
+        ADMIN_DENIED,
+        BASELINE_ALLOWED,
+        BASELINE_DENIED,
+        POLICY_ALLOWED,
+        POLICY_DENIED,
+        NOT_ISOLATED,
+    ] {
+        assert!(
+            kinds.iter().any(|k| k.1 == reason),
+            "no flow ended in {}",
+            netpol_common::reason::name(reason)
+        );
+    }
 }
