@@ -1214,3 +1214,152 @@ spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}, {containerP
         "the twin keeps its access"
     );
 }
+
+/// Namespaces x (an app), y (sensitive), z (monitoring), one or two pods each.
+const TIER_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: z}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {app: a}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: x, labels: {app: b}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vault, namespace: y, labels: {app: vault}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: prometheus, namespace: z, labels: {app: prometheus}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+"#;
+
+#[test]
+fn admin_tier_denies_what_no_network_policy_can_reopen_and_allows_monitoring_through_a_default_deny(
+) {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("tiers", &[("pods.yaml", TIER_PODS)]);
+    lab.write(
+        "policies.yaml",
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: protect-sensitive}
+spec:
+  priority: 10
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: y}}}
+  ingress:
+  - {name: only-own-namespace, action: Deny, from: [{namespaces: {matchExpressions: [{key: kubernetes.io/metadata.name, operator: NotIn, values: [y]}]}}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-everything, namespace: y}
+spec: {podSelector: {}, ingress: [{}]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: monitoring}
+spec:
+  tier: Admin
+  priority: 1
+  subject: {namespaces: {}}
+  ingress:
+  - {action: Accept, from: [{pods: {namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: z}}, podSelector: {matchLabels: {app: prometheus}}}}], protocols: [{tcp: {destinationPort: {number: 80}}}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: x}
+spec: {podSelector: {}}
+"#,
+    );
+    lab.wait();
+    for (from, to, result) in lab.probe(80, "TCP") {
+        let want = match (from.as_str(), to.as_str()) {
+            ("z/prometheus", _) => "connected", // the Admin allow beats x's default deny
+            (_, "y/vault") => "timeout",        // the Admin deny beats y's allow-all
+            (_, "x/a" | "x/b") => "timeout",    // x's default deny
+            _ => "connected",
+        };
+        assert_eq!(result, want, "{from} -> {to}");
+    }
+    // A drop by the Admin tier names the cluster policy in the agent's status of rules.
+    let status = lab_agent_status(&lab);
+    assert!(status.contains("\"invalid\":[]"), "{status}");
+}
+
+#[test]
+fn pass_delegates_to_network_policy_and_a_baseline_default_deny_yields_to_it() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("pass", &[("pods.yaml", TIER_PODS)]);
+    lab.write(
+        "policies.yaml",
+        r#"
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: BaselineAdminNetworkPolicy
+metadata: {name: default}
+spec:
+  subject: {namespaces: {}}
+  ingress: [{action: Deny, from: [{namespaces: {}}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-z, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: z}}}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: delegate-x}
+spec:
+  priority: 5
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: y}}}
+  ingress: [{action: Pass, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: x}}}]}]
+---
+apiVersion: policy.networking.k8s.io/v1alpha1
+kind: AdminNetworkPolicy
+metadata: {name: allow-all-below}
+spec:
+  priority: 50
+  subject: {namespaces: {matchLabels: {kubernetes.io/metadata.name: y}}}
+  ingress: [{action: Allow, from: [{namespaces: {}}]}]
+"#,
+    );
+    lab.wait();
+    for (from, to, result) in lab.probe(80, "TCP") {
+        let want = match (from.as_str(), to.as_str()) {
+            // x/a is isolated by its NetworkPolicy: z allowed, the baseline never asked
+            ("z/prometheus", "x/a") => "connected",
+            (_, "x/a") => "timeout",
+            // x → y is passed over the Admin allow to y's (absent) NetworkPolicy, then to
+            // the baseline deny; everyone else meets the lower-priority Admin allow
+            (f, "y/vault") if f.starts_with("x/") => "timeout",
+            (_, "y/vault") => "connected",
+            // the rest is the baseline default deny
+            _ => "timeout",
+        };
+        assert_eq!(result, want, "{from} -> {to}");
+    }
+}
