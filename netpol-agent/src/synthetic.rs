@@ -123,6 +123,7 @@ pub fn summary(objects: &[Object]) -> BTreeMap<&'static str, usize> {
             Object::Pod(_) => "pods",
             Object::NetworkPolicy(_) => "policies",
             Object::Service(_) => "services",
+            Object::Node(_) => "nodes",
             Object::ClusterPolicy(_) => "cluster policies",
         };
         *m.entry(k).or_default() += 1;

@@ -14,7 +14,10 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
 
 /// Addresses that are no pod: inside, at the edges of and outside the generated blocks.
-const EXTERNAL: [&str; 7] = [
+const EXTERNAL: [&str; 10] = [
+    "192.168.0.1",
+    "192.168.0.2",
+    "fd01::1",
     "10.0.0.99",
     "10.0.0.13",
     "10.1.2.3",
@@ -301,13 +304,15 @@ fn cluster_peer(egress: bool) -> impl Strategy<Value = String> {
         "[\"::/0\"]",
     ])
     .prop_map(|n| format!("{{networks: {n}}}"));
+    let nodes =
+        one_of(&["{}", "{matchLabels: {role: infra}}"]).prop_map(|n| format!("{{nodes: {n}}}"));
     let pods = prop_oneof![
         namespace_selector().prop_map(|n| format!("{{namespaces: {n}}}")),
         (namespace_selector(), pod_selector())
             .prop_map(|(n, p)| format!("{{pods: {{namespaceSelector: {n}, podSelector: {p}}}}}")),
     ];
     if egress {
-        prop_oneof![3 => pods, 1 => networks].boxed()
+        prop_oneof![3 => pods, 1 => networks, 1 => nodes].boxed()
     } else {
         pods.boxed()
     }
@@ -444,6 +449,9 @@ fn parts() -> impl Strategy<Value = (String, String, String)> {
                     !c.contains("BaselineAdminNetworkPolicy") || !std::mem::replace(&mut banp, true)
                 })
                 .collect();
+            // Two nodes, for `nodes` peers.
+            let nodes = "kind: Node\nmetadata: {name: n1, labels: {role: infra}}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.1}, {type: InternalIP, address: \"fd01::1\"}, {type: Hostname, address: n1}]}\n---\nkind: Node\nmetadata: {name: n2, labels: {role: worker}}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.2}]}\n";
+            let namespaces: Vec<String> = namespaces.into_iter().chain([nodes.to_string()]).collect();
             (
                 namespaces.join("---\n"),
                 pods.join("---\n"),

@@ -676,3 +676,24 @@ fn same_priority_conflicts_are_reported_and_resolved_by_name() {
     assert!(c.snap.conflicts[0].contains("AdminNetworkPolicy/a-deny"));
     expect(&c, "TCP", 80, |_, to| ns(to) != "x");
 }
+
+#[test]
+fn a_nodes_peer_selects_the_addresses_of_the_matching_nodes() {
+    let c = cluster(&format!(
+        "kind: Node\nmetadata: {{name: infra-1, labels: {{role: infra}}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.0.1}}, {{type: Hostname, address: infra-1}}]}}\n---\n\
+         kind: Node\nmetadata: {{name: worker-1, labels: {{role: worker}}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.0.2}}]}}\n---\n{}",
+        cnp(
+            "no-infra-nodes",
+            "Admin",
+            1,
+            "{namespaces: {matchLabels: {ns: x}}}",
+            "egress: [{action: Deny, to: [{nodes: {matchLabels: {role: infra}}}]}]"
+        )
+    ));
+    assert!(!c.allowed_ip(ip("10.0.1.1"), ip("192.168.0.1"), "TCP", 10250));
+    assert!(c.allowed_ip(ip("10.0.1.1"), ip("192.168.0.2"), "TCP", 10250));
+    assert!(
+        c.allowed_ip(ip("10.0.2.1"), ip("192.168.0.1"), "TCP", 10250),
+        "y is no subject"
+    );
+}

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use netpol_common::identity;
 
 use crate::index::net::Cidr;
-use crate::index::{Peer, PortRef, Snapshot};
+use crate::index::{Peer, PortRef, Selector, Snapshot};
 
 /// (cidr, except) of one ipBlock, as a comparable key.
 type Block = (Cidr, Vec<Cidr>);
@@ -27,6 +27,8 @@ pub struct Partition {
     members: BTreeMap<Block, Vec<u32>>,
     /// CIDR identities of pod host prefixes → the pod identity.
     pods: BTreeMap<u32, u32>,
+    /// Each `nodes` selector → the host blocks of the matching nodes' addresses.
+    nodes: BTreeMap<Selector, Vec<Block>>,
 }
 
 impl Partition {
@@ -57,12 +59,27 @@ impl Partition {
                 }
             }
         }
-        // Cluster policies' `networks` peers are blocks without `except`.
+        // Cluster policies' `networks` peers are blocks without `except`; a `nodes` peer
+        // is the host blocks of the matching nodes' addresses.
+        let mut nodes: BTreeMap<Selector, Vec<Block>> = BTreeMap::new();
         for p in snap.cluster_policies.values() {
             for r in p.ingress.iter().chain(&p.egress) {
                 for peer in r.rule.peers.iter().flatten() {
-                    if let Peer::Block { cidr, except } = peer {
-                        let b = (*cidr, except.clone());
+                    let wanted: Vec<Block> = match peer {
+                        Peer::Block { cidr, except } => vec![(*cidr, except.clone())],
+                        Peer::Nodes(sel) => {
+                            let hosts: Vec<Block> = snap
+                                .nodes
+                                .values()
+                                .filter(|n| sel.matches(&n.labels))
+                                .flat_map(|n| n.addresses.iter().map(|a| (Cidr::host(*a), vec![])))
+                                .collect();
+                            nodes.insert(sel.clone(), hosts.clone());
+                            hosts
+                        }
+                        Peer::Pods { .. } => vec![],
+                    };
+                    for b in wanted {
                         if !blocks.contains(&b) {
                             blocks.push(b);
                         }
@@ -127,6 +144,7 @@ impl Partition {
             prefixes,
             members,
             pods,
+            nodes,
         }
     }
 
@@ -138,6 +156,18 @@ impl Partition {
                 .get(&(*cidr, except.clone()))
                 .cloned()
                 .unwrap_or_default(),
+            Peer::Nodes(sel) => {
+                let mut ids: Vec<u32> = self
+                    .nodes
+                    .get(sel)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|b| self.members.get(b).into_iter().flatten().copied())
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }
             Peer::Pods { .. } => vec![],
         }
     }

@@ -688,7 +688,7 @@ impl Compiler {
                     .iter()
                     .chain(&p.egress)
                     .flat_map(|r| r.rule.peers.iter().flatten())
-                    .any(|peer| matches!(peer, Peer::Block { .. }))
+                    .any(|peer| matches!(peer, Peer::Block { .. } | Peer::Nodes(_)))
             });
         }
         if uses_blocks || named_egress {
@@ -733,7 +733,9 @@ impl Compiler {
                                 Peer::Pods { .. } => {
                                     ids.extend(resolved.next().expect("resolved above"))
                                 }
-                                Peer::Block { .. } => ids.extend(blocks.identities_of(peer)),
+                                Peer::Block { .. } | Peer::Nodes(_) => {
+                                    ids.extend(blocks.identities_of(peer))
+                                }
                             }
                         }
                         ids.sort_unstable();
@@ -792,7 +794,9 @@ impl Compiler {
                             Peer::Pods { .. } => {
                                 ids.extend(resolved.next().expect("resolved in track_cluster"))
                             }
-                            Peer::Block { .. } => ids.extend(blocks.identities_of(peer)),
+                            Peer::Block { .. } | Peer::Nodes(_) => {
+                                ids.extend(blocks.identities_of(peer))
+                            }
                         }
                     }
                     ids.sort_unstable();

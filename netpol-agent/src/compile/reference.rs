@@ -193,6 +193,23 @@ fn cluster_peer_matches(
     if let Some(nets) = &peer.networks {
         return nets.iter().any(|n| cidr_contains(n, addr));
     }
+    // "It selects the nodeIPs ... present in the node.Status.Addresses field".
+    if let Some(sel) = &peer.nodes {
+        return state.objects.iter().any(|o| match o {
+            Object::Node(n) => {
+                let empty = BTreeMap::new();
+                selector_matches(Some(sel), n.metadata.labels.as_ref().unwrap_or(&empty))
+                    && n.status
+                        .iter()
+                        .flat_map(|s| s.addresses.iter().flatten())
+                        .any(|a| {
+                            (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                                && a.address.parse::<IpAddr>().ok() == Some(addr)
+                        })
+            }
+            _ => false,
+        });
+    }
     let Some(pod) = pod else { return false };
     let ns_labels = namespace_labels(state, namespace(pod));
     match (&peer.namespaces, &peer.pods) {
@@ -305,7 +322,9 @@ pub fn cluster_valid(c: &ClusterPolicyObject) -> bool {
                         r.from.as_deref()
                     };
                     let peers = peers.unwrap_or_default();
-                    let has_networks = peers.iter().any(|p| p.networks.is_some());
+                    let has_networks = peers
+                        .iter()
+                        .any(|p| p.networks.is_some() || p.nodes.is_some());
                     let named = r.ports.iter().flatten().any(|p| p.named_port.is_some())
                         || r.protocols
                             .iter()
@@ -334,11 +353,11 @@ fn cluster_peer_valid(p: &ClusterPeer, egress: bool) -> bool {
     .iter()
     .filter(|x| **x)
     .count();
-    // domainNames (experimental) and nodes are not enforced: such a policy is refused.
+    // domainNames (experimental) are not enforced: such a policy is refused.
     set == 1
         && p.domain_names.is_none()
-        && p.nodes.is_none()
-        && (egress || p.networks.is_none())
+        && (egress || (p.networks.is_none() && p.nodes.is_none()))
+        && p.nodes.iter().all(selector_valid)
         && p.namespaces.iter().all(selector_valid)
         && p.pods
             .iter()

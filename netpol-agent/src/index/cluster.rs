@@ -222,10 +222,8 @@ fn parse_rule(
                 pods: Selector::parse(&pods.pod_selector, &format!("{pf}.pods.podSelector"))?,
             });
         }
-        if p.nodes.is_some() {
-            return Err(format!(
-                "{pf}.nodes: node peers are not supported yet (use networks with the node CIDRs)"
-            ));
+        if let Some(nodes) = &p.nodes {
+            out_peers.push(Peer::Nodes(Selector::parse(nodes, &format!("{pf}.nodes"))?));
         }
         if let Some(nets) = &p.networks {
             if nets.is_empty() || nets.len() > 25 {
@@ -249,9 +247,13 @@ fn parse_rule(
         .iter()
         .flatten()
         .any(|p| matches!(p.port, Some(PortRef::Name(_))));
-    if named && out_peers.iter().any(|p| matches!(p, Peer::Block { .. })) {
+    if named
+        && out_peers
+            .iter()
+            .any(|p| matches!(p, Peer::Block { .. } | Peer::Nodes(_)))
+    {
         return Err(format!(
-            "{f}: a named port cannot be used with networks peers (they have no named ports)"
+            "{f}: a named port cannot be used with networks or nodes peers (they have no named ports)"
         ));
     }
     Ok(ClusterRule {

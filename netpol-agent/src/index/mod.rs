@@ -73,6 +73,12 @@ pub struct Invalid {
     pub error: String,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub labels: Labels,
+    pub addresses: Vec<IpAddr>,
+}
+
 /// An immutable view of the index, handed to `compile`.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -81,6 +87,8 @@ pub struct Snapshot {
     pub audit_namespaces: std::collections::BTreeSet<String>,
     pub pods: BTreeMap<PodKey, Arc<PodInfo>>,
     pub policies: BTreeMap<String, Arc<Policy>>,
+    /// Nodes by name: labels and addresses (for `nodes` peers).
+    pub nodes: BTreeMap<String, NodeInfo>,
     /// Cluster-wide policies (Admin and Baseline tiers), by `Kind/name`.
     pub cluster_policies: BTreeMap<String, Arc<cluster::ClusterPolicy>>,
     /// Stable policy ids (for cookies), by `namespace/name`.
@@ -117,6 +125,7 @@ pub enum Change {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Namespace,
+    Node,
     Pod,
     NetworkPolicy,
     ClusterNetworkPolicy,
@@ -158,6 +167,7 @@ impl Index {
         let mut pods = std::collections::BTreeSet::new();
         let mut policies = std::collections::BTreeSet::new();
         let mut cluster = std::collections::BTreeSet::new();
+        let mut nodes = std::collections::BTreeSet::new();
         for obj in &state.objects {
             let (ns, name) = object_name(obj);
             match obj {
@@ -166,6 +176,7 @@ impl Index {
                 Object::NetworkPolicy(_) => policies.insert(format!("{ns}/{name}")),
                 Object::ClusterPolicy(o) => cluster.insert(format!("{}/{name}", o.kind)),
                 Object::Service(_) => false,
+                Object::Node(_) => nodes.insert(name),
             };
         }
         let gone_pods: Vec<PodKey> = self
@@ -211,6 +222,7 @@ impl Index {
         for key in gone_cluster {
             self.delete_cluster_policy(&key);
         }
+        self.snap.nodes.retain(|n, _| nodes.contains(n));
         let gone_namespaces: Vec<String> = self
             .namespace_objects
             .keys()
@@ -249,6 +261,9 @@ impl Index {
                 name,
             } => match kind {
                 Kind::Namespace => self.delete_namespace(name),
+                Kind::Node => {
+                    self.snap.nodes.remove(name);
+                }
                 Kind::Pod => self.delete_pod(&format!("{namespace}/{name}")),
                 Kind::NetworkPolicy => self.delete_policy(&format!("{namespace}/{name}")),
                 Kind::ClusterNetworkPolicy => {
@@ -334,6 +349,23 @@ impl Index {
                 }
             }
             Object::Service(_) => {}
+            Object::Node(n) => {
+                let Some(name) = n.metadata.name.clone() else {
+                    return;
+                };
+                let addresses = n
+                    .status
+                    .iter()
+                    .flat_map(|s| s.addresses.iter().flatten())
+                    .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect();
+                let info = NodeInfo {
+                    labels: n.metadata.labels.clone().unwrap_or_default(),
+                    addresses,
+                };
+                self.snap.nodes.insert(name, info);
+            }
             Object::ClusterPolicy(o) => {
                 let name = o.metadata.name.clone().unwrap_or_default();
                 let key = format!("{}/{name}", o.kind);
@@ -486,6 +518,7 @@ fn object_name(obj: &Object) -> (String, String) {
         Object::Pod(o) => &o.metadata,
         Object::NetworkPolicy(o) => &o.metadata,
         Object::Service(o) => &o.metadata,
+        Object::Node(o) => &o.metadata,
         Object::ClusterPolicy(o) => &o.metadata,
     };
     (

@@ -38,6 +38,8 @@ pub enum Peer {
         cidr: Cidr,
         except: Vec<Cidr>,
     },
+    /// The addresses of the nodes whose labels match (cluster policies only).
+    Nodes(Selector),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -461,6 +461,7 @@ impl Lab {
                 Object::Namespace(o) => serde_yaml::to_string(o),
                 Object::NetworkPolicy(o) => serde_yaml::to_string(o),
                 Object::Service(o) => serde_yaml::to_string(o),
+                Object::Node(o) => serde_yaml::to_string(o),
                 Object::ClusterPolicy(o) => serde_yaml::to_string(o),
                 Object::Pod(pod) => {
                     let placed = pod_key(pod)

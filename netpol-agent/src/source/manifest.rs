@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
@@ -12,6 +12,8 @@ pub enum Object {
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     Service(Service),
+    /// Nodes: their labels and addresses, for cluster policies' `nodes` peers.
+    Node(Node),
     /// ClusterNetworkPolicy, AdminNetworkPolicy or BaselineAdminNetworkPolicy.
     ClusterPolicy(super::cluster_policy::ClusterPolicyObject),
 }
@@ -117,6 +119,7 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
         "NetworkPolicy" => out.push(Object::NetworkPolicy(
             serde_yaml::from_value(value).map_err(typed)?,
         )),
+        "Node" => out.push(Object::Node(serde_yaml::from_value(value).map_err(typed)?)),
         "Service" => out.push(Object::Service(
             serde_yaml::from_value(value).map_err(typed)?,
         )),
