@@ -9,6 +9,7 @@
 
 pub mod discovery;
 pub mod maps;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -154,7 +155,7 @@ pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
         .map_max_entries(map::FRAGMENTS, caps.fragments)
         .load(CLASSIFIER)
         .context("loading the classifier (needs root, BTF and bpffs; run `cargo xtask setup`)")?;
-    for name in [program::FROM_POD, program::TO_POD] {
+    for name in [program::FROM_POD, program::TO_POD, program::TO_REMOTE] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .context("program missing")?
