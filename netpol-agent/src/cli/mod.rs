@@ -210,6 +210,9 @@ pub enum LabCommand {
     Probe(LabProbeArgs),
     /// Look a name up from inside a pod, through its resolver (cluster DNS).
     Resolve(LabResolveArgs),
+    /// Traffic from one pod to another: throughput (stream, iperf3), request/response
+    /// rate and latency (rr), connection rate (crr).
+    Load(LabLoadArgs),
     #[command(hide = true)]
     Run(LabUpArgs),
     #[command(hide = true)]
@@ -325,6 +328,34 @@ pub struct LabServeArgs {
     /// Serve DNS on port 53 from this records file.
     #[arg(long)]
     pub dns: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct LabLoadArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    /// The client pod (namespace/name).
+    #[arg(long)]
+    pub from: String,
+    /// The server pod (namespace/name).
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, value_enum)]
+    pub kind: LoadKindArg,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Port: stream 5201 (iperf3's), rr/crr 80 (a port the target pod declares).
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LoadKindArg {
+    Stream,
+    Rr,
+    Crr,
 }
 
 #[derive(Args)]
@@ -549,6 +580,38 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
         }
         LabCommand::Serve(s) => {
             lab::serve(&s.tcp, &s.udp, s.who.as_deref(), s.dns.as_deref())?;
+            Ok(0)
+        }
+        LabCommand::Load(l) => {
+            let kind = match l.kind {
+                LoadKindArg::Stream => lab::LoadKind::Stream,
+                LoadKindArg::Rr => lab::LoadKind::Rr,
+                LoadKindArg::Crr => lab::LoadKind::Crr,
+            };
+            let r = lab::load(&l.name, &l.from, &l.to, kind, l.seconds, l.port)?;
+            print(&r, l.output, || {
+                let mut t = format!(
+                    "{:?} {} -> {} ({}:{}) for {}s\n",
+                    r.kind, r.from, r.to, r.address, r.port, r.seconds
+                );
+                if let Some(bps) = r.throughput_bps {
+                    t += &format!(
+                        "throughput {:.2} Gbit/s, {} retransmits\n",
+                        bps / 1e9,
+                        r.retransmits.unwrap_or(0)
+                    );
+                }
+                if let (Some(n), Some(rate)) = (r.transactions, r.transactions_per_sec) {
+                    t += &format!("{n} transactions, {rate:.0}/s\n");
+                }
+                if let Some(l) = &r.latency {
+                    t += &format!(
+                        "latency p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs\n",
+                        l.p50_us, l.p90_us, l.p99_us, l.max_us
+                    );
+                }
+                t
+            })?;
             Ok(0)
         }
         LabCommand::Resolve(r) => {

@@ -16,6 +16,7 @@
 
 pub mod dns;
 mod kubeproxy;
+mod load;
 mod netns;
 mod probe;
 mod serve;
@@ -32,6 +33,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use load::{load, LoadKind, LoadReport};
 pub use probe::{probe, ProbeOptions, Via};
 pub use serve::serve;
 pub use supervisor::run_supervisor;

@@ -139,6 +139,32 @@ pub fn setup_node(netns: &str, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> a
     )
 }
 
+/// The kernel's neighbour tables (ARP and NDP) are shared by all network namespaces and
+/// hold 1024 entries by default: a node's pods reach each other on-link (one entry per
+/// pair), so 100 pods on one node overflow them and connections time out. Raised, never
+/// lowered, to what a lab of a few hundred pods needs (Kubernetes nodes do the same).
+pub fn raise_neighbour_limits() -> anyhow::Result<()> {
+    for family in ["ipv4", "ipv6"] {
+        for (knob, wanted) in [
+            ("gc_thresh1", 4096u64),
+            ("gc_thresh2", 32768),
+            ("gc_thresh3", 65536),
+        ] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+            let now: u64 = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {path}"))?
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if now < wanted {
+                std::fs::write(&path, wanted.to_string())
+                    .with_context(|| format!("raising {path} to {wanted}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The lab's underlay: a namespace with one bridge all nodes' uplinks are plugged into.
 pub fn setup_underlay(netns: &str) -> anyhow::Result<()> {
     add(netns)?;

@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{Outcome, PodStatus, ProbeReport, ProbeResult, Protocol, ServiceStatus};
 
-/// Probes in flight at once: enough to probe a 6×6 matrix in one round; a probe that
-/// times out holds its thread for the timeout, so a 100-pod matrix under default deny
-/// takes about (100×99 / PARALLEL) × timeout.
-const PARALLEL: usize = 64;
+/// Probes in flight at once. A probe that times out holds its thread for the timeout,
+/// so this bounds a matrix under default deny at about (pairs / PARALLEL) × timeout:
+/// 100 pods (9900 pairs) all dropped take ~20 rounds. The threads are small.
+const PARALLEL: usize = 512;
+const PROBE_STACK: usize = 128 * 1024;
 
 /// How a probe addresses its target.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,12 +203,16 @@ pub fn probe(name: &str, opts: &ProbeOptions) -> anyhow::Result<ProbeReport> {
     let slots: Vec<Slot> = jobs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL.min(jobs.len()) {
-            scope.spawn(|| loop {
+            let worker = || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
                 let outcome = probe_one(&job.from.netns, &job.target, opts.protocol, opts.timeout);
                 *slots[i].lock().unwrap() = Some(outcome);
-            });
+            };
+            std::thread::Builder::new()
+                .stack_size(PROBE_STACK)
+                .spawn_scoped(scope, worker)
+                .expect("spawning a probe thread");
         }
     });
 

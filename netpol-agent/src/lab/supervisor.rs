@@ -450,6 +450,7 @@ impl Lab {
 
     /// The nodes, and for several of them the underlay and the Flannel-style overlay.
     fn setup_nodes(&self) -> anyhow::Result<()> {
+        netns::raise_neighbour_limits()?;
         for n in &self.nodes {
             netns::setup_node(&n.net.netns, BRIDGE, n.cidr.gateway(), n.cidr.prefix())
                 .with_context(|| format!("setting up node{} ({})", n.net.index, n.net.netns))?;
