@@ -651,3 +651,48 @@ fn lab_down_and_a_crashed_lab_leave_nothing_behind() {
         assert!(left.is_empty(), "crash={crash}: {left:?}");
     }
 }
+
+#[test]
+fn load_reports_throughput_transaction_rates_and_latencies_across_nodes() {
+    needs_root!();
+    let lab = Lab::up("load", 2, &[("two.yaml", TWO_BACKENDS)]);
+    let run = |kind: &str| -> Value {
+        serde_json::from_str(&lab.netpol(&[
+            "lab",
+            "load",
+            "--from",
+            "x/client",
+            "--to",
+            "x/b",
+            "--kind",
+            kind,
+            "--seconds",
+            "0.5",
+            "-o",
+            "json",
+        ]))
+        .unwrap()
+    };
+    let stream = run("stream");
+    assert!(stream["throughput_bps"].as_f64().unwrap() > 1e6, "{stream}");
+    for kind in ["rr", "crr"] {
+        let r = run(kind);
+        assert!(r["transactions"].as_u64().unwrap() > 10, "{r}");
+        let l = &r["latency"];
+        assert!(
+            l["p50_us"].as_f64().unwrap() <= l["p99_us"].as_f64().unwrap(),
+            "{r}"
+        );
+    }
+    assert!(run("crr")["connections_per_sec"].as_f64().unwrap() > 20.0);
+    // Denied, the generators fail loudly instead of reporting zeros.
+    lab.policies(&[("deny.yaml", Some(DENY_EGRESS_X))]);
+    let out = Command::new(NETPOL)
+        .args([
+            "lab", "load", "--name", &lab.name, "--from", "x/client", "--to", "x/b",
+        ])
+        .args(["--kind", "rr", "--seconds", "0.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

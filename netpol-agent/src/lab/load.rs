@@ -105,7 +105,10 @@ pub fn load(
         LoadKind::Stream => {
             let port = port.unwrap_or(5201);
             report.port = port;
-            let (bps, retransmits) = stream(&src.netns, &dst.netns, ip, port, seconds)?;
+            // iperf3 counts whole seconds (and runs forever for 0).
+            let whole = seconds.ceil().max(1.0);
+            report.seconds = whole;
+            let (bps, retransmits) = stream(&src.netns, &dst.netns, ip, port, whole)?;
             report.throughput_bps = Some(bps);
             report.retransmits = Some(retransmits);
         }
@@ -223,6 +226,7 @@ fn stream(src: &str, dst: &str, ip: IpAddr, port: u16, seconds: f64) -> anyhow::
             .args(["netns", "exec", src, "iperf3", "-J", "-c"])
             .arg(ip.to_string())
             .args(["-p", &port.to_string(), "-t", &format!("{seconds}")])
+            .args(["--connect-timeout", "2000"])
             .output()
             .context("running the iperf3 client")?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
