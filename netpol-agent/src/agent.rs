@@ -60,6 +60,9 @@ pub struct AgentOptions {
     pub pin_root: PathBuf,
     /// Pin under this version instead of the build's (upgrade tests only).
     pub pin_version: Option<String>,
+    /// Devices a DNATed packet may leave the node by (overlay, uplink): the egress of
+    /// local pods to Service VIPs with a remote backend is judged there.
+    pub service_hooks: Vec<String>,
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -127,6 +130,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut index = Index::new();
     let mut compiler = Compiler::new();
     let mut discovery = Discovery::default();
+    let mut vips_written = BTreeMap::new();
+    let mut hooks = crate::datapath::services::ServiceHooks::default();
+    let mut objects = state_rx.borrow().objects.clone();
     let mut snapshot = index.reset(&state_rx.borrow_and_update().clone());
     let mut syncs = 0u64;
     let mut ready_ms: Option<u64> = None;
@@ -157,6 +163,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state")
             }
         }
+        let vips = crate::datapath::services::vips(&objects);
+        if let Err(e) =
+            crate::datapath::services::sync_vips(datapath.ebpf_mut(), &mut vips_written, &vips)
+        {
+            tracing::error!(error = %format!("{e:#}"), "writing Service VIPs failed");
+        }
+        let hooks_missing = hooks.sync(datapath.ebpf_mut(), &opts.service_hooks);
         syncs += 1;
         let attached: Vec<&String> = datapath.attached().map(|(k, _)| k).collect();
         let pending: Vec<String> = wanted
@@ -167,7 +180,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let status = Status {
             node: opts.node.clone(),
             digest: snapshot.digest.clone(),
-            converged: pending.is_empty(),
+            converged: pending.is_empty() && hooks_missing.is_empty(),
             endpoints: attached.len(),
             pending,
             policies: snapshot.policies.len(),
@@ -209,6 +222,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 if changed.is_err() { break; }
                 let state = state_rx.borrow_and_update().clone();
                 snapshot = index.reset(&state);
+                objects = state.objects;
             }
             _ = tokio::time::sleep(tick) => {}
             _ = tokio::signal::ctrl_c() => break,

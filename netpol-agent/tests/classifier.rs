@@ -1162,13 +1162,13 @@ fn sampled_allows_report_new_connections_only() {
     assert!((40..=160).contains(&sampled), "{sampled} of 400 at 1 in 4");
 }
 
-/// Both programs pass this kernel's verifier; how much of its budget (1M instructions
+/// The programs pass this kernel's verifier; how much of its budget (1M instructions
 /// per program since Linux 5.2) they take is printed and bounded, so growth is noticed.
 #[test]
 fn the_verifier_accepts_both_programs_with_room_to_spare() {
     needs_root!();
     let rig = Rig::new(0);
-    for name in ["from_pod", "to_pod"] {
+    for name in ["from_pod", "to_pod", "to_remote"] {
         let prog: &aya::programs::SchedClassifier =
             rig.ebpf.program(name).unwrap().try_into().unwrap();
         let info = prog.info().unwrap();

@@ -119,7 +119,7 @@ impl Lab {
             .args(["--node", "node0", "--bridge", "cni0", "--api-socket"])
             .arg(self.state_dir().join("agent.sock"))
             .arg("--pin-root")
-            .arg(netpol_agent::lab::pin_root(&self.name))
+            .arg(netpol_agent::lab::pin_root_of(&self.name, 0))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -356,7 +356,7 @@ fn restart(tag: &str, extra: &[&str]) -> (Value, Duration) {
     assert!(failures.is_empty(), "{failures:?}\n{}", lab.logs());
     assert_eq!(status["converged"], true, "{status}");
     assert_eq!(status["endpoints"], 100, "{status}");
-    let pins = netpol_agent::lab::pin_root(&lab.name);
+    let pins = netpol_agent::lab::pin_root_of(&lab.name, 0);
     if extra.is_empty() {
         assert!(pins
             .join(netpol_common::PIN_VERSION)

@@ -10,7 +10,7 @@
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
-pub const PIN_VERSION: &str = "v2";
+pub const PIN_VERSION: &str = "v3";
 
 /// Map names, shared by both sides.
 pub mod map {
@@ -24,6 +24,10 @@ pub mod map {
     pub const CONFIG: &str = "NP_CONFIG";
     pub const FRAGMENTS: &str = "NP_FRAGMENTS";
     pub const EVENT_BUCKETS: &str = "NP_EVENT_BUCKETS";
+    /// Service VIPs (ClusterIPs): egress to them is judged after kube-proxy's DNAT.
+    pub const SERVICES: &str = "NP_SERVICES";
+    /// Deferred connections to a VIP, by client veth and source port (see [`PendingKey`]).
+    pub const SVC_PENDING: &str = "NP_SVC_PENDING";
 }
 
 /// Program names (the functions in netpol-ebpf).
@@ -32,6 +36,42 @@ pub mod program {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress of a pod's host-side veth: what is delivered to the pod (its ingress policy).
     pub const TO_POD: &str = "to_pod";
+    /// TC egress of the overlay (`flannel.1`) and the uplink: a packet a local pod sent to
+    /// a Service VIP, DNATed to a backend on another node, has its egress judged here.
+    pub const TO_REMOTE: &str = "to_remote";
+}
+
+/// The packet mark (`skb->mark`) with which `from_pod` hands a packet to a Service VIP
+/// over to the hook after kube-proxy's DNAT: bits 8..11 = [`svc_mark::TAG`], bits 16..31
+/// = ifindex of the client's host veth (whose egress policy is pending). Bits 0..7 and
+/// 12..15 are left alone (kube-proxy uses 0x4000 to masquerade, 0x8000 to drop).
+pub mod svc_mark {
+    pub const TAG: u32 = 0x0E00;
+    pub const TAG_MASK: u32 = 0x0F00;
+    pub const IFINDEX_SHIFT: u32 = 16;
+    /// Bits the classifier owns.
+    pub const OURS: u32 = 0xFFFF_0F00;
+    /// The largest client ifindex the mark can carry.
+    pub const MAX_IFINDEX: u32 = 0xFFFF;
+
+    /// `mark` with the pending tag for client `ifindex` (`ifindex <= MAX_IFINDEX`).
+    pub const fn pending(mark: u32, ifindex: u32) -> u32 {
+        (mark & !OURS) | TAG | (ifindex << IFINDEX_SHIFT)
+    }
+
+    /// The client ifindex of a pending mark, or `None` when the mark carries no tag.
+    pub const fn client(mark: u32) -> Option<u32> {
+        if mark & TAG_MASK == TAG {
+            Some(mark >> IFINDEX_SHIFT)
+        } else {
+            None
+        }
+    }
+
+    /// `mark` without our bits (a pending packet is judged once).
+    pub const fn clear(mark: u32) -> u32 {
+        mark & !OURS
+    }
 }
 
 /// Default capacities; each is a flag of the agent.
@@ -45,6 +85,10 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 8192;
     /// Bytes of the event ring buffer (a power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 22;
+    /// Service VIPs.
+    pub const SERVICES: u32 = 16384;
+    /// Connections to a VIP between `from_pod` and the hook after DNAT.
+    pub const SVC_PENDING: u32 = 65536;
 }
 
 /// Reserved identities. Pod identities start at [`identity::FIRST_POD`].
@@ -112,6 +156,12 @@ pub mod reason {
     pub const BASELINE_ALLOWED: u16 = 26;
     /// Denied by a Baseline-tier rule (the pod is not isolated by NetworkPolicy).
     pub const BASELINE_DENIED: u16 = 27;
+    /// Passed on for now: egress to a Service VIP, judged against the backend after
+    /// kube-proxy's DNAT (counted again there with its verdict).
+    pub const SERVICE_DEFERRED: u16 = 13;
+    /// A deferred packet whose client veth is no longer an endpoint, or whose ifindex
+    /// does not fit in the mark: dropped (never judged is never allowed).
+    pub const SERVICE_UNKNOWN_CLIENT: u16 = 14;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 
@@ -134,6 +184,8 @@ pub mod reason {
             ADMIN_DENIED => "ADMIN_DENIED",
             BASELINE_ALLOWED => "BASELINE_ALLOWED",
             BASELINE_DENIED => "BASELINE_DENIED",
+            SERVICE_DEFERRED => "SERVICE_DEFERRED",
+            SERVICE_UNKNOWN_CLIENT => "SERVICE_UNKNOWN_CLIENT",
             _ => "UNKNOWN",
         }
     }
@@ -326,6 +378,10 @@ pub mod ct_flags {
     pub const FIN_REPLY: u32 = 64;
     /// TCP: a RST was seen.
     pub const RST: u32 = 128;
+    /// Keyed by the client's tuple to a Service VIP; `EGRESS_OK` was granted after DNAT
+    /// against the real backend. Replies (source = VIP) pass on it; only the client's
+    /// own packets (deferred again) can re-judge it.
+    pub const SERVICE: u32 = 256;
 }
 
 /// Default conntrack idle timeouts in seconds (`Config` fields of 0 mean these).
@@ -466,6 +522,39 @@ pub mod config_flags {
     pub const TRACE: u32 = 8;
 }
 
+/// `NP_SERVICES` value (hash keyed by the VIP as an [`Addr`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServiceEntry {
+    /// Names the Service for the agent (index in its list); never read by the kernel.
+    pub id: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 4);
+
+/// `NP_SVC_PENDING` key: a connection to a VIP seen at `from_pod`, as the hook after
+/// DNAT finds it again (client veth from the mark; the source port survives DNAT and,
+/// normally, the hairpin masquerade).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    pub ifindex: u32,
+    pub sport: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 8);
+
+/// `NP_SVC_PENDING` value: the original (pre-DNAT) tuple's addresses and VIP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingEntry {
+    pub saddr: Addr,
+    pub vip: Addr,
+    pub vport: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<PendingEntry>() == 40);
+
 /// Caps of the token bucket, so that its arithmetic cannot overflow.
 pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
@@ -484,4 +573,7 @@ mod user {
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragEntry {}
     unsafe impl aya::Pod for EventBucket {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for PendingKey {}
+    unsafe impl aya::Pod for PendingEntry {}
 }

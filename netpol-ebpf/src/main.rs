@@ -14,6 +14,7 @@
 #![no_main]
 
 mod parse;
+mod service;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -72,6 +73,7 @@ struct Scratch {
     frag: FragKey,
     /// Policy hits per tier: [0] Admin, [1] NetworkPolicy/Baseline.
     hits: [[PolicyEntry; 3]; 2],
+    pending: netpol_common::PendingEntry,
 }
 
 #[map(name = "NP_SCRATCH")]
@@ -86,7 +88,19 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
+    // A packet a local pod sent to a Service VIP, DNATed to this pod: the sender's
+    // egress first (before anything else, even if this veth is not an endpoint yet).
+    if service::after_dnat(&ctx) == TC_ACT_SHOT {
+        return TC_ACT_SHOT;
+    }
     judge(&ctx, direction::INGRESS)
+}
+
+/// TC egress of the overlay and the uplink: deferred egress of packets to a VIP whose
+/// backend is on another node.
+#[classifier]
+pub fn to_remote(ctx: TcContext) -> i32 {
+    service::after_dnat(&ctx)
 }
 
 /// What the pipeline decided, before it is turned into a TC action.
@@ -300,6 +314,13 @@ fn stages(
     // 4. Conntrack. A packet in the original direction needs this hook's check; a
     // reply needs the check that was made on this endpoint's side of the original.
     pkt.fill_ct_key(&mut scratch.ct);
+    if dir == direction::EGRESS && service::is_vip(&pkt.daddr) {
+        // 4s. To a Service VIP: judged after DNAT unless established (service.rs).
+        // SAFETY: the context pointer is valid for the whole program run.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);
+        return;
+    }
     if let Some(e) = ct_live(&scratch.ct, config, now) {
         if unsafe { (*e).flags } & mine != 0 {
             established(ep, config, pkt, false, e, out, now);
@@ -361,6 +382,12 @@ fn established(
     let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
     let audit = audit_mode(ep, config);
     let stamp = ct_stamp(ep.revision, config.epoch);
+    if service::is_service_reply(e, reply, jdir) {
+        // SAFETY: as below.
+        unsafe { ct_touch(e, pkt, reply, now) };
+        *out = Outcome::allow(reason::CONNTRACK);
+        return;
+    }
     // SAFETY: pointer into the map value, valid for this run; concurrent writers on
     // other CPUs can only make fields stale, never invalid.
     unsafe {

@@ -56,6 +56,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iptables",
     "ipset",
     "nftables",
+    // sysctl in the lab's node namespaces (forwarding)
+    "procps",
 ];
 
 fn main() -> ExitCode {

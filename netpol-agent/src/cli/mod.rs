@@ -112,6 +112,11 @@ pub struct AgentArgs {
     /// Datagrams whose first fragment's verdict is kept for their later fragments.
     #[arg(long, default_value_t = netpol_common::capacity::FRAGMENTS)]
     pub fragments_capacity: u32,
+    /// A device DNATed packets leave the node by (repeat: e.g. flannel.1 and the
+    /// uplink); egress of local pods to Service VIPs with remote backends is judged at
+    /// its TC egress.
+    #[arg(long = "service-hook", value_name = "DEVICE")]
+    pub service_hooks: Vec<String>,
 }
 
 /// A duration as kubectl writes them: `500ms`, `30s`, `5m`, `6h`, or plain seconds.
@@ -209,6 +214,11 @@ pub enum LabCommand {
     Exec(LabExecArgs),
     /// Connect from pods to pods and report connected, refused or timeout.
     Probe(LabProbeArgs),
+    /// Look a name up from inside a pod, through its resolver (cluster DNS).
+    Resolve(LabResolveArgs),
+    /// Traffic from one pod to another: throughput (stream, iperf3), request/response
+    /// rate and latency (rr), connection rate (crr).
+    Load(LabLoadArgs),
     #[command(hide = true)]
     Run(LabUpArgs),
     #[command(hide = true)]
@@ -232,6 +242,18 @@ pub struct LabUpArgs {
     /// A flag for the lab's agent (repeat for several), e.g. --agent-arg=--keep-established.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Lab nodes, joined by a VXLAN overlay (flannel.1) over a lab underlay; node n has
+    /// the nth pod CIDR from --pod-cidr (10.244.n.0/24).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// Cluster DNS: kube-system/coredns (k8s-app: kube-dns) behind the kube-dns Service
+    /// (10.96.0.10), every pod's resolver.
+    #[arg(long)]
+    pub dns: bool,
+    /// Dual-stack pods (fd00::<pod IPv4>, a /120 per node). Always on: accepted so the
+    /// issue's command lines work.
+    #[arg(long)]
+    pub ipv6: bool,
 }
 
 #[derive(Args)]
@@ -276,11 +298,28 @@ pub struct LabProbeArgs {
     /// Probe the pods' IPv4 (4) or IPv6 (6) addresses.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=6))]
     pub family: u8,
+    /// Address the target pod directly, through the ClusterIP of a Service selecting it
+    /// (its own, per-pod Service first), or through that Service's DNS name.
+    #[arg(long, value_enum, default_value = "pod")]
+    pub via: ProbeVia,
+    /// Probe a Service (namespace/name) on --port instead of pods.
+    #[arg(long, conflicts_with = "to")]
+    pub service: Option<String>,
+    /// Probes per pair (a Service picks a backend at random for each).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
     /// Seconds before a connection attempt counts as a timeout.
     #[arg(long, default_value_t = 1.0)]
     pub timeout: f64,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ProbeVia {
+    Pod,
+    Service,
+    Dns,
 }
 
 #[derive(Args)]
@@ -289,6 +328,61 @@ pub struct LabServeArgs {
     pub tcp: Vec<u16>,
     #[arg(long, value_delimiter = ',')]
     pub udp: Vec<u16>,
+    /// The pod's name, sent in the TCP greeting.
+    #[arg(long)]
+    pub who: Option<String>,
+    /// Serve DNS on port 53 from this records file.
+    #[arg(long)]
+    pub dns: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct LabLoadArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    /// The client pod (namespace/name).
+    #[arg(long)]
+    pub from: String,
+    /// The server pod (namespace/name).
+    #[arg(long)]
+    pub to: String,
+    #[arg(long, value_enum)]
+    pub kind: LoadKindArg,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Port: stream 5201 (iperf3's), rr/crr 80 (a port the target pod declares).
+    #[arg(long)]
+    pub port: Option<u16>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LoadKindArg {
+    Stream,
+    Rr,
+    Crr,
+}
+
+#[derive(Args)]
+pub struct LabResolveArgs {
+    #[arg(long, default_value = "netpol")]
+    pub name: String,
+    /// The pod (namespace/name) whose resolver is asked.
+    #[arg(long)]
+    pub from: String,
+    /// The name to look up (e.g. web.x.svc.cluster.local).
+    pub query: String,
+    /// Ask over TCP instead of UDP.
+    #[arg(long)]
+    pub tcp: bool,
+    /// AAAA instead of A.
+    #[arg(long)]
+    pub ipv6: bool,
+    #[arg(long, default_value_t = 2.0)]
+    pub timeout: f64,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
 }
 
 fn print<T: serde::Serialize>(
@@ -314,6 +408,8 @@ fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
         pod_cidr: a.pod_cidr.clone(),
         netpol_bin: std::env::current_exe()?,
         agent_args: a.agent_args.clone(),
+        nodes: a.nodes,
+        dns: a.dns,
     })
 }
 
@@ -333,6 +429,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 node,
                 bridge: a.bridge,
                 api_socket: a.api_socket,
+                service_hooks: a.service_hooks,
                 capacities: Capacities {
                     endpoints: a.endpoints_capacity,
                     ipcache: a.ipcache_capacity,
@@ -470,18 +567,86 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
             };
             let report = lab::probe(
                 &p.name,
-                p.from.as_deref(),
-                p.to.as_deref(),
-                p.port,
-                protocol,
-                p.family == 6,
-                Duration::from_secs_f64(p.timeout),
+                &lab::ProbeOptions {
+                    from: p.from.as_deref(),
+                    to: p.to.as_deref(),
+                    service: p.service.as_deref(),
+                    port: p.port,
+                    protocol,
+                    ipv6: p.family == 6,
+                    timeout: Duration::from_secs_f64(p.timeout),
+                    via: match p.via {
+                        ProbeVia::Pod => lab::Via::Pod,
+                        ProbeVia::Service => lab::Via::Service,
+                        ProbeVia::Dns => lab::Via::Dns,
+                    },
+                    repeat: p.repeat,
+                },
             )?;
             print(&report, p.output, || report.table())?;
             Ok(0)
         }
         LabCommand::Serve(s) => {
-            lab::serve(&s.tcp, &s.udp)?;
+            lab::serve(&s.tcp, &s.udp, s.who.as_deref(), s.dns.as_deref())?;
+            Ok(0)
+        }
+        LabCommand::Load(l) => {
+            let kind = match l.kind {
+                LoadKindArg::Stream => lab::LoadKind::Stream,
+                LoadKindArg::Rr => lab::LoadKind::Rr,
+                LoadKindArg::Crr => lab::LoadKind::Crr,
+            };
+            let r = lab::load(&l.name, &l.from, &l.to, kind, l.seconds, l.port)?;
+            print(&r, l.output, || {
+                let mut t = format!(
+                    "{:?} {} -> {} ({}:{}) for {}s\n",
+                    r.kind, r.from, r.to, r.address, r.port, r.seconds
+                );
+                if let Some(bps) = r.throughput_bps {
+                    t += &format!(
+                        "throughput {:.2} Gbit/s, {} retransmits\n",
+                        bps / 1e9,
+                        r.retransmits.unwrap_or(0)
+                    );
+                }
+                if let (Some(n), Some(rate)) = (r.transactions, r.transactions_per_sec) {
+                    t += &format!("{n} transactions, {rate:.0}/s\n");
+                }
+                if let Some(l) = &r.latency {
+                    t += &format!(
+                        "latency p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs\n",
+                        l.p50_us, l.p90_us, l.p99_us, l.max_us
+                    );
+                }
+                t
+            })?;
+            Ok(0)
+        }
+        LabCommand::Resolve(r) => {
+            let answer = lab::resolve(
+                &r.name,
+                &r.from,
+                &r.query,
+                r.tcp,
+                r.ipv6,
+                Duration::from_secs_f64(r.timeout),
+            )?;
+            print(&answer, r.output, || {
+                format!(
+                    "{} {} via {} ({}): {:?} {}\n",
+                    answer.from,
+                    answer.query,
+                    answer.server,
+                    answer.transport,
+                    answer.result,
+                    answer
+                        .addresses
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })?;
             Ok(0)
         }
     }

@@ -10,6 +10,7 @@
 pub mod discovery;
 pub mod maps;
 pub mod pin;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -183,7 +184,7 @@ pub fn load_with(
     if !programs {
         return Ok(ebpf);
     }
-    for name in [program::FROM_POD, program::TO_POD] {
+    for name in [program::FROM_POD, program::TO_POD, program::TO_REMOTE] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .context("program missing")?

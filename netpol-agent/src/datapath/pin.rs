@@ -39,6 +39,8 @@ pub const PINNED_MAPS: &[&str] = &[
     map::CONFIG,
     map::FRAGMENTS,
     map::EVENT_BUCKETS,
+    map::SERVICES,
+    map::SVC_PENDING,
 ];
 
 const HOOK_PROGRAMS: &[&str] = &[
@@ -99,6 +101,12 @@ impl Layout {
         put(map::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>());
         put(map::FRAGMENTS, size_of::<FragKey>(), size_of::<FragEntry>());
         put(map::EVENT_BUCKETS, 4, size_of::<EventBucket>());
+        put(map::SERVICES, size_of::<Addr>(), size_of::<ServiceEntry>());
+        put(
+            map::SVC_PENDING,
+            size_of::<PendingKey>(),
+            size_of::<PendingEntry>(),
+        );
         put(map::CONFIG, 4, size_of::<Config>());
         put(map::COUNTERS, 4, 8);
         put(map::EVENTS, 0, size_of::<Event>());

@@ -14,6 +14,9 @@
 //! answers `wait`/`status` on `lab.sock`. Every other command is a client of the files
 //! and sockets under `/run/netpol/lab/<name>/`.
 
+pub mod dns;
+mod kubeproxy;
+mod load;
 mod netns;
 mod probe;
 mod serve;
@@ -30,14 +33,21 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use probe::probe;
+pub use load::{load, LoadKind, LoadReport};
+pub use probe::{probe, ProbeOptions, Via};
 pub use serve::serve;
 pub use supervisor::run_supervisor;
 
 /// Where every lab keeps its state; one directory per lab name.
 pub const LAB_ROOT: &str = "/run/netpol/lab";
-/// The only node of a lab (the agent is told this name).
+/// The first node of a lab; node `n` is `node<n>`.
 pub const NODE_NAME: &str = "node0";
+/// Nodes a lab may have (underlay addresses 172.30.0.2 up).
+pub const MAX_NODES: u32 = 200;
+
+pub fn node_name(index: u32) -> String {
+    format!("node{index}")
+}
 /// The bridge pods are plugged into, as Flannel's `cni0`.
 pub const BRIDGE: &str = "cni0";
 /// How long `up` waits for the supervisor to create its socket.
@@ -54,6 +64,10 @@ pub struct UpOptions {
     pub netpol_bin: PathBuf,
     /// Extra flags for the lab's agent (`--keep-established`, `--event-rate=10`, ...).
     pub agent_args: Vec<String>,
+    /// Nodes (1 = the single-node lab of before: no underlay, no overlay).
+    pub nodes: u32,
+    /// Run cluster DNS (kube-system/coredns behind kube-dns, 10.96.0.10).
+    pub dns: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +92,40 @@ pub struct LabStatus {
     pub name: String,
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
+    /// Services with their ClusterIP and endpoints, as the lab's kube-proxy programs them.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: String,
+    pub ports: Vec<ServicePortStatus>,
+}
+
+impl ServiceStatus {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePortStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    /// namespace/name of the backend pod.
+    pub pod: String,
+    pub ip: String,
+    pub port: u16,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +133,12 @@ pub struct NodeStatus {
     pub name: String,
     pub netns: String,
     pub agent_pid: Option<u32>,
+    /// The node's IPv4 pod CIDR.
+    #[serde(default)]
+    pub pod_cidr: String,
+    /// The node's address on the lab underlay (multi-node labs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay_ip: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +170,12 @@ pub struct ProbeResult {
     pub from: String,
     pub to: String,
     pub result: Outcome,
+    /// The address connected to (the pod's, the Service's ClusterIP, or what DNS gave).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The backend pod that answered (known when the server says who it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +184,8 @@ pub enum Outcome {
     Connected,
     Refused,
     Timeout,
+    /// `--via dns`: the name did not resolve (no answer, or NXDOMAIN).
+    Unresolved,
 }
 
 /// `state.json`: the public [`LabStatus`] (flattened, so the file reads as one) plus what
@@ -163,6 +225,8 @@ pub(crate) struct Paths {
     pub lab_sock: PathBuf,
     pub supervisor_log: PathBuf,
     pub agent_log: PathBuf,
+    /// Records of the lab's cluster DNS.
+    pub dns_records: PathBuf,
 }
 
 impl Paths {
@@ -175,7 +239,25 @@ impl Paths {
             lab_sock: dir.join("lab.sock"),
             supervisor_log: dir.join("supervisor.log"),
             agent_log: dir.join("agent.log"),
+            dns_records: dir.join("dns.json"),
             dir,
+        }
+    }
+
+    /// Node `n`'s agent socket: `agent.sock` for node0 (as before), `agent-node<n>.sock`.
+    pub fn agent_sock_of(&self, n: u32) -> PathBuf {
+        if n == 0 {
+            self.agent_sock.clone()
+        } else {
+            self.dir.join(format!("agent-{}.sock", node_name(n)))
+        }
+    }
+
+    pub fn agent_log_of(&self, n: u32) -> PathBuf {
+        if n == 0 {
+            self.agent_log.clone()
+        } else {
+            self.dir.join(format!("agent-{}.log", node_name(n)))
         }
     }
 }
@@ -191,8 +273,24 @@ pub fn pin_root(lab: &str) -> PathBuf {
     state_dir(lab).join("bpffs")
 }
 
+/// The pin root of node `index`'s agent: a directory of its own in the lab's bpffs.
+pub fn pin_root_of(lab: &str, index: u32) -> PathBuf {
+    pin_root(lab).join(format!("node{index}"))
+}
+
+#[cfg(test)]
 pub(crate) fn node_netns(lab: &str) -> String {
-    format!("{}{NODE_NAME}", netns_prefix(lab))
+    node_netns_of(lab, 0)
+}
+
+pub(crate) fn node_netns_of(lab: &str, index: u32) -> String {
+    format!("{}{}", netns_prefix(lab), node_name(index))
+}
+
+/// The underlay joining a multi-node lab's nodes. No '-' after the prefix: pod
+/// namespaces always have one (`<ns>-<pod>`), so the names cannot collide.
+pub(crate) fn underlay_netns(lab: &str) -> String {
+    format!("{}underlay", netns_prefix(lab))
 }
 
 pub(crate) fn pod_netns(lab: &str, namespace: &str, pod: &str) -> String {
@@ -255,6 +353,9 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
     validate_name(&opts.name)?;
     // Fail here, not in the detached supervisor, on the usual mistakes.
     supervisor::PodCidr::parse(&opts.pod_cidr)?;
+    if !(1..=MAX_NODES).contains(&opts.nodes) {
+        bail!("--nodes {}: a lab has 1 to {MAX_NODES} nodes", opts.nodes);
+    }
     let manifests = std::fs::canonicalize(&opts.manifests)
         .with_context(|| format!("manifest directory {}", opts.manifests.display()))?;
     down(&opts.name).context("cleaning up an earlier lab of the same name")?;
@@ -268,6 +369,8 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         .args(["lab", "run", "--name", &opts.name, "--manifests"])
         .arg(&manifests)
         .args(["--pod-cidr", &opts.pod_cidr])
+        .args(["--nodes", &opts.nodes.to_string()])
+        .args(opts.dns.then_some("--dns"))
         .args(opts.agent_args.iter().map(|a| format!("--agent-arg={a}")))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -354,6 +457,61 @@ pub fn wait(name: &str, timeout: Duration) -> anyhow::Result<()> {
     bail!("lab {name}: {error}")
 }
 
+/// What `netpol lab resolve` reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResolveReport {
+    pub from: String,
+    pub query: String,
+    pub server: String,
+    /// "udp" or "tcp".
+    pub transport: String,
+    pub result: dns::Resolution,
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// Looks `query` up from inside pod `from`, through the nameserver of its resolv.conf.
+pub fn resolve(
+    name: &str,
+    from: &str,
+    query: &str,
+    tcp: bool,
+    ipv6: bool,
+    timeout: Duration,
+) -> anyhow::Result<ResolveReport> {
+    let state = read_state(name)?;
+    let pod = state
+        .status
+        .pods
+        .iter()
+        .find(|p| p.key() == from)
+        .with_context(|| format!("lab {name} has no pod {from} (pods are named namespace/name)"))?;
+    let server = dns::nameserver_of(&pod.netns)
+        .with_context(|| format!("pod {from} has no resolver (start the lab with --dns)"))?;
+    let netns = pod.netns.clone();
+    let query_name = query.to_string();
+    // A thread of its own: entering the pod's netns must not move the caller.
+    let (result, addresses) = std::thread::spawn(move || -> anyhow::Result<_> {
+        probe::enter_netns(&netns)?;
+        Ok(dns::query(
+            std::net::SocketAddr::new(server, 53),
+            &query_name,
+            ipv6,
+            tcp,
+            timeout,
+        ))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the resolver thread panicked"))??;
+    Ok(ResolveReport {
+        from: from.to_string(),
+        query: query.to_string(),
+        server: server.to_string(),
+        transport: if tcp { "tcp" } else { "udp" }.into(),
+        result,
+        addresses,
+    })
+}
+
 pub fn status(name: &str) -> anyhow::Result<LabStatus> {
     Ok(read_state(name)?.status)
 }
@@ -403,11 +561,23 @@ pub fn down(name: &str) -> anyhow::Result<()> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
-    // Pods first: deleting them drops their veths while the node is still there.
-    let node = node_netns(name);
-    let (nodes, pods): (Vec<&String>, Vec<&String>) = leftovers.iter().partition(|n| **n == node);
+    // Pods first: deleting them drops their veths while the node is still there. Nodes
+    // and the underlay have no '-' after the prefix; pods always have one.
+    let (nodes, pods): (Vec<&String>, Vec<&String>) = leftovers
+        .iter()
+        .partition(|n| !n[prefix.len()..].contains('-'));
     for ns in pods.into_iter().chain(nodes) {
         netns::delete(ns)?;
+        dns::remove_resolv_conf(ns);
+    }
+    // Resolver files of pods whose namespace is already gone.
+    if let Ok(dir) = std::fs::read_dir("/etc/netns") {
+        for e in dir.flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(&prefix) {
+                dns::remove_resolv_conf(&n);
+            }
+        }
     }
     match std::fs::remove_dir_all(&paths.dir) {
         Ok(()) => Ok(()),
@@ -510,8 +680,10 @@ mod tests {
                     name: "node0".into(),
                     netns: node_netns("t"),
                     agent_pid: Some(7),
+                    ..Default::default()
                 }],
                 pods: vec![],
+                services: vec![],
             },
             supervisor_pid: 42,
             pod_cidr: "10.244.0.0/24".into(),

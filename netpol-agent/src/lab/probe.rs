@@ -12,106 +12,235 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::{Outcome, PodStatus, ProbeReport, ProbeResult, Protocol};
+use serde::{Deserialize, Serialize};
 
-/// Probes in flight at once: enough to probe a 6×6 matrix in one round.
-const PARALLEL: usize = 32;
+use super::{Outcome, PodStatus, ProbeReport, ProbeResult, Protocol, ServiceStatus};
+
+/// Probes in flight at once. A probe that times out holds its thread for the timeout,
+/// so this bounds a matrix under default deny at about (pairs / PARALLEL) × timeout:
+/// 100 pods (9900 pairs) all dropped take ~20 rounds. The threads are small.
+const PARALLEL: usize = 512;
+const PROBE_STACK: usize = 128 * 1024;
+
+/// How a probe addresses its target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// The pod's own address.
+    #[default]
+    Pod,
+    /// The ClusterIP of a Service selecting the pod (its own one when it has one).
+    Service,
+    /// The name of that Service, resolved through the pod's resolver (cluster DNS).
+    Dns,
+}
+
+pub struct ProbeOptions<'a> {
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    /// Probe this Service (namespace/name) instead of pods (`to` must be unset).
+    pub service: Option<&'a str>,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub ipv6: bool,
+    pub timeout: Duration,
+    pub via: Via,
+    /// Probes per (from, to) pair (to see where a Service's random choice lands).
+    pub repeat: u32,
+}
 
 struct Job<'a> {
     from: &'a PodStatus,
-    to: &'a PodStatus,
-    dst: IpAddr,
+    to: String,
+    target: Target,
 }
 
-pub fn probe(
-    name: &str,
-    from: Option<&str>,
-    to: Option<&str>,
+enum Target {
+    Addr(SocketAddr),
+    /// A name to resolve from inside the source pod, then this port.
+    Name(String, u16),
+}
+
+/// The Service port that reaches `pod` on target port `port`: one whose only endpoint
+/// is the pod (a per-pod Service, as the upstream e2e tests make) first, else any.
+fn service_for<'a>(
+    services: &'a [ServiceStatus],
+    pod: &PodStatus,
     port: u16,
     protocol: Protocol,
-    ipv6: bool,
-    timeout: Duration,
-) -> anyhow::Result<ProbeReport> {
+) -> Option<(&'a ServiceStatus, u16)> {
+    let key = pod.key();
+    let mut any = None;
+    for s in services {
+        for p in s.ports.iter().filter(|p| p.protocol == protocol) {
+            let hits = p
+                .endpoints
+                .iter()
+                .filter(|e| e.pod == key && e.port == port)
+                .count();
+            if hits == 0 {
+                continue;
+            }
+            if p.endpoints.iter().all(|e| e.pod == key) {
+                return Some((s, p.port));
+            }
+            any.get_or_insert((s, p.port));
+        }
+    }
+    any
+}
+
+pub fn probe(name: &str, opts: &ProbeOptions) -> anyhow::Result<ProbeReport> {
     let state = super::read_state(name)?;
     let mut pods = state.status.pods;
     pods.sort_by_key(PodStatus::key);
-    for filter in [from, to].into_iter().flatten() {
+    let services = state.status.services;
+    for filter in [opts.from, opts.to].into_iter().flatten() {
         if !pods.iter().any(|p| p.key() == filter) {
             bail!("lab {name} has no pod {filter} (pods are named namespace/name)");
         }
     }
+    if opts.ipv6 && (opts.via != Via::Pod || opts.service.is_some()) {
+        bail!("the lab's Services are IPv4 only: probe IPv6 with --via pod");
+    }
     let selected = |filter: Option<&str>, p: &PodStatus| filter.is_none_or(|f| f == p.key());
+    let target_of = |svc: &ServiceStatus, svc_port: u16| -> anyhow::Result<Target> {
+        Ok(match opts.via {
+            Via::Dns => Target::Name(
+                format!("{}.{}.svc.{}", svc.name, svc.namespace, super::dns::DOMAIN),
+                svc_port,
+            ),
+            _ => Target::Addr(SocketAddr::new(svc.cluster_ip.parse()?, svc_port)),
+        })
+    };
 
     let mut jobs = Vec::new();
-    for src in pods.iter().filter(|p| selected(from, p)) {
-        for dst in pods
+    let repeat = opts.repeat.max(1);
+    if let Some(service) = opts.service {
+        if opts.to.is_some() {
+            bail!("--service and --to exclude each other");
+        }
+        let svc = services
             .iter()
-            .filter(|p| selected(to, p) && p.key() != src.key())
-        {
-            let dst_ip = dst
-                .ips
+            .find(|s| s.key() == service)
+            .with_context(|| format!("lab {name} has no Service {service}"))?;
+        let port = svc
+            .ports
+            .iter()
+            .find(|p| p.port == opts.port && p.protocol == opts.protocol)
+            .with_context(|| {
+                format!(
+                    "Service {service} has no {} port {}",
+                    opts.protocol, opts.port
+                )
+            })?;
+        for src in pods.iter().filter(|p| selected(opts.from, p)) {
+            for _ in 0..repeat {
+                jobs.push(Job {
+                    from: src,
+                    to: service.to_string(),
+                    target: target_of(svc, port.port)?,
+                });
+            }
+        }
+    } else {
+        for src in pods.iter().filter(|p| selected(opts.from, p)) {
+            for dst in pods
                 .iter()
-                .filter_map(|ip| ip.parse::<IpAddr>().ok())
-                .find(|ip| ip.is_ipv6() == ipv6)
-                .with_context(|| {
-                    format!(
-                        "pod {} has no IPv{} address",
-                        dst.key(),
-                        if ipv6 { 6 } else { 4 }
-                    )
-                })?;
-            jobs.push(Job {
-                from: src,
-                to: dst,
-                dst: dst_ip,
-            });
+                .filter(|p| selected(opts.to, p) && p.key() != src.key())
+            {
+                let target = match opts.via {
+                    Via::Pod => {
+                        let ip = dst
+                            .ips
+                            .iter()
+                            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                            .find(|ip| ip.is_ipv6() == opts.ipv6)
+                            .with_context(|| {
+                                format!(
+                                    "pod {} has no IPv{} address",
+                                    dst.key(),
+                                    if opts.ipv6 { 6 } else { 4 }
+                                )
+                            })?;
+                        Target::Addr(SocketAddr::new(ip, opts.port))
+                    }
+                    Via::Service | Via::Dns => {
+                        let found = service_for(&services, dst, opts.port, opts.protocol);
+                        // In a matrix, pods no Service reaches are left out.
+                        if found.is_none() && opts.to.is_none() {
+                            continue;
+                        }
+                        let (svc, svc_port) = found.with_context(|| {
+                            format!(
+                                "no Service of lab {name} reaches pod {} on {} port {}",
+                                dst.key(),
+                                opts.protocol,
+                                opts.port
+                            )
+                        })?;
+                        target_of(svc, svc_port)?
+                    }
+                };
+                for _ in 0..repeat {
+                    jobs.push(Job {
+                        from: src,
+                        to: dst.key(),
+                        target: match &target {
+                            Target::Addr(a) => Target::Addr(*a),
+                            Target::Name(n, p) => Target::Name(n.clone(), *p),
+                        },
+                    });
+                }
+            }
         }
     }
 
     // A fixed set of threads pulls jobs; each result lands in its job's slot, so the
     // output order is the (sorted) job order whatever finished first.
     let next = AtomicUsize::new(0);
-    let slots: Vec<Mutex<Option<anyhow::Result<Outcome>>>> =
-        jobs.iter().map(|_| Mutex::new(None)).collect();
+    type Slot = Mutex<Option<anyhow::Result<(Outcome, Option<SocketAddr>, Option<String>)>>>;
+    let slots: Vec<Slot> = jobs.iter().map(|_| Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..PARALLEL.min(jobs.len()) {
-            scope.spawn(|| loop {
+            let worker = || loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let outcome = probe_one(
-                    &job.from.netns,
-                    SocketAddr::new(job.dst, port),
-                    protocol,
-                    timeout,
-                );
+                let outcome = probe_one(&job.from.netns, &job.target, opts.protocol, opts.timeout);
                 *slots[i].lock().unwrap() = Some(outcome);
-            });
+            };
+            std::thread::Builder::new()
+                .stack_size(PROBE_STACK)
+                .spawn_scoped(scope, worker)
+                .expect("spawning a probe thread");
         }
     });
 
     let mut results = Vec::with_capacity(jobs.len());
     for (job, slot) in jobs.iter().zip(slots) {
-        let outcome = slot
+        let (outcome, addr, backend) = slot
             .into_inner()
             .unwrap()
             .expect("every job ran")
-            .with_context(|| format!("probing {} → {}", job.from.key(), job.to.key()))?;
+            .with_context(|| format!("probing {} → {}", job.from.key(), job.to))?;
         results.push(ProbeResult {
             from: job.from.key(),
-            to: job.to.key(),
+            to: job.to.clone(),
             result: outcome,
+            address: addr.map(|a| a.ip().to_string()),
+            backend,
         });
     }
     Ok(ProbeReport {
-        protocol,
-        port,
+        protocol: opts.protocol,
+        port: opts.port,
         results,
     })
 }
 
 /// Moves the calling thread into `netns`. Only this thread moves (network namespaces
 /// are per thread), and sockets it creates afterwards belong to that namespace.
-fn enter_netns(netns: &str) -> anyhow::Result<()> {
+pub(crate) fn enter_netns(netns: &str) -> anyhow::Result<()> {
     let path = format!("/var/run/netns/{netns}");
     let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
     // SAFETY: setns on a valid fd that lives until after the call.
@@ -123,14 +252,30 @@ fn enter_netns(netns: &str) -> anyhow::Result<()> {
 
 fn probe_one(
     netns: &str,
-    dst: SocketAddr,
+    target: &Target,
     protocol: Protocol,
     timeout: Duration,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<(Outcome, Option<SocketAddr>, Option<String>)> {
     enter_netns(netns)?;
+    let dst = match target {
+        Target::Addr(a) => *a,
+        Target::Name(name, port) => {
+            let server = super::dns::nameserver_of(netns)
+                .context("the pod has no resolver (start the lab with --dns)")?;
+            let (res, addrs) =
+                super::dns::query(SocketAddr::new(server, 53), name, false, false, timeout);
+            match (res, addrs.first()) {
+                (super::dns::Resolution::Answered, Some(ip)) => SocketAddr::new(*ip, *port),
+                _ => return Ok((Outcome::Unresolved, None, None)),
+            }
+        }
+    };
     Ok(match protocol {
-        Protocol::Tcp => probe_tcp(dst, timeout),
-        Protocol::Udp => probe_udp(dst, timeout)?,
+        Protocol::Tcp => {
+            let (o, who) = probe_tcp(dst, timeout);
+            (o, Some(dst), who)
+        }
+        Protocol::Udp => (probe_udp(dst, timeout)?, Some(dst), None),
     })
 }
 
@@ -143,20 +288,24 @@ fn outcome_of(e: &std::io::Error) -> Outcome {
     }
 }
 
-fn probe_tcp(dst: SocketAddr, timeout: Duration) -> Outcome {
+/// The outcome, and the pod that greeted (`netpol-lab <port> <namespace/pod>`).
+fn probe_tcp(dst: SocketAddr, timeout: Duration) -> (Outcome, Option<String>) {
     let stream = match TcpStream::connect_timeout(&dst, timeout) {
         Ok(s) => s,
-        Err(e) => return outcome_of(&e),
+        Err(e) => return (outcome_of(&e), None),
     };
     // A completed handshake is not enough: the greeting proves data flows both ways.
     if let Err(e) = stream.set_read_timeout(Some(timeout)) {
-        return outcome_of(&e);
+        return (outcome_of(&e), None);
     }
     let mut line = String::new();
     match BufReader::new(stream).read_line(&mut line) {
-        Ok(_) if line.starts_with("netpol-lab") => Outcome::Connected,
-        Ok(_) => Outcome::Refused, // closed without greeting: someone else answered
-        Err(e) => outcome_of(&e),
+        Ok(_) if line.starts_with("netpol-lab") => (
+            Outcome::Connected,
+            line.split_whitespace().nth(2).map(str::to_string),
+        ),
+        Ok(_) => (Outcome::Refused, None), // closed without greeting: someone else answered
+        Err(e) => (outcome_of(&e), None),
     }
 }
 
@@ -197,6 +346,7 @@ impl ProbeReport {
                 Some(Outcome::Connected) => "✓",
                 Some(Outcome::Timeout) => "✗",
                 Some(Outcome::Refused) => "R",
+                Some(Outcome::Unresolved) => "?",
                 None => "-",
             }
         };
@@ -242,6 +392,8 @@ mod tests {
             from: from.into(),
             to: to.into(),
             result,
+            address: None,
+            backend: None,
         }
     }
 

@@ -18,8 +18,11 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::netns::{self, PodLink};
-use super::{LabState, LabStatus, NodeStatus, Paths, PodStatus, UpOptions, BRIDGE, NODE_NAME};
+use super::kubeproxy::{self, Candidate, ClusterIps};
+use super::netns::{self, NodeNet, PodLink};
+use super::{
+    dns, LabState, LabStatus, NodeStatus, Paths, PodStatus, ServiceStatus, UpOptions, BRIDGE,
+};
 use crate::source::Object;
 
 /// How long a wait may take to find the agent's socket (the agent loads eBPF first).
@@ -62,6 +65,35 @@ impl PodCidr {
 
     pub fn prefix(&self) -> u8 {
         self.prefix
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network)
+    }
+
+    /// The `n`th CIDR of this size from here: node `n`'s pod CIDR.
+    pub fn nth(&self, n: u32) -> anyhow::Result<PodCidr> {
+        let size = 1u64 << (32 - self.prefix);
+        let network = self.network as u64 + size * n as u64;
+        if network + size > 1 << 32 {
+            bail!(
+                "{n} pod CIDRs of /{} do not fit after {}",
+                self.prefix,
+                self.network()
+            );
+        }
+        Ok(PodCidr {
+            network: network as u32,
+            prefix: self.prefix,
+        })
+    }
+
+    /// The cluster CIDR kube-proxy is told: 8 bits shorter than a node's (`/16` for the
+    /// default `/24`), as Flannel's network around its per-node subnets.
+    pub fn cluster(&self) -> String {
+        let prefix = self.prefix.saturating_sub(8).max(8);
+        let mask = u32::MAX << (32 - prefix);
+        format!("{}/{prefix}", Ipv4Addr::from(self.network & mask))
     }
 
     pub fn gateway(&self) -> Ipv4Addr {
@@ -183,6 +215,7 @@ fn join_ports(ports: &[u16]) -> String {
 }
 
 struct LabPod {
+    node: u32,
     netns: String,
     veth: String,
     ip: Ipv4Addr,
@@ -212,6 +245,16 @@ impl Agent {
     }
 }
 
+/// One lab node: its namespace, pod CIDR and addresses, and its agent.
+struct LabNode {
+    net: NodeNet,
+    cidr: PodCidr,
+    pool: IpPool,
+    agent: Option<Agent>,
+    /// The `nat` table last loaded (the lab's kube-proxy).
+    nat: String,
+}
+
 struct Lab {
     name: String,
     paths: Paths,
@@ -219,12 +262,97 @@ struct Lab {
     netpol_bin: PathBuf,
     /// Extra flags for the agent (`lab up --agent-arg`).
     agent_args: Vec<String>,
+    /// node0's CIDR (the `--pod-cidr`); node n has the nth one after it.
     cidr: PodCidr,
-    node_netns: String,
-    pool: IpPool,
+    nodes: Vec<LabNode>,
+    dns: bool,
     pods: BTreeMap<PodKey, LabPod>,
-    agent: Option<Agent>,
+    cluster_ips: ClusterIps,
+    services: Vec<ServiceStatus>,
     last_errors: Vec<String>,
+}
+
+/// The node a pod runs on: its `spec.nodeName` when that names a lab node, else one
+/// picked by a hash of its name (stable whatever other pods come and go).
+fn placement(pod: &Pod, key: &PodKey, nodes: u32) -> u32 {
+    let named = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .and_then(|n| n.strip_prefix("node"))
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| *n < nodes);
+    named.unwrap_or_else(|| {
+        let mut h = sha2::Sha256::new();
+        use sha2::Digest;
+        h.update(key.0.as_bytes());
+        h.update([0]);
+        h.update(key.1.as_bytes());
+        let d = h.finalize();
+        u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % nodes
+    })
+}
+
+/// The cluster DNS the lab adds with `--dns`, unless the manifests have their own.
+const DNS_OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  containers:
+  - name: coredns
+    ports:
+    - {name: dns, containerPort: 53, protocol: UDP}
+    - {name: dns-tcp, containerPort: 53, protocol: TCP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {k8s-app: kube-dns}
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+"#;
+
+fn object_id(o: &Object) -> (&'static str, String, String) {
+    let (kind, meta) = match o {
+        Object::Namespace(x) => ("Namespace", &x.metadata),
+        Object::Pod(x) => ("Pod", &x.metadata),
+        Object::NetworkPolicy(x) => ("NetworkPolicy", &x.metadata),
+        Object::Service(x) => ("Service", &x.metadata),
+        Object::Node(x) => ("Node", &x.metadata),
+        Object::ClusterPolicy(x) => (
+            crate::source::cluster_policy::KINDS
+                .iter()
+                .find(|k| **k == x.kind)
+                .copied()
+                .unwrap_or("ClusterPolicy"),
+            &x.metadata,
+        ),
+    };
+    (
+        kind,
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// A pod the lab's DNS server runs in.
+fn is_dns_pod(pod: &Pod) -> bool {
+    pod.metadata.namespace.as_deref() == Some("kube-system")
+        && pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("k8s-app"))
+            .map(String::as_str)
+            == Some("kube-dns")
 }
 
 /// Pods the lab gives a namespace to: running-ish pods on the pod network.
@@ -252,6 +380,23 @@ fn pod_key(pod: &Pod) -> Option<PodKey> {
 impl Lab {
     fn new(opts: &UpOptions) -> anyhow::Result<Lab> {
         let cidr = PodCidr::parse(&opts.pod_cidr)?;
+        let mut nodes = Vec::new();
+        for index in 0..opts.nodes.max(1) {
+            let node_cidr = cidr.nth(index)?;
+            nodes.push(LabNode {
+                net: NodeNet {
+                    index,
+                    netns: super::node_netns_of(&opts.name, index),
+                    network: node_cidr.network(),
+                    prefix: node_cidr.prefix(),
+                    underlay_ip: Ipv4Addr::new(172, 30, 0, 2 + index as u8),
+                },
+                cidr: node_cidr,
+                pool: IpPool::new(node_cidr),
+                agent: None,
+                nat: String::new(),
+            });
+        }
         Ok(Lab {
             name: opts.name.clone(),
             paths: Paths::new(&opts.name),
@@ -259,29 +404,41 @@ impl Lab {
             netpol_bin: opts.netpol_bin.clone(),
             agent_args: opts.agent_args.clone(),
             cidr,
-            node_netns: super::node_netns(&opts.name),
-            pool: IpPool::new(cidr),
+            nodes,
+            dns: opts.dns,
             pods: BTreeMap::new(),
-            agent: None,
+            cluster_ips: ClusterIps::default(),
+            services: Vec::new(),
             last_errors: Vec::new(),
         })
+    }
+
+    fn multi_node(&self) -> bool {
+        self.nodes.len() > 1
     }
 
     fn status(&self) -> LabStatus {
         LabStatus {
             name: self.name.clone(),
-            nodes: vec![NodeStatus {
-                name: NODE_NAME.into(),
-                netns: self.node_netns.clone(),
-                agent_pid: self.agent.as_ref().map(|a| a.pid),
-            }],
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeStatus {
+                    name: super::node_name(n.net.index),
+                    netns: n.net.netns.clone(),
+                    agent_pid: n.agent.as_ref().map(|a| a.pid),
+                    pod_cidr: format!("{}/{}", n.cidr.network(), n.cidr.prefix()),
+                    underlay_ip: self.multi_node().then(|| n.net.underlay_ip.to_string()),
+                })
+                .collect(),
+            services: self.services.clone(),
             pods: self
                 .pods
                 .iter()
                 .map(|((ns, name), p)| PodStatus {
                     namespace: ns.clone(),
                     name: name.clone(),
-                    node: NODE_NAME.into(),
+                    node: super::node_name(p.node),
                     ips: vec![p.ip.to_string(), netns::ipv6_of(p.ip).to_string()],
                     netns: p.netns.clone(),
                     veth: p.veth.clone(),
@@ -300,7 +457,10 @@ impl Lab {
         super::write_atomic(&self.paths.state, &serde_json::to_vec_pretty(&state)?)
     }
 
-    fn setup_node(&self) -> anyhow::Result<()> {
+    /// The nodes, and for several of them the underlay and the Flannel-style overlay.
+    fn setup_nodes(&self) -> anyhow::Result<()> {
+        // One bpffs for the lab (`ip netns exec` hides /sys/fs/bpf behind a fresh
+        // sysfs); each node's agent pins under its own directory in it.
         let pins = super::pin_root(&self.name);
         std::fs::create_dir_all(&pins)?;
         let status = Command::new("mount")
@@ -311,25 +471,49 @@ impl Lab {
         if !status.success() {
             bail!("mounting a bpffs at {} failed", pins.display());
         }
-        netns::setup_node(
-            &self.node_netns,
-            BRIDGE,
-            self.cidr.gateway(),
-            self.cidr.prefix(),
-        )
-        .with_context(|| format!("setting up node {NODE_NAME} ({})", self.node_netns))
+        netns::raise_neighbour_limits()?;
+        for n in &self.nodes {
+            netns::setup_node(&n.net.netns, BRIDGE, n.cidr.gateway(), n.cidr.prefix())
+                .with_context(|| format!("setting up node{} ({})", n.net.index, n.net.netns))?;
+        }
+        if self.multi_node() {
+            let underlay = super::underlay_netns(&self.name);
+            netns::setup_underlay(&underlay).context("setting up the lab underlay")?;
+            let all: Vec<NodeNet> = self.nodes.iter().map(|n| n.net.clone()).collect();
+            for n in &all {
+                netns::setup_overlay(n, &all, &underlay)
+                    .with_context(|| format!("joining node{} to the overlay", n.index))?;
+            }
+        }
+        Ok(())
     }
 
     /// Brings pods, the rendered cluster view and the agent in line with the manifest
     /// directory. Returns the digest of the rendered view (what the agent must reach).
     /// Pods that fail are reported in the error, after everything else was done.
     fn reconcile(&mut self) -> anyhow::Result<String> {
-        let state = crate::source::dir::read_state(std::slice::from_ref(&self.manifests));
+        let mut state = crate::source::dir::read_state(std::slice::from_ref(&self.manifests));
         if state.errors != self.last_errors {
             for e in &state.errors {
                 log(format!("manifest skipped: {e}"));
             }
             self.last_errors = state.errors.clone();
+        }
+        if self.dns {
+            let (builtins, _) =
+                crate::source::parse_manifests(Path::new("lab-dns.yaml"), DNS_OBJECTS);
+            let have: BTreeSet<_> = state.objects.iter().map(object_id).collect();
+            let own_dns_pod = state
+                .objects
+                .iter()
+                .any(|o| matches!(o, Object::Pod(p) if is_dns_pod(p)));
+            for o in builtins {
+                let skip =
+                    have.contains(&object_id(&o)) || (own_dns_pod && matches!(o, Object::Pod(_)));
+                if !skip {
+                    state.objects.push(o);
+                }
+            }
         }
         let mut desired: BTreeMap<PodKey, &Pod> = BTreeMap::new();
         for object in &state.objects {
@@ -366,9 +550,15 @@ impl Lab {
             }
         }
 
+        if let Err(e) = self.program_services(&state.objects) {
+            errors.push(format!("{e:#}"));
+        }
         self.render(&state.objects)?;
-        if self.agent.is_none() {
-            self.agent = Some(self.start_agent()?);
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].agent.is_none() {
+                let agent = self.start_agent(n as u32)?;
+                self.nodes[n].agent = Some(agent);
+            }
         }
         self.write_state()?;
         if !errors.is_empty() {
@@ -379,34 +569,114 @@ impl Lab {
         )))
     }
 
+    /// ClusterIPs, endpoints, the `nat` table of every node and the DNS records.
+    fn program_services(&mut self, objects: &[Object]) -> anyhow::Result<()> {
+        let pods: BTreeMap<PodKey, &Pod> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Pod(p) => Some((pod_key(p)?, p)),
+                _ => None,
+            })
+            .collect();
+        let candidates: Vec<Candidate> = self
+            .pods
+            .iter()
+            .filter_map(|(k, lp)| {
+                Some(Candidate {
+                    pod: pods.get(k)?,
+                    key: format!("{}/{}", k.0, k.1),
+                    ip: lp.ip,
+                })
+            })
+            .collect();
+        let fixed: Vec<Ipv4Addr> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::Service(s) => s.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        let mut services = Vec::new();
+        for o in objects {
+            if let Object::Service(svc) = o {
+                if let Some(ip) = self.cluster_ips.assign(svc, &fixed) {
+                    services.push(kubeproxy::endpoints(svc, ip, &candidates));
+                }
+            }
+        }
+        services.sort_by_key(ServiceStatus::key);
+        let table = kubeproxy::rules(&services, &self.cidr.cluster());
+        for n in &mut self.nodes {
+            if n.nat != table {
+                kubeproxy::apply(&n.net.netns, &table)?;
+                n.nat = table.clone();
+            }
+        }
+        self.services = services;
+        if self.dns {
+            let mut records = dns::Records::default();
+            for s in &self.services {
+                if let Ok(ip) = s.cluster_ip.parse() {
+                    records.names.insert(
+                        format!("{}.{}.svc.{}", s.name, s.namespace, dns::DOMAIN),
+                        vec![ip],
+                    );
+                }
+            }
+            for ((ns, name), p) in &self.pods {
+                records.names.insert(
+                    format!("{name}.{ns}.pod.{}", dns::DOMAIN),
+                    vec![p.ip.into(), netns::ipv6_of(p.ip).into()],
+                );
+            }
+            let text = serde_json::to_vec_pretty(&records)?;
+            if std::fs::read(&self.paths.dns_records).ok() != Some(text.clone()) {
+                super::write_atomic(&self.paths.dns_records, &text)?;
+            }
+        }
+        Ok(())
+    }
+
     fn ensure_pod(&mut self, key: &PodKey, pod: &Pod) -> anyhow::Result<()> {
         let who = format!("pod {}/{}", key.0, key.1);
+        let node = placement(pod, key, self.nodes.len() as u32);
+        if self.pods.get(key).is_some_and(|p| p.node != node) {
+            log(format!("{who}: moves to node{node}"));
+            self.remove_pod(key)?;
+        }
         if !self.pods.contains_key(key) {
             let wanted = pod
                 .status
                 .as_ref()
                 .and_then(|s| s.pod_ip.as_deref())
                 .and_then(|ip| ip.parse().ok());
-            let ip = self.pool.assign(key, wanted)?;
+            let lab_node = &mut self.nodes[node as usize];
+            let ip = lab_node.pool.assign(key, wanted)?;
             let netns = super::pod_netns(&self.name, &key.0, &key.1);
             let veth = super::veth_name(&self.name, &key.0, &key.1);
             let link = PodLink {
-                node_netns: &self.node_netns,
+                node_netns: &lab_node.net.netns,
                 bridge: BRIDGE,
                 pod_netns: &netns,
                 veth: &veth,
                 ip,
-                prefix: self.cidr.prefix(),
-                gateway: self.cidr.gateway(),
+                prefix: lab_node.cidr.prefix(),
+                gateway: lab_node.cidr.gateway(),
             };
             if let Err(e) = netns::setup_pod(&link) {
-                self.pool.release(key);
+                lab_node.pool.release(key);
                 return Err(e.context(format!("{who}: setting up its network namespace {netns}")));
             }
-            log(format!("{who}: {ip} in {netns} (veth {veth})"));
+            if self.dns {
+                dns::write_resolv_conf(&netns, &key.0)?;
+            }
+            log(format!(
+                "{who}: {ip} on node{node} in {netns} (veth {veth})"
+            ));
             self.pods.insert(
                 key.clone(),
                 LabPod {
+                    node,
                     netns,
                     veth,
                     ip,
@@ -428,8 +698,13 @@ impl Lab {
             stop_child(&mut lab_pod.server);
             lab_pod.ports = ports;
             if !lab_pod.ports.is_empty() {
-                let child = start_server(&self.netpol_bin, &lab_pod.netns, &lab_pod.ports)
-                    .with_context(|| format!("{who}: starting its server in {}", lab_pod.netns))?;
+                let dns = (self.dns && is_dns_pod(pod)).then_some(self.paths.dns_records.as_path());
+                let who = format!("{}/{}", key.0, key.1);
+                let child =
+                    start_server(&self.netpol_bin, &lab_pod.netns, &lab_pod.ports, &who, dns)
+                        .with_context(|| {
+                            format!("{who}: starting its server in {}", lab_pod.netns)
+                        })?;
                 lab_pod.server = Some(child);
             }
         }
@@ -441,32 +716,52 @@ impl Lab {
             return Ok(());
         };
         stop_child(&mut pod.server);
-        self.pool.release(key);
+        let node = &mut self.nodes[pod.node as usize];
+        node.pool.release(key);
+        dns::remove_resolv_conf(&pod.netns);
         log(format!("pod {}/{}: removed", key.0, key.1));
         let who = format!("pod {}/{}", key.0, key.1);
         // Deleting the namespace would delete the veth pair too, but only once the kernel
         // has destroyed it (asynchronously): a pod coming straight back would find its
         // veth name still taken. So the veth goes first, synchronously.
-        netns::delete_link(&self.node_netns, &pod.veth)
+        netns::delete_link(&node.net.netns, &pod.veth)
             .with_context(|| format!("{who}: deleting its veth"))?;
         netns::delete(&pod.netns).with_context(|| format!("{who}: deleting {}", pod.netns))
     }
 
     /// Writes `cluster/objects.yaml`: every object of the directory, with the pods the lab
-    /// runs placed on node0 and given their addresses, as a kubelet would report them.
+    /// runs placed on their node and given their addresses, as a kubelet would report
+    /// them, and Services with their ClusterIP, as the API server would assign it.
     fn render(&self, objects: &[Object]) -> anyhow::Result<()> {
         let mut docs = Vec::new();
         for object in objects {
             let doc = match object {
                 Object::Namespace(o) => serde_yaml::to_string(o),
                 Object::NetworkPolicy(o) => serde_yaml::to_string(o),
-                Object::Service(o) => serde_yaml::to_string(o),
                 Object::Node(o) => serde_yaml::to_string(o),
                 Object::ClusterPolicy(o) => serde_yaml::to_string(o),
+                Object::Service(o) => {
+                    let mut svc = o.clone();
+                    let key = object_id(object);
+                    let ip = self
+                        .services
+                        .iter()
+                        .find(|s| {
+                            (s.namespace.as_str(), s.name.as_str())
+                                == (ns_or_default(&key.1), key.2.as_str())
+                        })
+                        .map(|s| s.cluster_ip.clone());
+                    if let Some(ip) = ip {
+                        let spec = svc.spec.get_or_insert_with(Default::default);
+                        spec.cluster_ip = Some(ip.clone());
+                        spec.cluster_ips = Some(vec![ip]);
+                    }
+                    serde_yaml::to_string(&svc)
+                }
                 Object::Pod(pod) => {
                     let placed = pod_key(pod)
                         .and_then(|k| self.pods.get(&k))
-                        .map(|lab_pod| place(pod, lab_pod.ip));
+                        .map(|lab_pod| place(pod, lab_pod.ip, lab_pod.node));
                     serde_yaml::to_string(placed.as_ref().unwrap_or(pod))
                 }
             };
@@ -481,20 +776,39 @@ impl Lab {
         Ok(())
     }
 
-    fn start_agent(&self) -> anyhow::Result<Agent> {
-        let _ = std::fs::remove_file(&self.paths.agent_sock);
-        let log_file = std::fs::File::create(&self.paths.agent_log)
-            .with_context(|| format!("creating {}", self.paths.agent_log.display()))?;
+    fn start_agent(&self, index: u32) -> anyhow::Result<Agent> {
+        let sock = self.paths.agent_sock_of(index);
+        let log_path = self.paths.agent_log_of(index);
+        let _ = std::fs::remove_file(&sock);
+        let log_file = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let hooks: Vec<&str> = if self.multi_node() {
+            vec![
+                "--service-hook",
+                netns::OVERLAY,
+                "--service-hook",
+                netns::UPLINK,
+            ]
+        } else {
+            vec![]
+        };
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.node_netns])
+            .args(["netns", "exec", &self.nodes[index as usize].net.netns])
             .arg(&self.netpol_bin)
             .arg("agent")
             .arg("--source")
             .arg(format!("dir:{}", self.paths.cluster.display()))
-            .args(["--node", NODE_NAME, "--bridge", BRIDGE, "--api-socket"])
-            .arg(&self.paths.agent_sock)
+            .args([
+                "--node",
+                &super::node_name(index),
+                "--bridge",
+                BRIDGE,
+                "--api-socket",
+            ])
+            .arg(&sock)
             .arg("--pin-root")
-            .arg(super::pin_root(&self.name))
+            .arg(super::pin_root_of(&self.name, index))
+            .args(hooks)
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -504,8 +818,8 @@ impl Lab {
         // `ip netns exec` execs the command, so this pid is the agent's.
         let pid = child.id();
         log(format!(
-            "agent started (pid {pid}), log in {}",
-            self.paths.agent_log.display()
+            "agent of node{index} started (pid {pid}), log in {}",
+            log_path.display()
         ));
         let exited = Arc::new((Mutex::new(false), Condvar::new()));
         let flag = exited.clone();
@@ -522,7 +836,7 @@ impl Lab {
 
     /// Stops everything the lab started and deletes its namespaces.
     fn teardown(&mut self) {
-        if let Some(agent) = self.agent.take() {
+        for agent in self.nodes.iter_mut().filter_map(|n| n.agent.take()) {
             // SAFETY: plain syscalls on the agent's pid, which its reaper thread has not
             // reaped yet unless `exited` is set.
             if !agent.has_exited() {
@@ -540,8 +854,13 @@ impl Lab {
                 log(format!("{e:#}"));
             }
         }
-        if let Err(e) = netns::delete(&self.node_netns) {
-            log(format!("deleting the node: {e:#}"));
+        for n in &self.nodes {
+            if let Err(e) = netns::delete(&n.net.netns) {
+                log(format!("deleting node{}: {e:#}", n.net.index));
+            }
+        }
+        if let Err(e) = netns::delete(&super::underlay_netns(&self.name)) {
+            log(format!("deleting the underlay: {e:#}"));
         }
         // The agent leaves its pins for the next one; the lab is gone, so are they.
         let pins = super::pin_root(&self.name);
@@ -552,10 +871,18 @@ impl Lab {
     }
 }
 
-/// The pod as the agent should see it: on node0, running, with the lab's address.
-fn place(pod: &Pod, ip: Ipv4Addr) -> Pod {
+fn ns_or_default(ns: &str) -> &str {
+    if ns.is_empty() {
+        "default"
+    } else {
+        ns
+    }
+}
+
+/// The pod as the agent should see it: on its node, running, with the lab's address.
+fn place(pod: &Pod, ip: Ipv4Addr, node: u32) -> Pod {
     let mut pod = pod.clone();
-    pod.spec.get_or_insert_with(Default::default).node_name = Some(NODE_NAME.into());
+    pod.spec.get_or_insert_with(Default::default).node_name = Some(super::node_name(node));
     let status = pod.status.get_or_insert_with(K8sPodStatus::default);
     status.phase = Some("Running".into());
     status.pod_ip = Some(ip.to_string());
@@ -570,11 +897,20 @@ fn place(pod: &Pod, ip: Ipv4Addr) -> Pod {
 
 /// Starts `netpol lab serve` in a pod and waits until it has bound its ports (it says
 /// "ready" on stdout), so that a `wait` that returns means the ports answer.
-fn start_server(netpol_bin: &Path, netns: &str, ports: &Ports) -> anyhow::Result<Child> {
+fn start_server(
+    netpol_bin: &Path,
+    netns: &str,
+    ports: &Ports,
+    who: &str,
+    dns: Option<&Path>,
+) -> anyhow::Result<Child> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", netns])
         .arg(netpol_bin)
-        .args(["lab", "serve"]);
+        .args(["lab", "serve", "--who", who]);
+    if let Some(records) = dns {
+        cmd.arg("--dns").arg(records);
+    }
     if !ports.tcp.is_empty() {
         cmd.args(["--tcp", &join_ports(&ports.tcp)]);
     }
@@ -630,24 +966,35 @@ async fn reconcile_now(lab: &Shared) -> anyhow::Result<String> {
     tokio::task::spawn_blocking(move || lab.lock().unwrap().reconcile()).await?
 }
 
-/// Waits for the agent to converge to `digest`, giving it time to open its socket.
-async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result<()> {
+/// Waits for every node's agent to converge to `digest` (one after the other: they
+/// converge independently, so this costs the slowest of them).
+async fn agents_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result<()> {
+    let nodes = lab.lock().unwrap().nodes.len() as u32;
+    for n in 0..nodes {
+        agent_wait(lab, paths, digest, n).await?;
+    }
+    Ok(())
+}
+
+/// Waits for node `index`'s agent to converge to `digest`, giving it time to open its
+/// socket.
+async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str, index: u32) -> anyhow::Result<()> {
     let deadline = Instant::now() + AGENT_START;
+    let sock = paths.agent_sock_of(index);
+    let log_path = paths.agent_log_of(index);
     let status = loop {
-        match crate::api::client::wait(&paths.agent_sock, digest).await {
+        match crate::api::client::wait(&sock, digest).await {
             Ok(status) => break status,
             Err(e) => {
-                let agent_gone = lab
-                    .lock()
-                    .unwrap()
+                let agent_gone = lab.lock().unwrap().nodes[index as usize]
                     .agent
                     .as_ref()
                     .is_none_or(Agent::has_exited);
                 if agent_gone {
                     bail!(
-                        "the agent is not running; {}:\n{}",
-                        paths.agent_log.display(),
-                        super::tail(&paths.agent_log, 20)
+                        "the agent of node{index} is not running; {}:\n{}",
+                        log_path.display(),
+                        super::tail(&log_path, 20)
                     );
                 }
                 // Only "not listening yet" is worth waiting for.
@@ -668,9 +1015,9 @@ async fn agent_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result
     };
     if !status.converged {
         bail!(
-            "the agent has not converged (pods without a veth: {:?}); see {}",
+            "the agent of node{index} has not converged (pods without a veth: {:?}); see {}",
             status.pending,
-            paths.agent_log.display()
+            log_path.display()
         );
     }
     Ok(())
@@ -692,7 +1039,7 @@ async fn handle(stream: UnixStream, lab: Shared) -> anyhow::Result<()> {
             Ok(LabRequest::Wait) => {
                 let result = async {
                     let digest = reconcile_now(&lab).await?;
-                    agent_wait(&lab, &paths, &digest).await
+                    agents_wait(&lab, &paths, &digest).await
                 }
                 .await;
                 match result {
@@ -791,10 +1138,10 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
         let lab = lab.clone();
         tokio::task::spawn_blocking(move || {
             let mut lab = lab.lock().unwrap();
-            lab.setup_node()?;
+            lab.setup_nodes()?;
             // Pod errors are not fatal: they are reported to every `wait`.
             if let Err(e) = lab.reconcile() {
-                if lab.agent.is_none() {
+                if lab.nodes.iter().any(|n| n.agent.is_none()) {
                     return Err(e);
                 }
                 log(format!("reconcile: {e:#}"));
@@ -966,7 +1313,7 @@ spec:
     fn placed_pods_are_running_on_node0_with_the_lab_address() {
         let pod: Pod =
             serde_yaml::from_str("metadata: {name: a}\nstatus: {phase: Pending}").unwrap();
-        let placed = place(&pod, Ipv4Addr::new(10, 244, 0, 4));
+        let placed = place(&pod, Ipv4Addr::new(10, 244, 0, 4), 0);
         assert_eq!(placed.spec.unwrap().node_name.as_deref(), Some("node0"));
         let status = placed.status.unwrap();
         assert_eq!(status.phase.as_deref(), Some("Running"));

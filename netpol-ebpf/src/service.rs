@@ -1,0 +1,189 @@
+//! Egress to Service VIPs, judged against the backend kube-proxy picks.
+//!
+//! ```text
+//!  client pod ──► from_pod (H1) ──► PREROUTING DNAT ──► to_pod (H2, local backend)
+//!                 dst is a VIP:          (kube-proxy)  └► to_remote (flannel.1/uplink)
+//!                 record pending,                         mark tagged: judge the
+//!                 tag skb->mark, pass                     client's egress on the
+//!                                                         real backend, clear the mark
+//! ```
+//! An allowed connection is recorded in conntrack under the client's original tuple
+//! (client → VIP, flag `SERVICE`), so the replies, which come back with the VIP as their
+//! source after the reverse NAT, match it. A tagged packet whose client is unknown is
+//! dropped: a packet to a VIP is never let through unjudged past the hook after DNAT.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+    programs::TcContext,
+};
+use netpol_common::{
+    capacity, config_flags, ct_flags, ct_stamp, direction, reason, svc_mark, verdict, Addr, Config,
+    CtEntry, EndpointEntry, PendingEntry, PendingKey, ServiceEntry,
+};
+
+use crate::parse::{self, Packet};
+use crate::{audit_mode, ct_touch, finish, remember, verdict_of, Outcome, Scratch};
+
+#[map(name = "NP_SERVICES")]
+static SERVICES: HashMap<Addr, ServiceEntry> = HashMap::with_max_entries(capacity::SERVICES, 0);
+
+#[map(name = "NP_SVC_PENDING")]
+static SVC_PENDING: LruHashMap<PendingKey, PendingEntry> =
+    LruHashMap::with_max_entries(capacity::SVC_PENDING, 0);
+
+#[inline(always)]
+pub fn is_vip(addr: &Addr) -> bool {
+    // SAFETY: a lookup; the value is not kept.
+    unsafe { SERVICES.get(addr) }.is_some()
+}
+
+/// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
+/// (`CONNTRACK`); anything else is passed on tagged, to be judged after DNAT.
+#[inline(always)]
+pub fn egress_to_vip(
+    ctx: &TcContext,
+    scratch: &mut Scratch,
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    ifindex: u32,
+    out: &mut Outcome,
+    now: u64,
+) {
+    if let Some(e) = crate::ct_live(&scratch.ct, config, now) {
+        // SAFETY: pointer into the map value, valid for this run.
+        unsafe {
+            let flags = (*e).flags;
+            let current = (*e).egress_revision == ct_stamp(ep.revision, config.epoch)
+                || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+            let audit_ok = flags & ct_flags::EGRESS_AUDIT == 0 || audit_mode(ep, config);
+            if flags & ct_flags::EGRESS_OK != 0 && current && audit_ok {
+                ct_touch(e, pkt, false, now);
+                *out = Outcome::allow(reason::CONNTRACK);
+                return;
+            }
+        }
+    }
+    if ifindex > svc_mark::MAX_IFINDEX {
+        *out = Outcome::drop(reason::SERVICE_UNKNOWN_CLIENT);
+        return;
+    }
+    let key = PendingKey {
+        ifindex,
+        sport: pkt.sport,
+        protocol: pkt.protocol,
+        _pad: 0,
+    };
+    scratch.pending = PendingEntry {
+        saddr: pkt.saddr,
+        vip: pkt.daddr,
+        vport: pkt.dport,
+        _pad: [0; 6],
+    };
+    // A full table evicts the oldest entry: that connection's replies are then judged
+    // as ingress (closed, not open).
+    let _ = SVC_PENDING.insert(&key, &scratch.pending, 0);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(svc_mark::pending(mark, ifindex));
+    *out = Outcome::allow(reason::SERVICE_DEFERRED);
+}
+
+/// The hook after DNAT (`to_pod` first thing, `to_remote`): a tagged packet has its
+/// client's egress judged against its (now real) destination. `TC_ACT_OK` lets the hook
+/// go on, `TC_ACT_SHOT` drops.
+#[inline(never)]
+pub fn after_dnat(ctx: &TcContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let Some(client) = svc_mark::client(mark) else {
+        return TC_ACT_OK;
+    };
+    // Judged once: the mark must not follow the packet further.
+    ctx.set_mark(svc_mark::clear(mark));
+    let Some(config) = crate::CONFIG.get(0) else {
+        return TC_ACT_SHOT;
+    };
+    let mut pkt = Packet {
+        dir: direction::EGRESS,
+        ..Packet::default()
+    };
+    // SAFETY: map values stay valid for the whole program run.
+    let Some(ep) = (unsafe { crate::ENDPOINTS.get(&client) }) else {
+        crate::count(netpol_common::counter_index(
+            verdict::DROPPED,
+            reason::SERVICE_UNKNOWN_CLIENT,
+            direction::EGRESS,
+        ));
+        return TC_ACT_SHOT;
+    };
+    let mut out = Outcome::drop(reason::NONE);
+    match parse::parse(ctx, &mut pkt) {
+        parse::PARSED => judge_backend(ep, config, client, &pkt, &mut out),
+        parse::SKIP => return TC_ACT_OK,
+        code => out = Outcome::drop(code),
+    }
+    finish(ctx, ep, config, &pkt, out)
+}
+
+/// The client's egress policy against the backend; an allowed (or audited) connection
+/// is recorded under its original tuple for the replies.
+#[inline(never)]
+fn judge_backend(
+    ep: &EndpointEntry,
+    config: &Config,
+    client: u32,
+    pkt: &Packet,
+    out: &mut Outcome,
+) {
+    verdict_of(ep, config, pkt, false, out);
+    let audited = if out.verdict == verdict::ALLOWED {
+        0
+    } else if out.reason == reason::POLICY_DENIED && audit_mode(ep, config) {
+        ct_flags::EGRESS_AUDIT
+    } else {
+        return;
+    };
+    let key = PendingKey {
+        ifindex: client,
+        sport: pkt.sport,
+        protocol: pkt.protocol,
+        _pad: 0,
+    };
+    let Some(p) = SVC_PENDING.get_ptr(&key) else {
+        return; // evicted: the replies will be judged as ingress
+    };
+    let Some(scratch) = crate::SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch used by this run only; `p` points into a map value.
+    unsafe {
+        let scratch = &mut *scratch;
+        scratch.ct.saddr = (*p).saddr;
+        scratch.ct.daddr = (*p).vip;
+        scratch.ct.sport = pkt.sport;
+        scratch.ct.dport = (*p).vport;
+        scratch.ct.protocol = pkt.protocol;
+        scratch.ct._pad = [0; 3];
+        let now = bpf_ktime_get_ns();
+        remember(
+            &scratch.ct,
+            direction::EGRESS,
+            ct_stamp(ep.revision, config.epoch),
+            audited | ct_flags::SERVICE,
+            now,
+        );
+    }
+}
+
+/// A reply (source = VIP) of a connection recorded by [`judge_backend`]: its egress
+/// check can only be renewed by the client's own packets (deferred again), so a stale
+/// stamp does not cut it here.
+#[inline(always)]
+pub fn is_service_reply(e: *mut CtEntry, reply: bool, jdir: u8) -> bool {
+    // SAFETY: pointer into the map value, valid for this run.
+    reply && jdir == direction::EGRESS && unsafe { (*e).flags } & ct_flags::SERVICE != 0
+}
