@@ -266,6 +266,14 @@ fn netns_prefix(lab: &str) -> String {
     format!("np-{lab}-")
 }
 
+/// Detaches whatever is mounted at `path` (nothing when nothing is).
+pub(crate) fn unmount(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a plain syscall on a valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
 /// Where a lab's agent pins its maps and programs: a bpffs of the lab's own, mounted by
 /// the supervisor (labs run in parallel, and `ip netns exec` hides /sys/fs/bpf behind a
 /// fresh sysfs).
@@ -579,6 +587,8 @@ pub fn down(name: &str) -> anyhow::Result<()> {
             }
         }
     }
+    // The lab's bpffs (and the pins in it) go with it, even after a crashed supervisor.
+    unmount(&pin_root(name));
     match std::fs::remove_dir_all(&paths.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

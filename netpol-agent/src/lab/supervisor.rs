@@ -863,11 +863,7 @@ impl Lab {
             log(format!("deleting the underlay: {e:#}"));
         }
         // The agent leaves its pins for the next one; the lab is gone, so are they.
-        let pins = super::pin_root(&self.name);
-        if let Ok(c) = std::ffi::CString::new(pins.as_os_str().as_encoded_bytes()) {
-            // SAFETY: a plain syscall on a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        super::unmount(&super::pin_root(&self.name));
     }
 }
 
