@@ -24,12 +24,24 @@ use crate::datapath::discovery::{bridge_addrs, Discovery};
 use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
-use crate::index::Index;
-use crate::source::dir;
+use crate::index::{Change, Index, Snapshot};
+use crate::metrics::{Metrics, Recorded};
+use crate::source::kube as kube_source;
+use crate::source::{dir, ClusterState, Object};
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
     Dir(Vec<PathBuf>),
+    /// The API server, in-cluster config (or KUBECONFIG outside a pod).
+    Kube,
+}
+
+impl SourceSpec {
+    /// `kube` inside a pod (KUBERNETES_SERVICE_HOST is set), else none: `--source` is
+    /// then required.
+    pub fn default_from_env() -> Option<SourceSpec> {
+        std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| SourceSpec::Kube)
+    }
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -39,10 +51,8 @@ impl std::str::FromStr for SourceSpec {
             Some(("dir", path)) if !path.is_empty() => Ok(SourceSpec::Dir(
                 path.split(',').map(PathBuf::from).collect(),
             )),
-            Some(("kube", _)) | None if s == "kube" => {
-                Err("the kube source is not available yet; use --source dir:PATH".into())
-            }
-            _ => Err(format!("unknown source {s:?}: expected dir:PATH")),
+            None if s == "kube" => Ok(SourceSpec::Kube),
+            _ => Err(format!("unknown source {s:?}: expected kube or dir:PATH")),
         }
     }
 }
@@ -63,6 +73,89 @@ pub struct AgentOptions {
     /// Devices a DNATed packet may leave the node by (overlay, uplink): the egress of
     /// local pods to Service VIPs with a remote backend is judged there.
     pub service_hooks: Vec<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: nowhere).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Readiness drops once a watch has been failing for longer than this.
+    pub max_staleness: Duration,
+}
+
+/// Where cluster state comes from, as the loop sees it.
+enum Input {
+    Dir(watch::Receiver<ClusterState>),
+    /// The kube source, and the Services it has delivered (for their ClusterIPs; the
+    /// index does not keep Services).
+    Kube(kube_source::KubeSource, BTreeMap<String, Object>),
+}
+
+impl Input {
+    /// Waits for the next change and applies it (with every change already queued
+    /// behind it) to the index; None when the source has ended.
+    async fn next(&mut self, index: &mut Index) -> Option<Snapshot> {
+        match self {
+            Input::Dir(rx) => {
+                rx.changed().await.ok()?;
+                let state = rx.borrow_and_update().clone();
+                Some(index.reset(&state))
+            }
+            Input::Kube(k, services) => {
+                let mut update = k.updates.recv().await?;
+                let mut digest = String::new();
+                loop {
+                    match update {
+                        kube_source::Update::Reset(state) => {
+                            digest = state.digest.clone();
+                            index.reset(&state);
+                            services.clear();
+                            for o in &state.objects {
+                                if let Object::Service(svc) = o {
+                                    services.insert(service_key(svc), o.clone());
+                                }
+                            }
+                        }
+                        kube_source::Update::Change(c) => {
+                            if let Change::Upsert(o @ Object::Service(svc)) = &c {
+                                services.insert(service_key(svc), o.clone());
+                            }
+                            index.apply(&c);
+                        }
+                    }
+                    match k.updates.try_recv() {
+                        Ok(u) => update = u,
+                        Err(_) => break,
+                    }
+                }
+                let mut snap = index.snapshot().clone();
+                if !digest.is_empty() {
+                    snap.digest = digest;
+                }
+                Some(snap)
+            }
+        }
+    }
+}
+
+impl Input {
+    /// The Service objects the source holds now.
+    fn services(&self) -> Vec<Object> {
+        match self {
+            Input::Dir(rx) => rx
+                .borrow()
+                .objects
+                .iter()
+                .filter(|o| matches!(o, Object::Service(_)))
+                .cloned()
+                .collect(),
+            Input::Kube(_, services) => services.values().cloned().collect(),
+        }
+    }
+}
+
+fn service_key(svc: &k8s_openapi::api::core::v1::Service) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -103,42 +196,98 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (namer_tx, namer_rx) = watch::channel(Arc::new(Namer::default()));
     let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
 
-    let SourceSpec::Dir(paths) = &opts.source;
+    let counters = Arc::new(counters);
     // The first sync must see the whole cluster: a sync against an empty state would
     // empty the adopted maps and open every pod.
-    let (state_tx, mut state_rx) = watch::channel(dir::read_state(paths));
-    let watch_paths = paths.clone();
-    tokio::spawn(async move {
-        if let Err(e) = dir::watch(watch_paths, state_tx).await {
-            tracing::error!(error = %format!("{e:#}"), "watching the manifest directory failed");
+    let mut index = Index::new();
+    let mut invalid_tx = None;
+    let (mut input, mut snapshot) = match &opts.source {
+        SourceSpec::Dir(paths) => {
+            let (state_tx, state_rx) = watch::channel(dir::read_state(paths));
+            let watch_paths = paths.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dir::watch(watch_paths, state_tx).await {
+                    tracing::error!(error = %format!("{e:#}"), "watching the manifest directory failed");
+                }
+            });
+            let snapshot = index.reset(&state_rx.borrow().clone());
+            (Input::Dir(state_rx), snapshot)
         }
+        SourceSpec::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the API server (in-cluster config or KUBECONFIG)")?;
+            let (tx, rx) = watch::channel(Vec::new());
+            tokio::spawn(kube_source::report_invalid(
+                client.clone(),
+                opts.node.clone(),
+                rx,
+            ));
+            invalid_tx = Some(tx);
+            let mut input = Input::Kube(kube_source::start(client), BTreeMap::new());
+            tracing::info!("waiting for the first list of every watched resource");
+            let snapshot = input
+                .next(&mut index)
+                .await
+                .context("the kube source ended before its first list")?;
+            (input, snapshot)
+        }
+    };
+    let health = match &input {
+        Input::Kube(k, _) => Some(k.health.clone()),
+        Input::Dir(_) => None,
+    };
+    let metrics = Arc::new(Metrics {
+        recorded: std::sync::Mutex::new(Recorded::default()),
+        status: status_rx.clone(),
+        health,
+        counters: counters.clone(),
+        max_staleness: opts.max_staleness,
     });
+    {
+        let ebpf = datapath.ebpf_mut();
+        let mut rec = metrics.recorded.lock().unwrap();
+        for m in [
+            map::ENDPOINTS,
+            map::IPCACHE,
+            map::CIDRS,
+            map::POLICY,
+            map::CONNTRACK,
+            map::FRAGMENTS,
+        ] {
+            let cap = crate::datapath::maps::capacity_of(ebpf, m).unwrap_or(0);
+            rec.maps.insert(m, (None, cap));
+        }
+    }
+    let metrics_addr = match opts.metrics_addr {
+        Some(addr) => {
+            let bound = crate::metrics::serve(addr, metrics.clone()).await?;
+            tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+            Some(bound.to_string())
+        }
+        None => None,
+    };
     tokio::spawn(pump_events(ring, namer_rx, events_tx.clone()));
-    let api = server::serve(
-        opts.api_socket.clone(),
-        status_rx,
-        events_tx,
-        Arc::new(counters),
-    )
-    .await?;
+    let api = server::serve(opts.api_socket.clone(), status_rx, events_tx, counters).await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
     let view = NodeView {
         node: Some(opts.node.clone()),
         host_addrs,
     };
-    let mut index = Index::new();
     let mut compiler = Compiler::new();
     let mut discovery = Discovery::default();
     let mut vips_written = BTreeMap::new();
     let mut hooks = crate::datapath::services::ServiceHooks::default();
-    let mut objects = state_rx.borrow().objects.clone();
-    let mut snapshot = index.reset(&state_rx.borrow_and_update().clone());
+    let mut invalid_total = 0u64;
+    let mut last_invalid: Vec<crate::index::Invalid> = Vec::new();
     let mut syncs = 0u64;
     let mut ready_ms: Option<u64> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
+        let t = std::time::Instant::now();
         let desired = compiler.compile(&snapshot, &view).clone();
+        let compile_time = t.elapsed();
         let wanted: BTreeMap<String, Vec<IpAddr>> = desired
             .endpoints
             .keys()
@@ -148,7 +297,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             tracing::warn!(error = %format!("{e:#}"), "finding pod veths failed");
             BTreeMap::new()
         });
-        match datapath.sync(&desired, &locations) {
+        let t = std::time::Instant::now();
+        let synced = datapath.sync(&desired, &locations);
+        let sync_time = t.elapsed();
+        match synced {
             Ok(stats) if stats != Default::default() => {
                 tracing::info!(
                     written = stats.written,
@@ -163,7 +315,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state")
             }
         }
-        let vips = crate::datapath::services::vips(&objects);
+        let vips = crate::datapath::services::vips(&input.services());
         if let Err(e) =
             crate::datapath::services::sync_vips(datapath.ebpf_mut(), &mut vips_written, &vips)
         {
@@ -190,6 +342,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             syncs,
             ready_ms: None,
             adopted: false,
+            metrics_addr: metrics_addr.clone(),
         };
         let converged = status.converged;
         if converged && ready_ms.is_none() {
@@ -207,6 +360,34 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             adopted: datapath.adoption().adopted,
             ..status
         };
+        {
+            let mut rec = metrics.recorded.lock().unwrap();
+            rec.compile.observe(compile_time);
+            rec.sync.observe(sync_time);
+            for (m, n) in [
+                (map::ENDPOINTS, desired.endpoints.len()),
+                (map::IPCACHE, desired.ipcache.len()),
+                (map::CIDRS, desired.cidrs.len()),
+                (map::POLICY, desired.policy.len()),
+            ] {
+                if let Some(e) = rec.maps.get_mut(m) {
+                    e.0 = Some(n);
+                }
+            }
+            if snapshot.invalid != last_invalid {
+                invalid_total += snapshot
+                    .invalid
+                    .iter()
+                    .filter(|i| !last_invalid.contains(i))
+                    .count() as u64;
+                last_invalid = snapshot.invalid.clone();
+                if let Some(tx) = &invalid_tx {
+                    tx.send_replace(last_invalid.clone());
+                }
+            }
+            rec.invalid = snapshot.invalid.len();
+            rec.invalid_total = invalid_total;
+        }
         namer_tx.send_replace(Arc::new(Namer::new(&snapshot, &desired)));
         status_tx.send_replace(status);
 
@@ -218,11 +399,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             Duration::from_millis(100)
         };
         tokio::select! {
-            changed = state_rx.changed() => {
-                if changed.is_err() { break; }
-                let state = state_rx.borrow_and_update().clone();
-                snapshot = index.reset(&state);
-                objects = state.objects;
+            next = input.next(&mut index) => {
+                let Some(next) = next else { break };
+                snapshot = next;
             }
             _ = tokio::time::sleep(tick) => {}
             _ = tokio::signal::ctrl_c() => break,

@@ -17,6 +17,7 @@ pub mod datapath;
 pub mod events;
 pub mod index;
 pub mod lab;
+pub mod metrics;
 pub mod simulate;
 pub mod source;
 pub mod synthetic;

@@ -57,4 +57,7 @@ pub struct Status {
     /// Whether the agent adopted pinned maps of a previous agent of its version.
     #[serde(default)]
     pub adopted: bool,
+    /// Where the agent serves `/metrics`, `/healthz` and `/readyz` (None: nowhere).
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }

@@ -47,9 +47,18 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// Where cluster state comes from: dir:PATH[,PATH...] (YAML/JSON manifests, watched).
+    /// Where cluster state comes from: kube (the API server; the default inside a pod)
+    /// or dir:PATH[,PATH...] (YAML/JSON manifests, watched).
     #[arg(long)]
-    pub source: SourceSpec,
+    pub source: Option<SourceSpec>,
+    /// Where to serve Prometheus /metrics, /healthz and /readyz (HOST:PORT or :PORT;
+    /// "off": nowhere).
+    #[arg(long, default_value = ":9965", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
+    /// Readiness (/readyz) drops once a watch of the kube source has been failing this
+    /// long; enforcement of the last state goes on regardless.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    pub max_staleness: Duration,
     /// This node's name (pods with this spec.nodeName are local).
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
@@ -117,6 +126,23 @@ pub struct AgentArgs {
     /// its TC egress.
     #[arg(long = "service-hook", value_name = "DEVICE")]
     pub service_hooks: Vec<String>,
+}
+
+/// `--metrics-addr`: an address, or none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+pub fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
+    if text == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    let full = match text.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => text.to_string(),
+    };
+    full.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT, :PORT or off"))
 }
 
 /// A duration as kubectl writes them: `500ms`, `30s`, `5m`, `6h`, or plain seconds.
@@ -424,8 +450,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     .trim()
                     .to_string(),
             };
+            let Some(source) = a.source.or_else(SourceSpec::default_from_env) else {
+                eprintln!("error: --source is required outside a pod: kube or dir:PATH");
+                return Ok(2);
+            };
             let opts = AgentOptions {
-                source: a.source,
+                source,
+                metrics_addr: a.metrics_addr.0,
+                max_staleness: a.max_staleness,
                 node,
                 bridge: a.bridge,
                 api_socket: a.api_socket,

@@ -5,6 +5,7 @@
 
 pub mod cluster_policy;
 pub mod dir;
+pub mod kube;
 pub mod manifest;
 
 pub use manifest::{parse_manifests, Object};
