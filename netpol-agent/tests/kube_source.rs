@@ -361,8 +361,8 @@ async fn the_first_list_fills_the_index_and_missing_crds_do_not_block_it() {
     assert!(h.synced);
     assert_eq!(
         h.missing.len(),
-        4,
-        "every cluster-policy CRD version is absent here: {:?}",
+        5,
+        "every cluster-policy CRD version, and the (optional) nodes, are absent here: {:?}",
         h.missing
     );
     // Compiled: both local pods are endpoints, isolated for ingress.
