@@ -1364,3 +1364,42 @@ spec:
         assert_eq!(result, want, "{from} -> {to}");
     }
 }
+
+#[test]
+fn icmp_probes_are_judged_like_any_protocol() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("icmp", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    lab.wait();
+    assert_eq!(
+        lab.result(0, "ICMP", "x/b", "x/a"),
+        "timeout",
+        "default deny"
+    );
+    assert_eq!(
+        lab.result(0, "ICMP", "x/a", "y/c"),
+        "connected",
+        "y is not isolated"
+    );
+    // A rule without ports admits every protocol, ICMP included; one with ports does not.
+    lab.write("allow.yaml", ALLOW_B_TO_A);
+    lab.wait();
+    assert_eq!(
+        lab.result(0, "ICMP", "x/b", "x/a"),
+        "timeout",
+        "TCP 80 is not ICMP"
+    );
+    lab.write(
+        "allow.yaml",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a-from-b, namespace: x}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]}\n",
+    );
+    lab.wait();
+    assert_eq!(lab.result(0, "ICMP", "x/b", "x/a"), "connected");
+    assert_eq!(
+        lab.result_family(0, "ICMP", "x/b", "x/a", 6),
+        "connected",
+        "and over IPv6"
+    );
+}

@@ -595,7 +595,8 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
             let protocol = match p.protocol.to_ascii_uppercase().as_str() {
                 "TCP" => lab::Protocol::Tcp,
                 "UDP" => lab::Protocol::Udp,
-                other => anyhow::bail!("--protocol {other}: the lab probes TCP or UDP"),
+                "ICMP" => lab::Protocol::Icmp,
+                other => anyhow::bail!("--protocol {other}: the lab probes TCP, UDP or ICMP"),
             };
             let report = lab::probe(
                 &p.name,

@@ -155,6 +155,7 @@ pub fn rules(services: &[ServiceStatus], cluster_cidr: &str) -> String {
             let proto = match p.protocol {
                 Protocol::Tcp => "tcp",
                 Protocol::Udp => "udp",
+                Protocol::Icmp => continue, // Service ports are TCP or UDP
             };
             let port_name = p.name.clone().unwrap_or_default();
             let svc_chain = chain("SVC", &[&svc.namespace, &svc.name, &port_name, proto]);

@@ -76,6 +76,9 @@ pub enum Protocol {
     Tcp,
     #[serde(rename = "UDP")]
     Udp,
+    /// An echo request (pod to pod only; the port is not used).
+    #[serde(rename = "ICMP")]
+    Icmp,
 }
 
 impl std::fmt::Display for Protocol {
@@ -83,6 +86,7 @@ impl std::fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "TCP",
             Protocol::Udp => "UDP",
+            Protocol::Icmp => "ICMP",
         })
     }
 }

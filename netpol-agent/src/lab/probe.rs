@@ -100,6 +100,9 @@ pub fn probe(name: &str, opts: &ProbeOptions) -> anyhow::Result<ProbeReport> {
             bail!("lab {name} has no pod {filter} (pods are named namespace/name)");
         }
     }
+    if opts.protocol == Protocol::Icmp && (opts.via != Via::Pod || opts.service.is_some()) {
+        bail!("ICMP probes go pod to pod: kube-proxy does not forward echo requests to a Service");
+    }
     if opts.ipv6 && (opts.via != Via::Pod || opts.service.is_some()) {
         bail!("the lab's Services are IPv4 only: probe IPv6 with --via pod");
     }
@@ -276,6 +279,7 @@ fn probe_one(
             (o, Some(dst), who)
         }
         Protocol::Udp => (probe_udp(dst, timeout)?, Some(dst), None),
+        Protocol::Icmp => (probe_icmp(dst.ip(), timeout)?, Some(dst), None),
     })
 }
 
@@ -325,6 +329,25 @@ fn probe_udp(dst: SocketAddr, timeout: Duration) -> anyhow::Result<Outcome> {
     Ok(match socket.recv(&mut buf) {
         Ok(_) => Outcome::Connected,
         Err(e) => outcome_of(&e),
+    })
+}
+
+/// One echo request with `ping` (iputils), which runs in this thread's network
+/// namespace; an answer within the timeout is `connected`, anything else `timeout`.
+fn probe_icmp(dst: IpAddr, timeout: Duration) -> anyhow::Result<Outcome> {
+    let secs = timeout.as_secs_f64().ceil().max(1.0).to_string();
+    let family = if dst.is_ipv6() { "-6" } else { "-4" };
+    let status = std::process::Command::new("ping")
+        .args([family, "-n", "-q", "-c", "1", "-W", &secs])
+        .arg(dst.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .context("running ping (iputils-ping, installed by cargo xtask setup)")?;
+    Ok(if status.success() {
+        Outcome::Connected
+    } else {
+        Outcome::Timeout
     })
 }
 

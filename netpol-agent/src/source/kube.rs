@@ -413,7 +413,10 @@ pub fn strip(kind: &str, v: &mut Value) {
                 .and_then(|s| s.get("addresses"))
                 .cloned()
                 .unwrap_or(Value::Null);
-            map.insert("status".into(), serde_json::json!({ "addresses": addresses }));
+            map.insert(
+                "status".into(),
+                serde_json::json!({ "addresses": addresses }),
+            );
         }
         return;
     }
