@@ -1403,3 +1403,86 @@ fn icmp_probes_are_judged_like_any_protocol() {
         "and over IPv6"
     );
 }
+
+/// GET `path` from the lab agent's metrics server (it listens in the node's netns).
+fn scrape(lab: &Lab, path: &str) -> (u16, String) {
+    let status: Value = serde_json::from_str(&lab_agent_status(lab)).unwrap();
+    let addr: std::net::SocketAddr = status["metrics_addr"]
+        .as_str()
+        .expect("the lab agent serves metrics")
+        .parse()
+        .unwrap();
+    let port = addr.port();
+    let netns = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let reply = in_netns(&netns, move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    });
+    let code = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+fn sum_of(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_and_health_are_served_and_the_drop_counter_moves() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up("mtr", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    lab.wait();
+    assert_eq!(scrape(&lab, "/healthz").0, 200);
+    assert_eq!(
+        scrape(&lab, "/readyz").0,
+        200,
+        "ready once the datapath enforces"
+    );
+    let (code, before) = scrape(&lab, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "netpol_drops_total",
+        "netpol_allowed_connections_total",
+        "netpol_endpoints",
+        "netpol_policies",
+        "netpol_identities",
+        "netpol_map_entries",
+        "netpol_map_capacity",
+        "netpol_compile_duration_seconds",
+        "netpol_sync_duration_seconds",
+        "netpol_events_total",
+        "netpol_invalid_objects",
+    ] {
+        assert!(before.contains(name), "{name} missing:\n{before}");
+    }
+    let denied = "netpol_drops_total{reason=\"POLICY_DENIED\"";
+    assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "timeout");
+    let (_, after) = scrape(&lab, "/metrics");
+    assert!(
+        sum_of(&after, denied) > sum_of(&before, denied),
+        "a denied connection attempt moves the drop counter:\n{after}"
+    );
+    assert!(sum_of(&after, "netpol_endpoints ") >= 3.0, "{after}");
+}
