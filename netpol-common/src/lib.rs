@@ -258,6 +258,16 @@ pub mod endpoint_flags {
     /// Baseline-tier entries exist (only where NetworkPolicy does not isolate).
     pub const BASELINE_INGRESS: u32 = 32;
     pub const BASELINE_EGRESS: u32 = 64;
+
+    /// (isolated, admin entries, baseline entries) flags of one direction.
+    #[inline(always)]
+    pub const fn of(dir: u8) -> (u32, u32, u32) {
+        if dir == crate::direction::EGRESS {
+            (ISOLATED_EGRESS, ADMIN_EGRESS, BASELINE_EGRESS)
+        } else {
+            (ISOLATED_INGRESS, ADMIN_INGRESS, BASELINE_INGRESS)
+        }
+    }
 }
 
 /// `NP_IPCACHE` value (LPM trie keyed by [`Addr`]): who owns an address.

@@ -552,19 +552,7 @@ fn policy(
         Some(e) => e.identity,
         None => identity::ANY,
     };
-    let (isolated_flag, admin_flag, baseline_flag) = if dir == direction::EGRESS {
-        (
-            endpoint_flags::ISOLATED_EGRESS,
-            endpoint_flags::ADMIN_EGRESS,
-            endpoint_flags::BASELINE_EGRESS,
-        )
-    } else {
-        (
-            endpoint_flags::ISOLATED_INGRESS,
-            endpoint_flags::ADMIN_INGRESS,
-            endpoint_flags::BASELINE_INGRESS,
-        )
-    };
+    let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
     let isolated = ep.flags & isolated_flag != 0;
     scratch.hits = [[MISS; 3]; 2];
     if ep.flags & admin_flag != 0 {

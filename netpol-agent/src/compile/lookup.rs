@@ -59,19 +59,7 @@ impl<'a> Lookup<'a> {
         protocol: u8,
         port: u16,
     ) -> Decision {
-        let (isolated_flag, admin_flag, baseline_flag) = if dir == direction::EGRESS {
-            (
-                endpoint_flags::ISOLATED_EGRESS,
-                endpoint_flags::ADMIN_EGRESS,
-                endpoint_flags::BASELINE_EGRESS,
-            )
-        } else {
-            (
-                endpoint_flags::ISOLATED_INGRESS,
-                endpoint_flags::ADMIN_INGRESS,
-                endpoint_flags::BASELINE_INGRESS,
-            )
-        };
+        let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
         let isolated = ep.flags & isolated_flag != 0;
         let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
             .map(|e| e.identity)
