@@ -15,6 +15,7 @@ pub mod cli;
 pub mod compile;
 pub mod datapath;
 pub mod events;
+pub mod explain;
 pub mod index;
 pub mod lab;
 pub mod metrics;

@@ -41,7 +41,7 @@ pub struct Pair {
 }
 
 /// Pods without an address get one from 10.255.0.0/16, in name order (deterministic).
-fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
+pub(crate) fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
     let mut pods: Vec<&mut k8s_openapi::api::core::v1::Pod> = objects
         .iter_mut()
         .filter_map(|o| {

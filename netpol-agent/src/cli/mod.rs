@@ -40,6 +40,8 @@ pub enum Command {
     Counters(CountersArgs),
     /// Print the policy verdict for every ordered pair of pods in a set of manifests.
     Simulate(SimulateArgs),
+    /// Why one flow is allowed or denied, side by side, with hints for likely mistakes.
+    Explain(ExplainArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -222,6 +224,24 @@ pub struct SimulateArgs {
     /// Only flows to this pod (namespace/name).
     #[arg(long)]
     pub to: Option<String>,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// Judge offline, from these manifests (files or directories).
+    #[arg(long, num_args = 1.., required = true)]
+    pub manifests: Vec<PathBuf>,
+    /// The sender: namespace/pod or an IP.
+    #[arg(long)]
+    pub from: String,
+    /// The receiver: namespace/pod or an IP.
+    #[arg(long)]
+    pub to: String,
+    /// PORT/PROTOCOL, e.g. 80/TCP (the protocol defaults to TCP).
+    #[arg(long)]
+    pub port: String,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -546,6 +566,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             print(&report, s.output, || report.table())?;
             Ok(0)
+        }
+        Command::Explain(e) => {
+            let (port, proto) = e.port.split_once('/').unwrap_or((e.port.as_str(), "TCP"));
+            let port: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| {
+                format!("--port {}: expected PORT/PROTOCOL, e.g. 80/TCP", e.port)
+            })?;
+            let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
+                .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
+            let x = crate::explain::explain(&e.manifests, &e.from, &e.to, protocol, port)?;
+            print(&x, e.output, || x.human())?;
+            // Scripts can branch on the verdict: 0 allowed, 1 denied.
+            Ok(if x.allowed { 0 } else { 1 })
         }
         Command::Lab(cmd) => lab_command(cmd),
     }
