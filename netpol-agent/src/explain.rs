@@ -38,6 +38,8 @@ pub struct Side {
     pub isolating: Vec<String>,
     /// The verdict in plain words.
     pub why: String,
+    /// Each tier's part, in evaluation order (Admin, NetworkPolicy, Baseline).
+    pub tiers: Vec<String>,
 }
 
 /// An endpoint of the flow: a pod (`ns/name`) or an address.
@@ -139,15 +141,52 @@ fn side(
             rule: None,
             isolating: vec![],
             why: format!("no pod of the cluster: nothing enforces its {what}"),
+            tiers: vec![],
         };
     };
     let pod = pod.expect("an endpoint is a pod");
     let d = lookup.decide_at(ep, dir, &addr_of(peer), protocol, port);
-    let rule = desired
-        .rules
-        .get(&d.cookie)
-        .filter(|_| d.cookie != 0)
-        .map(|r| format!("{} {}[{}]", r.policy, r.direction, r.rule));
+    let name = |cookie: u32| {
+        desired
+            .rules
+            .get(&cookie)
+            .filter(|_| cookie != 0)
+            .map(|r| format!("{} {}[{}]", r.policy, r.direction, r.rule))
+    };
+    let rule = name(d.cookie);
+    let hits = lookup.hits_at(ep, dir, &addr_of(peer), protocol, port);
+    let tiers = {
+        use netpol_common::policy::strongest;
+        use netpol_common::policy_action::{ALLOW, DENY, MISS, PASS};
+        let named = |e: netpol_common::PolicyEntry| name(e.cookie).unwrap_or_default();
+        let admin = strongest(&hits.admin);
+        let lower = strongest(&hits.lower);
+        let mut t = vec![match admin.action {
+            ALLOW => format!("Admin tier: Accept by {} (final)", named(admin)),
+            DENY => format!("Admin tier: Deny by {} (final)", named(admin)),
+            PASS => format!(
+                "Admin tier: Pass by {}: NetworkPolicy decides",
+                named(admin)
+            ),
+            _ => "Admin tier: no rule matches".to_string(),
+        }];
+        if admin.action == MISS || admin.action == PASS {
+            if hits.isolated {
+                t.push(match lower.action {
+                    ALLOW => format!("NetworkPolicy: isolated; allowed by {}", named(lower)),
+                    _ => "NetworkPolicy: isolated; no rule allows it".to_string(),
+                });
+            } else {
+                t.push("NetworkPolicy: does not isolate it".to_string());
+                t.push(match lower.action {
+                    ALLOW => format!("Baseline tier: Allow by {}", named(lower)),
+                    DENY => format!("Baseline tier: Deny by {}", named(lower)),
+                    _ => "Baseline tier: no rule matches; the default allows".to_string(),
+                });
+            }
+        }
+        t
+    };
     let isolating: Vec<String> = snap
         .policies
         .iter()
@@ -197,6 +236,7 @@ fn side(
         rule,
         isolating,
         why,
+        tiers,
     }
 }
 
@@ -359,6 +399,9 @@ impl Explanation {
             ("ingress of the receiver", &self.ingress),
         ] {
             out.push_str(&format!("  {name}: {} — {}\n", s.verdict, s.why));
+            for t in &s.tiers {
+                out.push_str(&format!("      {t}\n"));
+            }
         }
         for h in &self.hints {
             out.push_str(&format!("  hint: {h}\n"));
@@ -426,5 +469,34 @@ mod tests {
         assert!(e.allowed);
         assert_eq!(e.ingress.rule.as_deref(), Some("shop/api-in ingress[0]"));
         assert!(e.hints.is_empty());
+    }
+
+    #[test]
+    fn each_tier_says_its_part() {
+        let dir = std::env::temp_dir().join(format!("netpol-explain-tiers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write(
+            &dir,
+            &format!("{PODS}apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: pass-web}}\nspec: {{priority: 1, subject: {{namespaces: {{}}}}, ingress: [{{action: Pass, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}}}]}}]}}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec: {{subject: {{namespaces: {{}}}}, ingress: [{{action: Deny, from: [{{namespaces: {{}}}}]}}]}}\n"),
+        );
+        let e = explain(
+            &[dir.clone()],
+            "shop/web",
+            "shop/api",
+            netpol_common::proto::TCP,
+            8080,
+        )
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(!e.allowed);
+        assert_eq!(
+            e.ingress.tiers,
+            vec![
+                "Admin tier: Pass by AdminNetworkPolicy/pass-web ingress[0]: NetworkPolicy decides",
+                "NetworkPolicy: does not isolate it",
+                "Baseline tier: Deny by BaselineAdminNetworkPolicy/default ingress[0]",
+            ]
+        );
+        assert_eq!(e.ingress.reason, "BASELINE_DENIED");
     }
 }

@@ -54,7 +54,7 @@ pub const MISS: PolicyEntry = PolicyEntry {
 /// The strongest of up to three hits: highest precedence; on a tie (the same rule
 /// reached through two identities, or a conflict) deny beats pass beats allow.
 #[inline(always)]
-fn strongest(hits: &[PolicyEntry; 3]) -> PolicyEntry {
+pub fn strongest(hits: &[PolicyEntry; 3]) -> PolicyEntry {
     let mut best = MISS;
     let mut i = 0;
     while i < 3 {

@@ -3,6 +3,7 @@
 //! `simulate` and the differential tests use it; it must agree with the kernel.
 
 use netpol_common::policy::{decide_tiers, lookup_key, Decision, MISS};
+use netpol_common::PolicyEntry;
 use netpol_common::{direction, endpoint_flags, identity, Addr, EndpointEntry, PolicyKey};
 
 use super::{Desired, PolicyPrefix};
@@ -59,6 +60,19 @@ impl<'a> Lookup<'a> {
         protocol: u8,
         port: u16,
     ) -> Decision {
+        let h = self.hits_at(ep, dir, peer, protocol, port);
+        decide_tiers(&h.admin, h.isolated, &h.lower)
+    }
+
+    /// What each tier's lookups found (for explaining a decision).
+    pub fn hits_at(
+        &self,
+        ep: &EndpointEntry,
+        dir: u8,
+        peer: &Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Hits {
         let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
         let isolated = ep.flags & isolated_flag != 0;
         let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
@@ -93,8 +107,20 @@ impl<'a> Lookup<'a> {
         } else {
             [MISS; 3]
         };
-        decide_tiers(&admin, isolated, &lower)
+        Hits {
+            admin,
+            isolated,
+            lower,
+        }
     }
+}
+
+/// The raw hits of one judgement: the Admin tier's three lookups, whether NetworkPolicy
+/// isolates, and the NetworkPolicy/Baseline lookups (absent hits are `MISS`).
+pub struct Hits {
+    pub admin: [PolicyEntry; 3],
+    pub isolated: bool,
+    pub lower: [PolicyEntry; 3],
 }
 
 /// Longest-prefix match in a map of CIDRs, trying the lengths `lens` (longest first).
