@@ -77,6 +77,8 @@ pub struct AgentOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Readiness drops once a watch has been failing for longer than this.
     pub max_staleness: Duration,
+    /// Drop IP traffic on a new pod port until its endpoint is written (`hold.rs`).
+    pub pod_start_hold: bool,
 }
 
 /// Where cluster state comes from, as the loop sees it.
@@ -165,6 +167,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => PinDir::new(&opts.pin_root),
     };
     let mut datapath = Datapath::open(&opts.capacities, pins.clone())?;
+    if opts.pod_start_hold {
+        crate::datapath::hold::spawn(opts.bridge.clone(), datapath.hold_programs()?)?;
+    }
     {
         let a = datapath.adoption();
         tracing::info!(

@@ -1486,3 +1486,107 @@ fn metrics_and_health_are_served_and_the_drop_counter_moves() {
     );
     assert!(sum_of(&after, "netpol_endpoints ") >= 3.0, "{after}");
 }
+
+const POD_N: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: n, namespace: x, labels: {app: n}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+status: {podIP: 10.244.0.200}
+"#;
+
+const ALLOW_B_TO_N: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: n-from-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: n}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{port: 80}]
+"#;
+
+/// Issue 6, no gap at pod start: under default deny, a client hammers a new pod's
+/// address from before the pod exists until the agent enforces its policy; not one
+/// connection completes (the port is held from the moment it joins the bridge), and
+/// after `wait` the allowed peer connects.
+#[test]
+fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up(
+        "hold",
+        &[
+            ("pods.yaml", PODS),
+            ("deny.yaml", DENY_X),
+            ("allow.yaml", ALLOW_B_TO_N),
+        ],
+    );
+    lab.wait();
+    let c = lab.pod("y/c");
+    let n_ip: std::net::IpAddr = "10.244.0.200".parse().unwrap();
+    // Resolve the new pod's address every 10 ms rather than every second, so that the
+    // hammer reaches the pod as soon as its link is up.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &c.netns, "sysctl", "-qw"])
+        .arg("net.ipv4.neigh.eth0.retrans_time_ms=10")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let hammer = {
+        let stop = stop.clone();
+        let path = format!("/var/run/netns/{}", c.netns);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).unwrap();
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            started_tx.send(()).unwrap();
+            let (mut attempts, mut connected) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                attempts += 1;
+                let to = (n_ip, 80).into();
+                if std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(50))
+                    .is_ok()
+                {
+                    connected += 1;
+                }
+            }
+            (attempts, connected)
+        })
+    };
+    started_rx.recv().unwrap();
+    let t = std::time::Instant::now();
+    lab.write("n.yaml", POD_N);
+    lab.wait();
+    let waited = t.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (attempts, connected) = hammer.join().unwrap();
+    let held = lab.count("dropped", "PENDING_ENDPOINT", "ingress");
+    eprintln!(
+        "pod n enforced after {waited:?}: {attempts} connect attempts from y/c, \
+         {connected} connected, {held} packets held (PENDING_ENDPOINT)"
+    );
+    assert!(attempts > 0);
+    assert_eq!(
+        connected,
+        0,
+        "a connection to the new pod completed before enforcement\n{}",
+        lab.logs()
+    );
+    assert_eq!(lab.pod("x/n").v4, n_ip);
+    // The allowed peer connects (and ARP went through the hold and the programs).
+    connect(&lab.pod("x/b").netns, n_ip);
+    assert!(try_connect(&c.netns, n_ip).is_err(), "y/c stays denied");
+}

@@ -39,6 +39,9 @@ pub mod program {
     /// TC egress of the overlay (`flannel.1`) and the uplink: a packet a local pod sent to
     /// a Service VIP, DNATed to a backend on another node, has its egress judged here.
     pub const TO_REMOTE: &str = "to_remote";
+    /// The pod-start hold on a new pod port, until `from_pod`/`to_pod` replace it.
+    pub const HOLD_FROM_POD: &str = "hold_from_pod";
+    pub const HOLD_TO_POD: &str = "hold_to_pod";
 }
 
 /// The packet mark (`skb->mark`) with which `from_pod` hands a packet to a Service VIP
@@ -162,6 +165,8 @@ pub mod reason {
     /// A deferred packet whose client veth is no longer an endpoint, or whose ifindex
     /// does not fit in the mark: dropped (never judged is never allowed).
     pub const SERVICE_UNKNOWN_CLIENT: u16 = 14;
+    /// A pod's bridge port whose endpoint is not written yet (the pod-start hold).
+    pub const PENDING_ENDPOINT: u16 = 15;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 
@@ -186,6 +191,7 @@ pub mod reason {
             BASELINE_DENIED => "BASELINE_DENIED",
             SERVICE_DEFERRED => "SERVICE_DEFERRED",
             SERVICE_UNKNOWN_CLIENT => "SERVICE_UNKNOWN_CLIENT",
+            PENDING_ENDPOINT => "PENDING_ENDPOINT",
             _ => "UNKNOWN",
         }
     }

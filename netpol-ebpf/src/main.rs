@@ -96,6 +96,37 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     judge(&ctx, direction::INGRESS)
 }
 
+/// The pod-start hold: attached by the agent to a new pod's bridge port as soon as the
+/// port appears, replaced in place (same priority and handle) by `from_pod`/`to_pod`
+/// once the endpoint is written. Drops every IP packet (counted as `PENDING_ENDPOINT`);
+/// ARP, IPv6 neighbour discovery and MLD pass, so the link comes up meanwhile.
+#[classifier]
+pub fn hold_from_pod(ctx: TcContext) -> i32 {
+    hold(&ctx, direction::EGRESS)
+}
+
+#[classifier]
+pub fn hold_to_pod(ctx: TcContext) -> i32 {
+    hold(&ctx, direction::INGRESS)
+}
+
+#[inline(always)]
+fn hold(ctx: &TcContext, dir: u8) -> i32 {
+    let mut pkt = Packet {
+        dir,
+        ..Packet::default()
+    };
+    if parse::parse(ctx, &mut pkt) == parse::SKIP {
+        return TC_ACT_OK;
+    }
+    count(counter_index(
+        verdict::DROPPED,
+        reason::PENDING_ENDPOINT,
+        dir,
+    ));
+    TC_ACT_SHOT
+}
+
 /// TC egress of the overlay and the uplink: deferred egress of packets to a VIP whose
 /// backend is on another node.
 #[classifier]

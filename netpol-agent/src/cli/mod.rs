@@ -78,6 +78,10 @@ pub struct AgentArgs {
     /// Deny traffic from the node's own addresses to isolated pods (breaks kubelet probes).
     #[arg(long)]
     pub deny_host_traffic: bool,
+    /// Let a new pod's traffic pass unjudged until the agent has located it (by default
+    /// it is dropped, as PENDING_ENDPOINT, from the moment its port joins the bridge).
+    #[arg(long)]
+    pub no_pod_start_hold: bool,
     /// Let would-be drops pass and report them as AUDIT, on the whole node.
     #[arg(long)]
     pub audit: bool,
@@ -478,6 +482,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 source,
                 metrics_addr: a.metrics_addr.0,
                 max_staleness: a.max_staleness,
+                pod_start_hold: !a.no_pod_start_hold,
                 node,
                 bridge: a.bridge,
                 api_socket: a.api_socket,

@@ -8,6 +8,7 @@
 //! attached, and its programs are detached before its entry is removed.
 
 pub mod discovery;
+pub mod hold;
 pub mod maps;
 pub mod pin;
 pub mod services;
@@ -214,6 +215,12 @@ const HOOKS: [(&str, TcAttachType); 2] = [
     (program::TO_POD, TcAttachType::Egress),
 ];
 
+/// The pod-start hold's programs, at the same hooks (see `hold.rs`).
+pub const HOLD_HOOKS: [(&str, TcAttachType); 2] = [
+    (program::HOLD_FROM_POD, TcAttachType::Ingress),
+    (program::HOLD_TO_POD, TcAttachType::Egress),
+];
+
 struct Attachment {
     location: Location,
 }
@@ -269,7 +276,15 @@ impl Datapath {
         let reuse = found == pin::Found::SameVersion && pins.has_build(&build_id());
         let mut ebpf = load_with(caps, Some(&pins), !reuse)?;
         if !reuse {
-            for (name, _) in HOOKS {
+            for (name, _) in HOLD_HOOKS {
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .context("program missing")?
+                    .try_into()?;
+                prog.load()
+                    .with_context(|| format!("the verifier rejected {name}"))?;
+            }
+            for (name, _) in HOOKS.iter().chain(&HOLD_HOOKS).copied() {
                 let prog: &mut SchedClassifier = ebpf
                     .program_mut(name)
                     .context("program missing")?
@@ -335,6 +350,20 @@ impl Datapath {
             adoption,
             programs,
         })
+    }
+
+    /// The pinned hold programs, opened anew (for the hold's own thread).
+    pub fn hold_programs(&self) -> anyhow::Result<Vec<(TcAttachType, SchedClassifier)>> {
+        let pins = self.pins.as_ref().context("no pin directory")?;
+        HOLD_HOOKS
+            .iter()
+            .map(|(name, hook)| {
+                let path = pins.program_path(name);
+                let prog = SchedClassifier::from_pin(&path)
+                    .with_context(|| format!("opening the pinned {}", path.display()))?;
+                Ok((*hook, prog))
+            })
+            .collect()
     }
 
     pub fn adoption(&self) -> &Adoption {
