@@ -414,29 +414,31 @@ impl Explanation {
 mod tests {
     use super::*;
 
-    fn write(dir: &std::path::Path, yaml: &str) {
-        std::fs::write(dir.join("m.yaml"), yaml).unwrap();
+    /// `shop/web` → `to` on TCP 8080, over the pods below plus `policies`.
+    fn explained(tag: &str, policies: &str, to: &str) -> Explanation {
+        let dir = std::env::temp_dir().join(format!("netpol-explain-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("m.yaml"), format!("{PODS}{policies}")).unwrap();
+        let e = explain(
+            &[dir.clone()],
+            "shop/web",
+            to,
+            netpol_common::proto::TCP,
+            8080,
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        e.unwrap()
     }
 
     const PODS: &str = "kind: Namespace\nmetadata: {name: shop}\n---\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: web}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\nkind: Pod\nmetadata: {name: api, namespace: shop, labels: {app: api-server}}\nspec: {containers: [{name: c, image: i, ports: [{name: http, containerPort: 8080}]}]}\nstatus: {podIP: 10.0.0.2}\n---\n";
 
     #[test]
     fn a_denied_flow_names_the_isolating_policy_and_hints_at_the_label_typo() {
-        let dir = std::env::temp_dir().join(format!("netpol-explain-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        write(
-            &dir,
-            &format!("{PODS}kind: NetworkPolicy\nmetadata: {{name: api-in, namespace: shop}}\nspec: {{podSelector: {{matchLabels: {{app: api-server}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: webb}}}}}}], ports: [{{port: htttp}}]}}]}}\n"),
-        );
-        let e = explain(
-            &[dir.clone()],
-            "shop/web",
+        let e = explained(
+            "deny",
+            "kind: NetworkPolicy\nmetadata: {name: api-in, namespace: shop}\nspec: {podSelector: {matchLabels: {app: api-server}}, ingress: [{from: [{podSelector: {matchLabels: {app: webb}}}], ports: [{port: htttp}]}]}\n",
             "shop/api",
-            netpol_common::proto::TCP,
-            8080,
-        )
-        .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        );
         assert!(!e.allowed);
         assert_eq!(
             (e.egress.verdict, e.ingress.verdict),
@@ -451,21 +453,11 @@ mod tests {
 
     #[test]
     fn an_allowed_flow_names_the_rule() {
-        let dir = std::env::temp_dir().join(format!("netpol-explain-ok-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        write(
-            &dir,
-            &format!("{PODS}kind: NetworkPolicy\nmetadata: {{name: api-in, namespace: shop}}\nspec: {{podSelector: {{matchLabels: {{app: api-server}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: web}}}}}}], ports: [{{port: http}}]}}]}}\n"),
-        );
-        let e = explain(
-            &[dir.clone()],
-            "shop/web",
+        let e = explained(
+            "ok",
+            "kind: NetworkPolicy\nmetadata: {name: api-in, namespace: shop}\nspec: {podSelector: {matchLabels: {app: api-server}}, ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: http}]}]}\n",
             "10.0.0.2",
-            netpol_common::proto::TCP,
-            8080,
-        )
-        .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        );
         assert!(e.allowed);
         assert_eq!(e.ingress.rule.as_deref(), Some("shop/api-in ingress[0]"));
         assert!(e.hints.is_empty());
@@ -473,21 +465,11 @@ mod tests {
 
     #[test]
     fn each_tier_says_its_part() {
-        let dir = std::env::temp_dir().join(format!("netpol-explain-tiers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        write(
-            &dir,
-            &format!("{PODS}apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {{name: pass-web}}\nspec: {{priority: 1, subject: {{namespaces: {{}}}}, ingress: [{{action: Pass, from: [{{pods: {{namespaceSelector: {{}}, podSelector: {{matchLabels: {{app: web}}}}}}}}]}}]}}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {{name: default}}\nspec: {{subject: {{namespaces: {{}}}}, ingress: [{{action: Deny, from: [{{namespaces: {{}}}}]}}]}}\n"),
-        );
-        let e = explain(
-            &[dir.clone()],
-            "shop/web",
+        let e = explained(
+            "tiers",
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: pass-web}\nspec: {priority: 1, subject: {namespaces: {}}, ingress: [{action: Pass, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}]}]}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec: {subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n",
             "shop/api",
-            netpol_common::proto::TCP,
-            8080,
-        )
-        .unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
+        );
         assert!(!e.allowed);
         assert_eq!(
             e.ingress.tiers,
