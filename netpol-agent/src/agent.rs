@@ -77,6 +77,8 @@ pub struct AgentOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Readiness drops once a watch has been failing for longer than this.
     pub max_staleness: Duration,
+    /// Series per per-policy metric (see `Metrics::max_series`).
+    pub metrics_max_series: usize,
     /// Drop IP traffic on a new pod port until its endpoint is written (`hold.rs`).
     pub pod_start_hold: bool,
 }
@@ -247,6 +249,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         status: status_rx.clone(),
         health,
         counters: counters.clone(),
+        tally: datapath.tally(),
+        namer: namer_rx.clone(),
+        max_series: opts.metrics_max_series,
         max_staleness: opts.max_staleness,
     });
     {
@@ -272,8 +277,18 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tokio::spawn(pump_events(ring, namer_rx, events_tx.clone()));
-    let api = server::serve(opts.api_socket.clone(), status_rx, events_tx, counters).await?;
+    tokio::spawn(pump_events(ring, namer_rx.clone(), events_tx.clone()));
+    let api = server::serve(
+        opts.api_socket.clone(),
+        server::Sources {
+            status: status_rx,
+            events: events_tx,
+            counters,
+            tally: datapath.tally(),
+            namer: namer_rx.clone(),
+        },
+    )
+    .await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
     let view = NodeView {

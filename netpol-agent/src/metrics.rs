@@ -22,6 +22,8 @@ use tokio::sync::watch;
 
 use crate::api::Status;
 use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
+use crate::datapath::tally::Tally;
+use crate::events::{Namer, TallyReport};
 use crate::source::kube::Health;
 
 /// Histogram bucket bounds, seconds.
@@ -77,6 +79,12 @@ pub struct Metrics {
     pub status: watch::Receiver<Status>,
     pub health: Option<watch::Receiver<Health>>,
     pub counters: Arc<CounterMap>,
+    /// Per-rule and per-endpoint counters, and the names to put on them.
+    pub tally: Arc<Tally>,
+    pub namer: watch::Receiver<Arc<Namer>>,
+    /// At most this many series per per-policy metric; the rest add up in one series
+    /// labelled `(other)`, so a cluster of many policies cannot flood Prometheus.
+    pub max_series: usize,
     /// Readiness drops once a watch has been failing for longer than this.
     pub max_staleness: Duration,
 }
@@ -235,6 +243,10 @@ impl Metrics {
             "netpol_sync_duration_seconds",
             "Time to write the difference into the maps and attach filters.",
         );
+        if let Ok(reading) = self.tally.read() {
+            let report = self.namer.borrow().tally(&reading);
+            render_tally(&mut out, &report, self.max_series);
+        }
         let _ = writeln!(out, "# HELP netpol_watch_restarts_total Watch or list failures of the kube source (each restarts it after a backoff).\n# TYPE netpol_watch_restarts_total counter");
         let _ = writeln!(out, "# HELP netpol_watch_lists_total Lists (first and re-lists) of the kube source.\n# TYPE netpol_watch_lists_total counter");
         match &self.health {
@@ -256,6 +268,87 @@ impl Metrics {
             }
         }
         out
+    }
+}
+
+/// Label value escaping of the text format.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The per-rule and per-namespace series, each metric bounded to `max` series.
+fn render_tally(out: &mut String, t: &TallyReport, max: usize) {
+    let _ = writeln!(out, "# HELP netpol_rule_allowed_packets_total Packets allowed per policy rule (new connections and their later packets, both ways).\n# TYPE netpol_rule_allowed_packets_total counter");
+    let _ = writeln!(out, "# HELP netpol_rule_allowed_bytes_total Bytes allowed per policy rule.\n# TYPE netpol_rule_allowed_bytes_total counter");
+    // Rules come most packets first: the busiest keep their own series.
+    let (mut other_p, mut other_b) = (0u64, 0u64);
+    for (i, r) in t.rules.iter().enumerate() {
+        if i >= max {
+            other_p += r.packets;
+            other_b += r.bytes;
+            continue;
+        }
+        let labels = format!(
+            "policy=\"{}\",direction=\"{}\",rule=\"{}\"",
+            esc(&r.policy),
+            r.direction,
+            r.rule
+        );
+        let _ = writeln!(out, "netpol_rule_allowed_packets_total{{{labels}}} {}", r.packets);
+        let _ = writeln!(out, "netpol_rule_allowed_bytes_total{{{labels}}} {}", r.bytes);
+    }
+    if t.rules.len() > max {
+        let labels = "policy=\"(other)\",direction=\"\",rule=\"\"";
+        let _ = writeln!(out, "netpol_rule_allowed_packets_total{{{labels}}} {other_p}");
+        let _ = writeln!(out, "netpol_rule_allowed_bytes_total{{{labels}}} {other_b}");
+    }
+
+    // Per namespace (never more series than namespaces with drops, times 4).
+    let mut per_ns: BTreeMap<(&str, &str, &str), (u64, u64)> = BTreeMap::new();
+    for d in &t.drops {
+        let e = per_ns
+            .entry((&d.namespace, &d.direction, &d.verdict))
+            .or_default();
+        e.0 += d.packets;
+        e.1 += d.bytes;
+    }
+    let _ = writeln!(out, "# HELP netpol_namespace_drops_total Packets dropped (or audited) per namespace of the pod whose policy decided, by direction (exact).\n# TYPE netpol_namespace_drops_total counter");
+    let _ = writeln!(out, "# HELP netpol_namespace_drop_bytes_total Bytes dropped (or audited) per namespace.\n# TYPE netpol_namespace_drop_bytes_total counter");
+    for ((ns, dir, verdict), (p, b)) in &per_ns {
+        let labels = format!(
+            "namespace=\"{}\",direction=\"{dir}\",verdict=\"{verdict}\"",
+            esc(ns)
+        );
+        let _ = writeln!(out, "netpol_namespace_drops_total{{{labels}}} {p}");
+        let _ = writeln!(out, "netpol_namespace_drop_bytes_total{{{labels}}} {b}");
+    }
+
+    let _ = writeln!(out, "# HELP netpol_policy_set_drops_total Packets dropped (or audited) per set of policies isolating the pod, by namespace and direction.\n# TYPE netpol_policy_set_drops_total counter");
+    let mut sets: Vec<_> = t.drops.iter().collect();
+    sets.sort_by(|a, b| b.packets.cmp(&a.packets));
+    let mut other: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for (i, d) in sets.iter().enumerate() {
+        if i >= max {
+            *other.entry((&d.direction, &d.verdict)).or_default() += d.packets;
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "netpol_policy_set_drops_total{{namespace=\"{}\",direction=\"{}\",verdict=\"{}\",policies=\"{}\"}} {}",
+            esc(&d.namespace),
+            d.direction,
+            d.verdict,
+            esc(&d.policies.join(",")),
+            d.packets
+        );
+    }
+    for ((dir, verdict), p) in other {
+        let _ = writeln!(
+            out,
+            "netpol_policy_set_drops_total{{namespace=\"(other)\",direction=\"{dir}\",verdict=\"{verdict}\",policies=\"(other)\"}} {p}"
+        );
     }
 }
 

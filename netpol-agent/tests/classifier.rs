@@ -1307,3 +1307,110 @@ fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
         "cut once the sync is complete"
     );
 }
+
+/// A staged policy (`netpol.io/mode: audit`) isolates one direction in audit: its
+/// would-be drops pass as AUDIT there, and only policy drops; the other direction and
+/// other reasons are enforced.
+#[test]
+fn audit_of_one_direction_passes_only_its_policy_drops() {
+    needs_root!();
+    let mut rig = Rig::new(isolated() | endpoint_flags::AUDIT_INGRESS);
+    rig.count_endpoint();
+    // Ingress not allowed: passes as AUDIT, once per connection.
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40000, 81, SYN))), OK);
+    assert_eq!(
+        rig.next_event().map(|e| (e.verdict, e.reason, e.direction)),
+        Some((verdict::AUDIT, reason::POLICY_DENIED, INGRESS))
+    );
+    // The reply of that audited connection passes too (its check passed, in audit).
+    assert_eq!(
+        rig.egress(&v4(SERVER, CLIENT, tcp(81, 40000, SYN | ACK))),
+        OK
+    );
+    // Egress is enforced: a new connection out is dropped.
+    assert_eq!(rig.egress(&v4(SERVER, CLIENT, tcp(40001, 80, SYN))), SHOT);
+    // A spoofed source is no policy drop: dropped even with egress in audit too.
+    rig.update_endpoint(|ep| ep.flags |= endpoint_flags::AUDIT_EGRESS);
+    assert_eq!(rig.egress(&v4([1, 2, 3, 4], CLIENT, udp(1, 2))), SHOT);
+    rig.update_endpoint(|ep| ep.flags &= !endpoint_flags::AUDIT_EGRESS);
+    let c = rig.endpoint_counters();
+    let slot = netpol_common::EndpointCounters::slot;
+    assert_eq!(c.packets[slot(verdict::AUDIT, INGRESS)], 1);
+    assert_eq!(c.packets[slot(verdict::DROPPED, EGRESS)], 2);
+    assert_eq!(c.packets[slot(verdict::DROPPED, INGRESS)], 0);
+    assert!(c.bytes[slot(verdict::DROPPED, EGRESS)] >= 2 * 40);
+    // Audit ends (the staged policy is enforced): the audited connection is cut.
+    rig.update_endpoint(|ep| ep.flags &= !endpoint_flags::AUDIT_INGRESS);
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40000, 81, ACK))), SHOT);
+}
+
+/// Every packet of an allowed connection is counted to the rule that allowed it, both
+/// ways, with its bytes; a rule without a counter entry is counted apart.
+#[test]
+fn packets_and_bytes_are_counted_to_the_rule_that_allowed_them() {
+    needs_root!();
+    let mut rig = Rig::new(isolated());
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 7);
+    rig.allow(INGRESS, CLIENT_ID, TCP, 81, 8);
+    rig.count_rule(7);
+    let packets = [
+        (true, v4(CLIENT, SERVER, tcp(40000, 80, SYN))),
+        (false, v4(SERVER, CLIENT, tcp(80, 40000, SYN | ACK))),
+        (true, v4(CLIENT, SERVER, tcp(40000, 80, ACK))),
+        (true, v4(CLIENT, SERVER, tcp(40000, 80, ACK))),
+    ];
+    let mut bytes = 0;
+    for (ingress, p) in &packets {
+        let action = if *ingress {
+            rig.ingress(p)
+        } else {
+            rig.egress(p)
+        };
+        assert_eq!(action, OK);
+        bytes += p.len() as u64;
+    }
+    assert_eq!(
+        rig.rule_counter(7),
+        Some(netpol_common::RuleCounter {
+            packets: 4,
+            bytes
+        })
+    );
+    // Rule 8 has no entry: allowed all the same, counted as uncounted.
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40001, 81, SYN))), OK);
+    assert_eq!(rig.slot(event_counter::RULE_UNCOUNTED), 1);
+    // Nothing counted for the endpoint without its entry, but counted apart.
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40002, 82, SYN))), SHOT);
+    assert_eq!(rig.slot(event_counter::ENDPOINT_UNCOUNTED), 1);
+}
+
+/// Events refused by the token bucket are counted in the bucket and carried by the next
+/// event written ("N more like this").
+#[test]
+fn suppressed_events_are_reported_by_the_next_event() {
+    needs_root!();
+    let mut rig = Rig::new(isolated());
+    rig.config(Config {
+        event_rate: 1,
+        event_burst: 1,
+        ..Config::default()
+    });
+    for port in 0..5u16 {
+        assert_eq!(rig.ingress(&v4(CLIENT, SERVER, udp(1000 + port, 9))), SHOT);
+    }
+    let first = rig.events();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].suppressed, 0);
+    let b = rig.event_bucket().expect("bucket made by the first event");
+    assert_eq!(b.suppressed, 4);
+    assert_eq!(rig.slot(event_counter::RATE_LIMITED), 4);
+    // Refill the bucket (as a second passing would): the next event carries the 4.
+    rig.put_event_bucket(netpol_common::EventBucket {
+        last_ns: monotonic_ns(),
+        tokens: 1_000_000_000,
+        ..b
+    });
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, udp(2000, 9))), SHOT);
+    assert_eq!(rig.next_event().map(|e| e.suppressed), Some(4));
+    assert_eq!(rig.event_bucket().unwrap().suppressed, 0);
+}

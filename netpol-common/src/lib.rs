@@ -10,7 +10,7 @@
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
-pub const PIN_VERSION: &str = "v3";
+pub const PIN_VERSION: &str = "v4";
 
 /// Map names, shared by both sides.
 pub mod map {
@@ -28,6 +28,12 @@ pub mod map {
     pub const SERVICES: &str = "NP_SERVICES";
     /// Deferred connections to a VIP, by client veth and source port (see [`PendingKey`]).
     pub const SVC_PENDING: &str = "NP_SVC_PENDING";
+    /// Packets and bytes allowed per policy rule (per-CPU hash keyed by cookie; the
+    /// agent creates the entries, the classifier only counts into them).
+    pub const RULE_COUNTERS: &str = "NP_RULE_COUNTERS";
+    /// Packets and bytes dropped and audited per endpoint id (per-CPU hash; entries
+    /// created by the agent).
+    pub const ENDPOINT_COUNTERS: &str = "NP_EP_COUNTERS";
 }
 
 /// Program names (the functions in netpol-ebpf).
@@ -92,6 +98,8 @@ pub mod capacity {
     pub const SERVICES: u32 = 16384;
     /// Connections to a VIP between `from_pod` and the hook after DNAT.
     pub const SVC_PENDING: u32 = 65536;
+    /// Policy rules counted on one node (distinct cookies in its policy map).
+    pub const RULE_COUNTERS: u32 = 65536;
 }
 
 /// Reserved identities. Pod identities start at [`identity::FIRST_POD`].
@@ -212,9 +220,13 @@ pub mod event_counter {
     pub const RING_FULL: u32 = COUNTERS_LEN + 1;
     /// Events written.
     pub const SENT: u32 = COUNTERS_LEN + 2;
+    /// Allowed packets of a rule that has no entry in `NP_RULE_COUNTERS` (it is full).
+    pub const RULE_UNCOUNTED: u32 = COUNTERS_LEN + 3;
+    /// Dropped or audited packets of an endpoint without an `NP_EP_COUNTERS` entry.
+    pub const ENDPOINT_UNCOUNTED: u32 = COUNTERS_LEN + 4;
 }
 /// Entries of the `NP_COUNTERS` per-CPU array.
-pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 3;
+pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 5;
 
 /// IP protocol numbers the classifier knows.
 pub mod proto {
@@ -264,6 +276,20 @@ pub mod endpoint_flags {
     /// Baseline-tier entries exist (only where NetworkPolicy does not isolate).
     pub const BASELINE_INGRESS: u32 = 32;
     pub const BASELINE_EGRESS: u32 = 64;
+    /// The direction is isolated only by NetworkPolicies in audit mode
+    /// (`netpol.io/mode: audit`): their would-be drops pass and are reported as AUDIT.
+    pub const AUDIT_INGRESS: u32 = 128;
+    pub const AUDIT_EGRESS: u32 = 256;
+
+    /// The audit flag of one direction.
+    #[inline(always)]
+    pub const fn audit_of(dir: u8) -> u32 {
+        if dir == crate::direction::EGRESS {
+            AUDIT_EGRESS
+        } else {
+            AUDIT_INGRESS
+        }
+    }
 
     /// (isolated, admin entries, baseline entries) flags of one direction.
     #[inline(always)]
@@ -373,9 +399,14 @@ pub struct CtEntry {
     pub egress_revision: u32,
     /// [`ct_stamp`] of the destination endpoint's revision when its ingress was allowed.
     pub ingress_revision: u32,
+    /// Cookie of the rule that allowed the originator's egress (0: none, e.g. not
+    /// isolated), so that every packet of the connection is counted to it.
+    pub egress_cookie: u32,
+    /// Cookie of the rule that allowed the destination's ingress.
+    pub ingress_cookie: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 
 pub mod ct_flags {
     /// The originator's egress policy allowed the connection.
@@ -456,8 +487,11 @@ pub struct EventBucket {
     pub last_ns: u64,
     /// Tokens in billionths of an event (one event costs 1e9).
     pub tokens: u64,
+    /// Events refused since the last one written (carried by the next [`Event`]).
+    pub suppressed: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<EventBucket>() == 16);
+const _: () = assert!(core::mem::size_of::<EventBucket>() == 24);
 
 /// One ring-buffer record per reported verdict.
 #[repr(C)]
@@ -486,8 +520,12 @@ pub struct Event {
     pub _pad: u8,
     pub saddr: Addr,
     pub daddr: Addr,
+    /// Events of this endpoint refused by its token bucket since its previous event
+    /// ("N more like this"; node-wide they are `event_counter::RATE_LIMITED`).
+    pub suppressed: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<Event>() == 80);
+const _: () = assert!(core::mem::size_of::<Event>() == 88);
 
 /// `NP_CONFIG` (array of one): node-wide switches. All zero is a valid configuration:
 /// default timeouts, no event limit, no sampling, no host allowance.
@@ -571,6 +609,32 @@ pub struct PendingEntry {
 }
 const _: () = assert!(core::mem::size_of::<PendingEntry>() == 40);
 
+/// `NP_RULE_COUNTERS` value (per CPU): what one policy rule allowed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<RuleCounter>() == 16);
+
+/// `NP_EP_COUNTERS` value (per CPU), indexed by [`EndpointCounters::slot`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub packets: [u64; 4],
+    pub bytes: [u64; 4],
+}
+const _: () = assert!(core::mem::size_of::<EndpointCounters>() == 64);
+
+impl EndpointCounters {
+    /// Slot of a verdict (`DROPPED` or `AUDIT`) in a direction.
+    #[inline(always)]
+    pub const fn slot(verdict: u8, dir: u8) -> usize {
+        (if verdict == verdict::AUDIT { 2 } else { 0 }) + (dir as usize & 1)
+    }
+}
+
 /// Caps of the token bucket, so that its arithmetic cannot overflow.
 pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
@@ -592,4 +656,6 @@ mod user {
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for PendingKey {}
     unsafe impl aya::Pod for PendingEntry {}
+    unsafe impl aya::Pod for RuleCounter {}
+    unsafe impl aya::Pod for EndpointCounters {}
 }

@@ -20,15 +20,15 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use netpol_common::{
     capacity, config_flags, counter_index, ct_flags, ct_stamp, ct_timeout, direction,
     endpoint_flags, event_counter, identity, policy::decide_tiers, policy::lookup_key,
     policy::MISS, proto, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry,
-    Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey, COUNTERS_MAP_LEN,
-    MAX_EVENT_RATE,
+    EndpointCounters, Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
+    RuleCounter, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
 };
 use parse::{frag, Packet};
 
@@ -60,6 +60,14 @@ static EVENT_BUCKETS: LruHashMap<u32, EventBucket> =
 
 #[map(name = "NP_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_MAP_LEN, 0);
+
+#[map(name = "NP_RULE_COUNTERS")]
+static RULE_COUNTERS: PerCpuHashMap<u32, RuleCounter> =
+    PerCpuHashMap::with_max_entries(capacity::RULE_COUNTERS, 0);
+
+#[map(name = "NP_EP_COUNTERS")]
+static ENDPOINT_COUNTERS: PerCpuHashMap<u32, EndpointCounters> =
+    PerCpuHashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
 #[map(name = "NP_CONFIG")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -140,6 +148,8 @@ struct Outcome {
     verdict: u8,
     /// 1: report this allow (a sampled new connection).
     report: u8,
+    /// 1: the deciding check was the opposite direction's (a reply judged again).
+    reply: u8,
     reason: u16,
     cookie: u32,
     peer_identity: u32,
@@ -150,6 +160,7 @@ impl Outcome {
         Outcome {
             verdict: verdict::ALLOWED,
             report: 0,
+            reply: 0,
             reason,
             cookie: 0,
             peer_identity: 0,
@@ -159,6 +170,7 @@ impl Outcome {
         Outcome {
             verdict: verdict::DROPPED,
             report: 0,
+            reply: 0,
             reason,
             cookie: 0,
             peer_identity: 0,
@@ -166,7 +178,9 @@ impl Outcome {
     }
 }
 
-#[inline(always)]
+/// Not inlined: its frame (the parsed packet) then sits beside `to_pod`'s Service
+/// check instead of under it, which keeps the deepest call chain within 512 bytes.
+#[inline(never)]
 fn judge(ctx: &TcContext, dir: u8) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -180,20 +194,37 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
     };
     let mut pkt = Packet {
         dir,
+        len: ctx.len(),
         ..Packet::default()
     };
     let mut out = Outcome::drop(reason::NONE);
     match parse::parse(ctx, &mut pkt) {
-        parse::PARSED => pipeline(ctx, ep, config, &pkt, &mut out),
+        parse::PARSED => {
+            out.verdict = pipeline(ctx, ep, config, &pkt, &mut out);
+        }
         parse::SKIP => return TC_ACT_OK, // not IP, or IPv6 neighbour discovery / MLD
         code => out = Outcome::drop(code),
     }
     finish(ctx, ep, config, &pkt, out)
 }
 
+/// Whether would-be drops of the check in direction `jdir` pass as AUDIT: node-wide,
+/// for the pod's namespace, or (for policy drops only) because only audit-mode
+/// policies isolate the pod in that direction.
 #[inline(always)]
-fn audit_mode(ep: &EndpointEntry, config: &Config) -> bool {
-    (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0)
+fn audit_mode(ep: &EndpointEntry, config: &Config, jdir: u8) -> bool {
+    (ep.flags & (endpoint_flags::AUDIT | endpoint_flags::audit_of(jdir)) != 0)
+        || (config.flags & config_flags::AUDIT != 0)
+}
+
+/// Whether a drop for `reason` in the check of `jdir` is audited rather than enforced.
+#[inline(always)]
+fn audits(ep: &EndpointEntry, config: &Config, jdir: u8, reason: u16) -> bool {
+    if (ep.flags & endpoint_flags::AUDIT != 0) || (config.flags & config_flags::AUDIT != 0) {
+        return true;
+    }
+    ep.flags & endpoint_flags::audit_of(jdir) != 0
+        && (reason == reason::POLICY_DENIED || reason == reason::POLICY_REVOKED)
 }
 
 /// The conntrack flag recording that the check in direction `jdir` passed.
@@ -233,8 +264,30 @@ fn opposite(dir: u8) -> u8 {
 ///     endpoint's policy revision changed since (revocation) or audit ended
 ///  5. host traffic, then policy (`verdict_of`)
 ///  6. a first fragment's verdict is remembered for the rest of its datagram
+///
+/// Returns `out.verdict`, which the caller stores again: a subprogram must not leave
+/// the caller's `out` (a stack pointer) in r0 at exit, which LLVM otherwise may (the
+/// verifier rejects it), and a constant or unused return value would be optimised away.
 #[inline(never)]
-fn pipeline(ctx: &TcContext, ep: &EndpointEntry, config: &Config, pkt: &Packet, out: &mut Outcome) {
+fn pipeline(
+    ctx: &TcContext,
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    out: &mut Outcome,
+) -> u8 {
+    pipeline_steps(ctx, ep, config, pkt, out);
+    out.verdict
+}
+
+#[inline(always)]
+fn pipeline_steps(
+    ctx: &TcContext,
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    out: &mut Outcome,
+) {
     if pkt.dir == direction::EGRESS && !source_is_own(ep, pkt) {
         *out = Outcome::drop(reason::SPOOFED_SOURCE);
         return;
@@ -269,6 +322,7 @@ fn pipeline(ctx: &TcContext, ep: &EndpointEntry, config: &Config, pkt: &Packet, 
                 Outcome {
                     verdict: (*f).verdict,
                     report: 0,
+                    reply: 0,
                     reason: if (*f).verdict == verdict::ALLOWED {
                         reason::FRAGMENT
                     } else {
@@ -368,7 +422,7 @@ fn stages(
     scratch.ct.reverse();
 
     // 5. A new connection (or one whose state expired): policy.
-    verdict_of(ep, config, pkt, false, out);
+    out.verdict = verdict_of(ep, config, pkt, false, out);
     if pkt.icmp != parse::icmp::TRACKED {
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
@@ -377,13 +431,15 @@ fn stages(
             dir,
             ct_stamp(ep.revision, config.epoch),
             0,
+            out.cookie,
             now,
         );
+        count_rule(out.cookie, pkt.len);
         if config.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % config.sample_allows == 0
         {
             out.report = 1;
         }
-    } else if out.reason == reason::POLICY_DENIED && audit_mode(ep, config) {
+    } else if out.reason == reason::POLICY_DENIED && audits(ep, config, dir, out.reason) {
         // Audit lets the connection through; it is reported once, and enforced again as
         // soon as audit ends (the entry says the check passed by audit only).
         remember(
@@ -391,6 +447,7 @@ fn stages(
             dir,
             ct_stamp(ep.revision, config.epoch),
             audit_flag(dir),
+            0,
             now,
         );
     }
@@ -411,11 +468,14 @@ fn established(
 ) {
     // The direction in which this endpoint's check of the connection was made.
     let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
-    let audit = audit_mode(ep, config);
+    let audit = audit_mode(ep, config, jdir);
     let stamp = ct_stamp(ep.revision, config.epoch);
     if service::is_service_reply(e, reply, jdir) {
         // SAFETY: as below.
-        unsafe { ct_touch(e, pkt, reply, now) };
+        unsafe {
+            ct_touch(e, pkt, reply, now);
+            count_rule(cookie_of(e, jdir), pkt.len);
+        }
         *out = Outcome::allow(reason::CONNTRACK);
         return;
     }
@@ -432,24 +492,46 @@ fn established(
         if current && (!audited || audit) {
             ct_touch(e, pkt, reply, now);
             *out = Outcome::allow(reason::CONNTRACK);
+            count_rule(cookie_of(e, jdir), pkt.len);
             return;
         }
-        verdict_of(ep, config, pkt, reply, out);
+        out.verdict = verdict_of(ep, config, pkt, reply, out);
+        out.reply = reply as u8;
         if out.verdict == verdict::ALLOWED {
             set_revision(e, jdir, stamp);
+            set_cookie(e, jdir, out.cookie);
             (*e).flags &= !audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
+            count_rule(out.cookie, pkt.len);
             return;
         }
         if !audited {
             out.reason = reason::POLICY_REVOKED;
         }
-        if audit {
+        if audits(ep, config, jdir, out.reason) {
             // Reported once as AUDIT, then quiet until the policy changes again.
             set_revision(e, jdir, stamp);
             (*e).flags |= audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
         }
+    }
+}
+
+#[inline(always)]
+unsafe fn set_cookie(e: *mut CtEntry, jdir: u8, cookie: u32) {
+    if jdir == direction::EGRESS {
+        (*e).egress_cookie = cookie;
+    } else {
+        (*e).ingress_cookie = cookie;
+    }
+}
+
+#[inline(always)]
+unsafe fn cookie_of(e: *const CtEntry, jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        (*e).egress_cookie
+    } else {
+        (*e).ingress_cookie
     }
 }
 
@@ -536,8 +618,27 @@ unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u64) {
 
 /// Judges the connection `pkt` belongs to, in its original direction, at endpoint `ep`:
 /// host traffic, then policy. `reply`: `pkt` travels against the original direction.
+/// Returns `out.verdict` (see [`pipeline`]).
 #[inline(never)]
-fn verdict_of(ep: &EndpointEntry, config: &Config, pkt: &Packet, reply: bool, out: &mut Outcome) {
+fn verdict_of(
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    reply: bool,
+    out: &mut Outcome,
+) -> u8 {
+    judge_connection(ep, config, pkt, reply, out);
+    out.verdict
+}
+
+#[inline(always)]
+fn judge_connection(
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    reply: bool,
+    out: &mut Outcome,
+) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         *out = Outcome::drop(reason::NONE);
         return;
@@ -614,6 +715,7 @@ fn policy(
             verdict::DROPPED
         },
         report: 0,
+        reply: 0,
         reason: d.reason,
         cookie: d.cookie,
         peer_identity,
@@ -644,9 +746,9 @@ fn lookup3(scratch: &mut Scratch, tier: usize, peer_identity: u32, cidr_identity
 }
 
 /// Records that the check in direction `jdir` passed for the connection `key` names
-/// (`audited`: by audit mode only).
+/// (`audited`: by audit mode only), and the rule that allowed it (`cookie`).
 #[inline(always)]
-fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, now: u64) {
+fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, cookie: u32, now: u64) {
     let ok = ok_flag(jdir);
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: pointer into the map value, valid for this run.
@@ -654,6 +756,7 @@ fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, now: u64) {
             (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | audited;
             (*e).last_seen_ns = now;
             set_revision(e, jdir, revision);
+            set_cookie(e, jdir, cookie);
         }
         return;
     }
@@ -664,8 +767,10 @@ fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, now: u64) {
     };
     if jdir == direction::EGRESS {
         entry.egress_revision = revision;
+        entry.egress_cookie = cookie;
     } else {
         entry.ingress_revision = revision;
+        entry.ingress_cookie = cookie;
     }
     // A full table evicts the least recently used entry; a failed insert only means
     // the next packet is judged by policy again.
@@ -695,6 +800,36 @@ fn count(slot: u32) {
     }
 }
 
+/// One allowed packet of `len` bytes for the rule `cookie` names (0: no rule).
+#[inline(always)]
+fn count_rule(cookie: u32, len: u32) {
+    if cookie == 0 {
+        return;
+    }
+    match RULE_COUNTERS.get_ptr_mut(&cookie) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        Some(c) => unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len as u64;
+        },
+        None => count(event_counter::RULE_UNCOUNTED),
+    }
+}
+
+/// One dropped or audited packet of `len` bytes at endpoint `id`.
+#[inline(always)]
+fn count_endpoint(id: u32, verdict: u8, dir: u8, len: u32) {
+    let slot = EndpointCounters::slot(verdict, dir) & 3;
+    match ENDPOINT_COUNTERS.get_ptr_mut(&id) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        Some(c) => unsafe {
+            (*c).packets[slot] += 1;
+            (*c).bytes[slot] += len as u64;
+        },
+        None => count(event_counter::ENDPOINT_UNCOUNTED),
+    }
+}
+
 #[inline(always)]
 fn finish(
     ctx: &TcContext,
@@ -703,10 +838,18 @@ fn finish(
     pkt: &Packet,
     mut out: Outcome,
 ) -> i32 {
-    if out.verdict == verdict::DROPPED && audit_mode(ep, config) {
+    let jdir = if out.reply != 0 {
+        opposite(pkt.dir)
+    } else {
+        pkt.dir
+    };
+    if out.verdict == verdict::DROPPED && audits(ep, config, jdir, out.reason) {
         out.verdict = verdict::AUDIT;
     }
     count(counter_index(out.verdict, out.reason, pkt.dir));
+    if out.verdict != verdict::ALLOWED {
+        count_endpoint(ep.id, out.verdict, pkt.dir, pkt.len);
+    }
     if out.verdict != verdict::ALLOWED || out.report != 0 || config.flags & config_flags::TRACE != 0
     {
         report(ctx, ep, pkt, &out);
@@ -718,15 +861,15 @@ fn finish(
     }
 }
 
-/// Takes one token from the endpoint's event bucket; `false` when it is empty.
+/// Takes one token from the endpoint's event bucket: the events refused since the last
+/// token was taken (reset to 0), or `None` when the bucket is empty (this event is
+/// refused and counted in the bucket).
 #[inline(always)]
-fn take_token(ifindex: u32, now: u64) -> bool {
-    let Some(config) = CONFIG.get(0) else {
-        return false;
-    };
+fn take_token(ifindex: u32, now: u64) -> Option<u32> {
+    let config = CONFIG.get(0)?;
     let rate = config.event_rate as u64;
     if rate == 0 {
-        return true;
+        return Some(0);
     }
     let rate = if rate > MAX_EVENT_RATE as u64 {
         MAX_EVENT_RATE as u64
@@ -743,9 +886,11 @@ fn take_token(ifindex: u32, now: u64) -> bool {
         let fresh = EventBucket {
             last_ns: now,
             tokens: cap - NS_PER_SEC,
+            suppressed: 0,
+            _pad: 0,
         };
         let _ = EVENT_BUCKETS.insert(&ifindex, &fresh, 0);
-        return true;
+        return Some(0);
     };
     // SAFETY: pointer into the map value, valid for this run. CPUs race on the bucket;
     // a lost update can only let a few more events through, never fewer.
@@ -763,10 +908,13 @@ fn take_token(ifindex: u32, now: u64) -> bool {
         (*b).last_ns = now;
         if tokens >= NS_PER_SEC {
             (*b).tokens = tokens - NS_PER_SEC;
-            true
+            let suppressed = (*b).suppressed;
+            (*b).suppressed = 0;
+            Some(suppressed)
         } else {
             (*b).tokens = tokens;
-            false
+            (*b).suppressed = (*b).suppressed.saturating_add(1);
+            None
         }
     }
 }
@@ -776,10 +924,10 @@ fn report(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if !take_token(ifindex, now) {
+    let Some(suppressed) = take_token(ifindex, now) else {
         count(event_counter::RATE_LIMITED);
         return;
-    }
+    };
     let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
         count(event_counter::RING_FULL); // the verdict counters still hold the exact count
         return;
@@ -814,6 +962,8 @@ fn report(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
         (*ev)._pad = 0;
         (*ev).saddr = pkt.saddr;
         (*ev).daddr = pkt.daddr;
+        (*ev).suppressed = suppressed;
+        (*ev)._pad2 = 0;
     }
     slot.submit(0);
     count(event_counter::SENT);

@@ -52,6 +52,8 @@ pub struct Packet {
     pub l4: u16,
     /// Fragment identification; with `frag_proto`, keys the datagram.
     pub frag_id: u32,
+    /// Bytes of the whole frame (`skb->len`), set by the caller.
+    pub len: u32,
     /// IPv4 protocol, or the next header of the IPv6 fragment header.
     pub frag_proto: u8,
     pub saddr: Addr,

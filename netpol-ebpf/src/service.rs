@@ -25,7 +25,9 @@ use netpol_common::{
 };
 
 use crate::parse::{self, Packet};
-use crate::{audit_mode, ct_touch, finish, remember, verdict_of, Outcome, Scratch};
+use crate::{
+    audit_mode, audits, count_rule, ct_touch, finish, remember, verdict_of, Outcome, Scratch,
+};
 
 #[map(name = "NP_SERVICES")]
 static SERVICES: HashMap<Addr, ServiceEntry> = HashMap::with_max_entries(capacity::SERVICES, 0);
@@ -59,10 +61,12 @@ pub fn egress_to_vip(
             let flags = (*e).flags;
             let current = (*e).egress_revision == ct_stamp(ep.revision, config.epoch)
                 || config.flags & config_flags::KEEP_ESTABLISHED != 0;
-            let audit_ok = flags & ct_flags::EGRESS_AUDIT == 0 || audit_mode(ep, config);
+            let audit_ok =
+                flags & ct_flags::EGRESS_AUDIT == 0 || audit_mode(ep, config, direction::EGRESS);
             if flags & ct_flags::EGRESS_OK != 0 && current && audit_ok {
                 ct_touch(e, pkt, false, now);
                 *out = Outcome::allow(reason::CONNTRACK);
+                count_rule((*e).egress_cookie, pkt.len);
                 return;
             }
         }
@@ -109,6 +113,7 @@ pub fn after_dnat(ctx: &TcContext) -> i32 {
     };
     let mut pkt = Packet {
         dir: direction::EGRESS,
+        len: ctx.len(),
         ..Packet::default()
     };
     // SAFETY: map values stay valid for the whole program run.
@@ -139,10 +144,12 @@ fn judge_backend(
     pkt: &Packet,
     out: &mut Outcome,
 ) {
-    verdict_of(ep, config, pkt, false, out);
+    out.verdict = verdict_of(ep, config, pkt, false, out);
     let audited = if out.verdict == verdict::ALLOWED {
         0
-    } else if out.reason == reason::POLICY_DENIED && audit_mode(ep, config) {
+    } else if out.reason == reason::POLICY_DENIED
+        && audits(ep, config, direction::EGRESS, out.reason)
+    {
         ct_flags::EGRESS_AUDIT
     } else {
         return;
@@ -174,8 +181,12 @@ fn judge_backend(
             direction::EGRESS,
             ct_stamp(ep.revision, config.epoch),
             audited | ct_flags::SERVICE,
+            if audited == 0 { out.cookie } else { 0 },
             now,
         );
+        if audited == 0 {
+            count_rule(out.cookie, pkt.len);
+        }
     }
 }
 

@@ -42,6 +42,10 @@ pub async fn counters(socket: &Path) -> anyhow::Result<super::Counters> {
     one_line(socket, &Request::Counters).await
 }
 
+pub async fn tally(socket: &Path) -> anyhow::Result<crate::events::TallyReport> {
+    one_line(socket, &Request::Tally).await
+}
+
 /// Returns once the agent's datapath has converged to `digest` (empty: its current input).
 pub async fn wait(socket: &Path, digest: &str) -> anyhow::Result<Status> {
     one_line(

@@ -5,7 +5,8 @@
 //! Requests: `{"op":"status"}` → one [`Status`] line; `{"op":"wait","digest":D}` → one
 //! [`Status`] line once the datapath has converged to source digest D (or the agent's
 //! current input when D is empty); `{"op":"observe"}` → one event per line until the
-//! client hangs up; `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums).
+//! client hangs up; `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums);
+//! `{"op":"tally"}` → one [`crate::events::TallyReport`] line (per rule, per namespace).
 
 pub mod client;
 pub mod server;
@@ -24,6 +25,7 @@ pub enum Request {
     },
     Observe,
     Counters,
+    Tally,
 }
 
 /// The classifier's exact counters: packets per (verdict, reason, direction), and what

@@ -11,13 +11,21 @@ use tokio::task::JoinHandle;
 
 use super::{Counters, Request, Status};
 use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
+use crate::datapath::tally::Tally;
+use crate::events::Namer;
 
-pub async fn serve(
-    socket: PathBuf,
-    status: watch::Receiver<Status>,
-    events: broadcast::Sender<Arc<str>>,
-    counters: Arc<CounterMap>,
-) -> anyhow::Result<JoinHandle<()>> {
+/// What requests are answered from: the agent loop's latest state and the kernel's
+/// counters.
+#[derive(Clone)]
+pub struct Sources {
+    pub status: watch::Receiver<Status>,
+    pub events: broadcast::Sender<Arc<str>>,
+    pub counters: Arc<CounterMap>,
+    pub tally: Arc<Tally>,
+    pub namer: watch::Receiver<Arc<Namer>>,
+}
+
+pub async fn serve(socket: PathBuf, sources: Sources) -> anyhow::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -29,10 +37,9 @@ pub async fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (status, events) = (status.clone(), events.subscribe());
-            let counters = counters.clone();
+            let (sources, events) = (sources.clone(), sources.events.subscribe());
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, status, events, &counters).await {
+                if let Err(e) = handle(stream, &sources, events).await {
                     tracing::debug!(error = %e, "api client");
                 }
             });
@@ -42,10 +49,11 @@ pub async fn serve(
 
 async fn handle(
     stream: UnixStream,
-    mut status: watch::Receiver<Status>,
+    sources: &Sources,
     mut events: broadcast::Receiver<Arc<str>>,
-    counters: &CounterMap,
 ) -> anyhow::Result<()> {
+    let mut status = sources.status.clone();
+    let counters = &*sources.counters;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
     let Some(line) = lines.next_line().await? else {
@@ -81,6 +89,13 @@ async fn handle(
             };
             write
                 .write_all(format!("{}\n", serde_json::to_string(&c)?).as_bytes())
+                .await?;
+        }
+        Request::Tally => {
+            let reading = sources.tally.read()?;
+            let report = sources.namer.borrow().tally(&reading);
+            write
+                .write_all(format!("{}\n", serde_json::to_string(&report)?).as_bytes())
                 .await?;
         }
         Request::Observe => loop {

@@ -38,6 +38,9 @@ pub enum Command {
     Observe(ObserveArgs),
     /// The classifier's exact packet counters per verdict, reason and direction.
     Counters(CountersArgs),
+    /// The agent's state and its per-policy counters: packets and bytes each rule
+    /// allowed, drops per namespace and isolating policy set.
+    Status(CountersArgs),
     /// Print the policy verdict for every ordered pair of pods in a set of manifests.
     Simulate(SimulateArgs),
     /// Why one flow is allowed or denied, side by side, with hints for likely mistakes.
@@ -61,6 +64,10 @@ pub struct AgentArgs {
     /// long; enforcement of the last state goes on regardless.
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     pub max_staleness: Duration,
+    /// At most this many series per per-policy metric (rules, isolating policy sets);
+    /// the rest add up under `(other)`.
+    #[arg(long, default_value_t = 500)]
+    pub metrics_max_series: usize,
     /// This node's name (pods with this spec.nodeName are local).
     #[arg(long, env = "NODE_NAME")]
     pub node: Option<String>,
@@ -482,6 +489,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 source,
                 metrics_addr: a.metrics_addr.0,
                 max_staleness: a.max_staleness,
+                metrics_max_series: a.metrics_max_series,
                 pod_start_hold: !a.no_pod_start_hold,
                 node,
                 bridge: a.bridge,
@@ -551,6 +559,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 ));
                 t
             })?;
+            Ok(0)
+        }
+        Command::Status(c) => {
+            let socket = match &c.lab {
+                Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
+                None => c.socket.clone(),
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let agent = rt.block_on(crate::api::client::status(&socket))?;
+            let tally = rt.block_on(crate::api::client::tally(&socket))?;
+            let both = serde_json::json!({ "agent": agent, "tally": tally });
+            print(&both, c.output, || status_table(&agent, &tally))?;
             Ok(0)
         }
         Command::Simulate(s) => {
@@ -806,4 +826,54 @@ mod tests {
         assert_eq!(a.ct_udp_timeout, Duration::from_secs(120));
         assert_eq!(a.event_rate, 0);
     }
+}
+
+/// `netpol status` as a person reads it.
+fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) -> String {
+    let mut t = format!(
+        "node {}: {} endpoints, {} policies, {} identities, {} policy entries, {}\n",
+        agent.node,
+        agent.endpoints,
+        agent.policies,
+        agent.identities,
+        agent.policy_entries,
+        if agent.converged {
+            "converged"
+        } else {
+            "converging"
+        }
+    );
+    for i in &agent.invalid {
+        t.push_str(&format!("invalid: {i:?}\n"));
+    }
+    t.push_str(&format!(
+        "\n{:<40} {:<8} {:>4} {:>12} {:>14}\n",
+        "ALLOWED BY POLICY", "DIR", "RULE", "PACKETS", "BYTES"
+    ));
+    for r in &tally.rules {
+        t.push_str(&format!(
+            "{:<40} {:<8} {:>4} {:>12} {:>14}\n",
+            r.policy, r.direction, r.rule, r.packets, r.bytes
+        ));
+    }
+    t.push_str(&format!(
+        "\n{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
+        "NAMESPACE", "DIR", "VERDICT", "PACKETS", "BYTES", "ISOLATING POLICIES"
+    ));
+    for d in &tally.drops {
+        t.push_str(&format!(
+            "{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
+            d.namespace,
+            d.direction,
+            d.verdict,
+            d.packets,
+            d.bytes,
+            if d.policies.is_empty() {
+                "(none)".to_string()
+            } else {
+                d.policies.join(",")
+            }
+        ));
+    }
+    t
 }

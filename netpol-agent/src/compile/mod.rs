@@ -701,6 +701,30 @@ impl Compiler {
             return false;
         }
 
+        // Audit-mode policies count in a direction only where no enforced policy
+        // isolates the pod (there they could not drop anything more) and no Baseline
+        // rule applies (staging must not lift a Baseline deny).
+        let mut audit_counts = [false; 2];
+        for dir in [direction::INGRESS, direction::EGRESS] {
+            let isolating = |p: &Policy| {
+                if dir == direction::INGRESS {
+                    p.isolates_ingress
+                } else {
+                    p.isolates_egress
+                }
+            };
+            let enforced = selecting.iter().any(|(_, p)| !p.audit && isolating(p));
+            let baseline = cluster.iter().any(|(_, c, _)| {
+                c.tier == Tier::Baseline
+                    && !(if dir == direction::INGRESS {
+                        &c.ingress
+                    } else {
+                        &c.egress
+                    })
+                    .is_empty()
+            });
+            audit_counts[dir as usize] = !enforced && !baseline;
+        }
         let mut entries: Vec<(PolicyPrefix, PolicyEntry)> = Vec::new();
         let mut flags = 0;
         for (k, p) in &selecting {
@@ -721,8 +745,12 @@ impl Compiler {
                     endpoint_flags::ISOLATED_EGRESS,
                 ),
             ] {
+                let isolates = isolates && (!p.audit || audit_counts[dir as usize]);
                 if isolates {
                     flags |= flag;
+                    if p.audit {
+                        flags |= endpoint_flags::audit_of(dir);
+                    }
                 }
                 for (i, rule) in rules.iter().enumerate() {
                     // Peers were resolved in this same order above.

@@ -253,3 +253,42 @@ fn the_revision_moves_when_an_allow_is_withdrawn_and_stays_when_one_is_added() {
     );
     assert_ne!(r4, r5);
 }
+
+/// A staged policy: `netpol.io/mode: audit`.
+const AUDITED_DENY: &str = "kind: NetworkPolicy\nmetadata: {name: staged, namespace: x, annotations: {netpol.io/mode: audit}}\nspec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{podSelector: {matchLabels: {app: b}}}]}]}\n";
+
+#[test]
+fn a_policy_in_audit_mode_isolates_in_audit_only_where_nothing_enforced_does() {
+    let (ing, eg) = (endpoint_flags::AUDIT_INGRESS, endpoint_flags::AUDIT_EGRESS);
+    // Alone: x/a is isolated for ingress in audit; its allows are compiled.
+    let (snap, d) = compiled(AUDITED_DENY);
+    let a = d.endpoints["x/a"].flags;
+    assert_ne!(a & endpoint_flags::ISOLATED_INGRESS, 0);
+    assert_eq!(a & (ing | eg), ing);
+    assert_eq!(a & endpoint_flags::AUDIT, 0, "not the whole endpoint");
+    assert!(allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80));
+    // c is denied by the staged policy's lookups (the kernel passes it as AUDIT).
+    assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
+
+    // Beside an enforced policy: the enforced one alone decides, nothing is audited,
+    // and the staged policy's allows are not in force.
+    let enforced = "kind: NetworkPolicy\nmetadata: {name: deny, namespace: x}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n";
+    let (snap, d) = compiled(&format!("{AUDITED_DENY}---\n{enforced}"));
+    let a = d.endpoints["x/a"].flags;
+    assert_ne!(a & endpoint_flags::ISOLATED_INGRESS, 0);
+    assert_eq!(a & (ing | eg), 0);
+    assert!(!allowed(&d, &snap, "x/b", "x/a", proto::TCP, 80));
+
+    // Where a Baseline rule applies, staging must not lift it: the staged policy waits.
+    let baseline = "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec: {subject: {namespaces: {}}, ingress: [{name: d, action: Deny, from: [{namespaces: {matchLabels: {team: b}}}]}]}\n";
+    let (snap, d) = compiled(&format!("{AUDITED_DENY}---\n{baseline}"));
+    let a = d.endpoints["x/a"].flags;
+    assert_eq!(a & (ing | eg | endpoint_flags::ISOLATED_INGRESS), 0);
+    assert_ne!(a & endpoint_flags::BASELINE_INGRESS, 0);
+    assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
+
+    // An unknown mode is enforced.
+    let (snap, d) = compiled(&AUDITED_DENY.replace("mode: audit", "mode: watch"));
+    assert_eq!(d.endpoints["x/a"].flags & (ing | eg), 0);
+    assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
+}

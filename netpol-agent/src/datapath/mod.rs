@@ -12,6 +12,7 @@ pub mod hold;
 pub mod maps;
 pub mod pin;
 pub mod services;
+pub mod tally;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -175,6 +176,7 @@ pub fn load_with(
     }
     let mut ebpf = loader
         .map_max_entries(map::ENDPOINTS, caps.endpoints)
+        .map_max_entries(map::ENDPOINT_COUNTERS, caps.endpoints)
         .map_max_entries(map::IPCACHE, caps.ipcache)
         .map_max_entries(map::CIDRS, caps.cidrs)
         .map_max_entries(map::POLICY, caps.policy)
@@ -242,6 +244,7 @@ pub struct Adoption {
 }
 
 pub struct Datapath {
+    tally: std::sync::Arc<tally::Tally>,
     ebpf: Ebpf,
     actual: Desired,
     attached: BTreeMap<PodKey, Attachment>,
@@ -340,7 +343,9 @@ impl Datapath {
             }
             pin::Found::Nothing => {}
         }
+        let tally = std::sync::Arc::new(tally::Tally::take(&mut ebpf)?);
         Ok(Datapath {
+            tally,
             ebpf,
             actual,
             attached: BTreeMap::new(),
@@ -491,6 +496,10 @@ impl Datapath {
             stats.removed += 1;
         }
 
+        // Counter entries for the rules and endpoints now in the maps (the classifier
+        // counts their misses apart, so this can come after the entries themselves).
+        self.tally.sync(desired)?;
+
         // 3. deletions of peer data and policy no longer wanted
         stats.removed += maps::remove_diff(
             &mut self.ebpf,
@@ -586,6 +595,11 @@ impl Datapath {
                 let _ = link.detach();
             }
         }
+    }
+
+    /// The per-rule and per-endpoint counters (shared with the API and metrics).
+    pub fn tally(&self) -> std::sync::Arc<tally::Tally> {
+        self.tally.clone()
     }
 
     /// Takes the counters map out of the object, for a reader of its own (the API).

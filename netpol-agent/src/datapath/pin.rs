@@ -41,6 +41,8 @@ pub const PINNED_MAPS: &[&str] = &[
     map::EVENT_BUCKETS,
     map::SERVICES,
     map::SVC_PENDING,
+    map::RULE_COUNTERS,
+    map::ENDPOINT_COUNTERS,
 ];
 
 const HOOK_PROGRAMS: &[&str] = &[
@@ -108,6 +110,8 @@ impl Layout {
             size_of::<PendingEntry>(),
         );
         put(map::CONFIG, 4, size_of::<Config>());
+        put(map::RULE_COUNTERS, 4, size_of::<RuleCounter>());
+        put(map::ENDPOINT_COUNTERS, 4, size_of::<EndpointCounters>());
         put(map::COUNTERS, 4, 8);
         put(map::EVENTS, 0, size_of::<Event>());
         Layout {

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{direction, proto, reason, verdict, Event};
+use netpol_common::{direction, proto, reason, verdict, EndpointCounters, Event};
 use serde::{Deserialize, Serialize};
 
 use crate::compile::{selecting, Desired, RuleRef};
+use crate::datapath::tally::Reading;
 use crate::index::net::ip_of;
 use crate::index::Snapshot;
 
@@ -37,6 +38,10 @@ pub struct Verdict {
     pub tcp_flags: u8,
     pub len: u32,
     pub revision: u32,
+    /// Events of the same pod refused by its rate limit just before this one ("N more
+    /// like this"): counted, never silently lost.
+    #[serde(default)]
+    pub suppressed: u32,
 }
 
 /// What naming needs, rebuilt with every snapshot.
@@ -64,13 +69,26 @@ impl Namer {
             let Some(subject) = snap.identities.get(&ep.identity) else {
                 continue;
             };
+            // Enforced policies isolate; staged (audit) ones only where none does.
             let mut lists: [Vec<String>; 2] = Default::default();
+            let mut staged: [Vec<String>; 2] = Default::default();
             for (key, p) in selecting(snap, subject) {
+                let to = if p.audit { &mut staged } else { &mut lists };
+                let name = if p.audit {
+                    format!("{key} (audit)")
+                } else {
+                    key.clone()
+                };
                 if p.isolates_ingress {
-                    lists[direction::INGRESS as usize].push(key.clone());
+                    to[direction::INGRESS as usize].push(name.clone());
                 }
                 if p.isolates_egress {
-                    lists[direction::EGRESS as usize].push(key.clone());
+                    to[direction::EGRESS as usize].push(name);
+                }
+            }
+            for (l, s) in lists.iter_mut().zip(staged) {
+                if l.is_empty() {
+                    *l = s;
                 }
             }
             n.isolators.insert(ep.identity, lists);
@@ -134,8 +152,99 @@ impl Namer {
             tcp_flags: ev.tcp_flags,
             len: ev.len,
             revision: ev.revision,
+            suppressed: ev.suppressed,
         }
     }
+
+    /// Names the per-rule and per-endpoint counters.
+    pub fn tally(&self, r: &Reading) -> TallyReport {
+        let mut report = TallyReport::default();
+        for (cookie, c) in &r.rules {
+            let (policy, direction, rule) = match self.rules.get(cookie) {
+                Some(rr) => (rr.policy.clone(), rr.direction.clone(), rr.rule),
+                None => continue, // withdrawn since the read
+            };
+            report.rules.push(RuleTally {
+                policy,
+                direction,
+                rule,
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+        let mut drops: BTreeMap<(String, &'static str, &'static str, Vec<String>), (u64, u64)> =
+            BTreeMap::new();
+        let mut add = |ns: &str, policies: &dyn Fn(usize) -> Vec<String>, c: &EndpointCounters| {
+            for (v, vname) in [(verdict::DROPPED, "dropped"), (verdict::AUDIT, "audit")] {
+                for (d, dname) in [(direction::INGRESS, "ingress"), (direction::EGRESS, "egress")] {
+                    let slot = EndpointCounters::slot(v, d);
+                    if c.packets[slot] == 0 {
+                        continue;
+                    }
+                    let e = drops
+                        .entry((ns.to_string(), dname, vname, policies(d as usize)))
+                        .or_default();
+                    e.0 += c.packets[slot];
+                    e.1 += c.bytes[slot];
+                }
+            }
+        };
+        for (id, c) in &r.endpoints {
+            let Some(pod) = self.by_identity.get(id) else {
+                continue;
+            };
+            let ns = pod.split('/').next().unwrap_or_default();
+            let iso = self.isolators.get(id);
+            add(ns, &|d| iso.map(|l| l[d].clone()).unwrap_or_default(), c);
+        }
+        for (ns, c) in &r.retired {
+            add(ns, &|_| vec!["(pods gone)".to_string()], c);
+        }
+        for ((namespace, direction, verdict, policies), (packets, bytes)) in drops {
+            report.drops.push(DropTally {
+                namespace,
+                direction: direction.into(),
+                verdict: verdict.into(),
+                policies,
+                packets,
+                bytes,
+            });
+        }
+        report
+            .rules
+            .sort_by(|a, b| b.packets.cmp(&a.packets).then(a.policy.cmp(&b.policy)));
+        report
+    }
+}
+
+/// What each policy rule allowed and what each namespace dropped, named.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TallyReport {
+    /// Most packets first.
+    pub rules: Vec<RuleTally>,
+    /// Drops and audits per namespace, direction and the set of policies isolating the
+    /// pods that dropped (pods gone since are `(pods gone)`).
+    pub drops: Vec<DropTally>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RuleTally {
+    pub policy: String,
+    pub direction: String,
+    pub rule: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropTally {
+    pub namespace: String,
+    pub direction: String,
+    /// `dropped` or `audit`.
+    pub verdict: String,
+    pub policies: Vec<String>,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 pub fn protocol_name(p: u8) -> String {
@@ -198,8 +307,13 @@ pub fn human(v: &Verdict) -> String {
         .as_ref()
         .map(|r| format!(" rule={}:{}[{}]", r.policy, r.direction, r.rule))
         .unwrap_or_default();
+    let more = if v.suppressed > 0 {
+        format!(" (+{} more like this)", v.suppressed)
+    } else {
+        String::new()
+    };
     format!(
-        "{} {:<7} {:<7} {} -> {} {}/{} {}{}{}",
+        "{} {:<7} {:<7} {} -> {} {}/{} {}{}{}{}",
         v.time,
         v.verdict.to_uppercase(),
         v.direction,
@@ -213,7 +327,8 @@ pub fn human(v: &Verdict) -> String {
         v.protocol,
         v.reason,
         policies,
-        rule
+        rule,
+        more
     )
 }
 

@@ -32,6 +32,9 @@ pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 /// its pods pass and are reported as AUDIT (watch first, then enforce).
 pub const AUDIT_ANNOTATION: &str = "netpol.io/audit";
 
+/// A NetworkPolicy with this annotation set to "audit" is staged: see `Policy::audit`.
+pub const MODE_ANNOTATION: &str = "netpol.io/mode";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     pub namespace: String,

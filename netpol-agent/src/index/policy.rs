@@ -18,6 +18,9 @@ pub struct Policy {
     pub isolates_egress: bool,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// `netpol.io/mode: audit`: staged. The policy changes no verdict; where only audit
+    /// policies would isolate a pod, what they would drop passes and is reported.
+    pub audit: bool,
 }
 
 /// One ingress or egress rule. `peers: None` = all peers; `ports: None` = all ports.
@@ -124,6 +127,22 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
             ports: parse_ports(r.ports.as_deref(), &format!("{f}.ports"))?,
         });
     }
+    let audit = match np
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::MODE_ANNOTATION))
+        .map(String::as_str)
+    {
+        Some("audit") => true,
+        None | Some("enforce") => false,
+        Some(other) => {
+            // The API server takes any annotation: enforcing is the safe reading.
+            tracing::warn!(policy = %format!("{namespace}/{name}"), value = other,
+                "metadata.annotations[{}]: expected audit or enforce; enforcing", super::MODE_ANNOTATION);
+            false
+        }
+    };
     Ok(Policy {
         namespace,
         name,
@@ -132,6 +151,7 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
         isolates_egress,
         ingress,
         egress,
+        audit,
     })
 }
 

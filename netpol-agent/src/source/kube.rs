@@ -32,7 +32,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::{ClusterState, Object};
-use crate::index::{Change, Invalid, Kind, AUDIT_ANNOTATION};
+use crate::index::{Change, Invalid, Kind, AUDIT_ANNOTATION, MODE_ANNOTATION};
 
 /// A resource the source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,23 +385,28 @@ pub fn object_of(r: &Resource, obj: DynamicObject) -> Result<Object, String> {
 }
 
 /// Drops what the index never reads, to keep 10k pods small: managed fields, owner
-/// references and annotations (but a namespace's audit switch), and of a pod everything
+/// references and annotations (but the audit switches of a namespace and a NetworkPolicy), and of a pod everything
 /// but its containers' names and ports, hostNetwork, node, phase and addresses.
 pub fn strip(kind: &str, v: &mut Value) {
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.remove("managedFields");
         meta.remove("ownerReferences");
         meta.remove("finalizers");
-        let audit = meta
-            .get("annotations")
-            .and_then(|a| a.get(AUDIT_ANNOTATION))
-            .cloned();
+        // The one annotation each kind is read for.
+        let kept = match kind {
+            "Namespace" => Some(AUDIT_ANNOTATION),
+            "NetworkPolicy" => Some(MODE_ANNOTATION),
+            _ => None,
+        };
+        let value = kept.and_then(|k| {
+            meta.get("annotations")
+                .and_then(|a| a.get(k))
+                .cloned()
+                .map(|v| (k, v))
+        });
         meta.remove("annotations");
-        if let (Some(audit), "Namespace") = (audit, kind) {
-            meta.insert(
-                "annotations".into(),
-                serde_json::json!({ AUDIT_ANNOTATION: audit }),
-            );
+        if let Some((k, v)) = value {
+            meta.insert("annotations".into(), serde_json::json!({ k: v }));
         }
     }
     if kind == "Node" {

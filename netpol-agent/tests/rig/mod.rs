@@ -3,13 +3,14 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use netpol_agent::datapath::{load, Capacities};
 use netpol_common::{
-    counter_index, map, policy_action, v4_mapped, Addr, Config, CtEntry, CtKey, EndpointEntry,
-    Event, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
+    counter_index, map, policy_action, v4_mapped, Addr, Config, CtEntry, CtKey, EndpointCounters,
+    EndpointEntry, Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
+    RuleCounter,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -495,6 +496,70 @@ impl Rig {
         for k in keys {
             let _ = m.remove(&k);
         }
+    }
+
+    /// Makes the counter entry of a rule (as the agent's sync does).
+    pub fn count_rule(&mut self, cookie: u32) {
+        let mut m: PerCpuHashMap<_, u32, RuleCounter> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(map::RULE_COUNTERS).unwrap()).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        m.insert(
+            cookie,
+            PerCpuValues::try_from(vec![RuleCounter::default(); cpus]).unwrap(),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// What the rule `cookie` allowed, summed over CPUs (None: no entry).
+    pub fn rule_counter(&self, cookie: u32) -> Option<RuleCounter> {
+        let m: PerCpuHashMap<_, u32, RuleCounter> =
+            PerCpuHashMap::try_from(self.ebpf.map(map::RULE_COUNTERS).unwrap()).unwrap();
+        let v = m.get(&cookie, 0).ok()?;
+        Some(v.iter().fold(RuleCounter::default(), |a, c| RuleCounter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    /// Makes the server endpoint's counter entry (as the agent's sync does).
+    pub fn count_endpoint(&mut self) {
+        let mut m: PerCpuHashMap<_, u32, EndpointCounters> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut(map::ENDPOINT_COUNTERS).unwrap()).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        m.insert(
+            SERVER_ID,
+            PerCpuValues::try_from(vec![EndpointCounters::default(); cpus]).unwrap(),
+            0,
+        )
+        .unwrap();
+    }
+
+    /// The server endpoint's drop and audit counters, summed over CPUs.
+    pub fn endpoint_counters(&self) -> EndpointCounters {
+        let m: PerCpuHashMap<_, u32, EndpointCounters> =
+            PerCpuHashMap::try_from(self.ebpf.map(map::ENDPOINT_COUNTERS).unwrap()).unwrap();
+        let mut t = EndpointCounters::default();
+        for c in m.get(&SERVER_ID, 0).unwrap().iter() {
+            for i in 0..4 {
+                t.packets[i] += c.packets[i];
+                t.bytes[i] += c.bytes[i];
+            }
+        }
+        t
+    }
+
+    /// The event token bucket of the rig's endpoint.
+    pub fn event_bucket(&self) -> Option<EventBucket> {
+        let m: HashMap<_, u32, EventBucket> =
+            HashMap::try_from(self.ebpf.map(map::EVENT_BUCKETS).unwrap()).unwrap();
+        m.get(&LO, 0).ok()
+    }
+
+    pub fn put_event_bucket(&mut self, b: EventBucket) {
+        let mut m: HashMap<_, u32, EventBucket> =
+            HashMap::try_from(self.ebpf.map_mut(map::EVENT_BUCKETS).unwrap()).unwrap();
+        m.insert(LO, b, 0).unwrap();
     }
 
     /// Exact packets counted for (verdict, reason, direction), summed over CPUs.
