@@ -296,12 +296,23 @@ fn render_tally(out: &mut String, t: &TallyReport, max: usize) {
             r.direction,
             r.rule
         );
-        let _ = writeln!(out, "netpol_rule_allowed_packets_total{{{labels}}} {}", r.packets);
-        let _ = writeln!(out, "netpol_rule_allowed_bytes_total{{{labels}}} {}", r.bytes);
+        let _ = writeln!(
+            out,
+            "netpol_rule_allowed_packets_total{{{labels}}} {}",
+            r.packets
+        );
+        let _ = writeln!(
+            out,
+            "netpol_rule_allowed_bytes_total{{{labels}}} {}",
+            r.bytes
+        );
     }
     if t.rules.len() > max {
         let labels = "policy=\"(other)\",direction=\"\",rule=\"\"";
-        let _ = writeln!(out, "netpol_rule_allowed_packets_total{{{labels}}} {other_p}");
+        let _ = writeln!(
+            out,
+            "netpol_rule_allowed_packets_total{{{labels}}} {other_p}"
+        );
         let _ = writeln!(out, "netpol_rule_allowed_bytes_total{{{labels}}} {other_b}");
     }
 

@@ -1371,10 +1371,7 @@ fn packets_and_bytes_are_counted_to_the_rule_that_allowed_them() {
     }
     assert_eq!(
         rig.rule_counter(7),
-        Some(netpol_common::RuleCounter {
-            packets: 4,
-            bytes
-        })
+        Some(netpol_common::RuleCounter { packets: 4, bytes })
     );
     // Rule 8 has no entry: allowed all the same, counted as uncounted.
     assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40001, 81, SYN))), OK);

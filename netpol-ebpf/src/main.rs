@@ -20,15 +20,17 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{
+        lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    },
     programs::TcContext,
 };
 use netpol_common::{
     capacity, config_flags, counter_index, ct_flags, ct_stamp, ct_timeout, direction,
     endpoint_flags, event_counter, identity, policy::decide_tiers, policy::lookup_key,
-    policy::MISS, proto, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey, EndpointEntry,
-    EndpointCounters, Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
-    RuleCounter, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
+    policy::MISS, proto, reason, verdict, Addr, CidrEntry, Config, CtEntry, CtKey,
+    EndpointCounters, EndpointEntry, Event, EventBucket, FragEntry, FragKey, IpcacheEntry,
+    PolicyEntry, PolicyKey, RuleCounter, COUNTERS_MAP_LEN, MAX_EVENT_RATE,
 };
 use parse::{frag, Packet};
 

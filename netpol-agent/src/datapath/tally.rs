@@ -105,7 +105,12 @@ impl Tally {
                 Err(_) => failed += 1,
             }
         }
-        for c in s.rule_keys.difference(&cookies).copied().collect::<Vec<_>>() {
+        for c in s
+            .rule_keys
+            .difference(&cookies)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let _ = s.rules.remove(&c);
             s.rule_keys.remove(&c);
         }

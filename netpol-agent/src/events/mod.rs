@@ -176,7 +176,10 @@ impl Namer {
             BTreeMap::new();
         let mut add = |ns: &str, policies: &dyn Fn(usize) -> Vec<String>, c: &EndpointCounters| {
             for (v, vname) in [(verdict::DROPPED, "dropped"), (verdict::AUDIT, "audit")] {
-                for (d, dname) in [(direction::INGRESS, "ingress"), (direction::EGRESS, "egress")] {
+                for (d, dname) in [
+                    (direction::INGRESS, "ingress"),
+                    (direction::EGRESS, "egress"),
+                ] {
                     let slot = EndpointCounters::slot(v, d);
                     if c.packets[slot] == 0 {
                         continue;
