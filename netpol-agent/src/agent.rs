@@ -208,6 +208,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // empty the adopted maps and open every pod.
     let mut index = Index::new();
     let mut invalid_tx = None;
+    let mut programmed_tx = None;
     let (mut input, mut snapshot) = match &opts.source {
         SourceSpec::Dir(paths) => {
             let (state_tx, state_rx) = watch::channel(dir::read_state(paths));
@@ -231,6 +232,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 rx,
             ));
             invalid_tx = Some(tx);
+            let (tx, rx) = watch::channel(BTreeMap::new());
+            tokio::spawn(kube_source::report_programmed(client.clone(), rx));
+            programmed_tx = Some(tx);
             let mut input = Input::Kube(kube_source::start(client), BTreeMap::new());
             tracing::info!("waiting for the first list of every watched resource");
             let snapshot = input
@@ -408,7 +412,23 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             rec.invalid = snapshot.invalid.len();
             rec.invalid_total = invalid_total;
         }
-        namer_tx.send_replace(Arc::new(Namer::new(&snapshot, &desired)));
+        let namer = Arc::new(Namer::new(&snapshot, &desired));
+        if let Some(tx) = &programmed_tx {
+            // Only pods whose programs run with their entries written.
+            let programmed: BTreeMap<String, String> = datapath
+                .attached()
+                .filter_map(|(pod, _)| {
+                    let ep = desired.endpoints.get(pod)?;
+                    Some((pod.clone(), namer.programmed(ep.identity, ep.revision)))
+                })
+                .collect();
+            tx.send_if_modified(|old| {
+                let changed = *old != programmed;
+                *old = programmed;
+                changed
+            });
+        }
+        namer_tx.send_replace(namer);
         status_tx.send_replace(status);
 
         // Until every local pod's veth is found, look again soon; after that, a slow

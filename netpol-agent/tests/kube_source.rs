@@ -195,6 +195,20 @@ async fn serve(
         stream.write_all(respond(201, &value).as_bytes()).await?;
         return Ok(());
     }
+    if method == "PATCH" {
+        // Recorded with the posts; answered with the object the patch names.
+        let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        shared.lock().unwrap().posts.push((path.clone(), value));
+        posted.notify_waiters();
+        let name = path
+            .trim_end_matches("/status")
+            .rsplit('/')
+            .next()
+            .unwrap_or_default();
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}});
+        stream.write_all(respond(200, &pod).as_bytes()).await?;
+        return Ok(());
+    }
     let not_found = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                            "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"});
     if !is_watch {
@@ -535,4 +549,61 @@ async fn a_rejected_policy_is_reported_as_a_kubernetes_event_naming_the_field() 
         note.contains("spec.ingress[0].from[0].ipBlock.cidr"),
         "{note}"
     );
+}
+
+/// Issue 7, the policy-programmed signal: a local pod whose policies are in the datapath
+/// gets the `netpol.io/PolicyProgrammed` condition (a strategic merge patch of its
+/// status, naming the policies enforced); an unchanged state is not patched again.
+#[tokio::test]
+async fn programmed_pods_get_the_policy_programmed_condition() {
+    let api = MockApi::start().await;
+    let (tx, rx) = tokio::sync::watch::channel(BTreeMap::new());
+    tokio::spawn(kube_source::report_programmed(api.client(), rx));
+    let posted = api.posted.notified();
+    tx.send_replace(BTreeMap::from([(
+        "a/web".to_string(),
+        "ingress: a/deny; egress: not isolated (revision 3)".to_string(),
+    )]));
+    within(posted).await;
+    let posts = api.shared.lock().unwrap().posts.clone();
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    let (path, patch) = &posts[0];
+    assert_eq!(path, "/api/v1/namespaces/a/pods/web/status");
+    let c = &patch["status"]["conditions"][0];
+    assert_eq!(c["type"], kube_source::PROGRAMMED_CONDITION);
+    assert_eq!(c["status"], "True");
+    assert_eq!(
+        c["message"],
+        "ingress: a/deny; egress: not isolated (revision 3)"
+    );
+    assert!(c["lastTransitionTime"].is_string(), "{c}");
+    let requests = api.shared.lock().unwrap().requests.clone();
+    assert!(requests.iter().any(|(m, _)| m == "PATCH"), "{requests:?}");
+
+    // A new revision is patched again; a second pod with it.
+    let posted = api.posted.notified();
+    tx.send_replace(BTreeMap::from([
+        (
+            "a/web".to_string(),
+            "ingress: a/deny, a/allow; egress: not isolated (revision 5)".to_string(),
+        ),
+        (
+            "a/db".to_string(),
+            "ingress: not isolated; egress: not isolated (revision 1)".to_string(),
+        ),
+    ]));
+    within(posted).await;
+    // Both patches arrive (in key order); wait for the second.
+    loop {
+        let next = api.posted.notified();
+        if api.shared.lock().unwrap().posts.len() >= 3 {
+            break;
+        }
+        within(next).await;
+    }
+    let posts = api.shared.lock().unwrap().posts.clone();
+    assert_eq!(posts.len(), 3, "{posts:?}");
+    assert_eq!(posts[1].0, "/api/v1/namespaces/a/pods/db/status");
+    assert_eq!(posts[2].0, "/api/v1/namespaces/a/pods/web/status");
+    assert!(posts[2].1["status"]["conditions"][0]["lastTransitionTime"].is_null());
 }

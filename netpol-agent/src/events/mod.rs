@@ -156,6 +156,20 @@ impl Namer {
         }
     }
 
+    /// What a pod's programmed policy is, in words (the PolicyProgrammed condition).
+    pub fn programmed(&self, identity: u32, revision: u32) -> String {
+        let iso = self.isolators.get(&identity);
+        let side = |d: u8| match iso.map(|l| &l[d as usize]) {
+            Some(l) if !l.is_empty() => l.join(", "),
+            _ => "not isolated".to_string(),
+        };
+        format!(
+            "ingress: {}; egress: {} (revision {revision})",
+            side(direction::INGRESS),
+            side(direction::EGRESS)
+        )
+    }
+
     /// Names the per-rule and per-endpoint counters.
     pub fn tally(&self, r: &Reading) -> TallyReport {
         let mut report = TallyReport::default();

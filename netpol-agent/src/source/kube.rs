@@ -142,7 +142,64 @@ pub fn api_calls() -> BTreeSet<(&'static str, &'static str, &'static str)> {
     }
     calls.insert((EVENTS.0, EVENTS.1, "create"));
     calls.insert((EVENTS.0, EVENTS.1, "patch"));
+    calls.insert(("", "pods/status", "patch"));
     calls
+}
+
+/// The pod condition the agent sets once a local pod's policies are in the datapath
+/// (usable as a readiness gate, or with `kubectl wait --for=condition=...`).
+pub const PROGRAMMED_CONDITION: &str = "netpol.io/PolicyProgrammed";
+
+/// Sets [`PROGRAMMED_CONDITION`] on local pods whose programmed state changed: pod key
+/// → the message naming what is enforced (policies per direction, revision). A pod
+/// that went away meanwhile is skipped; a failed patch is retried at the next change.
+pub async fn report_programmed(
+    client: Client,
+    mut programmed: watch::Receiver<BTreeMap<String, String>>,
+) {
+    let mut patched: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let now = programmed.borrow_and_update().clone();
+        patched.retain(|k, _| now.contains_key(k));
+        for (key, message) in &now {
+            if patched.get(key) == Some(message) {
+                continue;
+            }
+            let Some((ns, name)) = key.split_once('/') else {
+                continue;
+            };
+            let mut condition = serde_json::json!({
+                "type": PROGRAMMED_CONDITION,
+                "status": "True",
+                "reason": "Programmed",
+                "message": message,
+            });
+            if !patched.contains_key(key) {
+                condition["lastTransitionTime"] =
+                    Value::String(k8s_openapi::jiff::Timestamp::now().to_string());
+            }
+            let patch = serde_json::json!({ "status": { "conditions": [condition] } });
+            let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+            match pods
+                .patch_status(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Strategic(patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    patched.insert(key.clone(), message.clone());
+                }
+                Err(error) => {
+                    tracing::debug!(pod = %key, %error, "setting the PolicyProgrammed condition failed")
+                }
+            }
+        }
+        if programmed.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// What the agent applies to its index.
