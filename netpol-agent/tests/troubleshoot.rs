@@ -11,7 +11,7 @@ mod lab;
 
 use std::time::{Duration, Instant};
 
-use lab::{root, Lab, Observer};
+use lab::{in_netns, root, Lab, Observer};
 use serde_json::Value;
 
 macro_rules! needs_root {
@@ -481,23 +481,6 @@ metadata: {name: target-no-ingress, namespace: x}
 spec: {podSelector: {matchLabels: {app: target}}, policyTypes: [Ingress]}
 "#;
 
-/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&path).unwrap();
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns {path}"
-        );
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 fn ip(args: &[&str]) -> String {
     let out = std::process::Command::new("ip")
         .args(args)
@@ -631,7 +614,7 @@ fn flood(netns: &str, to: std::net::SocketAddr, total: u64, rate: u64) -> Durati
                 sent += 1;
             }
             // Pacing, not readiness: never ahead of `rate`.
-            if sent % 1000 == 0 {
+            if sent.is_multiple_of(1000) {
                 let due = Duration::from_secs_f64(sent as f64 / rate as f64);
                 if let Some(ahead) = due.checked_sub(started.elapsed()) {
                     std::thread::sleep(ahead);

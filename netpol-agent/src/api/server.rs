@@ -117,10 +117,12 @@ async fn handle(
                     &enforced.desired,
                     &node,
                     &live,
-                    &from,
-                    &to,
-                    number,
-                    port,
+                    &crate::explain::Question {
+                        from: &from,
+                        to: &to,
+                        protocol: number,
+                        port,
+                    },
                 )
             })
             .await?;

@@ -801,7 +801,13 @@ fn explain(e: &ExplainArgs) -> anyhow::Result<crate::explain::Explanation> {
     let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
         .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
     if !e.manifests.is_empty() {
-        return crate::explain::explain(&e.manifests, &e.from, &e.to, protocol, port);
+        let q = crate::explain::Question {
+            from: &e.from,
+            to: &e.to,
+            protocol,
+            port,
+        };
+        return crate::explain::explain(&e.manifests, &q);
     }
     let req = crate::api::Request::Explain {
         from: e.from.clone(),

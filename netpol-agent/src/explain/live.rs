@@ -10,7 +10,7 @@ use netpol_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{flow, judge, rule_name, Endpoint, Explanation, SideMaps};
+use super::{flow, judge, rule_name, Endpoint, Explanation, Question, SideMaps};
 use crate::compile::lookup::{Hits, Lookup};
 use crate::compile::{compile, Desired, NodeView, RuleRef};
 use crate::datapath::live::{monotonic_ns, LiveMaps};
@@ -83,12 +83,10 @@ pub fn explain_live(
     desired: &Desired,
     node: &str,
     live: &LiveMaps,
-    from: &str,
-    to: &str,
-    protocol: u8,
-    port: u16,
+    q: &Question,
 ) -> anyhow::Result<Explanation> {
-    let f = flow(snap, from, to, protocol, port)?;
+    let f = flow(snap, q)?;
+    let (protocol, port) = (q.protocol, q.port);
     let config = &live.config;
     let host: Vec<IpAddr> = if config.flags & config_flags::ALLOW_HOST != 0 {
         [config.host_ipv4, config.host_ipv6]

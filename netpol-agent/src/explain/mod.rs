@@ -88,6 +88,16 @@ pub struct SideMaps<'a> {
     pub host: Vec<IpAddr>,
 }
 
+/// What is asked: from whom to whom, on which port.
+#[derive(Clone, Copy, Debug)]
+pub struct Question<'a> {
+    /// `namespace/pod` or an address, each.
+    pub from: &'a str,
+    pub to: &'a str,
+    pub protocol: u8,
+    pub port: u16,
+}
+
 /// A flow as asked, resolved against the snapshot.
 struct Flow<'s> {
     from: String,
@@ -115,13 +125,13 @@ fn resolve<'a>(snap: &'a Snapshot, what: &str) -> anyhow::Result<(Option<&'a Pod
     Ok((Some(pod), ip))
 }
 
-fn flow<'s>(
-    snap: &'s Snapshot,
-    from: &str,
-    to: &str,
-    protocol: u8,
-    port: u16,
-) -> anyhow::Result<Flow<'s>> {
+fn flow<'s>(snap: &'s Snapshot, q: &Question) -> anyhow::Result<Flow<'s>> {
+    let Question {
+        from,
+        to,
+        protocol,
+        port,
+    } = *q;
     let (src, src_ip) = resolve(snap, from).context("--from")?;
     let (dst, dst_ip) = resolve(snap, to).context("--to")?;
     if src_ip.is_ipv4() != dst_ip.is_ipv4() {
@@ -140,13 +150,7 @@ fn flow<'s>(
 }
 
 /// Offline: judged on the maps compiled from the manifests, every pod as if local.
-pub fn explain(
-    paths: &[PathBuf],
-    from: &str,
-    to: &str,
-    protocol: u8,
-    port: u16,
-) -> anyhow::Result<Explanation> {
+pub fn explain(paths: &[PathBuf], q: &Question) -> anyhow::Result<Explanation> {
     let (mut objects, errors, _) = read_all(paths);
     if let Some(e) = errors.first() {
         anyhow::bail!("{e}");
@@ -159,7 +163,7 @@ pub fn explain(
         digest: String::new(),
     });
     let desired = compile(&snap, &NodeView::default());
-    let f = flow(&snap, from, to, protocol, port)?;
+    let f = flow(&snap, q)?;
     let lookup = Lookup::new(&desired);
     let maps = |pod: Option<&PodInfo>| SideMaps {
         endpoint: match pod.and_then(|p| desired.endpoints.get(&p.key())) {
@@ -430,11 +434,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("m.yaml"), format!("{PODS}{policies}")).unwrap();
         let e = explain(
-            &[dir.clone()],
-            "shop/web",
-            to,
-            netpol_common::proto::TCP,
-            8080,
+            std::slice::from_ref(&dir),
+            &Question {
+                from: "shop/web",
+                to,
+                protocol: netpol_common::proto::TCP,
+                port: 8080,
+            },
         );
         std::fs::remove_dir_all(&dir).unwrap();
         e.unwrap()

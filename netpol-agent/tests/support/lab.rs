@@ -17,6 +17,23 @@ pub fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
 pub struct Lab {
     pub name: String,
     pub dir: PathBuf,
