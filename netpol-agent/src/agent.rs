@@ -18,7 +18,7 @@ use netpol_common::{map, Event};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
-use crate::api::{server, Status};
+use crate::api::{server, Enforced, Status};
 use crate::compile::{Compiler, NodeView};
 use crate::datapath::discovery::{bridge_addrs, Discovery};
 use crate::datapath::pin::PinDir;
@@ -201,6 +201,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         ..Default::default()
     });
     let (namer_tx, namer_rx) = watch::channel(Arc::new(Namer::default()));
+    let (enforced_tx, enforced_rx) = watch::channel(Enforced::default());
     let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
 
     let counters = Arc::new(counters);
@@ -218,7 +219,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                     tracing::error!(error = %format!("{e:#}"), "watching the manifest directory failed");
                 }
             });
-            let snapshot = index.reset(&state_rx.borrow().clone());
+            let snapshot = Arc::new(index.reset(&state_rx.borrow().clone()));
             (Input::Dir(state_rx), snapshot)
         }
         SourceSpec::Kube => {
@@ -241,7 +242,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
                 .next(&mut index)
                 .await
                 .context("the kube source ended before its first list")?;
-            (input, snapshot)
+            (input, Arc::new(snapshot))
         }
     };
     let health = match &input {
@@ -284,10 +285,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     tokio::spawn(pump_events(ring, namer_rx.clone(), events_tx.clone()));
     let api = server::serve(
         opts.api_socket.clone(),
-        server::Sources {
+        server::Shared {
+            node: opts.node.clone(),
             status: status_rx,
             events: events_tx,
             counters,
+            enforced: enforced_rx,
+            pins: pins.clone(),
             tally: datapath.tally(),
             namer: namer_rx.clone(),
         },
@@ -310,7 +314,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let t = std::time::Instant::now();
-        let desired = compiler.compile(&snapshot, &view).clone();
+        let desired = Arc::new(compiler.compile(&snapshot, &view).clone());
         let compile_time = t.elapsed();
         let wanted: BTreeMap<String, Vec<IpAddr>> = desired
             .endpoints
@@ -429,6 +433,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             });
         }
         namer_tx.send_replace(namer);
+        enforced_tx.send_replace(Enforced {
+            snapshot: snapshot.clone(),
+            desired: desired.clone(),
+        });
         status_tx.send_replace(status);
 
         // Until every local pod's veth is found, look again soon; after that, a slow
@@ -441,7 +449,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tokio::select! {
             next = input.next(&mut index) => {
                 let Some(next) = next else { break };
-                snapshot = next;
+                snapshot = Arc::new(next);
             }
             _ = tokio::time::sleep(tick) => {}
             _ = tokio::signal::ctrl_c() => break,

@@ -4,7 +4,7 @@
 //! source ──► index ──► compile ──► datapath ──► kernel (TC programs + maps)
 //!                                                  │ ring buffer
 //!                                                  ▼
-//!                                    events ──► api (observe, status, wait)
+//!                                    events ──► api (status, wait, observe, counters, explain)
 //! ```
 //! Each module knows only the boxes to its left. `lab` and `cli` sit outside the flow:
 //! the lab builds a Flannel-like node of network namespaces and runs the agent on it.

@@ -46,6 +46,15 @@ pub async fn tally(socket: &Path) -> anyhow::Result<crate::events::TallyReport> 
     one_line(socket, &Request::Tally).await
 }
 
+/// The flow judged on the agent's live maps (`Request::Explain`).
+pub async fn explain(socket: &Path, req: &Request) -> anyhow::Result<crate::explain::Explanation> {
+    let reply: serde_json::Value = one_line(socket, req).await?;
+    if let Some(e) = reply.get("error") {
+        anyhow::bail!("{}", e.as_str().unwrap_or_default());
+    }
+    Ok(serde_json::from_value(reply)?)
+}
+
 /// Returns once the agent's datapath has converged to `digest` (empty: its current input).
 pub async fn wait(socket: &Path, digest: &str) -> anyhow::Result<Status> {
     one_line(

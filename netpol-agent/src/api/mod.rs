@@ -4,14 +4,25 @@
 //!
 //! Requests: `{"op":"status"}` → one [`Status`] line; `{"op":"wait","digest":D}` → one
 //! [`Status`] line once the datapath has converged to source digest D (or the agent's
-//! current input when D is empty); `{"op":"observe"}` → one event per line until the
-//! client hangs up; `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums);
-//! `{"op":"tally"}` → one [`crate::events::TallyReport`] line (per rule, per namespace).
+//! current input when D is empty); `{"op":"observe"}` → `{"observing":NODE}` once
+//! subscribed, then one event per line until the client hangs up, with
+//! `{"lost":N}` when this client fell behind and `{"rate_limited":N}` when the kernel's
+//! per-pod rate limiter suppressed N events (node-wide, checked every second);
+//! `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums);
+//! `{"op":"explain","from":A,"to":B,"port":P,"protocol":"TCP"}` → one
+//! [`crate::explain::Explanation`] line, judged on this node's live maps (or
+//! `{"error":...}`); `{"op":"tally"}` → one [`crate::events::TallyReport`] line (per
+//! rule, per namespace).
 
 pub mod client;
 pub mod server;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::compile::Desired;
+use crate::index::Snapshot;
 
 pub const DEFAULT_SOCKET: &str = "/run/netpol/agent.sock";
 
@@ -26,6 +37,27 @@ pub enum Request {
     Observe,
     Counters,
     Tally,
+    Explain {
+        /// `namespace/pod` or an address.
+        from: String,
+        to: String,
+        port: u16,
+        /// TCP, UDP or SCTP.
+        #[serde(default = "tcp")]
+        protocol: String,
+    },
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+/// What the datapath was last synced to: the snapshot and its compiled maps (for
+/// `explain`, which names what the live maps hold with them).
+#[derive(Clone, Default)]
+pub struct Enforced {
+    pub snapshot: Arc<Snapshot>,
+    pub desired: Arc<Desired>,
 }
 
 /// The classifier's exact counters: packets per (verdict, reason, direction), and what

@@ -2,30 +2,41 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
-use super::{Counters, Request, Status};
+use super::{Counters, Enforced, Request, Status};
+use crate::datapath::live::LiveMaps;
 use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
+use crate::datapath::pin::PinDir;
 use crate::datapath::tally::Tally;
 use crate::events::Namer;
 
-/// What requests are answered from: the agent loop's latest state and the kernel's
-/// counters.
+/// What every API client may ask about.
 #[derive(Clone)]
-pub struct Sources {
+pub struct Shared {
+    pub node: String,
     pub status: watch::Receiver<Status>,
     pub events: broadcast::Sender<Arc<str>>,
     pub counters: Arc<CounterMap>,
+    pub enforced: watch::Receiver<Enforced>,
+    /// Where the live maps are pinned (explain reads them there).
+    pub pins: PinDir,
+    /// Per-rule and per-endpoint counters, and the names to put on them.
     pub tally: Arc<Tally>,
     pub namer: watch::Receiver<Arc<Namer>>,
 }
 
-pub async fn serve(socket: PathBuf, sources: Sources) -> anyhow::Result<JoinHandle<()>> {
+/// How often an observer is told about events the kernel rate limited.
+const RATE_LIMIT_REPORT: Duration = Duration::from_secs(1);
+
+pub async fn serve(socket: PathBuf, shared: Shared) -> anyhow::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -37,9 +48,12 @@ pub async fn serve(socket: PathBuf, sources: Sources) -> anyhow::Result<JoinHand
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (sources, events) = (sources.clone(), sources.events.subscribe());
+            // Subscribed before the request is read: an observer's "observing" line
+            // means it gets every event from then on.
+            let events = shared.events.subscribe();
+            let shared = shared.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, &sources, events).await {
+                if let Err(e) = handle(stream, shared, events).await {
                     tracing::debug!(error = %e, "api client");
                 }
             });
@@ -47,69 +61,118 @@ pub async fn serve(socket: PathBuf, sources: Sources) -> anyhow::Result<JoinHand
     }))
 }
 
+async fn line(write: &mut OwnedWriteHalf, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string(value)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
 async fn handle(
     stream: UnixStream,
-    sources: &Sources,
+    mut shared: Shared,
     mut events: broadcast::Receiver<Arc<str>>,
 ) -> anyhow::Result<()> {
-    let mut status = sources.status.clone();
-    let counters = &*sources.counters;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
-    let Some(line) = lines.next_line().await? else {
+    let Some(request) = lines.next_line().await? else {
         return Ok(());
     };
-    let req: Request = match serde_json::from_str(&line) {
+    let req: Request = match serde_json::from_str(&request) {
         Ok(r) => r,
         Err(e) => {
-            write
-                .write_all(format!("{{\"error\":{:?}}}\n", e.to_string()).as_bytes())
-                .await?;
-            return Ok(());
+            return line(&mut write, &serde_json::json!({ "error": e.to_string() })).await;
         }
     };
     match req {
         Request::Status => {
-            let s = serde_json::to_string(&*status.borrow())?;
-            write.write_all(format!("{s}\n").as_bytes()).await?;
+            let s = shared.status.borrow().clone();
+            line(&mut write, &s).await?;
         }
         Request::Wait { digest } => {
-            let s = status
+            let s = shared
+                .status
                 .wait_for(|s| s.converged && (digest.is_empty() || s.digest == digest))
                 .await
                 .map(|s| s.clone())?;
-            write
-                .write_all(format!("{}\n", serde_json::to_string(&s)?).as_bytes())
-                .await?;
+            line(&mut write, &s).await?;
         }
         Request::Counters => {
             let c = Counters {
-                packets: read_counters(counters)?,
-                events: read_event_counters(counters)?,
+                packets: read_counters(&shared.counters)?,
+                events: read_event_counters(&shared.counters)?,
             };
-            write
-                .write_all(format!("{}\n", serde_json::to_string(&c)?).as_bytes())
-                .await?;
+            line(&mut write, &c).await?;
         }
         Request::Tally => {
-            let reading = sources.tally.read()?;
-            let report = sources.namer.borrow().tally(&reading);
-            write
-                .write_all(format!("{}\n", serde_json::to_string(&report)?).as_bytes())
-                .await?;
+            let reading = shared.tally.read()?;
+            let report = shared.namer.borrow().tally(&reading);
+            line(&mut write, &report).await?;
         }
-        Request::Observe => loop {
-            match events.recv().await {
-                Ok(line) => write.write_all(format!("{line}\n").as_bytes()).await?,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    // Never silently lost: say how many this subscriber missed.
-                    write
-                        .write_all(format!("{{\"lost\":{n}}}\n").as_bytes())
-                        .await?;
+        Request::Explain {
+            from,
+            to,
+            port,
+            protocol,
+        } => {
+            let enforced = shared.enforced.borrow().clone();
+            let (node, pins) = (shared.node.clone(), shared.pins.clone());
+            // Opening the maps and walking conntrack are blocking syscalls.
+            let answer = tokio::task::spawn_blocking(move || {
+                let number = crate::index::policy::parse_protocol(&protocol.to_uppercase())
+                    .with_context(|| format!("protocol {protocol:?}: TCP, UDP or SCTP"))?;
+                let live = LiveMaps::open(&pins)?;
+                crate::explain::explain_live(
+                    &enforced.snapshot,
+                    &enforced.desired,
+                    &node,
+                    &live,
+                    &crate::explain::Question {
+                        from: &from,
+                        to: &to,
+                        protocol: number,
+                        port,
+                    },
+                )
+            })
+            .await?;
+            match answer {
+                Ok(x) => line(&mut write, &x).await?,
+                Err(e) => {
+                    line(
+                        &mut write,
+                        &serde_json::json!({ "error": format!("{e:#}") }),
+                    )
+                    .await?
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
-        },
+        }
+        Request::Observe => {
+            line(&mut write, &serde_json::json!({ "observing": shared.node })).await?;
+            let mut limited = read_event_counters(&shared.counters)?.rate_limited;
+            let mut tick = tokio::time::interval(RATE_LIMIT_REPORT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(ev) => write.write_all(format!("{ev}\n").as_bytes()).await?,
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            // Never silently lost: say how many this subscriber missed.
+                            line(&mut write, &serde_json::json!({ "lost": n })).await?;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    },
+                    _ = tick.tick() => {
+                        // Suppressed in the kernel (counted exactly, not reported).
+                        let now = read_event_counters(&shared.counters)?.rate_limited;
+                        if now > limited {
+                            line(&mut write, &serde_json::json!({ "rate_limited": now - limited })).await?;
+                        }
+                        limited = now;
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

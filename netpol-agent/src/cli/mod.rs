@@ -43,7 +43,8 @@ pub enum Command {
     Status(CountersArgs),
     /// Print the policy verdict for every ordered pair of pods in a set of manifests.
     Simulate(SimulateArgs),
-    /// Why one flow is allowed or denied, side by side, with hints for likely mistakes.
+    /// Why one flow is allowed or denied, side by side, with hints for likely mistakes
+    /// (exit 0 allowed, 1 denied, 2 not judged: bad input or no agent).
     Explain(ExplainArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
     #[command(subcommand)]
@@ -188,24 +189,79 @@ pub struct ObserveArgs {
     /// Observe the agent of a lab instead of the local agent.
     #[arg(long)]
     pub lab: Option<String>,
+    /// Only verdicts with a pod of this namespace on either side.
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
-    /// Only verdicts that involve this pod (namespace/name).
+    /// Only verdicts with this pod (namespace/name) on either side.
     #[arg(long)]
     pub pod: Option<String>,
-    /// dropped, audit or allowed.
-    #[arg(long)]
-    pub verdict: Option<String>,
-    /// ingress or egress.
-    #[arg(long)]
-    pub direction: Option<String>,
+    #[arg(long, value_enum, ignore_case = true)]
+    pub verdict: Option<VerdictFilter>,
+    #[arg(long, value_enum, ignore_case = true)]
+    pub direction: Option<DirectionFilter>,
+    /// The destination port.
     #[arg(long)]
     pub port: Option<u16>,
+    /// TCP, UDP, SCTP, ICMP, ICMPv6 or a protocol number.
+    #[arg(long, value_parser = parse_protocol_filter)]
+    pub protocol: Option<String>,
+    /// A reason as printed, e.g. POLICY_DENIED, CONNTRACK, ADMIN_DENIED (any case).
+    #[arg(long, value_parser = parse_reason_filter)]
+    pub reason: Option<String>,
     /// Stop after this many verdicts.
     #[arg(long)]
     pub count: Option<usize>,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VerdictFilter {
+    Dropped,
+    Audit,
+    Allowed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DirectionFilter {
+    Ingress,
+    Egress,
+}
+
+/// `--protocol`: a name `observe` prints, or a number (printed as its name if known).
+fn parse_protocol_filter(text: &str) -> Result<String, String> {
+    use netpol_common::proto;
+    let known = [
+        proto::TCP,
+        proto::UDP,
+        proto::SCTP,
+        proto::ICMP,
+        proto::ICMPV6,
+    ];
+    if let Ok(n) = text.parse::<u8>() {
+        return Ok(crate::events::protocol_name(n));
+    }
+    known
+        .iter()
+        .map(|p| crate::events::protocol_name(*p))
+        .find(|name| name.eq_ignore_ascii_case(text))
+        .ok_or_else(|| {
+            format!("unknown protocol {text:?}: TCP, UDP, SCTP, ICMP, ICMPv6 or a number")
+        })
+}
+
+/// `--reason`: one of the classifier's reason names.
+fn parse_reason_filter(text: &str) -> Result<String, String> {
+    use netpol_common::reason;
+    let names: Vec<&str> = (0..reason::COUNT)
+        .map(reason::name)
+        .filter(|n| *n != "UNKNOWN")
+        .collect();
+    names
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(text))
+        .map(|n| n.to_string())
+        .ok_or_else(|| format!("unknown reason {text:?}: one of {}", names.join(", ")))
 }
 
 #[derive(Args)]
@@ -241,9 +297,16 @@ pub struct SimulateArgs {
 
 #[derive(Args)]
 pub struct ExplainArgs {
-    /// Judge offline, from these manifests (files or directories).
-    #[arg(long, num_args = 1.., required = true)]
+    /// Judge offline, from these manifests (files or directories); without them, the
+    /// local agent judges on its live maps.
+    #[arg(long, num_args = 1..)]
     pub manifests: Vec<PathBuf>,
+    /// The local agent's socket (live explain).
+    #[arg(long, default_value = crate::api::DEFAULT_SOCKET, conflicts_with = "manifests")]
+    pub socket: PathBuf,
+    /// Ask the agent of a lab instead of the local agent.
+    #[arg(long, conflicts_with = "manifests")]
+    pub lab: Option<String>,
     /// The sender: namespace/pod or an IP.
     #[arg(long)]
     pub from: String,
@@ -455,6 +518,14 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
+/// The agent to talk to: a lab's (`--lab NAME`) or the one at `--socket`.
+fn agent_socket(lab: &Option<String>, socket: &std::path::Path) -> PathBuf {
+    match lab {
+        Some(name) => lab::Paths::new(name).agent_sock,
+        None => socket.to_path_buf(),
+    }
+}
+
 fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
     Ok(lab::UpOptions {
         name: a.name.clone(),
@@ -524,10 +595,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Observe(o) => observe(o),
         Command::Counters(c) => {
-            let socket = match &c.lab {
-                Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
-                None => c.socket.clone(),
-            };
+            let socket = agent_socket(&c.lab, &c.socket);
             let counters =
                 tokio::runtime::Runtime::new()?.block_on(crate::api::client::counters(&socket))?;
             print(&counters, c.output, || {
@@ -592,18 +660,18 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             print(&report, s.output, || report.table())?;
             Ok(0)
         }
-        Command::Explain(e) => {
-            let (port, proto) = e.port.split_once('/').unwrap_or((e.port.as_str(), "TCP"));
-            let port: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| {
-                format!("--port {}: expected PORT/PROTOCOL, e.g. 80/TCP", e.port)
-            })?;
-            let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
-                .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
-            let x = crate::explain::explain(&e.manifests, &e.from, &e.to, protocol, port)?;
-            print(&x, e.output, || x.human())?;
-            // Scripts can branch on the verdict: 0 allowed, 1 denied.
-            Ok(if x.allowed { 0 } else { 1 })
-        }
+        Command::Explain(e) => match explain(&e) {
+            Ok(x) => {
+                print(&x, e.output, || x.human())?;
+                // Scripts can branch on the verdict: 0 allowed, 1 denied.
+                Ok(if x.allowed { 0 } else { 1 })
+            }
+            Err(err) => {
+                // Not judged at all (bad input, no agent): neither 0 nor 1.
+                eprintln!("error: {err:#}");
+                Ok(2)
+            }
+        },
         Command::Lab(cmd) => lab_command(cmd),
     }
 }
@@ -742,20 +810,65 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
     }
 }
 
-fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
-    let socket = match &o.lab {
-        Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
-        None => o.socket.clone(),
+/// `netpol explain`: offline from `--manifests`, else by the agent on its live maps.
+fn explain(e: &ExplainArgs) -> anyhow::Result<crate::explain::Explanation> {
+    let (port, proto) = e.port.split_once('/').unwrap_or((e.port.as_str(), "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .with_context(|| format!("--port {}: expected PORT/PROTOCOL, e.g. 80/TCP", e.port))?;
+    let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
+        .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
+    if !e.manifests.is_empty() {
+        let q = crate::explain::Question {
+            from: &e.from,
+            to: &e.to,
+            protocol,
+            port,
+        };
+        return crate::explain::explain(&e.manifests, &q);
+    }
+    let req = crate::api::Request::Explain {
+        from: e.from.clone(),
+        to: e.to.clone(),
+        port,
+        protocol: crate::index::policy::protocol_name(protocol).into(),
     };
+    let socket = agent_socket(&e.lab, &e.socket);
+    tokio::runtime::Runtime::new()?.block_on(crate::api::client::explain(&socket, &req))
+}
+
+fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
+    let socket = agent_socket(&o.lab, &o.socket);
+    let on_side = |v: &Verdict, f: &dyn Fn(&str) -> bool| f(&v.src) || f(&v.dst);
     let keep = |v: &Verdict| {
-        o.namespace.as_ref().is_none_or(|ns| {
-            [&v.src, &v.dst]
-                .iter()
-                .any(|p| p.starts_with(&format!("{ns}/")))
-        }) && o.pod.as_ref().is_none_or(|p| v.src == *p || v.dst == *p)
-            && o.verdict.as_ref().is_none_or(|x| v.verdict == *x)
-            && o.direction.as_ref().is_none_or(|x| v.direction == *x)
+        o.namespace
+            .as_ref()
+            .is_none_or(|ns| on_side(v, &|p| p.split_once('/').is_some_and(|(n, _)| n == ns)))
+            && o.pod.as_ref().is_none_or(|pod| on_side(v, &|p| p == pod))
+            && o.verdict.is_none_or(|x| {
+                v.verdict
+                    == match x {
+                        VerdictFilter::Dropped => "dropped",
+                        VerdictFilter::Audit => "audit",
+                        VerdictFilter::Allowed => "allowed",
+                    }
+            })
+            && o.direction.is_none_or(|x| {
+                v.direction
+                    == match x {
+                        DirectionFilter::Ingress => "ingress",
+                        DirectionFilter::Egress => "egress",
+                    }
+            })
             && o.port.is_none_or(|x| v.dport == x)
+            && o.protocol
+                .as_ref()
+                .is_none_or(|x| v.protocol.eq_ignore_ascii_case(x))
+            && o.reason
+                .as_ref()
+                .is_none_or(|x| v.reason.eq_ignore_ascii_case(x))
     };
     let mut seen = 0usize;
     tokio::runtime::Runtime::new()?.block_on(crate::api::client::observe(&socket, |line| {
@@ -769,10 +882,23 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
                 Output::Table => println!("{}", human(&v)),
             }
             seen += 1;
-        } else if let Ok(lost) = serde_json::from_str::<serde_json::Value>(line) {
-            if let Some(n) = lost.get("lost") {
+        } else if let Ok(note) = serde_json::from_str::<serde_json::Value>(line) {
+            // Notes go to stderr, so that stdout holds verdicts only.
+            if let Some(node) = note.get("observing") {
+                eprintln!(
+                    "observing the agent of node {}",
+                    node.as_str().unwrap_or("?")
+                );
+            }
+            if let Some(n) = note.get("lost") {
                 eprintln!(
                     "... {n} more verdicts were not delivered to this observer (it fell behind)"
+                );
+            }
+            if let Some(n) = note.get("rate_limited") {
+                eprintln!(
+                    "... {n} more like this: events over a pod's --event-rate, suppressed in \
+                     the kernel (all pods of the node; `netpol counters` has the exact counts)"
                 );
             }
         }
@@ -795,6 +921,53 @@ mod tests {
         for bad in ["", "s", "1d", "-1s", "1.5s", "0s", "ms"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn observe_filters_take_names_as_printed_in_any_case() {
+        assert_eq!(parse_protocol_filter("icmpv6").as_deref(), Ok("ICMPv6"));
+        assert_eq!(parse_protocol_filter("17").as_deref(), Ok("UDP"));
+        assert!(parse_protocol_filter("quic").is_err());
+        assert_eq!(
+            parse_reason_filter("admin_denied").as_deref(),
+            Ok("ADMIN_DENIED")
+        );
+        assert!(parse_reason_filter("UNKNOWN").is_err());
+        let cli = Cli::try_parse_from([
+            "netpol",
+            "observe",
+            "--verdict",
+            "AUDIT",
+            "--direction",
+            "Egress",
+            "-n",
+            "x",
+        ])
+        .unwrap();
+        let Command::Observe(o) = cli.command else {
+            panic!("observe")
+        };
+        assert_eq!(
+            (o.verdict, o.direction),
+            (Some(VerdictFilter::Audit), Some(DirectionFilter::Egress))
+        );
+        assert!(Cli::try_parse_from(["netpol", "observe", "--verdict", "denied"]).is_err());
+        // Live explain unless manifests are given; not both.
+        assert!(Cli::try_parse_from([
+            "netpol",
+            "explain",
+            "--lab",
+            "l",
+            "--manifests",
+            "m",
+            "--from",
+            "a/b",
+            "--to",
+            "c/d",
+            "--port",
+            "80"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! `simulate` and the differential tests use it; it must agree with the kernel.
 
 use netpol_common::policy::{decide_tiers, lookup_key, Decision, MISS};
-use netpol_common::PolicyEntry;
-use netpol_common::{direction, endpoint_flags, identity, Addr, EndpointEntry, PolicyKey};
+use netpol_common::{
+    direction, endpoint_flags, identity, Addr, CidrEntry, EndpointEntry, IpcacheEntry, PolicyEntry,
+    PolicyKey,
+};
 
 use super::{Desired, PolicyPrefix};
 use crate::index::net::{mask, Cidr};
@@ -37,7 +39,41 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    fn policy(&self, key: PolicyKey) -> Option<netpol_common::PolicyEntry> {
+    /// The policy decision for `peer` at endpoint `ep` in direction `dir`.
+    pub fn decide_at(
+        &self,
+        ep: &EndpointEntry,
+        dir: u8,
+        peer: &Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Decision {
+        self.hits_at(ep, dir, peer, protocol, port).decision()
+    }
+
+    /// What each tier's lookups found (for explaining a decision).
+    pub fn hits_at(
+        &self,
+        ep: &EndpointEntry,
+        dir: u8,
+        peer: &Addr,
+        protocol: u8,
+        port: u16,
+    ) -> Hits {
+        hits(self, ep, dir, peer, protocol, port)
+    }
+}
+
+impl Tries for Lookup<'_> {
+    fn ipcache(&self, addr: &Addr) -> Option<IpcacheEntry> {
+        longest(&self.d.ipcache, &self.ipcache_lens, addr).copied()
+    }
+
+    fn cidr(&self, addr: &Addr) -> Option<CidrEntry> {
+        longest(&self.d.cidrs, &self.cidr_lens, addr).copied()
+    }
+
+    fn policy(&self, key: PolicyKey) -> Option<PolicyEntry> {
         let bytes = key_bytes(&key);
         self.policy_lens.iter().find_map(|len| {
             let masked = from_bytes(&mask_bytes(bytes, *len));
@@ -50,74 +86,88 @@ impl<'a> Lookup<'a> {
                 .copied()
         })
     }
+}
 
-    /// The policy decision for `peer` at endpoint `ep` in direction `dir`.
-    pub fn decide_at(
-        &self,
-        ep: &EndpointEntry,
-        dir: u8,
-        peer: &Addr,
-        protocol: u8,
-        port: u16,
-    ) -> Decision {
-        let h = self.hits_at(ep, dir, peer, protocol, port);
-        decide_tiers(&h.admin, h.isolated, &h.lower)
-    }
+/// The three tries a judgement reads, each a longest-prefix match: the compiled maps
+/// ([`Lookup`]) or a node's live maps (`datapath::live`), so that both are judged by
+/// the same code.
+pub trait Tries {
+    /// `NP_IPCACHE`: who owns `addr`.
+    fn ipcache(&self, addr: &Addr) -> Option<IpcacheEntry>;
+    /// `NP_CIDRS`: the set of ipBlocks `addr` is in.
+    fn cidr(&self, addr: &Addr) -> Option<CidrEntry>;
+    /// `NP_POLICY`, for a full-length key.
+    fn policy(&self, key: PolicyKey) -> Option<PolicyEntry>;
+}
 
-    /// What each tier's lookups found (for explaining a decision).
-    pub fn hits_at(
-        &self,
-        ep: &EndpointEntry,
-        dir: u8,
-        peer: &Addr,
-        protocol: u8,
-        port: u16,
-    ) -> Hits {
-        let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
-        let isolated = ep.flags & isolated_flag != 0;
-        let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
-            .map(|e| e.identity)
-            .unwrap_or(identity::WORLD);
-        let cidr_id = longest(&self.d.cidrs, &self.cidr_lens, peer)
-            .map(|e| e.identity)
-            .unwrap_or(identity::ANY);
-        // The classifier's three lookups per tier (`lookup3`).
-        let look3 = |dir: u8| {
-            let look = |id| {
-                self.policy(lookup_key(ep.id, dir, id, protocol, port))
-                    .unwrap_or(MISS)
-            };
-            [
-                look(peer_id),
-                if cidr_id != identity::ANY {
-                    look(cidr_id)
-                } else {
-                    MISS
-                },
-                look(identity::ANY),
-            ]
+/// The classifier's policy stage (`policy` and `lookup3` in netpol-ebpf) over `tries`:
+/// the peer's identities, then three lookups per tier that applies.
+pub fn hits<T: Tries + ?Sized>(
+    tries: &T,
+    ep: &EndpointEntry,
+    dir: u8,
+    peer: &Addr,
+    protocol: u8,
+    port: u16,
+) -> Hits {
+    let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
+    let isolated = ep.flags & isolated_flag != 0;
+    let peer_identity = tries
+        .ipcache(peer)
+        .map(|e| e.identity)
+        .unwrap_or(identity::WORLD);
+    let cidr_identity = tries
+        .cidr(peer)
+        .map(|e| e.identity)
+        .unwrap_or(identity::ANY);
+    let look3 = |dir: u8| {
+        let look = |id| {
+            tries
+                .policy(lookup_key(ep.id, dir, id, protocol, port))
+                .unwrap_or(MISS)
         };
-        let admin = if ep.flags & admin_flag != 0 {
-            look3(dir | direction::ADMIN_TIER)
-        } else {
-            [MISS; 3]
-        };
-        let lower = if isolated || ep.flags & baseline_flag != 0 {
-            look3(dir)
-        } else {
-            [MISS; 3]
-        };
-        Hits {
-            admin,
-            isolated,
-            lower,
-        }
+        [
+            look(peer_identity),
+            if cidr_identity != identity::ANY {
+                look(cidr_identity)
+            } else {
+                MISS
+            },
+            look(identity::ANY),
+        ]
+    };
+    let admin = if ep.flags & admin_flag != 0 {
+        look3(dir | direction::ADMIN_TIER)
+    } else {
+        [MISS; 3]
+    };
+    let lower = if isolated || ep.flags & baseline_flag != 0 {
+        look3(dir)
+    } else {
+        [MISS; 3]
+    };
+    Hits {
+        peer_identity,
+        cidr_identity,
+        admin,
+        isolated,
+        lower,
     }
 }
 
-/// The raw hits of one judgement: the Admin tier's three lookups, whether NetworkPolicy
-/// isolates, and the NetworkPolicy/Baseline lookups (absent hits are `MISS`).
+impl Hits {
+    pub fn decision(&self) -> Decision {
+        decide_tiers(&self.admin, self.isolated, &self.lower)
+    }
+}
+
+/// The raw hits of one judgement: the peer's identities, the Admin tier's three lookups
+/// (peer identity, CIDR identity, ANY), whether NetworkPolicy isolates, and the
+/// NetworkPolicy/Baseline lookups (absent hits are `MISS`).
 pub struct Hits {
+    pub peer_identity: u32,
+    /// `identity::ANY` when the peer is in no ipBlock boundary.
+    pub cidr_identity: u32,
     pub admin: [PolicyEntry; 3],
     pub isolated: bool,
     pub lower: [PolicyEntry; 3],

@@ -9,6 +9,7 @@
 
 pub mod discovery;
 pub mod hold;
+pub mod live;
 pub mod maps;
 pub mod pin;
 pub mod services;

@@ -30,18 +30,46 @@ pub struct Verdict {
     pub dport: u16,
     /// The pod whose policy was judged (`namespace/name`).
     pub pod: String,
-    /// Policies that isolate `pod` in `direction` (for a drop: who is responsible).
+    /// For a drop, every policy responsible: the cluster policy whose rule denied it
+    /// (reasons ADMIN_DENIED, BASELINE_DENIED), then the NetworkPolicies that isolate
+    /// `pod` in `direction` (a default deny included).
     pub policies: Vec<String>,
-    /// The rule that decided, when one did.
+    /// The rule that decided, when one did (for an allow: the rule that allowed it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleRef>,
     pub tcp_flags: u8,
     pub len: u32,
     pub revision: u32,
-    /// Events of the same pod refused by its rate limit just before this one ("N more
-    /// like this"): counted, never silently lost.
-    #[serde(default)]
-    pub suppressed: u32,
+    /// The tier that decided, when policy did: Admin, NetworkPolicy or Baseline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Events of this pod the kernel's rate limiter suppressed just before this one
+    /// ("N more like this"); never lost silently.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// How many events of the same endpoint the kernel's token bucket refused before `ev`
+/// (node-wide they are `event_counter::RATE_LIMITED`, streamed to observers as
+/// `rate_limited`).
+fn suppressed_before(ev: &Event) -> u64 {
+    ev.suppressed as u64
+}
+
+/// The tier a policy reason comes from.
+fn tier_of(code: u16) -> Option<&'static str> {
+    match code {
+        reason::ADMIN_ALLOWED | reason::ADMIN_DENIED => Some("Admin"),
+        reason::POLICY_ALLOWED | reason::POLICY_DENIED | reason::POLICY_REVOKED => {
+            Some("NetworkPolicy")
+        }
+        reason::BASELINE_ALLOWED | reason::BASELINE_DENIED => Some("Baseline"),
+        _ => None,
+    }
 }
 
 /// What naming needs, rebuilt with every snapshot.
@@ -120,6 +148,7 @@ impl Namer {
             .cloned()
             .or_else(|| self.by_identity.get(&ev.endpoint).cloned())
             .unwrap_or_default();
+        let rule = self.rules.get(&ev.policy_cookie).cloned();
         Verdict {
             time: format_time(ev.timestamp_ns as i128 + wall_offset_ns),
             verdict: match ev.verdict {
@@ -143,17 +172,27 @@ impl Namer {
             sport: ev.sport,
             dport: ev.dport,
             pod,
-            policies: self
-                .isolators
-                .get(&ev.endpoint)
-                .map(|l| l[ev.direction as usize & 1].clone())
-                .unwrap_or_default(),
-            rule: self.rules.get(&ev.policy_cookie).cloned(),
+            policies: self.responsible(ev, rule.as_ref()),
+            rule,
             tcp_flags: ev.tcp_flags,
             len: ev.len,
             revision: ev.revision,
-            suppressed: ev.suppressed,
+            tier: tier_of(ev.reason).map(str::to_string),
+            suppressed: suppressed_before(ev),
         }
+    }
+
+    /// The policies a verdict is attributed to: a cluster policy whose rule denied it,
+    /// then whatever isolates the endpoint in that direction.
+    fn responsible(&self, ev: &Event, rule: Option<&RuleRef>) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (reason::ADMIN_DENIED | reason::BASELINE_DENIED, Some(r)) = (ev.reason, rule) {
+            out.push(r.policy.clone());
+        }
+        if let Some(l) = self.isolators.get(&ev.endpoint) {
+            out.extend(l[ev.direction as usize & 1].iter().cloned());
+        }
+        out
     }
 
     /// What a pod's programmed policy is, in words (the PolicyProgrammed condition).
@@ -352,6 +391,75 @@ pub fn human(v: &Verdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compile::{compile, NodeView};
+    use crate::index::net::addr_of;
+    use crate::index::Index;
+
+    /// A drop by a cluster policy names it, its rule and its tier; an allow names the
+    /// rule that allowed it and the policies that isolate the pod.
+    #[test]
+    fn a_verdict_names_the_policies_responsible_and_the_tier() {
+        let state = crate::index::tests::state(
+            "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.2}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec: {subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n---\nkind: NetworkPolicy\nmetadata: {name: b-in, namespace: x}\nspec: {podSelector: {matchLabels: {app: b}}, ingress: [{from: [{podSelector: {}}]}]}\n",
+        );
+        let snap = Index::new().reset(&state);
+        let desired = compile(&snap, &NodeView::default());
+        let namer = Namer::new(&snap, &desired);
+        let cookie_of = |policy: &str| {
+            *desired
+                .rules
+                .iter()
+                .find(|(_, r)| r.policy == policy)
+                .expect("a rule")
+                .0
+        };
+        let event = |to: &str, to_ip: &str, reason: u16, cookie: u32| Event {
+            endpoint: desired.endpoints[to].id,
+            direction: direction::INGRESS,
+            verdict: if reason == reason::BASELINE_DENIED {
+                verdict::DROPPED
+            } else {
+                verdict::ALLOWED
+            },
+            reason,
+            policy_cookie: cookie,
+            protocol: proto::TCP,
+            dport: 80,
+            saddr: addr_of("10.0.0.9".parse().unwrap()),
+            daddr: addr_of(to_ip.parse().unwrap()),
+            ..Event::default()
+        };
+        let baseline = "BaselineAdminNetworkPolicy/default";
+        let v = namer.name(
+            &event(
+                "x/a",
+                "10.0.0.1",
+                reason::BASELINE_DENIED,
+                cookie_of(baseline),
+            ),
+            0,
+        );
+        assert_eq!(v.policies, vec![baseline.to_string()]);
+        assert_eq!(v.rule.as_ref().map(|r| r.policy.as_str()), Some(baseline));
+        assert_eq!(v.tier.as_deref(), Some("Baseline"));
+        let v = namer.name(
+            &event(
+                "x/b",
+                "10.0.0.2",
+                reason::POLICY_ALLOWED,
+                cookie_of("x/b-in"),
+            ),
+            0,
+        );
+        assert_eq!(v.policies, vec!["x/b-in".to_string()]);
+        assert_eq!(v.rule.as_ref().map(|r| r.rule), Some(0));
+        assert_eq!(v.tier.as_deref(), Some("NetworkPolicy"));
+        assert!(!human(&v).contains("more like this"));
+        let more = Verdict { suppressed: 7, ..v };
+        assert!(human(&more).ends_with("(+7 more like this)"));
+        let json = serde_json::to_value(&more).unwrap();
+        assert_eq!(json["suppressed"], 7);
+    }
 
     #[test]
     fn time_is_rfc3339_utc() {
