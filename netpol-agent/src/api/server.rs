@@ -12,11 +12,13 @@ use tokio::task::JoinHandle;
 use super::{Counters, Request, Status};
 use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
 
+/// `counters`: None for an enforcer without the classifier's counters (the lab's
+/// iptables enforcer), which then answers `counters` with an error line.
 pub async fn serve(
     socket: PathBuf,
     status: watch::Receiver<Status>,
     events: broadcast::Sender<Arc<str>>,
-    counters: Arc<CounterMap>,
+    counters: Option<Arc<CounterMap>>,
 ) -> anyhow::Result<JoinHandle<()>> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -32,7 +34,7 @@ pub async fn serve(
             let (status, events) = (status.clone(), events.subscribe());
             let counters = counters.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, status, events, &counters).await {
+                if let Err(e) = handle(stream, status, events, counters.as_deref()).await {
                     tracing::debug!(error = %e, "api client");
                 }
             });
@@ -44,7 +46,7 @@ async fn handle(
     stream: UnixStream,
     mut status: watch::Receiver<Status>,
     mut events: broadcast::Receiver<Arc<str>>,
-    counters: &CounterMap,
+    counters: Option<&CounterMap>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read).lines();
@@ -75,6 +77,12 @@ async fn handle(
                 .await?;
         }
         Request::Counters => {
+            let Some(counters) = counters else {
+                write
+                    .write_all(b"{\"error\":\"this enforcer keeps no packet counters\"}\n")
+                    .await?;
+                return Ok(());
+            };
             let c = Counters {
                 packets: read_counters(counters)?,
                 events: read_event_counters(counters)?,
