@@ -67,7 +67,10 @@ impl Drop for Scratch {
             // SAFETY: a plain syscall on a valid C string.
             unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -110,7 +113,10 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         pins: pins.clone(),
         child: None,
     };
-    let _ = Command::new("ip").args(["netns", "del", &scratch.netns]).status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &scratch.netns])
+        .stderr(Stdio::null())
+        .status();
     sh(Command::new("ip").args(["netns", "add", &scratch.netns]))?;
     for args in [
         "link set lo up",

@@ -27,8 +27,10 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
     let np = bed.up("dp", Enforcer::Netpol, 2, &manifests, &[])?;
     let cpu = measure_cpu();
     for l in [&none, &ipt, &np] {
+        l.tune_client("x/client")?;
         for pair in &plan.pairs {
             l.pin_pod(pair.server(), cpu)?;
+            l.expect_connects("x/client", pair.server())?;
         }
     }
     let mut d = Datapath {
@@ -50,6 +52,9 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
                 .or_default()
                 .insert(n, t.elapsed().as_secs_f64());
             current.insert(enforcer, n);
+            for pair in &plan.pairs {
+                l.expect_connects("x/client", pair.server())?;
+            }
         }
         let flood = if flood {
             let target = l.address("x/server", plan::FLOOD_PORT)?;

@@ -96,6 +96,7 @@ fn datapath(d: &crate::report::Datapath, pair: crate::plan::Pair, path: &Path) -
         chart
             .configure_mesh()
             .x_desc("N rules")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc(if m.latency { "× none (latency)" } else { "retained (× none)" })
             .label_style((SANS, 12))
             .draw()?;
@@ -202,6 +203,7 @@ fn packet(p: &crate::report::Packet, path: &Path) -> Result<(), Error> {
     chart
         .configure_mesh()
         .x_desc("N policy entries")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("ns per packet")
         .label_style((SANS, 12))
         .draw()?;

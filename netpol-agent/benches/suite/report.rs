@@ -194,9 +194,11 @@ pub struct UpdatePoint {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Update {
     pub points: Vec<UpdatePoint>,
-    /// How long a connection attempt may take before it counts as refused (ms): the
-    /// resolution of every sample.
-    pub attempt_ms: f64,
+    /// Enforce: attempts abandoned after this (ms), the resolution of a sample.
+    pub enforce_attempt_ms: f64,
+    /// Revoke: an attempt unanswered after this (ms), twice in a row, is a refusal; the
+    /// first one's start is the sample.
+    pub revoke_attempt_ms: f64,
     /// The `dir` source waits this long for a burst of writes to settle before it reads
     /// (ms); included in every sample, for both enforcers.
     pub source_settle_ms: f64,
@@ -409,9 +411,10 @@ impl Report {
             let _ = writeln!(
                 md,
                 "Policy file written into the enforcers' source directory → first permitted connection \
-                 (enforce); removed → first refused one (revoke). Connection attempts of {:.0} ms in a \
-                 tight loop; every sample includes the `dir` source's {:.0} ms settle.\n",
-                u.attempt_ms, u.source_settle_ms
+                 (enforce: attempts abandoned after {:.0} ms, in a tight loop); removed → start of the first \
+                 refused attempt (unanswered for {:.0} ms, twice in a row). Every sample includes the `dir` \
+                 source's {:.0} ms settle.\n",
+                u.enforce_attempt_ms, u.revoke_attempt_ms, u.source_settle_ms
             );
             let _ = writeln!(md, "| enforcer | pods | enforce p50 | enforce p99 | revoke p50 | revoke p99 | samples |");
             let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");

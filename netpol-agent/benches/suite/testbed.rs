@@ -150,6 +150,56 @@ impl LabRun {
         Ok(())
     }
 
+    /// Lets pod `key` open connections as fast as a benchmark does: TIME_WAIT sockets
+    /// reused (RFC 1323 timestamps keep it safe) and the whole ephemeral port range, so
+    /// that repeated connection-rate runs do not exhaust its ports.
+    pub fn tune_client(&self, key: &str) -> anyhow::Result<()> {
+        let pod = self.pod(key)?;
+        let ok = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "sysctl", "-qw"])
+            .args(["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])
+            .status()?
+            .success();
+        if !ok {
+            bail!("sysctl in pod {key} failed");
+        }
+        Ok(())
+    }
+
+    /// Fails, with the enforcer's counters and log, unless `from` connects to `to`:80.
+    pub fn expect_connects(&self, from: &str, to: &str) -> anyhow::Result<()> {
+        let netns = self.pod(from)?.netns;
+        let addr = self.address(to, 80)?;
+        let result = until_outcome(
+            &netns,
+            addr,
+            true,
+            Instant::now(),
+            Duration::from_millis(200),
+            1,
+            Duration::from_secs(5),
+        );
+        if let Err(e) = result {
+            let counters = std::process::Command::new(crate::NETPOL)
+                .args(["counters", "--lab", &self.name])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let log = std::fs::read_to_string(
+                PathBuf::from(lab::LAB_ROOT).join(&self.name).join("agent.log"),
+            )
+            .unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            bail!(
+                "{} lab {}: {from} cannot reach {to}: {e:#}\ncounters:\n{counters}\nagent log (last lines, newest first):\n{}",
+                self.enforcer.as_str(),
+                self.name,
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+
     pub fn agent_pids(&self) -> anyhow::Result<Vec<u32>> {
         Ok(self.status()?.nodes.iter().filter_map(|n| n.agent_pid).collect())
     }
@@ -240,24 +290,36 @@ impl Flood {
 }
 
 /// From `netns`, connects to `addr` again and again (each attempt abandoned after
-/// `attempt`) until an attempt's outcome is `connected`: the time from `since` to the
-/// start of that attempt. A tight loop of attempts is the measurement, not a wait.
+/// `attempt`) until `confirm` attempts in a row end `connected` (or not): the time from
+/// `since` to the start of the first of them. A tight loop of attempts is the
+/// measurement, not a wait; `confirm` > 1 keeps a late answer on a busy machine from
+/// passing for a refusal.
 pub fn until_outcome(
     netns: &str,
     addr: SocketAddr,
     connected: bool,
     since: Instant,
     attempt: Duration,
+    confirm: usize,
     give_up: Duration,
 ) -> anyhow::Result<Duration> {
     let netns = netns.to_string();
     std::thread::spawn(move || -> anyhow::Result<Duration> {
         enter_netns(&netns)?;
+        let mut first: Option<Instant> = None;
+        let mut streak = 0;
         loop {
             let t = Instant::now();
-            let ok = std::net::TcpStream::connect_timeout(&addr, attempt).is_ok();
+            let ok = exchange(addr, attempt);
             if ok == connected {
-                return Ok(t.saturating_duration_since(since));
+                let start = *first.get_or_insert(t);
+                streak += 1;
+                if streak >= confirm.max(1) {
+                    return Ok(start.saturating_duration_since(since));
+                }
+            } else {
+                first = None;
+                streak = 0;
             }
             if since.elapsed() > give_up {
                 bail!(
@@ -265,14 +327,24 @@ pub fn until_outcome(
                     if connected { "permitted" } else { "refused" }
                 );
             }
-            if !ok {
-                continue;
-            }
-            // Connected while waiting for a refusal: the next attempt at once.
         }
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the probe thread panicked"))?
+}
+
+/// A connection that the lab server greets within `timeout`: the server must have
+/// accepted it, which also keeps a tight loop from outrunning the server's accept queue
+/// (an overflow drops the SYN, and the client retries only after a second).
+fn exchange(addr: SocketAddr, timeout: Duration) -> bool {
+    use std::io::Read;
+    let start = Instant::now();
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_micros(100));
+    let mut byte = [0u8; 1];
+    s.set_read_timeout(Some(left)).is_ok() && matches!(s.read(&mut byte), Ok(1))
 }
 
 /// Resident and peak resident memory of a process, in MiB (/proc/PID/status).
