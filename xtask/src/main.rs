@@ -42,7 +42,7 @@ enum Task {
     Bench {
         /// Scenarios (datapath, update, control, events, packet), or `compile [SIZES...]`.
         what: Vec<String>,
-        /// About 3 minutes instead of about 15: fewer N, sizes and repetitions.
+        /// About 3 minutes instead of about 10: fewer N, sizes and repetitions.
         #[arg(long)]
         quick: bool,
         /// compile: print one JSON document instead of tables.

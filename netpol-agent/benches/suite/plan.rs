@@ -89,7 +89,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// About 15 minutes on a 2-core machine.
+    /// About 10 minutes on a 2-core machine.
     pub fn full() -> Plan {
         Plan {
             quick: false,
