@@ -273,7 +273,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => None,
     };
     tokio::spawn(pump_events(ring, namer_rx, events_tx.clone()));
-    let api = server::serve(opts.api_socket.clone(), status_rx, events_tx, Some(counters)).await?;
+    let api = server::serve(
+        opts.api_socket.clone(),
+        status_rx,
+        events_tx,
+        Some(counters),
+    )
+    .await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
     let view = NodeView {

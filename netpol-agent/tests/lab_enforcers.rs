@@ -52,7 +52,15 @@ impl Lab {
     fn probe(&self, port: u16, protocol: &str) -> BTreeMap<(String, String), bool> {
         let port = port.to_string();
         let out = self.netpol(&[
-            "lab", "probe", "--port", &port, "--protocol", protocol, "--timeout", "0.5", "-o",
+            "lab",
+            "probe",
+            "--port",
+            &port,
+            "--protocol",
+            protocol,
+            "--timeout",
+            "0.5",
+            "-o",
             "json",
         ]);
         pairs(&out, |r| r["result"] == "connected")

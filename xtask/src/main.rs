@@ -320,11 +320,18 @@ fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
             .output()
             .map_err(|e| format!("cargo bench --bench compile: {e}"))?;
         if !output.status.success() {
-            return Err(format!("cargo bench --bench compile failed: {}", output.status));
+            return Err(format!(
+                "cargo bench --bench compile failed: {}",
+                output.status
+            ));
         }
         // The JSON document is the last line cargo's bench printed.
         let text = String::from_utf8_lossy(&output.stdout);
-        let doc = text.lines().rev().find(|l| l.starts_with('{')).unwrap_or("{}");
+        let doc = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or("{}");
         std::fs::write(&compile_json, doc).map_err(|e| e.to_string())?;
     }
     step("benchmark suite (progress below; results in target/bench)");

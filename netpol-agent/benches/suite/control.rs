@@ -133,7 +133,14 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
     let digest = dir::current_digest(std::slice::from_ref(&manifests));
     let started = Instant::now();
     let child = Command::new("ip")
-        .args(["netns", "exec", &scratch.netns, crate::NETPOL, "agent", "--source"])
+        .args([
+            "netns",
+            "exec",
+            &scratch.netns,
+            crate::NETPOL,
+            "agent",
+            "--source",
+        ])
         .arg(format!("dir:{}", manifests.display()))
         .args(["--node", NODE, "--bridge", "cni0", "--metrics-addr", "off"])
         .arg("--no-pod-start-hold")
@@ -189,11 +196,23 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
     let mut ebpf = load(&Capacities::default()).context("loading the classifier")?;
     let t = Instant::now();
     let none = Default::default();
-    maps::upsert_diff(&mut ebpf, map::IPCACHE, &none, &desired.ipcache, maps::cidr_key)?;
+    maps::upsert_diff(
+        &mut ebpf,
+        map::IPCACHE,
+        &none,
+        &desired.ipcache,
+        maps::cidr_key,
+    )?;
     let none = Default::default();
     maps::upsert_diff(&mut ebpf, map::CIDRS, &none, &desired.cidrs, maps::cidr_key)?;
     let none = Default::default();
-    maps::upsert_diff(&mut ebpf, map::POLICY, &none, &desired.policy, maps::policy_key)?;
+    maps::upsert_diff(
+        &mut ebpf,
+        map::POLICY,
+        &none,
+        &desired.policy,
+        maps::policy_key,
+    )?;
     let sync_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(scratch);
     Ok(AgentRun {

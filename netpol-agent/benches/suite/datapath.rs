@@ -21,7 +21,10 @@ use crate::Progress;
 pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Result<Datapath> {
     let pods = plan::datapath_pods();
     let manifests = [("pods.yaml", pods.as_str())];
-    progress.step("datapath: three two-node labs (none, iptables, netpol)", 18.0);
+    progress.step(
+        "datapath: three two-node labs (none, iptables, netpol)",
+        18.0,
+    );
     let none = bed.up("dn", Enforcer::None, 2, &manifests, &[])?;
     let ipt = bed.up("di", Enforcer::Iptables, 2, &manifests, &[])?;
     let np = bed.up("dp", Enforcer::Netpol, 2, &manifests, &[])?;
@@ -60,11 +63,21 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
             let target = l.address("x/server", plan::FLOOD_PORT)?;
             let netns = l.pod("x/flood")?.netns;
             // The other CPU than the measured flow's.
-            Some((Flood::start(&netns, target, Some(cpu.saturating_sub(1))), Instant::now()))
+            Some((
+                Flood::start(&netns, target, Some(cpu.saturating_sub(1))),
+                Instant::now(),
+            ))
         } else {
             None
         };
-        let mut v = block(l, plan, plan.repeats, n, flood.is_some().then_some(()), progress);
+        let mut v = block(
+            l,
+            plan,
+            plan.repeats,
+            n,
+            flood.is_some().then_some(()),
+            progress,
+        );
         if let Some((f, started)) = flood {
             let sent = f.stop()?;
             if let Ok(b) = v.as_mut() {
@@ -109,7 +122,11 @@ fn block(
                 ),
             };
             progress.step(
-                &format!("datapath: {what}, {}, run {}/{repeats}", pair.name(), rep + 1),
+                &format!(
+                    "datapath: {what}, {}, run {}/{repeats}",
+                    pair.name(),
+                    rep + 1
+                ),
                 step,
             );
             for (key, value) in measure(l, *pair, plan.seconds) {
@@ -171,7 +188,9 @@ fn measure(l: &LabRun, pair: Pair, seconds: f64) -> Vec<(&'static str, f64)> {
     let rr = run(LoadKind::Rr, 1, true);
     out.push((
         "rr_per_sec",
-        rr.as_ref().and_then(|r| r.transactions_per_sec).unwrap_or(nan),
+        rr.as_ref()
+            .and_then(|r| r.transactions_per_sec)
+            .unwrap_or(nan),
     ));
     let lat = rr.and_then(|r| r.latency);
     out.push(("rr_p50_us", lat.as_ref().map_or(nan, |l| l.p50_us)));
@@ -179,7 +198,9 @@ fn measure(l: &LabRun, pair: Pair, seconds: f64) -> Vec<(&'static str, f64)> {
     let crr = run(LoadKind::Crr, 1, true);
     out.push((
         "crr_per_sec",
-        crr.as_ref().and_then(|r| r.connections_per_sec).unwrap_or(nan),
+        crr.as_ref()
+            .and_then(|r| r.connections_per_sec)
+            .unwrap_or(nan),
     ));
     out.push((
         "crr_p50_us",

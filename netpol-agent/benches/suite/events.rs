@@ -159,7 +159,11 @@ fn settle_counters(
     settle(|| {
         let c = read()?;
         // Done early when every datagram is accounted for.
-        Ok(if dropped(&c) - start >= sent { u64::MAX } else { dropped(&c) })
+        Ok(if dropped(&c) - start >= sent {
+            u64::MAX
+        } else {
+            dropped(&c)
+        })
     })?;
     read()
 }

@@ -96,12 +96,13 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = it.next().context("--out DIR")?.into(),
-            "--compile-json" => compile_json = Some(PathBuf::from(it.next().context("--compile-json FILE")?)),
+            "--compile-json" => {
+                compile_json = Some(PathBuf::from(it.next().context("--compile-json FILE")?))
+            }
             "--testbed" => testbed = it.next().context("--testbed lab|kind")?.clone(),
-            s => scenarios.push(
-                Scenario::parse(s)
-                    .with_context(|| format!("unknown scenario {s:?}: datapath, update, control, events or packet"))?,
-            ),
+            s => scenarios.push(Scenario::parse(s).with_context(|| {
+                format!("unknown scenario {s:?}: datapath, update, control, events or packet")
+            })?),
         }
     }
     if scenarios.is_empty() {
@@ -118,7 +119,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     for s in &scenarios {
         match s {
-            Scenario::Datapath => report.datapath = Some(datapath::run(&plan, &bed, &mut progress)?),
+            Scenario::Datapath => {
+                report.datapath = Some(datapath::run(&plan, &bed, &mut progress)?)
+            }
             Scenario::Update => {
                 let (update, agents) = update::run(&plan, &bed, &mut progress)?;
                 report.update = Some(update);

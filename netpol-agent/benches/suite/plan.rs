@@ -164,7 +164,11 @@ impl Plan {
             Scenario::Update => {
                 self.update_pods.len() as f64 * 2.0 * (5.0 + self.update_repeats as f64 * 0.5)
             }
-            Scenario::Control => self.agent_pods.iter().map(|p| 3.0 + *p as f64 / 5_000.0).sum(),
+            Scenario::Control => self
+                .agent_pods
+                .iter()
+                .map(|p| 3.0 + *p as f64 / 5_000.0)
+                .sum(),
             Scenario::Events => 5.0 + self.events_runs as f64 * (self.events_seconds + 2.0),
             Scenario::Packet => 3.0 + self.packet_rules.len() as f64 * self.packet_runs as f64,
         }
@@ -181,7 +185,9 @@ pub const PEERS: usize = 100;
 /// port `10000 + i / PEERS`) and, last, the one allowing the client on the measured
 /// ports (80 for rr/crr, 5201 TCP and UDP for iperf3).
 pub fn datapath_pods() -> String {
-    let mut out = String::from("kind: Namespace\nmetadata: {name: x}\n---\nkind: Namespace\nmetadata: {name: virt}\n---\n");
+    let mut out = String::from(
+        "kind: Namespace\nmetadata: {name: x}\n---\nkind: Namespace\nmetadata: {name: virt}\n---\n",
+    );
     for (name, node, app) in [
         ("client", 0, "client"),
         ("server", 0, "server"),
@@ -244,7 +250,10 @@ pub fn update_cluster(pods: usize) -> anyhow::Result<String> {
     if virtual_pods == 0 {
         return Ok(out);
     }
-    for (k, object) in synthetic::cluster(&Shape::pods(virtual_pods)).into_iter().enumerate() {
+    for (k, object) in synthetic::cluster(&Shape::pods(virtual_pods))
+        .into_iter()
+        .enumerate()
+    {
         let text = match object {
             Object::Namespace(ns) => serde_yaml::to_string(&ns)?,
             Object::NetworkPolicy(np) => serde_yaml::to_string(&np)?,

@@ -13,8 +13,9 @@ const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SANS: &str = "sans-serif";
 
 fn register_font() -> anyhow::Result<()> {
-    let bytes = std::fs::read(FONT)
-        .with_context(|| format!("reading {FONT} (Debian's fonts-dejavu-core: cargo xtask setup)"))?;
+    let bytes = std::fs::read(FONT).with_context(|| {
+        format!("reading {FONT} (Debian's fonts-dejavu-core: cargo xtask setup)")
+    })?;
     // plotters keeps the font for the life of the process.
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font(SANS, FontStyle::Normal, bytes)
@@ -72,21 +73,36 @@ pub fn draw(report: &Report, dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-fn datapath(d: &crate::report::Datapath, pair: crate::plan::Pair, path: &Path) -> Result<(), Error> {
+fn datapath(
+    d: &crate::report::Datapath,
+    pair: crate::plan::Pair,
+    path: &Path,
+) -> Result<(), Error> {
     let root = BitMapBackend::new(path, (1600, 820)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
-        &format!("Cost against N, {}: each enforcer as a ratio to none in the same run", pair.name()),
+        &format!(
+            "Cost against N, {}: each enforcer as a ratio to none in the same run",
+            pair.name()
+        ),
         (SANS, 24),
     )?;
-    let ns: Vec<f64> = d.variants.iter().filter(|v| !v.flood).map(|v| v.rules as f64).collect();
+    let ns: Vec<f64> = d
+        .variants
+        .iter()
+        .filter(|v| !v.flood)
+        .map(|v| v.rules as f64)
+        .collect();
     let (xmin, xmax) = (
         ns.iter().copied().fold(f64::INFINITY, f64::min).min(10.0) * 0.8,
         ns.iter().copied().fold(0.0, f64::max).max(100.0) * 1.25,
     );
     for (panel, m) in root.split_evenly((2, 4)).iter().zip(METRICS.iter()) {
         let ratio = |v: &crate::report::Variant| v.pairs.get(&pair)?.get(m.key).map(|c| c.ratio);
-        let (ylo, yhi) = bounds(d.variants.iter().filter(|v| !v.flood).filter_map(ratio), 1.0);
+        let (ylo, yhi) = bounds(
+            d.variants.iter().filter(|v| !v.flood).filter_map(ratio),
+            1.0,
+        );
         let mut chart = ChartBuilder::on(panel)
             .caption(m.label, (SANS, 17))
             .margin(10)
@@ -97,8 +113,13 @@ fn datapath(d: &crate::report::Datapath, pair: crate::plan::Pair, path: &Path) -
             .configure_mesh()
             .x_desc("N rules")
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_desc(if m.latency { "× none (latency)" } else { "retained (× none)" })
+            .y_desc(if m.latency {
+                "× none (latency)"
+            } else {
+                "retained (× none)"
+            })
             .label_style((SANS, 12))
+            .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(LineSeries::new([(xmin, 1.0), (xmax, 1.0)], BLACK.mix(0.35)))?;
         for e in ["iptables", "netpol"] {
@@ -113,7 +134,9 @@ fn datapath(d: &crate::report::Datapath, pair: crate::plan::Pair, path: &Path) -
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
                 .label(e)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
         }
         chart
@@ -137,7 +160,13 @@ fn update(u: &crate::report::Update, path: &Path) -> Result<(), Error> {
     )?;
     let panels = root.split_evenly((1, 2));
     for (panel, (title, revoke)) in panels.iter().zip([("enforce", false), ("revoke", true)]) {
-        let dist = |p: &crate::report::UpdatePoint| if revoke { p.revoke.clone() } else { p.enforce.clone() };
+        let dist = |p: &crate::report::UpdatePoint| {
+            if revoke {
+                p.revoke.clone()
+            } else {
+                p.enforce.clone()
+            }
+        };
         let xmax = u
             .points
             .iter()
@@ -171,7 +200,9 @@ fn update(u: &crate::report::Update, path: &Path) -> Result<(), Error> {
             chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
                 .label(format!("{}, {} pods", p.enforcer, p.pods))
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -193,9 +224,18 @@ fn packet(p: &crate::report::Packet, path: &Path) -> Result<(), Error> {
         ns.iter().copied().fold(f64::INFINITY, f64::min).min(10.0) * 0.8,
         ns.iter().copied().fold(0.0, f64::max).max(100.0) * 1.25,
     );
-    let ymax = p.points.iter().map(|x| x.ns.max).filter(|v| v.is_finite()).fold(100.0, f64::max) * 1.2;
+    let ymax = p
+        .points
+        .iter()
+        .map(|x| x.ns.max)
+        .filter(|v| v.is_finite())
+        .fold(100.0, f64::max)
+        * 1.2;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Classifier cost per packet (BPF_PROG_TEST_RUN) against N policy entries", (SANS, 20))
+        .caption(
+            "Classifier cost per packet (BPF_PROG_TEST_RUN) against N policy entries",
+            (SANS, 20),
+        )
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(52)

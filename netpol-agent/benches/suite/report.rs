@@ -60,14 +60,54 @@ pub struct Metric {
 }
 
 pub const METRICS: [Metric; 8] = [
-    Metric { key: "stream1_gbps", label: "TCP stream, 1 stream", unit: "Gbit/s", latency: false },
-    Metric { key: "stream4_gbps", label: "TCP stream, 4 streams", unit: "Gbit/s", latency: false },
-    Metric { key: "rr_per_sec", label: "request/response rate", unit: "/s", latency: false },
-    Metric { key: "rr_p50_us", label: "request/response p50", unit: "µs", latency: true },
-    Metric { key: "rr_p99_us", label: "request/response p99", unit: "µs", latency: true },
-    Metric { key: "crr_per_sec", label: "new connections", unit: "/s", latency: false },
-    Metric { key: "crr_p50_us", label: "new connection p50", unit: "µs", latency: true },
-    Metric { key: "udp_kpps", label: "UDP datagrams", unit: "k/s", latency: false },
+    Metric {
+        key: "stream1_gbps",
+        label: "TCP stream, 1 stream",
+        unit: "Gbit/s",
+        latency: false,
+    },
+    Metric {
+        key: "stream4_gbps",
+        label: "TCP stream, 4 streams",
+        unit: "Gbit/s",
+        latency: false,
+    },
+    Metric {
+        key: "rr_per_sec",
+        label: "request/response rate",
+        unit: "/s",
+        latency: false,
+    },
+    Metric {
+        key: "rr_p50_us",
+        label: "request/response p50",
+        unit: "µs",
+        latency: true,
+    },
+    Metric {
+        key: "rr_p99_us",
+        label: "request/response p99",
+        unit: "µs",
+        latency: true,
+    },
+    Metric {
+        key: "crr_per_sec",
+        label: "new connections",
+        unit: "/s",
+        latency: false,
+    },
+    Metric {
+        key: "crr_p50_us",
+        label: "new connection p50",
+        unit: "µs",
+        latency: true,
+    },
+    Metric {
+        key: "udp_kpps",
+        label: "UDP datagrams",
+        unit: "k/s",
+        latency: false,
+    },
 ];
 
 /// One block of measurements of one lab state: every metric of every pair.
@@ -138,7 +178,7 @@ impl Datapath {
                     key.clone(),
                     Compared {
                         ratio: value.median / baseline,
-                        added_us: latency.then(|| value.median - baseline),
+                        added_us: latency.then_some(value.median - baseline),
                         value: value.clone(),
                         baseline_before: bb,
                         baseline_after: ba,
@@ -440,15 +480,26 @@ impl Report {
             let _ = writeln!(md, "## Control plane\n");
         }
         if let Some(c) = &self.control {
-            if let Some(full) = c.compile.as_ref().and_then(|v| v.get("full")).and_then(|v| v.as_array()) {
+            if let Some(full) = c
+                .compile
+                .as_ref()
+                .and_then(|v| v.get("full"))
+                .and_then(|v| v.as_array())
+            {
                 let _ = writeln!(md, "Compile benchmark (every pod local, one cold run):\n");
-                let _ = writeln!(md, "| pods | policies | identities | map entries | compile | peak heap |");
+                let _ = writeln!(
+                    md,
+                    "| pods | policies | identities | map entries | compile | peak heap |"
+                );
                 let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|");
                 for f in full {
                     let _ = writeln!(
                         md,
                         "| {} | {} | {} | {} | {:.1} ms | {:.1} MiB |",
-                        f["pods"], f["policies"], f["identities"], f["map_entries"],
+                        f["pods"],
+                        f["policies"],
+                        f["identities"],
+                        f["map_entries"],
                         f["total_ms"].as_f64().unwrap_or(f64::NAN),
                         f["peak_mib"].as_f64().unwrap_or(f64::NAN)
                     );
@@ -462,7 +513,10 @@ impl Report {
                      no veths), and the same node's compile and map writes in process:\n"
                 );
                 let _ = writeln!(md, "| pods | local | policies | identities | policy entries | map entries | compile | sync | first sync | RSS | peak RSS |");
-                let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+                let _ = writeln!(
+                    md,
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                );
                 for a in &c.agents {
                     let _ = writeln!(
                         md,
@@ -475,11 +529,18 @@ impl Report {
             }
         }
         if !self.lab_agents.is_empty() {
-            let _ = writeln!(md, "Enforcers of the update labs (RSS after the scenario):\n");
+            let _ = writeln!(
+                md,
+                "Enforcers of the update labs (RSS after the scenario):\n"
+            );
             let _ = writeln!(md, "| enforcer | pods | RSS | peak RSS |");
             let _ = writeln!(md, "|---|---:|---:|---:|");
             for a in &self.lab_agents {
-                let _ = writeln!(md, "| {} | {} | {:.1} MiB | {:.1} MiB |", a.enforcer, a.pods, a.rss_mib, a.hwm_mib);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} MiB | {:.1} MiB |",
+                    a.enforcer, a.pods, a.rss_mib, a.hwm_mib
+                );
             }
             md.push('\n');
         }
@@ -496,8 +557,16 @@ impl Report {
                 let _ = writeln!(
                     md,
                     "| {:.1} | {:.0} | {} ({} of {}) | {:.0} | {} | {} | {} | {} |",
-                    r.seconds, r.sent_per_sec, if r.exact { "yes" } else { "no" }, r.counted, r.sent,
-                    r.observed_per_sec, r.events_sent, r.ring_full, r.rate_limited, r.observer_lost
+                    r.seconds,
+                    r.sent_per_sec,
+                    if r.exact { "yes" } else { "no" },
+                    r.counted,
+                    r.sent,
+                    r.observed_per_sec,
+                    r.events_sent,
+                    r.ring_full,
+                    r.rate_limited,
+                    r.observer_lost
                 );
             }
             md.push('\n');
@@ -514,7 +583,8 @@ impl Report {
             );
             let mut cases: Vec<&str> = p.points.iter().map(|x| x.case.as_str()).collect();
             cases.dedup();
-            let rules: std::collections::BTreeSet<usize> = p.points.iter().map(|x| x.rules).collect();
+            let rules: std::collections::BTreeSet<usize> =
+                p.points.iter().map(|x| x.rules).collect();
             let _ = write!(md, "| case |");
             for r in &rules {
                 let _ = write!(md, " N = {r} |");
@@ -529,7 +599,11 @@ impl Report {
                 for r in &rules {
                     match p.points.iter().find(|x| x.case == case && x.rules == *r) {
                         Some(x) => {
-                            let _ = write!(md, " {:.0} ns ({:.0}–{:.0}) |", x.ns.median, x.ns.min, x.ns.max);
+                            let _ = write!(
+                                md,
+                                " {:.0} ns ({:.0}–{:.0}) |",
+                                x.ns.median, x.ns.min, x.ns.max
+                            );
                         }
                         None => md.push_str(" |"),
                     }
@@ -607,7 +681,12 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan) {
             for m in &METRICS {
                 match metrics.get(m.key) {
                     Some(c) if m.latency => {
-                        let _ = write!(md, " {} (+{}) |", fmt_value(c.value.median), fmt_value(c.added_us.unwrap_or(f64::NAN)));
+                        let _ = write!(
+                            md,
+                            " {} (+{}) |",
+                            fmt_value(c.value.median),
+                            fmt_value(c.added_us.unwrap_or(f64::NAN))
+                        );
                     }
                     Some(c) => {
                         let _ = write!(md, " {} ({:.2}×) |", fmt_value(c.value.median), c.ratio);
@@ -635,9 +714,15 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan) {
         );
     }
     if !d.apply_seconds.is_empty() {
-        let _ = writeln!(md, "Time to enforce the N-rule policy (written → `lab wait`):\n");
+        let _ = writeln!(
+            md,
+            "Time to enforce the N-rule policy (written → `lab wait`):\n"
+        );
         for (e, by_n) in &d.apply_seconds {
-            let parts: Vec<String> = by_n.iter().map(|(n, s)| format!("N = {n}: {s:.2} s")).collect();
+            let parts: Vec<String> = by_n
+                .iter()
+                .map(|(n, s)| format!("N = {n}: {s:.2} s"))
+                .collect();
             let _ = writeln!(md, "- {e}: {}", parts.join(", "));
         }
         md.push('\n');

@@ -82,7 +82,12 @@ impl LabRun {
         let out = std::process::Command::new(crate::NETPOL)
             .args(["lab", "up", "--name", &run.name, "--manifests"])
             .arg(&run.dir)
-            .args(["--nodes", &nodes.to_string(), "--enforcer", enforcer.as_str()])
+            .args([
+                "--nodes",
+                &nodes.to_string(),
+                "--enforcer",
+                enforcer.as_str(),
+            ])
             .args(agent_args.iter().map(|a| format!("--agent-arg={a}")))
             .output()
             .context("running netpol lab up")?;
@@ -110,7 +115,9 @@ impl LabRun {
     /// The directory the enforcers' `dir` source watches (the lab's API server): a file
     /// written here reaches them as a watch event would.
     pub fn source_dir(&self) -> PathBuf {
-        PathBuf::from(lab::LAB_ROOT).join(&self.name).join("cluster")
+        PathBuf::from(lab::LAB_ROOT)
+            .join(&self.name)
+            .join("cluster")
     }
 
     pub fn status(&self) -> anyhow::Result<LabStatus> {
@@ -157,7 +164,10 @@ impl LabRun {
         let pod = self.pod(key)?;
         let ok = std::process::Command::new("ip")
             .args(["netns", "exec", &pod.netns, "sysctl", "-qw"])
-            .args(["net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"])
+            .args([
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65535",
+            ])
             .status()?
             .success();
         if !ok {
@@ -186,7 +196,9 @@ impl LabRun {
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
             let log = std::fs::read_to_string(
-                PathBuf::from(lab::LAB_ROOT).join(&self.name).join("agent.log"),
+                PathBuf::from(lab::LAB_ROOT)
+                    .join(&self.name)
+                    .join("agent.log"),
             )
             .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
@@ -201,7 +213,12 @@ impl LabRun {
     }
 
     pub fn agent_pids(&self) -> anyhow::Result<Vec<u32>> {
-        Ok(self.status()?.nodes.iter().filter_map(|n| n.agent_pid).collect())
+        Ok(self
+            .status()?
+            .nodes
+            .iter()
+            .filter_map(|n| n.agent_pid)
+            .collect())
     }
 }
 
@@ -342,7 +359,9 @@ fn exchange(addr: SocketAddr, timeout: Duration) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
         return false;
     };
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_micros(100));
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_micros(100));
     let mut byte = [0u8; 1];
     s.set_read_timeout(Some(left)).is_ok() && matches!(s.read(&mut byte), Ok(1))
 }

@@ -38,7 +38,10 @@ pub fn run(
         let cluster = plan::update_cluster(pods)?;
         for enforcer in [Enforcer::Iptables, Enforcer::Netpol] {
             progress.step(
-                &format!("update: {} lab, {pods} pods in the index", enforcer.as_str()),
+                &format!(
+                    "update: {} lab, {pods} pods in the index",
+                    enforcer.as_str()
+                ),
                 5.0,
             );
             let tag = format!("u{}{}", &enforcer.as_str()[..1], pods / 100);
@@ -48,7 +51,15 @@ pub fn run(
             let server = l.address("x/server", 80)?;
             let give_up = Duration::from_secs(10);
             // Denied to begin with: the default deny isolates the server.
-            until_outcome(&client, server, false, Instant::now(), REVOKE_ATTEMPT, 2, give_up)?;
+            until_outcome(
+                &client,
+                server,
+                false,
+                Instant::now(),
+                REVOKE_ATTEMPT,
+                2,
+                give_up,
+            )?;
             let dir = l.source_dir();
             let (file, hidden) = (dir.join("bench-allow.yaml"), dir.join(".bench-allow.yaml"));
             let (mut enforce, mut revoke) = (Vec::new(), Vec::new());

@@ -168,6 +168,10 @@ impl Dir {
     }
 }
 
+/// A rule's port as lines match it: protocol (None: any), number range, or a named
+/// port still to resolve.
+type PortMatch<'a> = (Option<u8>, Option<(u16, u16)>, Option<&'a str>);
+
 /// What a rule line matches besides the port.
 struct Match<'a> {
     /// Set of the sender (`src`) and of the receiver (`dst`); None: anyone.
@@ -327,7 +331,11 @@ impl<'s> Builder<'s> {
                 }
                 let ips: Vec<String> = selected.iter().flat_map(|p| self.ips_of(p)).collect();
                 if !ips.is_empty() {
-                    peer_sets.push(Some(self.set(&format!("{what}/pods"), SetKind::HashIp, ips)));
+                    peer_sets.push(Some(self.set(
+                        &format!("{what}/pods"),
+                        SetKind::HashIp,
+                        ips,
+                    )));
                 }
                 if !nets.is_empty() {
                     peer_sets.push(Some(self.set(
@@ -340,7 +348,7 @@ impl<'s> Builder<'s> {
                 peer_pods = Some(selected);
             }
         }
-        let ports: Vec<(Option<u8>, Option<(u16, u16)>, Option<&str>)> = match &rule.ports {
+        let ports: Vec<PortMatch> = match &rule.ports {
             None => vec![(None, None, None)],
             Some(specs) => specs
                 .iter()
@@ -396,8 +404,7 @@ impl<'s> Builder<'s> {
                 if ips.is_empty() {
                     continue;
                 }
-                let named_set =
-                    self.set(&format!("{what}/port{j}/{port}"), SetKind::HashIp, ips);
+                let named_set = self.set(&format!("{what}/port{j}/{port}"), SetKind::HashIp, ips);
                 match dir {
                     Dir::Ingress => {
                         for peers in peer_sets.clone() {
@@ -551,7 +558,9 @@ fn restore(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {cmd} (install iptables and ipset: cargo xtask setup)"))?;
+        .with_context(|| {
+            format!("running {cmd} (install iptables and ipset: cargo xtask setup)")
+        })?;
     child
         .stdin
         .take()
@@ -559,10 +568,7 @@ fn restore(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!(
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -743,7 +749,10 @@ spec:
         let t = &rs.filter4;
         // The fast path comes first; the server has an ingress chain, nobody egress.
         let first = t.lines().position(|l| l.contains("ESTABLISHED")).unwrap();
-        let jump = t.lines().position(|l| l.contains("-d 10.244.0.2 -j KUBE-POD-IN-")).unwrap();
+        let jump = t
+            .lines()
+            .position(|l| l.contains("-d 10.244.0.2 -j KUBE-POD-IN-"))
+            .unwrap();
         assert!(first < jump, "{t}");
         assert!(!t.contains("KUBE-POD-EG-"), "{t}");
         // Rule 0: the client's set, three ports (80, the named port's 8080, a range).

@@ -173,9 +173,14 @@ pub fn load_with(
             report.seconds = whole;
             let end = iperf3(&src.netns, &dst.netns, ip, port, whole, streams, true)?;
             let sum = &end["sum"];
-            let sent = sum["packets"].as_f64().context("iperf3 reported no packets")?;
+            let sent = sum["packets"]
+                .as_f64()
+                .context("iperf3 reported no packets")?;
             let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-            let seconds = sum["seconds"].as_f64().filter(|s| *s > 0.0).unwrap_or(whole);
+            let seconds = sum["seconds"]
+                .as_f64()
+                .filter(|s| *s > 0.0)
+                .unwrap_or(whole);
             report.packets_per_sec = Some((sent - lost).max(0.0) / seconds);
             report.lost_percent = sum["lost_percent"].as_f64();
             report.streams = Some(streams);
