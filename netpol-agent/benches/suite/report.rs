@@ -392,10 +392,22 @@ pub struct Report {
 
 impl Report {
     pub fn new(plan: &Plan, scenarios: &[Scenario], args: &[String], testbed: &str) -> Report {
+        // What a reader would type: the scenarios and --quick (xtask adds the paths).
         let mut command = String::from("cargo xtask bench");
+        let mut skip = false;
         for a in args {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            if matches!(a.as_str(), "--out" | "--compile-json" | "--testbed") {
+                skip = true;
+                continue;
+            }
             command.push(' ');
             command.push_str(a);
+        }
+        if testbed == "kind" {
+            command = command.replacen("cargo xtask bench", "cargo xtask kind --bench", 1);
         }
         Report {
             schema: SCHEMA,
