@@ -289,11 +289,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             node: opts.node.clone(),
             status: status_rx,
             events: events_tx,
-            counters,
-            enforced: enforced_rx,
-            pins: pins.clone(),
-            tally: datapath.tally(),
-            namer: namer_rx.clone(),
+            kernel: Some(server::Kernel {
+                counters,
+                enforced: enforced_rx,
+                pins: pins.clone(),
+                tally: datapath.tally(),
+                namer: namer_rx.clone(),
+            }),
         },
     )
     .await?;

@@ -29,25 +29,29 @@ enum Task {
     Demo,
     /// Build the image, create a kind cluster (deploy/kind.yaml), install Flannel and
     /// netpol (deploy/), run the lab's scenarios against it. Needs docker and kind.
-    Kind,
-    /// Benchmarks that report ratios and growth, never pass/fail on time.
-    Bench {
-        #[command(subcommand)]
-        what: Bench,
+    Kind {
+        /// Then run the benchmark scenarios (the lab harness's plan) on the cluster.
+        #[arg(long)]
+        bench: bool,
     },
-}
-
-#[derive(Subcommand)]
-enum Bench {
-    /// Full compile time and peak memory at 1k, 10k, 50k pods; the cost of one change.
-    Compile {
-        /// Pod counts to run instead of the default sizes.
-        sizes: Vec<usize>,
-        /// Print one JSON document instead of tables.
+    /// Benchmarks that report ratios and growth, never pass/fail on time: netpol against
+    /// no enforcement and iptables/ipset in one run; target/bench/report.{json,md}, *.png.
+    ///
+    /// `bench` runs every scenario; `bench datapath|update|control|events|packet ...`
+    /// some of them; `bench compile [SIZES...] [--json]` the compiler alone.
+    Bench {
+        /// Scenarios (datapath, update, control, events, packet), or `compile [SIZES...]`.
+        what: Vec<String>,
+        /// About 3 minutes instead of about 10: fewer N, sizes and repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// compile: print one JSON document instead of tables.
         #[arg(long)]
         json: bool,
     },
 }
+
+const SCENARIOS: &[&str] = &["datapath", "update", "control", "events", "packet"];
 
 const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
@@ -61,6 +65,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nftables",
     // sysctl in the lab's node namespaces (forwarding)
     "procps",
+    // the benchmark report's charts (text)
+    "fonts-dejavu-core",
 ];
 
 fn main() -> ExitCode {
@@ -69,8 +75,8 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => setup().and_then(|_| test(&args)),
         Task::Demo => setup().and_then(|_| demo()),
-        Task::Bench { what } => bench(what),
-        Task::Kind => kind(),
+        Task::Bench { what, quick, json } => bench(&what, quick, json),
+        Task::Kind { bench } => kind(bench),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,19 +280,75 @@ fn test(args: &[String]) -> Result {
     }
 }
 
-fn bench(what: Bench) -> Result {
-    match what {
-        Bench::Compile { sizes, json } => {
-            let mut cmd = Command::new("cargo");
-            cmd.current_dir(root())
-                .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
-                .args(sizes.iter().map(|s| s.to_string()));
-            if json {
-                cmd.arg("--json");
-            }
-            run(&mut cmd)
+fn bench(what: &[String], quick: bool, json: bool) -> Result {
+    if what.first().map(String::as_str) == Some("compile") {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(root())
+            .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
+            .args(&what[1..]);
+        if json {
+            cmd.arg("--json");
         }
+        return run(&mut cmd);
     }
+    if let Some(bad) = what.iter().find(|w| !SCENARIOS.contains(&w.as_str())) {
+        return Err(format!(
+            "unknown scenario {bad:?}: {} or compile [SIZES...]",
+            SCENARIOS.join(", ")
+        ));
+    }
+    setup()?;
+    suite(what, quick, "lab")
+}
+
+/// The benchmark suite (netpol-agent/benches/suite) on a testbed, after the compile
+/// benchmark whose JSON its control scenario reads.
+fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let compile_json = out.join("compile.json");
+    let wants_control = what.is_empty() || what.iter().any(|w| w == "control");
+    if wants_control {
+        step("compile benchmark (control scenario)");
+        let sizes: &[&str] = if quick { &["1000"] } else { &[] };
+        let output = Command::new("cargo")
+            .current_dir(root())
+            .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
+            .args(sizes)
+            .arg("--json")
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cargo bench --bench compile: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "cargo bench --bench compile failed: {}",
+                output.status
+            ));
+        }
+        // The JSON document is the last line cargo's bench printed.
+        let text = String::from_utf8_lossy(&output.stdout);
+        let doc = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or("{}");
+        std::fs::write(&compile_json, doc).map_err(|e| e.to_string())?;
+    }
+    step("benchmark suite (progress below; results in target/bench)");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root())
+        .args(["bench", "-p", "netpol-agent", "--bench", "suite", "--"])
+        .args(what)
+        .arg("--out")
+        .arg(&out)
+        .args(["--testbed", testbed]);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if wants_control {
+        cmd.arg("--compile-json").arg(&compile_json);
+    }
+    run(&mut cmd)
 }
 
 fn demo() -> Result {
@@ -312,7 +374,7 @@ const FLANNEL_MANIFEST: &str =
 
 /// The kind path: fails at once, naming what is missing, where there is no container
 /// engine (these machines).
-fn kind() -> Result {
+fn kind(bench: bool) -> Result {
     for tool in ["docker", "kind", "kubectl"] {
         if !succeeds(Command::new(tool).arg("version")) {
             return Err(format!(
@@ -355,6 +417,10 @@ fn kind() -> Result {
         "daemonset/netpol",
         "--timeout=300s",
     ]))?;
+    if bench {
+        step("running the benchmark scenarios against the cluster");
+        return suite(&[], false, "kind");
+    }
     step("running the lab scenarios against the cluster");
     run(Command::new("kubectl")
         .current_dir(&root)

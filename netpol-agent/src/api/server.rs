@@ -24,6 +24,14 @@ pub struct Shared {
     pub node: String,
     pub status: watch::Receiver<Status>,
     pub events: broadcast::Sender<Arc<str>>,
+    /// None for an enforcer without the classifier (the lab's iptables enforcer), which
+    /// answers what needs it with an error line.
+    pub kernel: Option<Kernel>,
+}
+
+/// The classifier's side: its counters and maps, and what names them.
+#[derive(Clone)]
+pub struct Kernel {
     pub counters: Arc<CounterMap>,
     pub enforced: watch::Receiver<Enforced>,
     /// Where the live maps are pinned (explain reads them there).
@@ -84,6 +92,15 @@ async fn handle(
             return line(&mut write, &serde_json::json!({ "error": e.to_string() })).await;
         }
     };
+    let kernel = match (&req, &shared.kernel) {
+        (Request::Status | Request::Wait { .. }, _) => None,
+        (_, Some(k)) => Some(k.clone()),
+        (_, None) => {
+            let error = "this enforcer has no classifier: no counters, live maps or events";
+            return line(&mut write, &serde_json::json!({ "error": error })).await;
+        }
+    };
+    let kernel = || kernel.as_ref().expect("checked above");
     match req {
         Request::Status => {
             let s = shared.status.borrow().clone();
@@ -99,14 +116,14 @@ async fn handle(
         }
         Request::Counters => {
             let c = Counters {
-                packets: read_counters(&shared.counters)?,
-                events: read_event_counters(&shared.counters)?,
+                packets: read_counters(&kernel().counters)?,
+                events: read_event_counters(&kernel().counters)?,
             };
             line(&mut write, &c).await?;
         }
         Request::Tally => {
-            let reading = shared.tally.read()?;
-            let report = shared.namer.borrow().tally(&reading);
+            let reading = kernel().tally.read()?;
+            let report = kernel().namer.borrow().tally(&reading);
             line(&mut write, &report).await?;
         }
         Request::Explain {
@@ -115,8 +132,8 @@ async fn handle(
             port,
             protocol,
         } => {
-            let enforced = shared.enforced.borrow().clone();
-            let (node, pins) = (shared.node.clone(), shared.pins.clone());
+            let enforced = kernel().enforced.borrow().clone();
+            let (node, pins) = (shared.node.clone(), kernel().pins.clone());
             // Opening the maps and walking conntrack are blocking syscalls.
             let answer = tokio::task::spawn_blocking(move || {
                 let number = crate::index::policy::parse_protocol(&protocol.to_uppercase())
@@ -149,7 +166,7 @@ async fn handle(
         }
         Request::Observe => {
             line(&mut write, &serde_json::json!({ "observing": shared.node })).await?;
-            let mut limited = read_event_counters(&shared.counters)?.rate_limited;
+            let mut limited = read_event_counters(&kernel().counters)?.rate_limited;
             let mut tick = tokio::time::interval(RATE_LIMIT_REPORT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -164,7 +181,7 @@ async fn handle(
                     },
                     _ = tick.tick() => {
                         // Suppressed in the kernel (counted exactly, not reported).
-                        let now = read_event_counters(&shared.counters)?.rate_limited;
+                        let now = read_event_counters(&kernel().counters)?.rate_limited;
                         if now > limited {
                             line(&mut write, &serde_json::json!({ "rate_limited": now - limited })).await?;
                         }

@@ -343,6 +343,20 @@ pub enum LabCommand {
     Run(LabUpArgs),
     #[command(hide = true)]
     Serve(LabServeArgs),
+    /// The iptables enforcer of a node (`lab up --enforcer iptables` runs it).
+    #[command(hide = true)]
+    IptablesAgent(IptablesAgentArgs),
+}
+
+#[derive(Args)]
+pub struct IptablesAgentArgs {
+    /// dir:PATH[,PATH...], as the agent's.
+    #[arg(long)]
+    pub source: SourceSpec,
+    #[arg(long)]
+    pub node: String,
+    #[arg(long)]
+    pub api_socket: PathBuf,
 }
 
 #[derive(Args)]
@@ -374,6 +388,10 @@ pub struct LabUpArgs {
     /// issue's command lines work.
     #[arg(long)]
     pub ipv6: bool,
+    /// What enforces policy: netpol (its agent), iptables (ipsets and per-pod chains in
+    /// kube-router's layout) or none; the benchmarks compare them.
+    #[arg(long, default_value = "netpol")]
+    pub enforcer: lab::Enforcer,
 }
 
 #[derive(Args)]
@@ -470,9 +488,12 @@ pub struct LabLoadArgs {
     pub kind: LoadKindArg,
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
-    /// Port: stream 5201 (iperf3's), rr/crr 80 (a port the target pod declares).
+    /// Port: stream/udp 5201 (iperf3's), rr/crr 80 (a port the target pod declares).
     #[arg(long)]
     pub port: Option<u16>,
+    /// Parallel iperf3 streams (stream, udp).
+    #[arg(long, default_value_t = 1)]
+    pub streams: u32,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -482,6 +503,7 @@ pub enum LoadKindArg {
     Stream,
     Rr,
     Crr,
+    Udp,
 }
 
 #[derive(Args)]
@@ -538,6 +560,7 @@ fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
         agent_args: a.agent_args.clone(),
         nodes: a.nodes,
         dns: a.dns,
+        enforcer: a.enforcer,
     })
 }
 
@@ -744,6 +767,17 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
             print(&report, p.output, || report.table())?;
             Ok(0)
         }
+        LabCommand::IptablesAgent(a) => {
+            let SourceSpec::Dir(source) = a.source else {
+                anyhow::bail!("--source: the iptables enforcer reads dir:PATH only");
+            };
+            lab::iptables::run_agent(lab::iptables::AgentOptions {
+                source,
+                node: a.node,
+                api_socket: a.api_socket,
+            })?;
+            Ok(0)
+        }
         LabCommand::Serve(s) => {
             lab::serve(&s.tcp, &s.udp, s.who.as_deref(), s.dns.as_deref())?;
             Ok(0)
@@ -753,8 +787,19 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                 LoadKindArg::Stream => lab::LoadKind::Stream,
                 LoadKindArg::Rr => lab::LoadKind::Rr,
                 LoadKindArg::Crr => lab::LoadKind::Crr,
+                LoadKindArg::Udp => lab::LoadKind::Udp,
             };
-            let r = lab::load(&l.name, &l.from, &l.to, kind, l.seconds, l.port)?;
+            let r = lab::load_with(
+                &l.name,
+                &l.from,
+                &l.to,
+                kind,
+                l.seconds,
+                &lab::LoadOptions {
+                    port: l.port,
+                    streams: l.streams,
+                },
+            )?;
             print(&r, l.output, || {
                 let mut t = format!(
                     "{:?} {} -> {} ({}:{}) for {}s\n",
@@ -765,6 +810,12 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                         "throughput {:.2} Gbit/s, {} retransmits\n",
                         bps / 1e9,
                         r.retransmits.unwrap_or(0)
+                    );
+                }
+                if let Some(pps) = r.packets_per_sec {
+                    t += &format!(
+                        "{pps:.0} datagrams/s received, {:.1}% lost\n",
+                        r.lost_percent.unwrap_or(0.0)
                     );
                 }
                 if let (Some(n), Some(rate)) = (r.transactions, r.transactions_per_sec) {

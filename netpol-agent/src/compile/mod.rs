@@ -132,13 +132,31 @@ struct PodPeer {
 
 impl PodPeer {
     fn matches(&self, k: &IdentityKey) -> bool {
-        let ns_ok = match (&self.namespaces, &self.own_namespace) {
-            (Some(sel), _) => sel.matches(&k.namespace_labels),
-            (None, Some(ns)) => &k.namespace == ns,
-            (None, None) => false,
-        };
-        ns_ok && self.pods.matches(&k.labels)
+        peer_selects(
+            self.own_namespace.as_deref(),
+            self.namespaces.as_ref(),
+            &self.pods,
+            k,
+        )
     }
+}
+
+/// Whether a pod peer selects the pods of identity `k`: `namespaces` over the namespace's
+/// labels, else (a bare podSelector) the policy's own namespace, and `pods` over the pod's
+/// labels. The one definition of peer selection, for the compiler and for anything else
+/// that resolves peers (the lab's iptables enforcer).
+pub fn peer_selects(
+    own_namespace: Option<&str>,
+    namespaces: Option<&Selector>,
+    pods: &Selector,
+    k: &IdentityKey,
+) -> bool {
+    let ns_ok = match (namespaces, own_namespace) {
+        (Some(sel), _) => sel.matches(&k.namespace_labels),
+        (None, Some(ns)) => k.namespace == ns,
+        (None, None) => false,
+    };
+    ns_ok && pods.matches(&k.labels)
 }
 
 struct CachedPolicy {

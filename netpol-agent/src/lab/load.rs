@@ -6,6 +6,10 @@
 //!   ping-pong; transactions per second and latency percentiles.
 //! - `crr`: a new TCP connection per transaction (connect, greeting, close);
 //!   connections per second and latency percentiles.
+//! - `udp`: iperf3 in UDP mode, 64-byte datagrams as fast as the sender can; datagrams
+//!   received per second.
+//!
+//! `--streams N` runs N parallel iperf3 streams (stream, udp).
 //!
 //! The target's ingress (and the source's egress) must allow the port used.
 
@@ -25,6 +29,16 @@ pub enum LoadKind {
     Stream,
     Rr,
     Crr,
+    Udp,
+}
+
+/// Knobs of a load run beyond its kind and length.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Port: stream/udp 5201, rr/crr 80.
+    pub port: Option<u16>,
+    /// Parallel iperf3 streams (stream, udp); 0 is 1.
+    pub streams: u32,
 }
 
 /// Latency percentiles in microseconds.
@@ -60,6 +74,15 @@ pub struct LoadReport {
     pub connections_per_sec: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency: Option<Latency>,
+    /// udp: datagrams received per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets_per_sec: Option<f64>,
+    /// udp: datagrams sent that did not arrive, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_percent: Option<f64>,
+    /// stream, udp: parallel streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
 }
 
 fn pod<'a>(pods: &'a [PodStatus], key: &str, lab: &str) -> anyhow::Result<&'a PodStatus> {
@@ -76,6 +99,29 @@ pub fn load(
     seconds: f64,
     port: Option<u16>,
 ) -> anyhow::Result<LoadReport> {
+    load_with(
+        name,
+        from,
+        to,
+        kind,
+        seconds,
+        &LoadOptions { port, streams: 1 },
+    )
+}
+
+pub fn load_with(
+    name: &str,
+    from: &str,
+    to: &str,
+    kind: LoadKind,
+    seconds: f64,
+    opts: &LoadOptions,
+) -> anyhow::Result<LoadReport> {
+    let port = opts.port;
+    let streams = opts.streams.max(1);
+    if streams > 128 {
+        bail!("--streams {streams}: at most 128");
+    }
     let state = super::read_state(name)?;
     let src = pod(&state.status.pods, from, name)?;
     let dst = pod(&state.status.pods, to, name)?;
@@ -100,6 +146,9 @@ pub fn load(
         transactions_per_sec: None,
         connections_per_sec: None,
         latency: None,
+        packets_per_sec: None,
+        lost_percent: None,
+        streams: None,
     };
     match kind {
         LoadKind::Stream => {
@@ -108,9 +157,33 @@ pub fn load(
             // iperf3 counts whole seconds (and runs forever for 0).
             let whole = seconds.ceil().max(1.0);
             report.seconds = whole;
-            let (bps, retransmits) = stream(&src.netns, &dst.netns, ip, port, whole)?;
-            report.throughput_bps = Some(bps);
-            report.retransmits = Some(retransmits);
+            let end = iperf3(&src.netns, &dst.netns, ip, port, whole, streams, false)?;
+            report.throughput_bps = Some(
+                end["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .context("iperf3 reported no throughput")?,
+            );
+            report.retransmits = Some(end["sum_sent"]["retransmits"].as_u64().unwrap_or(0));
+            report.streams = Some(streams);
+        }
+        LoadKind::Udp => {
+            let port = port.unwrap_or(5201);
+            report.port = port;
+            let whole = seconds.ceil().max(1.0);
+            report.seconds = whole;
+            let end = iperf3(&src.netns, &dst.netns, ip, port, whole, streams, true)?;
+            let sum = &end["sum"];
+            let sent = sum["packets"]
+                .as_f64()
+                .context("iperf3 reported no packets")?;
+            let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+            let seconds = sum["seconds"]
+                .as_f64()
+                .filter(|s| *s > 0.0)
+                .unwrap_or(whole);
+            report.packets_per_sec = Some((sent - lost).max(0.0) / seconds);
+            report.lost_percent = sum["lost_percent"].as_f64();
+            report.streams = Some(streams);
         }
         LoadKind::Rr | LoadKind::Crr => {
             let port = port.unwrap_or(80);
@@ -190,8 +263,17 @@ fn transactions(addr: SocketAddr, crr: bool, length: Duration) -> anyhow::Result
     Ok(samples)
 }
 
-/// iperf3 from `src` to a one-off server in `dst`: (bits per second, retransmits).
-fn stream(src: &str, dst: &str, ip: IpAddr, port: u16, seconds: f64) -> anyhow::Result<(f64, u64)> {
+/// iperf3 from `src` to a one-off server in `dst` (TCP, or UDP with 64-byte datagrams at
+/// no rate limit): the `end` object of its JSON report.
+fn iperf3(
+    src: &str,
+    dst: &str,
+    ip: IpAddr,
+    port: u16,
+    seconds: f64,
+    streams: u32,
+    udp: bool,
+) -> anyhow::Result<serde_json::Value> {
     let mut server = Command::new("ip")
         .args([
             "netns",
@@ -222,25 +304,23 @@ fn stream(src: &str, dst: &str, ip: IpAddr, port: u16, seconds: f64) -> anyhow::
     let result = (|| {
         rx.recv_timeout(Duration::from_secs(10))
             .context("iperf3 server did not start listening")?;
-        let out = Command::new("ip")
+        let mut client = Command::new("ip");
+        client
             .args(["netns", "exec", src, "iperf3", "-J", "-c"])
             .arg(ip.to_string())
             .args(["-p", &port.to_string(), "-t", &format!("{seconds}")])
-            .args(["--connect-timeout", "2000"])
-            .output()
-            .context("running the iperf3 client")?;
+            .args(["-P", &streams.to_string()])
+            .args(["--connect-timeout", "2000"]);
+        if udp {
+            client.args(["-u", "-b", "0", "-l", "64"]);
+        }
+        let out = client.output().context("running the iperf3 client")?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(e) = v.get("error") {
             bail!("iperf3: {e} (does a policy drop port {port}?)");
         }
-        let end = &v["end"];
-        Ok((
-            end["sum_received"]["bits_per_second"]
-                .as_f64()
-                .context("iperf3 reported no throughput")?,
-            end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
-        ))
+        Ok(v["end"].clone())
     })();
     let _ = server.kill();
     let _ = server.wait();

@@ -15,6 +15,7 @@
 //! and sockets under `/run/netpol/lab/<name>/`.
 
 pub mod dns;
+pub mod iptables;
 mod kubeproxy;
 mod load;
 mod netns;
@@ -33,7 +34,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use load::{load, LoadKind, LoadReport};
+pub use load::{load, load_with, LoadKind, LoadOptions, LoadReport};
 pub use probe::{probe, ProbeOptions, Via};
 pub use serve::serve;
 pub use supervisor::run_supervisor;
@@ -68,7 +69,47 @@ pub struct UpOptions {
     pub nodes: u32,
     /// Run cluster DNS (kube-system/coredns behind kube-dns, 10.96.0.10).
     pub dns: bool,
+    /// What enforces policy on the nodes (the benchmarks compare them).
+    pub enforcer: Enforcer,
 }
+
+/// What enforces policy in a lab: netpol's agent, iptables and ipsets in kube-router's
+/// layout (`iptables.rs`, for the benchmarks), or nothing (the baseline).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcer {
+    None,
+    Iptables,
+    #[default]
+    Netpol,
+}
+
+impl Enforcer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcer::None => "none",
+            Enforcer::Iptables => "iptables",
+            Enforcer::Netpol => "netpol",
+        }
+    }
+}
+
+impl std::str::FromStr for Enforcer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Enforcer, String> {
+        match s {
+            "none" => Ok(Enforcer::None),
+            "iptables" => Ok(Enforcer::Iptables),
+            "netpol" => Ok(Enforcer::Netpol),
+            _ => Err(format!("unknown enforcer {s:?}: none, iptables or netpol")),
+        }
+    }
+}
+
+/// A pod annotated `netpol.io/lab-virtual: "true"` (with `spec.nodeName` and
+/// `status.podIP`) is given to the enforcers as it is but not run: a pod of another,
+/// virtual node, so benchmarks can size the cluster without a namespace per pod.
+pub const VIRTUAL_ANNOTATION: &str = "netpol.io/lab-virtual";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Protocol {
@@ -383,6 +424,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         .args(["--pod-cidr", &opts.pod_cidr])
         .args(["--nodes", &opts.nodes.to_string()])
         .args(opts.dns.then_some("--dns"))
+        .args(["--enforcer", opts.enforcer.as_str()])
         .args(opts.agent_args.iter().map(|a| format!("--agent-arg={a}")))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

@@ -21,7 +21,8 @@ use tokio::net::{UnixListener, UnixStream};
 use super::kubeproxy::{self, Candidate, ClusterIps};
 use super::netns::{self, NodeNet, PodLink};
 use super::{
-    dns, LabState, LabStatus, NodeStatus, Paths, PodStatus, ServiceStatus, UpOptions, BRIDGE,
+    dns, Enforcer, LabState, LabStatus, NodeStatus, Paths, PodStatus, ServiceStatus, UpOptions,
+    BRIDGE,
 };
 use crate::source::Object;
 
@@ -266,6 +267,7 @@ struct Lab {
     cidr: PodCidr,
     nodes: Vec<LabNode>,
     dns: bool,
+    enforcer: Enforcer,
     pods: BTreeMap<PodKey, LabPod>,
     cluster_ips: ClusterIps,
     services: Vec<ServiceStatus>,
@@ -355,7 +357,8 @@ fn is_dns_pod(pod: &Pod) -> bool {
             == Some("kube-dns")
 }
 
-/// Pods the lab gives a namespace to: running-ish pods on the pod network.
+/// Pods the lab gives a namespace to: running-ish pods on the pod network, except
+/// virtual ones (pods of a node the lab only pretends to have).
 fn wants_netns(pod: &Pod) -> bool {
     let host_network = pod
         .spec
@@ -363,7 +366,15 @@ fn wants_netns(pod: &Pod) -> bool {
         .and_then(|s| s.host_network)
         .unwrap_or(false);
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !host_network && !matches!(phase, Some("Succeeded") | Some("Failed"))
+    !host_network && !matches!(phase, Some("Succeeded") | Some("Failed")) && !is_virtual(pod)
+}
+
+fn is_virtual(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(super::VIRTUAL_ANNOTATION))
+        .is_some_and(|v| v == "true")
 }
 
 fn pod_key(pod: &Pod) -> Option<PodKey> {
@@ -406,6 +417,7 @@ impl Lab {
             cidr,
             nodes,
             dns: opts.dns,
+            enforcer: opts.enforcer,
             pods: BTreeMap::new(),
             cluster_ips: ClusterIps::default(),
             services: Vec::new(),
@@ -555,7 +567,7 @@ impl Lab {
         }
         self.render(&state.objects)?;
         for n in 0..self.nodes.len() {
-            if self.nodes[n].agent.is_none() {
+            if self.nodes[n].agent.is_none() && self.enforcer != Enforcer::None {
                 let agent = self.start_agent(n as u32)?;
                 self.nodes[n].agent = Some(agent);
             }
@@ -792,8 +804,21 @@ impl Lab {
         } else {
             vec![]
         };
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.nodes[index as usize].net.netns])
+        if self.enforcer == Enforcer::Iptables {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.nodes[index as usize].net.netns])
+                .arg(&self.netpol_bin)
+                .args(["lab", "iptables-agent", "--source"])
+                .arg(format!("dir:{}", self.paths.cluster.display()))
+                .args(["--node", &super::node_name(index), "--api-socket"])
+                .arg(&sock)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file);
+            return spawn_agent(cmd, index, &log_path);
+        }
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.nodes[index as usize].net.netns])
             .arg(&self.netpol_bin)
             .arg("agent")
             .arg("--source")
@@ -812,26 +837,8 @@ impl Lab {
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .context("starting the agent")?;
-        // `ip netns exec` execs the command, so this pid is the agent's.
-        let pid = child.id();
-        log(format!(
-            "agent of node{index} started (pid {pid}), log in {}",
-            log_path.display()
-        ));
-        let exited = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = exited.clone();
-        std::thread::spawn(move || {
-            match child.wait() {
-                Ok(status) => log(format!("agent (pid {pid}) exited: {status}")),
-                Err(e) => log(format!("agent (pid {pid}): wait failed: {e}")),
-            }
-            *flag.0.lock().unwrap() = true;
-            flag.1.notify_all();
-        });
-        Ok(Agent { pid, exited })
+            .stderr(log_file);
+        spawn_agent(cmd, index, &log_path)
     }
 
     /// Stops everything the lab started and deletes its namespaces.
@@ -865,6 +872,29 @@ impl Lab {
         // The agent leaves its pins for the next one; the lab is gone, so are they.
         super::unmount(&super::pin_root(&self.name));
     }
+}
+
+/// Starts a node's enforcer (netpol's agent or the iptables one) with a thread that
+/// reaps it, so its exit is logged when it happens.
+fn spawn_agent(mut cmd: Command, index: u32, log_path: &Path) -> anyhow::Result<Agent> {
+    let mut child = cmd.spawn().context("starting the agent")?;
+    // `ip netns exec` execs the command, so this pid is the agent's.
+    let pid = child.id();
+    log(format!(
+        "agent of node{index} started (pid {pid}), log in {}",
+        log_path.display()
+    ));
+    let exited = Arc::new((Mutex::new(false), Condvar::new()));
+    let flag = exited.clone();
+    std::thread::spawn(move || {
+        match child.wait() {
+            Ok(status) => log(format!("agent (pid {pid}) exited: {status}")),
+            Err(e) => log(format!("agent (pid {pid}): wait failed: {e}")),
+        }
+        *flag.0.lock().unwrap() = true;
+        flag.1.notify_all();
+    });
+    Ok(Agent { pid, exited })
 }
 
 fn ns_or_default(ns: &str) -> &str {
@@ -965,7 +995,14 @@ async fn reconcile_now(lab: &Shared) -> anyhow::Result<String> {
 /// Waits for every node's agent to converge to `digest` (one after the other: they
 /// converge independently, so this costs the slowest of them).
 async fn agents_wait(lab: &Shared, paths: &Paths, digest: &str) -> anyhow::Result<()> {
-    let nodes = lab.lock().unwrap().nodes.len() as u32;
+    let (nodes, enforcer) = {
+        let lab = lab.lock().unwrap();
+        (lab.nodes.len() as u32, lab.enforcer)
+    };
+    if enforcer == Enforcer::None {
+        // Nothing enforces: the lab is what the manifests say once reconciled.
+        return Ok(());
+    }
     for n in 0..nodes {
         agent_wait(lab, paths, digest, n).await?;
     }
