@@ -1,6 +1,7 @@
 //! The `dir` source: a directory (or file) of manifests, watched with inotify. Every
 //! change re-reads the whole tree (level-triggered: a missed event cannot leave the
-//! index behind), and a state is published only when the content changed.
+//! index behind), parsing only the files whose bytes changed, and a state is published
+//! only when the content changed.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,12 +10,16 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::manifest::read_all;
+use super::manifest::{read_all, read_all_with, Parsed};
 use super::ClusterState;
 
 /// Reads `paths` once.
 pub fn read_state(paths: &[PathBuf]) -> ClusterState {
-    let (objects, errors, contents) = read_all(paths);
+    read_state_with(paths, &mut Parsed::default())
+}
+
+fn read_state_with(paths: &[PathBuf], parsed: &mut Parsed) -> ClusterState {
+    let (objects, errors, contents) = read_all_with(paths, parsed);
     ClusterState {
         objects,
         errors,
@@ -65,8 +70,9 @@ pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyh
         watcher.watch(p, mode)?;
     }
     let mut last = tx.borrow().digest.clone();
+    let mut parsed = Parsed::default();
     loop {
-        let state = read_state(&paths);
+        let state = read_state_with(&paths, &mut parsed);
         if state.digest != last {
             last = state.digest.clone();
             for e in &state.errors {
@@ -76,15 +82,18 @@ pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyh
                 return Ok(());
             }
         }
-        // Wait for a change, then let a burst of writes settle (bounded: 50 ms).
+        // Wait for a change, then let a burst of writes settle: until 10 ms pass
+        // without another event, 50 ms at the most (a half-written file read early is
+        // only re-read: the next event follows).
         if ev_rx.recv().await.is_none() {
             return Ok(());
         }
-        let settle = tokio::time::sleep(Duration::from_millis(50));
-        tokio::pin!(settle);
+        let bound = tokio::time::sleep(Duration::from_millis(50));
+        tokio::pin!(bound);
         loop {
             tokio::select! {
-                _ = &mut settle => break,
+                _ = &mut bound => break,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => break,
                 more = ev_rx.recv() => if more.is_none() { return Ok(()) },
             }
         }

@@ -141,6 +141,44 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
 
 /// Reads every manifest under `paths` into one list, collecting errors per document.
 pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+    read_all_with(paths, &mut Parsed::default())
+}
+
+/// Files parsed before, by path: (digest of the content, objects, errors). A file whose
+/// bytes did not change is not parsed again (the watched source re-reads the whole tree
+/// per change; parsing a large file dominated the time from a write to enforcement).
+#[derive(Default)]
+pub struct Parsed {
+    files: std::collections::BTreeMap<PathBuf, ([u8; 32], Vec<Object>, Vec<String>)>,
+}
+
+/// [`read_all`], parsing only the files whose content differs from `parsed`'s.
+pub fn read_all_with(
+    paths: &[PathBuf],
+    parsed: &mut Parsed,
+) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+    let mut seen = std::collections::BTreeMap::new();
+    let (objects, errors, contents) = read_files(paths, |file, bytes| {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(bytes).into();
+        let (objs, errs) = match parsed.files.remove(file) {
+            Some((old, objs, errs)) if old == digest => (objs, errs),
+            _ => {
+                let (objs, errs) = parse_manifests(file, &String::from_utf8_lossy(bytes));
+                (objs, errs.into_iter().map(|e| e.to_string()).collect())
+            }
+        };
+        seen.insert(file.to_path_buf(), (digest, objs.clone(), errs.clone()));
+        (objs, errs)
+    });
+    parsed.files = seen;
+    (objects, errors, contents)
+}
+
+fn read_files(
+    paths: &[PathBuf],
+    mut parse: impl FnMut(&Path, &[u8]) -> (Vec<Object>, Vec<String>),
+) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     let mut contents = Vec::new();
@@ -155,10 +193,9 @@ pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, V
         for file in files {
             match std::fs::read(&file) {
                 Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes);
-                    let (objs, errs) = parse_manifests(&file, &text);
+                    let (objs, errs) = parse(&file, &bytes);
                     objects.extend(objs);
-                    errors.extend(errs.into_iter().map(|e| e.to_string()));
+                    errors.extend(errs);
                     contents.push((file, bytes));
                 }
                 Err(source) => errors.push(ManifestError::Read { path: file, source }.to_string()),
@@ -171,6 +208,39 @@ pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache keeps a file's objects while its bytes are the same, and reads a changed
+    /// or new file anew; a removed file's objects go.
+    #[test]
+    fn only_changed_files_are_parsed_again() {
+        let dir = std::env::temp_dir().join(format!("netpol-parsed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns = |n: &str| format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {n}}}\n");
+        std::fs::write(dir.join("a.yaml"), ns("a")).unwrap();
+        std::fs::write(dir.join("b.yaml"), ns("b")).unwrap();
+        let mut parsed = Parsed::default();
+        let names = |objs: &[Object]| -> Vec<String> {
+            objs.iter()
+                .map(|o| match o {
+                    Object::Namespace(n) => n.metadata.name.clone().unwrap(),
+                    _ => String::new(),
+                })
+                .collect()
+        };
+        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        assert_eq!(names(&objs), ["a", "b"]);
+        // Poison the cache entry of a.yaml: kept while the bytes are the same.
+        parsed.files.get_mut(&dir.join("a.yaml")).unwrap().1 = vec![];
+        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        assert_eq!(names(&objs), ["b"], "a.yaml was not parsed again");
+        std::fs::write(dir.join("a.yaml"), ns("a2")).unwrap();
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        assert_eq!(names(&objs), ["a2"]);
+        assert_eq!(parsed.files.len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn multi_document_yaml_and_lists_are_read_and_other_kinds_skipped() {
