@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::compile::lookup::Lookup;
 use crate::compile::{compile, Desired, NodeView};
+use crate::hints::{self, LabelTypo};
 use crate::index::net::addr_of;
 use crate::index::{Index, Peer, PodInfo, PortRef, Selector, Snapshot};
 use crate::source::{manifest::read_all, ClusterState};
@@ -240,30 +241,6 @@ fn side(
     }
 }
 
-/// Edit distance, for "a label that differs by a typo".
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-fn near(a: &str, b: &str) -> bool {
-    a != b
-        && (a.eq_ignore_ascii_case(b)
-            || distance(a, b) <= 2
-            || a.starts_with(b)
-            || b.starts_with(a))
-}
-
 /// Hints for the guides' common mistakes, looked for in the policies that isolate the
 /// pods of the flow.
 fn did_you_mean(
@@ -275,22 +252,17 @@ fn did_you_mean(
 ) -> Vec<String> {
     let mut hints = Vec::new();
     let label_hint = |sel: &Selector, pod: &PodInfo, what: &str, hints: &mut Vec<String>| {
-        for (k, v) in &sel.match_labels {
-            match pod.labels.get(k) {
-                Some(actual) if near(v, actual) => hints.push(format!(
-                    "{what} selects {k}: {v}, but {} has {k}: {actual} — did you mean {actual}?",
+        for typo in hints::label_typos(sel, &pod.labels) {
+            hints.push(match typo {
+                LabelTypo::Value { key, wanted, actual } => format!(
+                    "{what} selects {key}: {wanted}, but {} has {key}: {actual} — did you mean {actual}?",
                     pod.key()
-                )),
-                None => {
-                    if let Some((ak, av)) = pod.labels.iter().find(|(ak, _)| near(k, ak)) {
-                        hints.push(format!(
-                            "{what} selects the label {k}, but {} has {ak}: {av} — did you mean {ak}?",
-                            pod.key()
-                        ));
-                    }
-                }
-                _ => {}
-            }
+                ),
+                LabelTypo::Key { wanted, actual_key, actual_value } => format!(
+                    "{what} selects the label {wanted}, but {} has {actual_key}: {actual_value} — did you mean {actual_key}?",
+                    pod.key()
+                ),
+            });
         }
     };
     for (key, p) in &snap.policies {
@@ -317,31 +289,19 @@ fn did_you_mean(
                     for peer in peers {
                         if let Peer::Pods { namespaces, pods } = peer {
                             label_hint(pods, peer_pod, &at, &mut hints);
-                            if let Some(ns) = namespaces {
-                                if ns.match_labels.contains_key("name")
-                                    && !ns_labels.contains_key("name")
-                                {
-                                    hints.push(format!(
-                                        "{at} selects namespaces by `name: {}`, a label namespace {} does not carry; \
-                                         did you mean `kubernetes.io/metadata.name: {}`?",
-                                        ns.match_labels["name"], peer_pod.namespace, ns.match_labels["name"]
-                                    ));
-                                }
+                            if let Some(value) = namespaces
+                                .as_ref()
+                                .and_then(|ns| hints::name_label_meant_metadata_name(ns, ns_labels))
+                            {
+                                hints.push(format!(
+                                    "{at} selects namespaces by `name: {value}`, a label namespace {} does not carry; \
+                                     did you mean `kubernetes.io/metadata.name: {value}`?",
+                                    peer_pod.namespace
+                                ));
                             }
                         }
                     }
-                    // namespaceSelector and podSelector as two peers (OR) where one (AND) was meant.
-                    let ns_only = peers.iter().any(|p| matches!(p, Peer::Pods { namespaces: Some(_), pods } if *pods == Selector::default()));
-                    let pod_only = peers.iter().any(|p| {
-                        matches!(
-                            p,
-                            Peer::Pods {
-                                namespaces: None,
-                                ..
-                            }
-                        )
-                    });
-                    if ns_only && pod_only {
+                    if hints::or_for_and(peers) {
                         hints.push(format!(
                             "{at} lists a namespaceSelector and a podSelector as two peers, which allows either; \
                              written as one peer they would require both"
@@ -364,7 +324,7 @@ fn did_you_mean(
                                 peer_pod
                             };
                             if let Some(t) = target {
-                                if !t.named_ports.contains_key(name) {
+                                if hints::undefined_named_port(name, t) {
                                     hints.push(format!(
                                         "{at} names the port {name:?}, which {} does not define (its container ports: {})",
                                         t.key(),
