@@ -9,11 +9,10 @@ use netpol_common::{direction, reason};
 use serde::Serialize;
 
 use crate::compile::lookup::Lookup;
-use crate::compile::{compile, Desired, NodeView};
+use crate::compile::Desired;
 use crate::hints::{self, LabelTypo};
 use crate::index::net::addr_of;
-use crate::index::{Index, Peer, PodInfo, PortRef, Selector, Snapshot};
-use crate::source::{manifest::read_all, ClusterState};
+use crate::index::{Peer, PodInfo, PortRef, Selector, Snapshot};
 
 #[derive(Debug, Serialize)]
 pub struct Explanation {
@@ -65,27 +64,18 @@ pub fn explain(
     protocol: u8,
     port: u16,
 ) -> anyhow::Result<Explanation> {
-    let (mut objects, errors, _) = read_all(paths);
-    if let Some(e) = errors.first() {
-        anyhow::bail!("{e}");
-    }
     // Pods without an address get the same deterministic ones `simulate` reports.
-    crate::simulate::assign_addresses(&mut objects);
-    let snap = Index::new().reset(&ClusterState {
-        objects,
-        errors: vec![],
-        digest: String::new(),
-    });
-    let desired = compile(&snap, &NodeView::default());
-    let (src, src_ip) = resolve(&snap, from)?;
-    let (dst, dst_ip) = resolve(&snap, to)?;
+    let model = crate::simulate::Model::read(paths)?;
+    let (snap, desired) = (&model.snap, &model.desired);
+    let (src, src_ip) = resolve(snap, from)?;
+    let (dst, dst_ip) = resolve(snap, to)?;
     if src_ip.is_ipv4() != dst_ip.is_ipv4() {
         anyhow::bail!("{from} and {to} are of different address families");
     }
-    let lookup = Lookup::new(&desired);
+    let lookup = Lookup::new(desired);
     let egress = side(
-        &snap,
-        &desired,
+        snap,
+        desired,
         &lookup,
         src,
         direction::EGRESS,
@@ -94,8 +84,8 @@ pub fn explain(
         port,
     );
     let ingress = side(
-        &snap,
-        &desired,
+        snap,
+        desired,
         &lookup,
         dst,
         direction::INGRESS,
@@ -105,7 +95,7 @@ pub fn explain(
     );
     let mut hints = Vec::new();
     if egress.verdict == "denied" || ingress.verdict == "denied" {
-        hints = did_you_mean(&snap, src, dst, protocol, port);
+        hints = did_you_mean(snap, src, dst, protocol, port);
     }
     Ok(Explanation {
         from: from.into(),
