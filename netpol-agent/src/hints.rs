@@ -73,7 +73,7 @@ pub fn label_typos(sel: &Selector, labels: &Labels) -> Vec<LabelTypo> {
     out
 }
 
-/// `sel` with every typo of `typos` corrected.
+/// `sel` with every typo of `typos` corrected (a misspelt key keeps its value).
 pub fn corrected(sel: &Selector, typos: &[LabelTypo]) -> Selector {
     let mut out = sel.clone();
     for t in typos {
@@ -81,14 +81,13 @@ pub fn corrected(sel: &Selector, typos: &[LabelTypo]) -> Selector {
             LabelTypo::Value { key, actual, .. } => {
                 out.match_labels.insert(key.clone(), actual.clone());
             }
+            // The key was misspelt; the value stays what was asked for.
             LabelTypo::Key {
-                wanted,
-                actual_key,
-                actual_value,
+                wanted, actual_key, ..
             } => {
-                out.match_labels.remove(wanted);
-                out.match_labels
-                    .insert(actual_key.clone(), actual_value.clone());
+                if let Some(v) = out.match_labels.remove(wanted) {
+                    out.match_labels.insert(actual_key.clone(), v);
+                }
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod explain;
 pub mod hints;
 pub mod index;
 pub mod lab;
+pub mod lint;
 pub mod metrics;
 pub mod simulate;
 pub mod source;

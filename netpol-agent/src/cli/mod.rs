@@ -42,6 +42,9 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Why one flow is allowed or denied, side by side, with hints for likely mistakes.
     Explain(ExplainArgs),
+    /// Findings about policy objects (invalid, never applying, shadowed, likely
+    /// mistakes), each with a fix; exit 1 on errors (--strict: on warnings too).
+    Lint(LintArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -246,6 +249,52 @@ pub struct ExplainArgs {
     /// PORT/PROTOCOL, e.g. 80/TCP (the protocol defaults to TCP).
     #[arg(long)]
     pub port: String,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+/// Where `lint` and `graph` read the cluster from: manifests, or the API server once.
+#[derive(Args)]
+pub struct InputArgs {
+    /// Manifest files or directories (YAML/JSON).
+    #[arg(long, num_args = 1.., required_unless_present = "cluster", conflicts_with = "cluster")]
+    pub manifests: Vec<PathBuf>,
+    /// Read the cluster of the kubeconfig's current context (or the in-cluster config):
+    /// one list of each resource the agent watches.
+    #[arg(long)]
+    pub cluster: bool,
+    /// With --cluster: how long listing may take before giving up.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl InputArgs {
+    pub fn input(&self) -> crate::source::Input {
+        if self.cluster {
+            crate::source::Input::Cluster {
+                timeout: self.request_timeout,
+            }
+        } else {
+            crate::source::Input::Manifests(self.manifests.clone())
+        }
+    }
+
+    /// The objects, or exit code 2 after saying what could not be read.
+    fn read(&self) -> Result<Vec<crate::source::Object>, i32> {
+        crate::source::read_once(&self.input()).map_err(|e| {
+            eprintln!("error: {e:#}");
+            2
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct LintArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Fail (exit 1) on warnings too, not only on errors.
+    #[arg(long)]
+    pub strict: bool,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
 }
@@ -583,6 +632,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             print(&x, e.output, || x.human())?;
             // Scripts can branch on the verdict: 0 allowed, 1 denied.
             Ok(if x.allowed { 0 } else { 1 })
+        }
+        Command::Lint(l) => {
+            let objects = match l.input.read() {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let report = crate::lint::lint(objects);
+            print(&report, l.output, || report.table())?;
+            // 0: no errors (warnings pass unless --strict), 1: errors, 2: unreadable input.
+            Ok(report.exit_code(l.strict))
         }
         Command::Lab(cmd) => lab_command(cmd),
     }
