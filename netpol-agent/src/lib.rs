@@ -16,6 +16,7 @@ pub mod compile;
 pub mod datapath;
 pub mod events;
 pub mod explain;
+pub mod graph;
 pub mod hints;
 pub mod index;
 pub mod lab;

@@ -5,7 +5,7 @@ fn main() {
     let cli = netpol_agent::cli::Cli::parse();
     // The one-shot tools report rejected objects themselves: the index need not log them.
     let default = match cli.command {
-        Command::Lint(_) => "warn,netpol_agent::index=error",
+        Command::Lint(_) | Command::Graph(_) => "warn,netpol_agent::index=error",
         _ => "info",
     };
     tracing_subscriber::fmt()

@@ -7,7 +7,6 @@
 
 mod mock_api;
 
-
 use mock_api::{list, within, MockApi, Step, NAMESPACES, PODS, POLICIES, SERVICES};
 use netpol_agent::compile::{compile, NodeView};
 use netpol_agent::index::{Index, Snapshot};

@@ -45,6 +45,8 @@ pub enum Command {
     /// Findings about policy objects (invalid, never applying, shadowed, likely
     /// mistakes), each with a fix; exit 1 on errors (--strict: on warnings too).
     Lint(LintArgs),
+    /// The allowed-flow graph between workloads, as SVG (drawn here) or Graphviz DOT.
+    Graph(GraphArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -297,6 +299,43 @@ pub struct LintArgs {
     pub strict: bool,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphOutput {
+    Svg,
+    Dot,
+    Json,
+    Yaml,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// svg (a standalone picture, no external tools), dot (Graphviz), json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "svg")]
+    pub output: GraphOutput,
+    /// Judge every pod pair on PORT[/PROTOCOL] (repeat for more) instead of the
+    /// receiving pods' container ports.
+    #[arg(long = "port", value_name = "PORT[/PROTOCOL]", value_parser = parse_port)]
+    pub ports: Vec<(u8, u16)>,
+    /// Also draw flows no policy judges (neither end isolated).
+    #[arg(long)]
+    pub open_flows: bool,
+}
+
+/// `80/TCP`, `53/UDP` or `8080` (TCP).
+pub fn parse_port(text: &str) -> Result<(u8, u16), String> {
+    let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{text}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
+    let protocol = crate::index::policy::parse_protocol(&protocol.to_uppercase())
+        .ok_or_else(|| format!("{text}: the protocol is TCP, UDP or SCTP"))?;
+    Ok((protocol, port))
 }
 
 #[derive(Subcommand)]
@@ -622,12 +661,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Explain(e) => {
-            let (port, proto) = e.port.split_once('/').unwrap_or((e.port.as_str(), "TCP"));
-            let port: u16 = port.parse().ok().filter(|p| *p > 0).with_context(|| {
-                format!("--port {}: expected PORT/PROTOCOL, e.g. 80/TCP", e.port)
-            })?;
-            let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
-                .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
+            let (protocol, port) =
+                parse_port(&e.port).map_err(|m| anyhow::anyhow!("--port {m}"))?;
             let x = crate::explain::explain(&e.manifests, &e.from, &e.to, protocol, port)?;
             print(&x, e.output, || x.human())?;
             // Scripts can branch on the verdict: 0 allowed, 1 denied.
@@ -642,6 +677,26 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             print(&report, l.output, || report.table())?;
             // 0: no errors (warnings pass unless --strict), 1: errors, 2: unreadable input.
             Ok(report.exit_code(l.strict))
+        }
+        Command::Graph(g) => {
+            let objects = match g.input.read() {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let graph = crate::graph::graph(
+                objects,
+                &crate::graph::Options {
+                    ports: g.ports,
+                    open_flows: g.open_flows,
+                },
+            );
+            match g.output {
+                GraphOutput::Svg => print!("{}", graph.svg()),
+                GraphOutput::Dot => print!("{}", graph.dot()),
+                GraphOutput::Json => print(&graph, Output::Json, String::new)?,
+                GraphOutput::Yaml => print(&graph, Output::Yaml, String::new)?,
+            }
+            Ok(0)
         }
         Command::Lab(cmd) => lab_command(cmd),
     }
