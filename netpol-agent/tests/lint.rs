@@ -1,7 +1,7 @@
 //! `netpol lint` as a script sees it: the corpus under `tests/lint/` (one directory per
 //! case: `manifests.yaml` and `expected.yaml`, the findings compared exactly on
 //! severity, code, object and field), exit codes, output formats, and `--cluster`
-//! against a mocked API server.
+//! (lint's and graph's) against a mocked API server.
 
 mod mock_api;
 
@@ -257,7 +257,7 @@ fn expected_from_the_cluster() -> Vec<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn lint_reads_the_cluster_once_through_the_kube_source() {
+async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
     let api = cluster().await;
     // The library path: one list of every resource, linted.
     let state =
@@ -315,6 +315,31 @@ async fn lint_reads_the_cluster_once_through_the_kube_source() {
         .collect();
     got.sort();
     assert_eq!(got, expected_from_the_cluster());
+
+    // `graph --cluster` reads it the same way.
+    let out = tokio::process::Command::new(NETPOL)
+        .args(["graph", "--cluster", "-o", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let graph: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let workloads: Vec<&str> = graph["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(workloads, ["shop/api", "shop/web"]);
+    // `from: []` lets web in: the one flow a policy judges.
+    assert_eq!(graph["edges"][0]["from"], "shop/web");
+    assert_eq!(graph["edges"][0]["ports"], json!(["8080/TCP"]));
 
     // No cluster to reach: unreadable input.
     std::fs::write(
