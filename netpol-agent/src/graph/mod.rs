@@ -87,6 +87,9 @@ pub fn workload_of(pod: &PodInfo) -> String {
         .unwrap_or_else(|| pod.name.clone())
 }
 
+/// Per (protocol, port): (pod pairs shown, pod pairs judged).
+type PortCounts = BTreeMap<(u8, u16), (usize, usize)>;
+
 fn port_label(protocol: u8, port: u16) -> String {
     if port == 0 {
         format!("{}/*", protocol_name(protocol))
@@ -146,8 +149,7 @@ pub fn graph(objects: Vec<Object>, options: &Options) -> Graph {
     };
 
     // (from workload, to workload) → port → (pairs shown, pairs judged)
-    let mut flows: BTreeMap<(String, String), BTreeMap<(u8, u16), (usize, usize)>> =
-        BTreeMap::new();
+    let mut flows: BTreeMap<(String, String), PortCounts> = BTreeMap::new();
     for t in &pods {
         let ports = ports_of(t);
         for f in &pods {
@@ -168,8 +170,7 @@ pub fn graph(objects: Vec<Object>, options: &Options) -> Graph {
     let edges = flows
         .into_iter()
         .filter_map(|((from, to), per_port)| {
-            let shown: Vec<(&(u8, u16), &(usize, usize))> =
-                per_port.iter().filter(|(_, (n, _))| *n > 0).collect();
+            let shown: Vec<_> = per_port.iter().filter(|(_, (n, _))| *n > 0).collect();
             if shown.is_empty() {
                 return None;
             }

@@ -4,6 +4,12 @@
 use super::snippet::*;
 use super::*;
 
+/// A NetworkPolicy rule as written: its peer list (`from`/`to`) and ports.
+type RawRule<'r> = (
+    Option<&'r Vec<NetworkPolicyPeer>>,
+    Option<&'r Vec<NetworkPolicyPort>>,
+);
+
 impl<'a> Checker<'a> {
     // ---- objects the index rejected ----
 
@@ -245,19 +251,13 @@ impl<'a> Checker<'a> {
             }
         }
 
-        let ingress_raw: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = spec
+        let ingress_raw: Vec<RawRule> = spec
             .ingress
             .iter()
             .flatten()
             .map(|r| (r.from.as_ref(), r.ports.as_ref()))
             .collect();
-        let egress_raw: Vec<(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )> = spec
+        let egress_raw: Vec<RawRule> = spec
             .egress
             .iter()
             .flatten()
@@ -316,16 +316,7 @@ impl<'a> Checker<'a> {
     }
 
     /// `from: []` / `to: []`, and rules without peers beside rules with them.
-    fn peer_lists(
-        &mut self,
-        object: &str,
-        rawv: &Value,
-        dir: u8,
-        rules: &[(
-            Option<&Vec<NetworkPolicyPeer>>,
-            Option<&Vec<NetworkPolicyPort>>,
-        )],
-    ) {
+    fn peer_lists(&mut self, object: &str, rawv: &Value, dir: u8, rules: &[RawRule]) {
         let list = peer_list_name(dir);
         let named: Vec<usize> = rules
             .iter()

@@ -435,7 +435,7 @@ impl<'a> Checker<'a> {
                         format!("spec.{}[{i}].action", dir_name(dir)),
                         format!("Pass hands the flows on, but {why}: they are allowed, as with {accept}"),
                         snippet(
-                            &format!("say so (or add the NetworkPolicy or Baseline rule meant to judge them)"),
+                            "say so (or add the NetworkPolicy or Baseline rule meant to judge them)",
                             &map(vec![("action", s(accept))]),
                         ),
                     ));
