@@ -141,13 +141,7 @@ pub fn undefined_named_port(name: &str, pod: &PodInfo) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::index::selector::tests::labels;
 
     #[test]
     fn typos_by_value_key_and_case_are_found_and_corrected() {

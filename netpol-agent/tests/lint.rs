@@ -246,6 +246,17 @@ async fn cluster() -> MockApi {
     api
 }
 
+/// `netpol ARGS` with `kubeconfig` as its kubeconfig (the mock serves on while it runs).
+async fn netpol_with(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(NETPOL)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await
+        .unwrap()
+}
+
 fn expected_from_the_cluster() -> Vec<(String, String)> {
     vec![
         ("empty-peer-list".into(), "spec.ingress[0].from".into()),
@@ -286,20 +297,18 @@ async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
         ),
     )
     .unwrap();
-    let out = tokio::process::Command::new(NETPOL)
-        .args([
+    let out = netpol_with(
+        &kubeconfig,
+        &[
             "lint",
             "--cluster",
             "-o",
             "json",
             "--request-timeout",
             "20s",
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .await
-        .unwrap();
+        ],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -317,13 +326,7 @@ async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
     assert_eq!(got, expected_from_the_cluster());
 
     // `graph --cluster` reads it the same way.
-    let out = tokio::process::Command::new(NETPOL)
-        .args(["graph", "--cluster", "-o", "json"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .await
-        .unwrap();
+    let out = netpol_with(&kubeconfig, &["graph", "--cluster", "-o", "json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -347,13 +350,7 @@ async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
         "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
     )
     .unwrap();
-    let out = tokio::process::Command::new(NETPOL)
-        .args(["lint", "--cluster"])
-        .env("KUBECONFIG", &kubeconfig)
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .await
-        .unwrap();
+    let out = netpol_with(&kubeconfig, &["lint", "--cluster"]).await;
     assert_eq!(
         out.status.code(),
         Some(2),

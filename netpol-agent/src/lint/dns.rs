@@ -88,10 +88,7 @@ impl<'a> Checker<'a> {
                             "allow TCP 53 beside UDP 53",
                             &map(vec![(
                                 "ports",
-                                Value::Sequence(vec![
-                                    map(vec![("protocol", s("UDP")), ("port", Value::Number(53.into()))]),
-                                    map(vec![("protocol", s("TCP")), ("port", Value::Number(53.into()))]),
-                                ]),
+                                dns_ports(),
                             )]),
                         )
                     } else {
@@ -131,10 +128,7 @@ impl<'a> Checker<'a> {
                                         ),
                                         (
                                             "ports",
-                                            Value::Sequence(vec![
-                                                map(vec![("protocol", s("UDP")), ("port", Value::Number(53.into()))]),
-                                                map(vec![("protocol", s("TCP")), ("port", Value::Number(53.into()))]),
-                                            ]),
+                                            dns_ports(),
                                         ),
                                     ])]),
                                 )]),
@@ -192,6 +186,17 @@ impl<'a> Checker<'a> {
             None => (format!("Pod/{}", pod.key()), "spec".into()),
         }
     }
+}
+
+/// A NetworkPolicy's ports for DNS: UDP and TCP 53.
+fn dns_ports() -> Value {
+    let port = |protocol| {
+        map(vec![
+            ("protocol", s(protocol)),
+            ("port", Value::Number(53.into())),
+        ])
+    };
+    Value::Sequence(vec![port("UDP"), port("TCP")])
 }
 
 /// A rule allowing DNS, in the kind's own syntax, to put before the deciding rule.
