@@ -156,6 +156,14 @@ impl Judge<'_> {
         }
     }
 
+    /// What the classifier knows of a pod as a peer: (identity, CIDR identity) of its
+    /// first address. Pods of one identity and class are judged alike, both ways.
+    pub fn class_of(&self, pod: &PodInfo) -> (u32, u32) {
+        pod.ips
+            .first()
+            .map_or((0, 0), |ip| self.lookup.peer_identities(&addr_of(*ip)))
+    }
+
     /// The sender's egress and the receiver's ingress verdicts of one flow.
     pub fn flow(&self, from: &PodInfo, to: &PodInfo, protocol: u8, port: u16) -> Pair {
         let egress = self.side(&from.key(), direction::EGRESS, to, protocol, port);

@@ -75,12 +75,7 @@ impl<'a> Lookup<'a> {
     ) -> Hits {
         let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
         let isolated = ep.flags & isolated_flag != 0;
-        let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
-            .map(|e| e.identity)
-            .unwrap_or(identity::WORLD);
-        let cidr_id = longest(&self.d.cidrs, &self.cidr_lens, peer)
-            .map(|e| e.identity)
-            .unwrap_or(identity::ANY);
+        let (peer_id, cidr_id) = self.peer_identities(peer);
         // The classifier's three lookups per tier (`lookup3`).
         let look3 = |dir: u8| {
             let look = |id| {
@@ -112,6 +107,21 @@ impl<'a> Lookup<'a> {
             isolated,
             lower,
         }
+    }
+}
+
+impl Lookup<'_> {
+    /// What policy knows of an address: its identity from the ipcache (a pod's, the
+    /// node's, else WORLD) and the CIDR identity of the ipBlocks it lies in (else ANY).
+    /// Two addresses with equal pairs are judged alike.
+    pub fn peer_identities(&self, peer: &Addr) -> (u32, u32) {
+        let peer_id = longest(&self.d.ipcache, &self.ipcache_lens, peer)
+            .map(|e| e.identity)
+            .unwrap_or(identity::WORLD);
+        let cidr_id = longest(&self.d.cidrs, &self.cidr_lens, peer)
+            .map(|e| e.identity)
+            .unwrap_or(identity::ANY);
+        (peer_id, cidr_id)
     }
 }
 

@@ -148,22 +148,36 @@ pub fn graph(objects: Vec<Object>, options: &Options) -> Graph {
         ports.into_iter().collect()
     };
 
+    // Pods of one workload, identity, address class (what policy knows of an address)
+    // and ports are judged alike, both ways: judge one of each group, count for all.
+    let mut groups: BTreeMap<_, (&PodInfo, usize)> = BTreeMap::new();
+    for p in &pods {
+        let key = (
+            key_of(p),
+            p.identity,
+            judge.class_of(p),
+            ports_of(p),
+            p.ips[0].is_ipv4(),
+        );
+        groups.entry(key).or_insert((*p, 0)).1 += 1;
+    }
     // (from workload, to workload) → port → (pairs shown, pairs judged)
     let mut flows: BTreeMap<(String, String), PortCounts> = BTreeMap::new();
-    for t in &pods {
-        let ports = ports_of(t);
-        for f in &pods {
-            if f.key() == t.key() || f.ips[0].is_ipv4() != t.ips[0].is_ipv4() {
+    for (gt, (t, nt)) in &groups {
+        for (gf, (f, nf)) in &groups {
+            // Ordered pairs of distinct pods, of one address family.
+            let pairs = if gf == gt { nf * (nf - 1) } else { nf * nt };
+            if pairs == 0 || gf.4 != gt.4 {
                 continue;
             }
-            let per_port = flows.entry((key_of(f), key_of(t))).or_default();
-            for (protocol, port) in &ports {
+            let per_port = flows.entry((gf.0.clone(), gt.0.clone())).or_default();
+            for (protocol, port) in &gt.3 {
                 let pair = judge.flow(f, t, *protocol, *port);
                 let open = pair.egress == "not-isolated" && pair.ingress == "not-isolated";
                 let shown = pair.allowed && (options.open_flows || !open);
                 let counts = per_port.entry((*protocol, *port)).or_default();
-                counts.0 += usize::from(shown);
-                counts.1 += 1;
+                counts.0 += if shown { pairs } else { 0 };
+                counts.1 += pairs;
             }
         }
     }
