@@ -1,7 +1,16 @@
 //! DNS reachability: can the pods whose egress is isolated resolve names?
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use netpol_common::{direction, endpoint_flags, proto, reason};
+use serde_yaml::Value;
+
 use super::snippet::*;
 use super::*;
+use crate::compile::lookup::Lookup;
+use crate::index::net::addr_of;
+use crate::index::NAMESPACE_NAME_LABEL;
 
 /// What the lint judges DNS against when the input has no DNS pod.
 const DNS_STAND_IN: &str = "kind: Pod\nmetadata: {name: netpol-lint-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}\nspec: {containers: [{name: coredns, image: coredns, ports: [{name: dns, containerPort: 53, protocol: UDP}, {name: dns-tcp, containerPort: 53, protocol: TCP}]}]}\n";

@@ -17,23 +17,13 @@ mod objects;
 mod shadow;
 mod snippet;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
-use netpol_common::{direction, endpoint_flags, identity, proto, reason, PolicyKey};
+use netpol_common::direction;
 use serde::{Deserialize, Serialize};
-use serde_yaml::{Mapping, Value};
 
-use crate::compile::lookup::{self, Lookup};
-use crate::compile::{cidr::Partition, rule_prefixes, PolicyPrefix};
-use crate::hints;
-use crate::index::cluster::{self, Action, ClusterPolicy, Tier};
-use crate::index::net::{addr_of, Cidr};
-use crate::index::policy::{parse_policy, protocol_name};
-use crate::index::{Labels, Peer, PodInfo, Policy, PortRef, Rule, Selector, NAMESPACE_NAME_LABEL};
+use crate::index::{Labels, PodInfo, Selector};
 use crate::simulate::Model;
-use crate::source::cluster_policy::{self as crd, ClusterPolicyObject};
 use crate::source::Object;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -1,8 +1,19 @@
 //! Checks of each object: rejected ones, same-priority conflicts, NetworkPolicy and
 //! cluster policy fields (peer lists, selectors, ipBlocks, named ports).
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use serde_yaml::Value;
+
 use super::snippet::*;
 use super::*;
+use crate::hints;
+use crate::index::cluster;
+use crate::index::net::{addr_of, Cidr};
+use crate::index::policy::{parse_policy, protocol_name};
+use crate::index::{Peer, Policy, PortRef, Rule, NAMESPACE_NAME_LABEL};
+use crate::source::cluster_policy::{self as crd, ClusterPolicyObject};
 
 /// A NetworkPolicy rule as written: its peer list (`from`/`to`) and ports.
 type RawRule<'r> = (

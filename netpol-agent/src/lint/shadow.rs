@@ -2,8 +2,18 @@
 //! rules allowed by others, cluster rules decided first by earlier ones of their tier,
 //! and Pass rules with nothing below them.
 
+use std::collections::{BTreeSet, HashMap};
+
+use netpol_common::{identity, PolicyKey};
+use serde_yaml::Value;
+
 use super::snippet::*;
 use super::*;
+use crate::compile::cidr::Partition;
+use crate::compile::lookup;
+use crate::compile::{rule_prefixes, PolicyPrefix};
+use crate::index::cluster::{Action, ClusterPolicy, Tier};
+use crate::index::{Policy, Rule, Snapshot};
 
 /// One rule, for the shadowing checks.
 struct Unit<'a> {
@@ -51,6 +61,42 @@ fn action_word(policy_key: &str, action: Action) -> &'static str {
         Action::Accept => "Allow",
         Action::Deny => "Deny",
         Action::Pass => "Pass",
+    }
+}
+
+/// Each rule's trie prefixes per subject identity, computed once.
+struct Prefixes<'s> {
+    snap: &'s Snapshot,
+    partition: Partition,
+    cache: HashMap<(usize, u32), Vec<PolicyPrefix>>,
+}
+
+impl<'s> Prefixes<'s> {
+    fn new(snap: &'s Snapshot) -> Prefixes<'s> {
+        Prefixes {
+            snap,
+            partition: Partition::new(snap),
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The prefixes of `units[u]` for subject identity `s`.
+    fn of(&mut self, units: &[Unit], u: usize, s: u32) -> Vec<PolicyPrefix> {
+        let (snap, partition) = (self.snap, &self.partition);
+        self.cache
+            .entry((u, s))
+            .or_insert_with(|| {
+                let x = &units[u];
+                rule_prefixes(
+                    snap,
+                    partition,
+                    s,
+                    x.dir,
+                    x.rule,
+                    x.own_namespace.as_deref(),
+                )
+            })
+            .clone()
     }
 }
 
@@ -158,23 +204,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        let partition = Partition::new(snap);
-        let mut keys: HashMap<(usize, u32), Vec<PolicyPrefix>> = HashMap::new();
-        let mut prefixes = |u: usize, s: u32, units: &[Unit]| -> Vec<PolicyPrefix> {
-            keys.entry((u, s))
-                .or_insert_with(|| {
-                    let x = &units[u];
-                    rule_prefixes(
-                        snap,
-                        &partition,
-                        s,
-                        x.dir,
-                        x.rule,
-                        x.own_namespace.as_deref(),
-                    )
-                })
-                .clone()
-        };
+        let mut prefixes = Prefixes::new(snap);
         let mut active = vec![true; units.len()];
         let mut found = Vec::new();
         for u in (0..units.len()).rev() {
@@ -182,7 +212,7 @@ impl<'a> Checker<'a> {
             let mut any = false;
             let mut all = true;
             for &s in &units[u].subjects {
-                let mine = prefixes(u, s, &units);
+                let mine = prefixes.of(&units, u, s);
                 if mine.is_empty() {
                     continue;
                 }
@@ -194,7 +224,7 @@ impl<'a> Checker<'a> {
                         && units[*v].dir == units[u].dir
                         && units[*v].subjects.contains(&s)
                 }) {
-                    others.extend(prefixes(v, s, &units).into_iter().map(|k| (v, k)));
+                    others.extend(prefixes.of(&units, v, s).into_iter().map(|k| (v, k)));
                 }
                 if !mine.iter().all(|k| covered(k, &others, &mut by)) {
                     all = false;
@@ -283,7 +313,7 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        let partition = Partition::new(snap);
+        let mut prefixes = Prefixes::new(snap);
         let mut found = Vec::new();
         for u in 0..units.len() {
             let unit = &units[u];
@@ -291,7 +321,7 @@ impl<'a> Checker<'a> {
             let mut any = false;
             let mut all = true;
             for &s in &unit.subjects {
-                let mine = rule_prefixes(snap, &partition, s, unit.dir, unit.rule, None);
+                let mine = prefixes.of(&units, u, s);
                 if mine.is_empty() {
                     continue;
                 }
@@ -299,11 +329,7 @@ impl<'a> Checker<'a> {
                 let mut earlier = Vec::new();
                 for (v, e) in units[..u].iter().enumerate() {
                     if e.tier == unit.tier && e.dir == unit.dir && e.subjects.contains(&s) {
-                        earlier.extend(
-                            rule_prefixes(snap, &partition, s, e.dir, e.rule, None)
-                                .into_iter()
-                                .map(|k| (v, k)),
-                        );
+                        earlier.extend(prefixes.of(&units, v, s).into_iter().map(|k| (v, k)));
                     }
                 }
                 if !mine.iter().all(|k| covered(k, &earlier, &mut by)) {

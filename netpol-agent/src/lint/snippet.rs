@@ -1,5 +1,8 @@
 //! YAML snippets for the fixes, and field paths into the objects as written.
 
+use serde::Serialize;
+use serde_yaml::{Mapping, Value};
+
 use super::*;
 
 pub(super) fn s(text: &str) -> Value {
