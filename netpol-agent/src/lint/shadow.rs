@@ -477,6 +477,7 @@ impl<'a> Checker<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netpol_common::proto;
 
     fn key(identity: u32, protocol: Option<u8>, port: Option<(u16, u8)>) -> PolicyPrefix {
         let (port_be, len) = match (protocol, port) {
