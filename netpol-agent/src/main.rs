@@ -1,14 +1,20 @@
 use clap::Parser;
+use netpol_agent::cli::Command;
 
 fn main() {
+    let cli = netpol_agent::cli::Cli::parse();
+    // The one-shot tools report rejected objects themselves: the index need not log them.
+    let default = match cli.command {
+        Command::Lint(_) | Command::Graph(_) => "warn,netpol_agent::index=error",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NETPOL_LOG")
-                .unwrap_or_else(|_| "info".into()),
+                .unwrap_or_else(|_| default.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = netpol_agent::cli::Cli::parse();
     match netpol_agent::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

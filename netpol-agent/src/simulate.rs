@@ -8,9 +8,9 @@ use netpol_common::direction;
 use serde::Serialize;
 
 use crate::compile::lookup::Lookup;
-use crate::compile::{compile, NodeView};
+use crate::compile::{compile, Desired, NodeView};
 use crate::index::net::addr_of;
-use crate::index::Index;
+use crate::index::{Index, PodInfo, PodKey, Snapshot};
 use crate::source::{manifest::read_all, ClusterState, Object};
 
 #[derive(Debug, Serialize)]
@@ -81,44 +81,70 @@ pub(crate) fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
     out
 }
 
-pub fn simulate(
-    paths: &[PathBuf],
-    protocol: u8,
-    port: u16,
-    from: Option<&str>,
-    to: Option<&str>,
-) -> anyhow::Result<Report> {
-    let (mut objects, errors, _) = read_all(paths);
-    if let Some(e) = errors.first() {
-        anyhow::bail!("{e}");
-    }
-    let assigned = assign_addresses(&mut objects);
-    let snap = Index::new().reset(&ClusterState {
-        objects,
-        errors: vec![],
-        digest: String::new(),
-    });
-    let desired = compile(&snap, &NodeView::default());
-    for f in [from, to].into_iter().flatten() {
-        if !snap.pods.contains_key(f) {
-            anyhow::bail!("pod {f:?} is not in the manifests (use namespace/name)");
+/// A set of objects compiled the way simulate judges them: every pod is local, and
+/// pods without `status.podIP` get deterministic addresses ([`assign_addresses`]).
+pub struct Model {
+    pub snap: Snapshot,
+    pub desired: Desired,
+    /// Every pod in name order, and whether simulate chose its address.
+    pub addresses: Vec<(PodKey, bool)>,
+}
+
+impl Model {
+    pub fn new(mut objects: Vec<Object>) -> Model {
+        let addresses = assign_addresses(&mut objects);
+        let snap = Index::new().reset(&ClusterState {
+            objects,
+            errors: vec![],
+            digest: String::new(),
+        });
+        let desired = compile(&snap, &NodeView::default());
+        Model {
+            snap,
+            desired,
+            addresses,
         }
     }
-    let mut pods = Vec::new();
-    for (key, was_assigned) in &assigned {
-        if let Some(p) = snap.pods.get(key) {
-            pods.push(PodAddress {
-                pod: key.clone(),
-                ip: p.ips.first().map(IpAddr::to_string).unwrap_or_default(),
-                assigned: *was_assigned,
-            });
+
+    /// Reads manifests; the first unreadable document is the error.
+    pub fn read(paths: &[PathBuf]) -> anyhow::Result<Model> {
+        let (objects, errors, _) = read_all(paths);
+        if let Some(e) = errors.first() {
+            anyhow::bail!("{e}");
+        }
+        Ok(Model::new(objects))
+    }
+
+    pub fn judge(&self) -> Judge<'_> {
+        Judge {
+            desired: &self.desired,
+            lookup: Lookup::new(&self.desired),
         }
     }
-    let lookup = Lookup::new(&desired);
-    let judge = |pod: &str, dir: u8, peer: &crate::index::PodInfo| -> &'static str {
-        match (desired.endpoints.get(pod), peer.ips.first()) {
+}
+
+/// Flows between pods looked up in the compiled maps, as the classifier would.
+pub struct Judge<'a> {
+    desired: &'a Desired,
+    lookup: Lookup<'a>,
+}
+
+impl Judge<'_> {
+    /// `pod`'s verdict in direction `dir` on a flow with `peer`: "allowed", "denied" or
+    /// "not-isolated" (no policy decided: allowed by default).
+    pub fn side(
+        &self,
+        pod: &str,
+        dir: u8,
+        peer: &PodInfo,
+        protocol: u8,
+        port: u16,
+    ) -> &'static str {
+        match (self.desired.endpoints.get(pod), peer.ips.first()) {
             (Some(ep), Some(ip)) => {
-                let d = lookup.decide_at(ep, dir, &addr_of(*ip), protocol, port);
+                let d = self
+                    .lookup
+                    .decide_at(ep, dir, &addr_of(*ip), protocol, port);
                 match (d.allowed, d.reason) {
                     (true, netpol_common::reason::NOT_ISOLATED) => "not-isolated",
                     (true, _) => "allowed",
@@ -128,7 +154,55 @@ pub fn simulate(
             // No address (or a hostNetwork pod): nothing to enforce on.
             _ => "not-isolated",
         }
-    };
+    }
+
+    /// What the classifier knows of a pod as a peer: (identity, CIDR identity) of its
+    /// first address. Pods of one identity and class are judged alike, both ways.
+    pub fn class_of(&self, pod: &PodInfo) -> (u32, u32) {
+        pod.ips
+            .first()
+            .map_or((0, 0), |ip| self.lookup.peer_identities(&addr_of(*ip)))
+    }
+
+    /// The sender's egress and the receiver's ingress verdicts of one flow.
+    pub fn flow(&self, from: &PodInfo, to: &PodInfo, protocol: u8, port: u16) -> Pair {
+        let egress = self.side(&from.key(), direction::EGRESS, to, protocol, port);
+        let ingress = self.side(&to.key(), direction::INGRESS, from, protocol, port);
+        Pair {
+            from: from.key(),
+            to: to.key(),
+            allowed: egress != "denied" && ingress != "denied",
+            ingress,
+            egress,
+        }
+    }
+}
+
+pub fn simulate(
+    paths: &[PathBuf],
+    protocol: u8,
+    port: u16,
+    from: Option<&str>,
+    to: Option<&str>,
+) -> anyhow::Result<Report> {
+    let model = Model::read(paths)?;
+    let snap = &model.snap;
+    for f in [from, to].into_iter().flatten() {
+        if !snap.pods.contains_key(f) {
+            anyhow::bail!("pod {f:?} is not in the manifests (use namespace/name)");
+        }
+    }
+    let mut pods = Vec::new();
+    for (key, was_assigned) in &model.addresses {
+        if let Some(p) = snap.pods.get(key) {
+            pods.push(PodAddress {
+                pod: key.clone(),
+                ip: p.ips.first().map(IpAddr::to_string).unwrap_or_default(),
+                assigned: *was_assigned,
+            });
+        }
+    }
+    let judge = model.judge();
     let mut results = Vec::new();
     for (fk, f) in snap
         .pods
@@ -143,15 +217,7 @@ pub fn simulate(
             if fk == tk {
                 continue;
             }
-            let egress = judge(fk, direction::EGRESS, t);
-            let ingress = judge(tk, direction::INGRESS, f);
-            results.push(Pair {
-                from: fk.clone(),
-                to: tk.clone(),
-                allowed: egress != "denied" && ingress != "denied",
-                ingress,
-                egress,
-            });
+            results.push(judge.flow(f, t, protocol, port));
         }
     }
     Ok(Report {
@@ -159,7 +225,7 @@ pub fn simulate(
         port,
         pods,
         results,
-        invalid: snap.invalid,
+        invalid: model.snap.invalid.clone(),
     })
 }
 

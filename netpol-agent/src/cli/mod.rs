@@ -46,6 +46,11 @@ pub enum Command {
     /// Why one flow is allowed or denied, side by side, with hints for likely mistakes
     /// (exit 0 allowed, 1 denied, 2 not judged: bad input or no agent).
     Explain(ExplainArgs),
+    /// Findings about policy objects (invalid, never applying, shadowed, likely
+    /// mistakes), each with a fix; exit 1 on errors (--strict: on warnings too).
+    Lint(LintArgs),
+    /// The allowed-flow graph between workloads, as SVG (drawn here) or Graphviz DOT.
+    Graph(GraphArgs),
     /// A Flannel-like lab node of network namespaces to try netpol on.
     #[command(subcommand)]
     Lab(LabCommand),
@@ -318,6 +323,89 @@ pub struct ExplainArgs {
     pub port: String,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+/// Where `lint` and `graph` read the cluster from: manifests, or the API server once.
+#[derive(Args)]
+pub struct InputArgs {
+    /// Manifest files or directories (YAML/JSON).
+    #[arg(long, num_args = 1.., required_unless_present = "cluster", conflicts_with = "cluster")]
+    pub manifests: Vec<PathBuf>,
+    /// Read the cluster of the kubeconfig's current context (or the in-cluster config):
+    /// one list of each resource the agent watches.
+    #[arg(long)]
+    pub cluster: bool,
+    /// With --cluster: how long listing may take before giving up.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl InputArgs {
+    pub fn input(&self) -> crate::source::Input {
+        if self.cluster {
+            crate::source::Input::Cluster {
+                timeout: self.request_timeout,
+            }
+        } else {
+            crate::source::Input::Manifests(self.manifests.clone())
+        }
+    }
+
+    /// The objects, or exit code 2 after saying what could not be read.
+    fn read(&self) -> Result<Vec<crate::source::Object>, i32> {
+        crate::source::read_once(&self.input()).map_err(|e| {
+            eprintln!("error: {e:#}");
+            2
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct LintArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Fail (exit 1) on warnings too, not only on errors.
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphOutput {
+    Svg,
+    Dot,
+    Json,
+    Yaml,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// svg (a standalone picture, no external tools), dot (Graphviz), json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "svg")]
+    pub output: GraphOutput,
+    /// Judge every pod pair on PORT[/PROTOCOL] (repeat for more) instead of the
+    /// receiving pods' container ports.
+    #[arg(long = "port", value_name = "PORT[/PROTOCOL]", value_parser = parse_port)]
+    pub ports: Vec<(u8, u16)>,
+    /// Also draw flows no policy judges (neither end isolated).
+    #[arg(long)]
+    pub open_flows: bool,
+}
+
+/// `80/TCP`, `53/UDP` or `8080` (TCP).
+pub fn parse_port(text: &str) -> Result<(u8, u16), String> {
+    let (port, protocol) = text.split_once('/').unwrap_or((text, "TCP"));
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{text}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
+    let protocol = crate::index::policy::parse_protocol(&protocol.to_uppercase())
+        .ok_or_else(|| format!("{text}: the protocol is TCP, UDP or SCTP"))?;
+    Ok((protocol, port))
 }
 
 #[derive(Subcommand)]
@@ -695,6 +783,36 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(2)
             }
         },
+        Command::Lint(l) => {
+            let objects = match l.input.read() {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let report = crate::lint::lint(objects);
+            print(&report, l.output, || report.table())?;
+            // 0: no errors (warnings pass unless --strict), 1: errors, 2: unreadable input.
+            Ok(report.exit_code(l.strict))
+        }
+        Command::Graph(g) => {
+            let objects = match g.input.read() {
+                Ok(o) => o,
+                Err(code) => return Ok(code),
+            };
+            let graph = crate::graph::graph(
+                objects,
+                &crate::graph::Options {
+                    ports: g.ports,
+                    open_flows: g.open_flows,
+                },
+            );
+            match g.output {
+                GraphOutput::Svg => print!("{}", graph.svg()),
+                GraphOutput::Dot => print!("{}", graph.dot()),
+                GraphOutput::Json => print(&graph, Output::Json, String::new)?,
+                GraphOutput::Yaml => print(&graph, Output::Yaml, String::new)?,
+            }
+            Ok(0)
+        }
         Command::Lab(cmd) => lab_command(cmd),
     }
 }
@@ -863,14 +981,7 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
 
 /// `netpol explain`: offline from `--manifests`, else by the agent on its live maps.
 fn explain(e: &ExplainArgs) -> anyhow::Result<crate::explain::Explanation> {
-    let (port, proto) = e.port.split_once('/').unwrap_or((e.port.as_str(), "TCP"));
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .with_context(|| format!("--port {}: expected PORT/PROTOCOL, e.g. 80/TCP", e.port))?;
-    let protocol = crate::index::policy::parse_protocol(&proto.to_uppercase())
-        .with_context(|| format!("--port {}: the protocol is TCP, UDP or SCTP", e.port))?;
+    let (protocol, port) = parse_port(&e.port).map_err(|m| anyhow::anyhow!("--port {m}"))?;
     if !e.manifests.is_empty() {
         let q = crate::explain::Question {
             from: &e.from,

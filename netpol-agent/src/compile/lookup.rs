@@ -112,14 +112,7 @@ pub fn hits<T: Tries + ?Sized>(
 ) -> Hits {
     let (isolated_flag, admin_flag, baseline_flag) = endpoint_flags::of(dir);
     let isolated = ep.flags & isolated_flag != 0;
-    let peer_identity = tries
-        .ipcache(peer)
-        .map(|e| e.identity)
-        .unwrap_or(identity::WORLD);
-    let cidr_identity = tries
-        .cidr(peer)
-        .map(|e| e.identity)
-        .unwrap_or(identity::ANY);
+    let (peer_identity, cidr_identity) = peer_identities(tries, peer);
     let look3 = |dir: u8| {
         let look = |id| {
             tries
@@ -152,6 +145,28 @@ pub fn hits<T: Tries + ?Sized>(
         admin,
         isolated,
         lower,
+    }
+}
+
+/// What policy knows of an address: its identity from the ipcache (a pod's, the
+/// node's, else WORLD) and the CIDR identity of the ipBlocks it lies in (else ANY).
+/// Two addresses with equal pairs are judged alike.
+pub fn peer_identities<T: Tries + ?Sized>(tries: &T, peer: &Addr) -> (u32, u32) {
+    let peer_identity = tries
+        .ipcache(peer)
+        .map(|e| e.identity)
+        .unwrap_or(identity::WORLD);
+    let cidr_identity = tries
+        .cidr(peer)
+        .map(|e| e.identity)
+        .unwrap_or(identity::ANY);
+    (peer_identity, cidr_identity)
+}
+
+impl Lookup<'_> {
+    /// [`peer_identities`] on the compiled maps.
+    pub fn peer_identities(&self, peer: &Addr) -> (u32, u32) {
+        peer_identities(self, peer)
     }
 }
 

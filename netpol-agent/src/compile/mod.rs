@@ -1073,6 +1073,50 @@ pub fn selecting<'a>(
         .map(|(k, p)| (k, p.as_ref()))
 }
 
+/// The policy-trie prefixes one rule contributes to `subject`'s entries in direction
+/// `dir`, on its own (before rules are merged by key and precedence): what `lint`
+/// compares to find a rule whose flows other rules already allow. `own_namespace` is
+/// the namespace a bare podSelector means (a NetworkPolicy's; None for cluster rules).
+pub fn rule_prefixes(
+    snap: &Snapshot,
+    blocks: &cidr::Partition,
+    subject: u32,
+    dir: u8,
+    rule: &Rule,
+    own_namespace: Option<&str>,
+) -> Vec<PolicyPrefix> {
+    let peers = rule.peers.as_ref().map(|peers| {
+        let mut ids = Vec::new();
+        for peer in peers {
+            match peer {
+                Peer::Pods { namespaces, pods } => {
+                    let pp = PodPeer {
+                        own_namespace: own_namespace
+                            .filter(|_| namespaces.is_none())
+                            .map(str::to_string),
+                        namespaces: namespaces.clone(),
+                        pods: pods.clone(),
+                    };
+                    ids.extend(
+                        snap.identities
+                            .iter()
+                            .filter(|(_, k)| pp.matches(k))
+                            .map(|(id, _)| *id),
+                    );
+                }
+                Peer::Block { .. } | Peer::Nodes(_) => ids.extend(blocks.identities_of(peer)),
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    });
+    rule_entries(snap, blocks, &snap.identities[&subject], dir, rule, peers)
+        .into_iter()
+        .map(|(peer, protocol, port)| prefix_of(subject, peer, dir, protocol, port))
+        .collect()
+}
+
 /// (peer identity, protocol (None = any), port prefix (None = any port)) for one rule.
 type RuleEntry = (u32, Option<u8>, Option<(u16, u8)>);
 

@@ -6,33 +6,10 @@ use netpol_common::{direction, proto};
 use super::{dir_name, rule_name, Endpoint, Flow, Side, SideMaps};
 use crate::compile::lookup::hits;
 use crate::compile::RuleRef;
+use crate::hints::near;
 use crate::index::net::addr_of;
 use crate::index::policy::protocol_name;
 use crate::index::{Peer, PodInfo, PortRef, Rule, Selector, Snapshot};
-
-/// Edit distance, for "a label that differs by a typo".
-fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-fn near(a: &str, b: &str) -> bool {
-    a != b
-        && (a.eq_ignore_ascii_case(b)
-            || distance(a, b) <= 2
-            || a.starts_with(b)
-            || b.starts_with(a))
-}
 
 /// A selector's labels that miss `pod`'s by a typo (case, a letter or two, a prefix).
 fn label_hint(sel: &Selector, pod: &PodInfo, what: &str, hints: &mut Vec<String>) {

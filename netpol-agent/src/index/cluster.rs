@@ -417,6 +417,26 @@ fn parse_protocols(
 pub fn conflicts(
     policies: &std::collections::BTreeMap<String, std::sync::Arc<ClusterPolicy>>,
 ) -> Vec<String> {
+    conflicting(policies)
+        .into_iter()
+        .map(|(first, second)| {
+            format!(
+                "{} and {} share priority {} in the {:?} tier with different actions; \
+                 the API leaves their order undefined, netpol evaluates {} first (by name)",
+                first.key(),
+                second.key(),
+                first.priority,
+                first.tier,
+                first.key()
+            )
+        })
+        .collect()
+}
+
+/// The pairs behind [`conflicts`], each as (evaluated first, evaluated second).
+pub fn conflicting(
+    policies: &std::collections::BTreeMap<String, std::sync::Arc<ClusterPolicy>>,
+) -> Vec<(&ClusterPolicy, &ClusterPolicy)> {
     let all: Vec<&ClusterPolicy> = policies.values().map(|p| p.as_ref()).collect();
     let actions = |p: &ClusterPolicy| -> Vec<Action> {
         p.ingress
@@ -433,20 +453,11 @@ pub fn conflicts(
             }
             let (aa, ba) = (actions(a), actions(b));
             if aa.iter().any(|x| ba.iter().any(|y| x != y)) {
-                let (first, second) = if a.order() <= b.order() {
-                    (a, b)
+                out.push(if a.order() <= b.order() {
+                    (*a, *b)
                 } else {
-                    (b, a)
-                };
-                out.push(format!(
-                    "{} and {} share priority {} in the {:?} tier with different actions; \
-                     the API leaves their order undefined, netpol evaluates {} first (by name)",
-                    first.key(),
-                    second.key(),
-                    a.priority,
-                    a.tier,
-                    first.key()
-                ));
+                    (*b, *a)
+                });
             }
         }
     }

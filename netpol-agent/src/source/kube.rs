@@ -547,6 +547,40 @@ pub fn start(client: Client) -> KubeSource {
     KubeSource { updates, health }
 }
 
+/// One list of every resource, for the tools that read the cluster once (`lint`,
+/// `graph --cluster`): the first complete state, through the same watchers and mirror
+/// the agent runs. Fails after `timeout`, naming the resources not listed by then.
+pub async fn list_once(
+    client: Client,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ClusterState> {
+    let mut source = start(client);
+    let first = tokio::time::timeout(timeout, async {
+        while let Some(update) = source.updates.recv().await {
+            if let Update::Reset(state) = update {
+                return Some(state);
+            }
+        }
+        None
+    })
+    .await;
+    if let Ok(Some(state)) = first {
+        return Ok(state);
+    }
+    let health = source.health.borrow().clone();
+    let waiting: Vec<String> = RESOURCES
+        .iter()
+        .map(Resource::name)
+        .filter(|n| !health.lists.contains_key(n) && !health.missing.contains(n))
+        .collect();
+    let attempts: u64 = health.restarts.values().sum();
+    anyhow::bail!(
+        "the API server did not list {} within {timeout:?} ({attempts} failed attempts, logged above); \
+         check the kubeconfig context and that it may list and watch these resources",
+        waiting.join(", ")
+    )
+}
+
 /// Reports rejected objects as Kubernetes Events (`Warning`, reason `PolicyRejected`,
 /// the note naming the field), once per (object, error).
 pub async fn report_invalid(
