@@ -151,7 +151,10 @@ impl Socket {
             check(ret, &format!("joining rtnetlink group {group}"))?;
         }
         let ret = setsockopt(&s.fd, libc::SOL_NETLINK, NETLINK_LISTEN_ALL_NSID, 1);
-        check(ret, "NETLINK_LISTEN_ALL_NSID")?;
+        check(
+            ret,
+            "NETLINK_LISTEN_ALL_NSID (the agent needs CAP_NET_BROADCAST)",
+        )?;
         // A burst of pods must not overflow the socket (an overflow is ENOBUFS: dump
         // again). Best effort: without CAP_NET_ADMIN the default size stays.
         let _ = setsockopt(&s.fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
