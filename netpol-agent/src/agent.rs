@@ -2,8 +2,9 @@
 //!
 //! source ──► index ──► compile ──► datapath ──► events ──► api
 //!
-//! One loop owns the index and the datapath: each new source state (or a tick, while
-//! some local pod's veth has not been found yet) recompiles and syncs; the resulting
+//! One loop owns the index and the datapath: each new source state, and each change of
+//! the bridge's ports seen through netlink (`datapath/discovery.rs`), recompiles and
+//! syncs; no timer, except a backoff after a failed sync or attach. The resulting
 //! [`Status`] is published for `wait`, the names for `events`.
 
 use std::collections::BTreeMap;
@@ -18,9 +19,9 @@ use netpol_common::{map, Event};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
-use crate::api::{server, Enforced, Status};
+use crate::api::{server, Enforced, Status, Wakes};
 use crate::compile::{Compiler, NodeView};
-use crate::datapath::discovery::{bridge_addrs, Discovery};
+use crate::datapath::discovery;
 use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
@@ -169,9 +170,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => PinDir::new(&opts.pin_root),
     };
     let mut datapath = Datapath::open(&opts.capacities, pins.clone())?;
-    if opts.pod_start_hold {
-        crate::datapath::hold::spawn(opts.bridge.clone(), datapath.hold_programs()?)?;
-    }
+    let hold = match opts.pod_start_hold {
+        true => Some(crate::datapath::hold::on_new_port(
+            datapath.hold_programs()?,
+        )),
+        false => None,
+    };
+    let mut ports_rx = discovery::watch(&opts.bridge, hold)
+        .with_context(|| format!("watching the ports of bridge {}", opts.bridge))?;
     {
         let a = datapath.adoption();
         tracing::info!(
@@ -184,10 +190,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             "datapath opened"
         );
     }
-    let host_addrs = bridge_addrs(&opts.bridge)
-        .with_context(|| format!("reading the addresses of bridge {}", opts.bridge))?;
-    let config = opts.switches.config(&host_addrs)?;
-    datapath.set_config(config)?;
+    // The node's address on the pod network; the bridge may get it later (the CNI
+    // creates the bridge with the node's first pod), which the loop follows.
+    let host_addrs = ports_rx.borrow().ports.bridge_addrs.clone();
+    datapath.set_config(opts.switches.config(&host_addrs)?)?;
     let counters = datapath.take_counters()?;
     let ring = RingBuf::try_from(
         datapath
@@ -301,12 +307,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     .await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
-    let view = NodeView {
+    let mut view = NodeView {
         node: Some(opts.node.clone()),
         host_addrs,
     };
     let mut compiler = Compiler::new();
-    let mut discovery = Discovery::default();
     let mut vips_written = BTreeMap::new();
     let mut hooks = crate::datapath::services::ServiceHooks::default();
     let mut invalid_total = 0u64;
@@ -314,7 +319,19 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut syncs = 0u64;
     let mut ready_ms: Option<u64> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
+    let mut wakes = Wakes::default();
+    // After a failed sync or attach: when to try again (doubling, up to RETRY_MAX).
+    let mut retry: Option<Duration> = None;
+    let outcome = loop {
+        let ports = ports_rx.borrow_and_update().ports.clone();
+        if ports.bridge_addrs != view.host_addrs {
+            tracing::info!(addrs = ?ports.bridge_addrs, bridge = %opts.bridge, "the bridge's addresses changed");
+            view.host_addrs = ports.bridge_addrs.clone();
+            let config = opts.switches.config(&view.host_addrs);
+            if let Err(e) = config.and_then(|c| datapath.set_config(c)) {
+                tracing::error!(error = %format!("{e:#}"), "writing the node's addresses failed");
+            }
+        }
         let t = std::time::Instant::now();
         let desired = Arc::new(compiler.compile(&snapshot, &view).clone());
         let compile_time = t.elapsed();
@@ -323,13 +340,11 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             .keys()
             .map(|k| (k.clone(), snapshot.pods[k].ips.clone()))
             .collect();
-        let locations = discovery.locate(&opts.bridge, &wanted).unwrap_or_else(|e| {
-            tracing::warn!(error = %format!("{e:#}"), "finding pod veths failed");
-            BTreeMap::new()
-        });
+        let locations = ports.locate(&wanted);
         let t = std::time::Instant::now();
         let synced = datapath.sync(&desired, &locations);
         let sync_time = t.elapsed();
+        let sync_failed = synced.is_err();
         match synced {
             Ok(stats) if stats != Default::default() => {
                 tracing::info!(
@@ -351,9 +366,28 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         {
             tracing::error!(error = %format!("{e:#}"), "writing Service VIPs failed");
         }
-        let hooks_missing = hooks.sync(datapath.ebpf_mut(), &opts.service_hooks);
+        let hooks_missing = match opts.service_hooks.is_empty() {
+            true => vec![],
+            false => match datapath.to_remote() {
+                Ok(prog) => hooks.sync(prog, &opts.service_hooks),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "no program for the Service hooks");
+                    opts.service_hooks.clone()
+                }
+            },
+        };
+        if let Some(e) = datapath.verifier_failed() {
+            break Err(anyhow::anyhow!("{e}"));
+        }
         syncs += 1;
         let attached: Vec<&String> = datapath.attached().map(|(k, _)| k).collect();
+        // Located but not attached, or a hook device there but not hooked: a failure to
+        // retry. A pod not located yet waits for its port or address event, a hook
+        // device for its link event, a pod without an address for the source.
+        let failed = sync_failed
+            || locations.keys().any(|k| !attached.contains(&k))
+            || hooks_missing.iter().any(|d| ports.devices.contains(d));
+        retry = failed.then(|| retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX)));
         let pending: Vec<String> = wanted
             .keys()
             .filter(|k| !attached.contains(k))
@@ -373,9 +407,14 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             ready_ms: None,
             adopted: false,
             metrics_addr: metrics_addr.clone(),
+            wakes,
         };
         let converged = status.converged;
         if converged && ready_ms.is_none() {
+            // Ready means this build's programs passed the verifier, pods or none.
+            if let Err(e) = datapath.programs_ready() {
+                break Err(e);
+            }
             let ms = started.elapsed().as_millis() as u64;
             ready_ms = Some(ms);
             // Every located endpoint runs this version's programs now.
@@ -441,28 +480,34 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         });
         status_tx.send_replace(status);
 
-        // Until every local pod's veth is found, look again soon; after that, a slow
-        // tick notices veths that went away.
-        let tick = if converged {
-            Duration::from_secs(2)
-        } else {
-            Duration::from_millis(100)
-        };
         tokio::select! {
             next = input.next(&mut index) => {
-                let Some(next) = next else { break };
+                let Some(next) = next else { break Ok(()) };
                 snapshot = Arc::new(next);
+                wakes.source += 1;
             }
-            _ = tokio::time::sleep(tick) => {}
-            _ = tokio::signal::ctrl_c() => break,
-            _ = sigterm.recv() => break,
+            changed = ports_rx.changed() => {
+                if changed.is_err() {
+                    break Err(anyhow::anyhow!("pod discovery stopped (its error is logged above)"));
+                }
+                wakes.ports += 1;
+            }
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {
+                wakes.retry += 1;
+            }
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
         }
-    }
+    };
     api.abort();
     let _ = std::fs::remove_file(&opts.api_socket);
     tracing::info!("agent stopped");
-    Ok(())
+    outcome
 }
+
+/// Backoff of the retry after a failed sync or attach.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Reads the ring buffer, names each record and fans it out to subscribers.
 async fn pump_events(

@@ -80,7 +80,7 @@ fn every_manifest_is_listed_and_parses_into_its_type() {
                 assert_eq!(caps.drop.unwrap(), ["ALL"]);
                 assert_eq!(
                     caps.add.unwrap(),
-                    ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"]
+                    ["BPF", "NET_ADMIN", "NET_BROADCAST", "SYS_ADMIN", "PERFMON"]
                 );
                 assert!(c.resources.clone().unwrap().requests.is_some());
                 let ru = spec.update_strategy.unwrap().rolling_update.unwrap();
@@ -95,10 +95,10 @@ fn every_manifest_is_listed_and_parses_into_its_type() {
                     .into_iter()
                     .map(|m| m.mount_path)
                     .collect();
-                assert!(
-                    mounts.contains(&"/sys/fs/bpf".into())
-                        && mounts.contains(&"/var/run/netns".into())
-                );
+                // Pins live in the host's bpffs; pods are found through netlink, so no
+                // namespace directory is mounted.
+                assert!(mounts.contains(&"/sys/fs/bpf".into()));
+                assert!(!mounts.contains(&"/var/run/netns".into()));
             }
             "ServiceAccount" => drop(typed::<ServiceAccount>(rel, &v)),
             "ClusterRole" => drop(typed::<ClusterRole>(rel, &v)),
@@ -176,4 +176,107 @@ fn the_cluster_role_grants_exactly_the_calls_the_kube_source_makes() {
     let binding: ClusterRoleBinding =
         typed("clusterrolebinding.yaml", &read("clusterrolebinding.yaml"));
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+}
+
+#[path = "../../xtask/src/scenario.rs"]
+mod scenario;
+
+fn scenarios() -> PathBuf {
+    deploy().join("kind/scenarios")
+}
+
+/// Every document of a multi-document YAML file.
+fn documents(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{path:?}: {e}")))
+        .collect()
+}
+
+/// What `cargo xtask kind` applies reads into the API's types with nothing left over
+/// (the lab and simulate ignore images and commands; a cluster would not).
+#[test]
+fn the_kind_scenarios_are_kubernetes_objects() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let all = scenario::load_all(&scenarios()).unwrap();
+    assert!(all.len() >= 7, "{} scenarios", all.len());
+    let mut files = vec![scenarios().join(scenario::CLUSTER)];
+    files.extend(all.iter().map(|s| s.manifests.clone()));
+    for file in files {
+        let rel = file.strip_prefix(deploy()).unwrap().display().to_string();
+        for doc in documents(&file) {
+            match doc["kind"].as_str().unwrap() {
+                "Namespace" => drop(typed::<Namespace>(&rel, &doc)),
+                "Pod" => {
+                    let pod: Pod = typed(&rel, &doc);
+                    // The probe runs /agnhost in this container.
+                    assert_eq!(pod.spec.unwrap().containers[0].name, "serve-80-tcp");
+                }
+                "NetworkPolicy" => drop(typed::<NetworkPolicy>(&rel, &doc)),
+                "AdminNetworkPolicy" => {
+                    assert_eq!(doc["apiVersion"], "policy.networking.k8s.io/v1alpha1")
+                }
+                k => panic!("{rel}: unexpected kind {k}"),
+            }
+        }
+    }
+}
+
+/// Every expected matrix of the kind scenario suite is what `netpol simulate` computes
+/// from the same manifests: the expectations are proven here, although the cluster
+/// path (`cargo xtask kind`) cannot run on these machines. The lab proves them with
+/// real packets (`tests/lab.rs`).
+#[test]
+fn every_kind_scenario_expects_what_simulate_computes() {
+    let mut wrong = Vec::new();
+    for sc in scenario::load_all(&scenarios()).unwrap() {
+        for e in &sc.expectations {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_netpol"))
+                .arg("simulate")
+                .arg("--manifests")
+                .arg(scenarios().join(scenario::CLUSTER))
+                .arg(&sc.manifests)
+                .args(["--port", &e.port.to_string(), "--protocol", &e.protocol])
+                .args(["-o", "json"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                sc.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["invalid"], serde_json::json!([]), "{}", sc.name);
+            let mut pods: Vec<&str> = v["pods"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["pod"].as_str().unwrap())
+                .collect();
+            pods.sort();
+            let mut expected: Vec<&str> = e.pods.iter().map(String::as_str).collect();
+            expected.sort();
+            assert_eq!(pods, expected, "{}: the matrix names every pod", sc.name);
+            let results = v["results"].as_array().unwrap();
+            assert_eq!(results.len(), e.connects.len(), "{}", sc.name);
+            for r in results {
+                let (from, to) = (r["from"].as_str().unwrap(), r["to"].as_str().unwrap());
+                let want = e.connects[&(from.to_string(), to.to_string())];
+                if r["allowed"].as_bool().unwrap() != want {
+                    wrong.push(format!(
+                        "{} {}/{}: {from} to {to}: expected {}, simulate: egress {}, ingress {}",
+                        sc.name,
+                        e.port,
+                        e.protocol,
+                        if want { "✓" } else { "✗" },
+                        r["egress"],
+                        r["ingress"]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
 }

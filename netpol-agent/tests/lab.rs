@@ -1591,6 +1591,235 @@ fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
     assert!(try_connect(&c.netns, n_ip).is_err(), "y/c stays denied");
 }
 
+/// A pod plugged in by hand, the way a CNI plugin does it, removed (with its server) on
+/// drop.
+struct PluggedPod {
+    netns: String,
+    server: Option<std::process::Child>,
+}
+
+impl Drop for PluggedPod {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+/// The agent's status once it has synced to `digest`, converged or not (polled: the
+/// agent's `wait` only answers once converged).
+fn agent_status_at(lab: &Lab, digest: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let s: Value = serde_json::from_str(&agent_request(lab, "status")).unwrap();
+        if s["digest"] == digest {
+            return s;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "the agent never synced {digest}: {s}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The agent's `wait`: its status once it has converged to `digest`.
+fn agent_wait(lab: &Lab, digest: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = Path::new("/run/netpol/lab")
+        .join(&lab.name)
+        .join("agent.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    writeln!(s, "{{\"op\":\"wait\",\"digest\":\"{digest}\"}}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("the agent did not converge: {e}\n{}", lab.logs()));
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Issue 6, discovery by events: the agent already knows a pod (its view shows it on
+/// this node with its address, as the API server would) whose veth does not exist yet.
+/// The moment a CNI-like plugin puts the veth on the bridge and gives the pod its
+/// address, the link and address events wake the agent, which locates and enforces it:
+/// no timer is involved (the agent counts what woke it, and it never retried).
+#[test]
+fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::up(
+        "late",
+        &[
+            ("pods.yaml", PODS),
+            ("deny.yaml", DENY_X),
+            ("allow.yaml", ALLOW_B_TO_N),
+        ],
+    );
+    lab.wait();
+    let state = Path::new("/run/netpol/lab").join(&lab.name);
+    let cluster = state.join("cluster");
+    let ip: std::net::IpAddr = "10.244.0.201".parse().unwrap();
+    let pod = "apiVersion: v1\nkind: Pod\n\
+               metadata: {name: late, namespace: x, labels: {app: n}}\n\
+               spec: {nodeName: node0, containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}\n\
+               status: {phase: Running, podIP: 10.244.0.201, podIPs: [{ip: 10.244.0.201}, {ip: \"fd00::af4:c9\"}]}\n";
+    let tmp = state.join("late.yaml.tmp");
+    std::fs::write(&tmp, pod).unwrap();
+    std::fs::rename(&tmp, cluster.join("late.yaml")).unwrap();
+    let digest = netpol_agent::source::dir::current_digest(std::slice::from_ref(&cluster));
+    let before = agent_status_at(&lab, &digest);
+    assert_eq!(before["converged"], false, "{before}");
+    assert_eq!(before["pending"], serde_json::json!(["x/late"]), "{before}");
+
+    // Plugged in as the bridge CNI does: the veth joins the bridge, then the pod's side
+    // gets its address.
+    let node_netns = lab.status()["nodes"][0]["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut plugged = PluggedPod {
+        netns: format!("np-{}-x-late", lab.name),
+        server: None,
+    };
+    let veth = format!("nplate{}", std::process::id() % 100_000);
+    ip_cmd(&["netns", "add", &plugged.netns]);
+    ip_cmd(&[
+        "-n",
+        &node_netns,
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &plugged.netns,
+    ]);
+    ip_cmd(&[
+        "-n",
+        &node_netns,
+        "link",
+        "set",
+        &veth,
+        "master",
+        "cni0",
+        "up",
+    ]);
+    ip_cmd(&["-n", &plugged.netns, "link", "set", "lo", "up"]);
+    ip_cmd(&[
+        "-n",
+        &plugged.netns,
+        "addr",
+        "add",
+        "10.244.0.201/24",
+        "dev",
+        "eth0",
+    ]);
+    ip_cmd(&["-n", &plugged.netns, "link", "set", "eth0", "up"]);
+    ip_cmd(&[
+        "-n",
+        &plugged.netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.244.0.1",
+    ]);
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &plugged.netns, NETPOL, "lab", "serve"])
+        .args(["--who", "x/late", "--tcp", "80"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    plugged.server = Some(server);
+    assert_eq!(ready.trim(), "ready");
+
+    let after = agent_wait(&lab, &digest);
+    eprintln!("before: {}\nafter: {}", before["wakes"], after["wakes"]);
+    assert_eq!(after["pending"], serde_json::json!([]), "{after}");
+    assert_eq!(after["endpoints"], 4, "{after}");
+    let wakes = |s: &Value, what: &str| s["wakes"][what].as_u64().unwrap();
+    assert!(
+        wakes(&after, "ports") > wakes(&before, "ports"),
+        "located without a port event? {after}"
+    );
+    assert_eq!(wakes(&after, "source"), wakes(&before, "source"), "{after}");
+    assert_eq!(wakes(&after, "retry"), 0, "{after}");
+    // Enforced by the real programs: the allowed peer connects, the other does not.
+    connect(&lab.pod("x/b").netns, ip);
+    assert!(
+        try_connect(&lab.pod("y/c").netns, ip).is_err(),
+        "y/c is denied"
+    );
+    drop(plugged);
+}
+
+#[path = "../../xtask/src/scenario.rs"]
+mod scenario;
+
+/// The kind scenario suite (`deploy/kind/scenarios/`, what `cargo xtask kind` runs
+/// against a cluster) with real packets: one lab with the suite's pods, each scenario's
+/// policies in turn, every expected matrix probed.
+#[test]
+fn every_kind_scenario_holds_in_the_lab() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kind/scenarios");
+    let all = scenario::load_all(&dir).unwrap();
+    let cluster = std::fs::read_to_string(dir.join(scenario::CLUSTER)).unwrap();
+    let lab = Lab::up("scn", &[("cluster.yaml", &cluster)]);
+    lab.wait();
+    let mut wrong = Vec::new();
+    for sc in &all {
+        lab.write(
+            "policies.yaml",
+            &std::fs::read_to_string(&sc.manifests).unwrap(),
+        );
+        lab.wait();
+        for e in &sc.expectations {
+            let results = lab.probe(e.port, &e.protocol);
+            assert_eq!(results.len(), e.connects.len(), "{}", sc.name);
+            for (from, to, result) in results {
+                let want = e.connects[&(from.clone(), to.clone())];
+                let got = match result.as_str() {
+                    "connected" => Some(true),
+                    "timeout" => Some(false),
+                    _ => None, // refused: the pod serves nothing there
+                };
+                if got != Some(want) {
+                    wrong.push(format!(
+                        "{} {}/{}: {from} to {to}: expected {}, the lab: {result}",
+                        sc.name,
+                        e.port,
+                        e.protocol,
+                        if want { "✓" } else { "✗" }
+                    ));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "\n{}\n{}", wrong.join("\n"), lab.logs());
+}
+
 const STAGED_DENY_X: &str = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy

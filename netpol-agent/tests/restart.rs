@@ -4,14 +4,15 @@
 //!
 //! Asserted: an allowed, established connection echoes throughout (every round trip
 //! within 1 s), a denied peer never connects, the new agent reports ready within 2 s
-//! with 100 pods on the node (4 s after an upgrade: the new programs are verified).
+//! with 100 pods on the node, after an upgrade too (its programs go through the
+//! verifier, in parallel and while the maps are filled).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -251,17 +252,23 @@ fn kill9(pid: i32) {
 }
 
 /// Traffic that runs through the restart: echoes on an allowed connection, connection
-/// attempts from a denied pod.
+/// attempts from a denied pod. Steady, not flat out: a ping-pong as fast as the machine
+/// allows (client, debug-built lab server, four classifier runs per round trip) would
+/// take most of this 2-core machine from the agent under test, and two such tests run
+/// at once.
 struct Traffic {
     stop: Arc<AtomicBool>,
-    echoes: Arc<AtomicU64>,
+    echoes: Arc<(Mutex<u64>, Condvar)>,
     threads: Vec<std::thread::JoinHandle<Result<(), String>>>,
 }
+
+/// Between two round trips on the allowed connection: 1000 a second, at most.
+const ECHO_INTERVAL: Duration = Duration::from_millis(1);
 
 impl Traffic {
     fn start(allowed: TcpStream, intruder_netns: String, server: IpAddr) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
-        let echoes = Arc::new(AtomicU64::new(0));
+        let echoes = Arc::new((Mutex::new(0u64), Condvar::new()));
         let mut threads = Vec::new();
         {
             let (stop, echoes) = (stop.clone(), echoes.clone());
@@ -280,7 +287,9 @@ impl Traffic {
                         return Err(format!("echo {n} garbled"));
                     }
                     n += 1;
-                    echoes.store(n, Ordering::Relaxed);
+                    *echoes.0.lock().unwrap() = n;
+                    echoes.1.notify_all();
+                    std::thread::sleep(ECHO_INTERVAL);
                 }
                 Ok(())
             }));
@@ -304,7 +313,7 @@ impl Traffic {
     }
 
     fn echoes(&self) -> u64 {
-        self.echoes.load(Ordering::Relaxed)
+        *self.echoes.0.lock().unwrap()
     }
 
     fn finish(self) -> Vec<String> {
@@ -316,14 +325,16 @@ impl Traffic {
     }
 }
 
-/// Waits until the echo thread has done `n` more round trips (it signals by counting).
+/// Waits until the echo thread has done `n` more round trips (it signals each one).
 fn more_echoes(t: &Traffic, n: u64) {
     let target = t.echoes() + n;
-    let start = Instant::now();
-    while t.echoes() < target {
-        assert!(start.elapsed() < Duration::from_secs(10), "echoes stalled");
-        std::thread::yield_now();
-    }
+    let (count, done) = &*t.echoes;
+    let waited = done
+        .wait_timeout_while(count.lock().unwrap(), Duration::from_secs(10), |c| {
+            *c < target
+        })
+        .unwrap();
+    assert!(!waited.1.timed_out(), "echoes stalled");
 }
 
 fn restart(tag: &str, extra: &[&str]) -> (Value, Duration) {
@@ -399,7 +410,5 @@ fn an_upgrade_to_another_pin_version_rebuilds_without_opening_anything() {
         status["ready_ms"]
     );
     assert_eq!(status["adopted"], false, "{status}");
-    // A new build's programs must pass the verifier (~1.3 s of the total here, more when
-    // other tests load theirs at the same time): the bound is looser than a restart's.
-    assert!(status["ready_ms"].as_u64().unwrap() < 4000, "{status}");
+    assert!(status["ready_ms"].as_u64().unwrap() < 2000, "{status}");
 }

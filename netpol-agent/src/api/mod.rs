@@ -94,4 +94,18 @@ pub struct Status {
     /// Where the agent serves `/metrics`, `/healthz` and `/readyz` (None: nowhere).
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// What woke the agent loop since it started.
+    #[serde(default)]
+    pub wakes: Wakes,
+}
+
+/// What woke the agent loop, counted since it started: a new source state, a change of
+/// the bridge's ports seen through netlink (a port joined, left or changed, an address
+/// was added in a pod's namespace), or the backoff after a failed sync or attach. There
+/// is no other timer: a pod is located because of an event.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Wakes {
+    pub source: u64,
+    pub ports: u64,
+    pub retry: u64,
 }

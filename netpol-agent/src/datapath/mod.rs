@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod hold;
 pub mod live;
 pub mod maps;
+pub mod netlink;
 pub mod pin;
 pub mod services;
 pub mod tally;
@@ -188,7 +189,7 @@ pub fn load_with(
     if !programs {
         return Ok(ebpf);
     }
-    for name in [program::FROM_POD, program::TO_POD, program::TO_REMOTE] {
+    for name in VERIFIED_IN_BACKGROUND.concat() {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .context("program missing")?
@@ -197,6 +198,77 @@ pub fn load_with(
             .with_context(|| format!("the verifier rejected {name}"))?;
     }
     Ok(ebpf)
+}
+
+/// The programs a new build must pass through the verifier before it can attach them:
+/// most of an upgrade's time (see [`Datapath::open`]). One thread per group: `from_pod`
+/// alone takes about as long as the others together, and these machines have 2 cores.
+const VERIFIED_IN_BACKGROUND: [&[&str]; 2] =
+    [&[program::FROM_POD], &[program::TO_POD, program::TO_REMOTE]];
+
+/// Loads the object with its maps pinned under `pins` (created there if missing),
+/// reports that on `maps_pinned`, then verifies the programs of a new build and pins
+/// them, in parallel, while the caller fills the maps through an instance of its own.
+fn verify_in_background(
+    caps: Capacities,
+    pins: pin::PinDir,
+    maps_pinned: std::sync::mpsc::Sender<Result<(), String>>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let handle = std::thread::Builder::new()
+        .name("verifier".into())
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let loaded = load_with(&caps, Some(&pins), false);
+            let _ = maps_pinned.send(loaded.as_ref().map(drop).map_err(|e| format!("{e:#}")));
+            let mut ebpf = loaded?;
+            let mut programs: BTreeMap<&str, &mut aya::programs::Program> =
+                ebpf.programs_mut().collect();
+            let mut groups = Vec::new();
+            for names in VERIFIED_IN_BACKGROUND {
+                let mut group = Vec::new();
+                for name in names {
+                    let prog = programs.remove(name).context("program missing")?;
+                    group.push((*name, prog));
+                }
+                groups.push(group);
+            }
+            std::thread::scope(|s| {
+                let threads: Vec<_> = groups
+                    .into_iter()
+                    .map(|group| {
+                        let pins = &pins;
+                        s.spawn(move || -> anyhow::Result<()> {
+                            for (name, prog) in group {
+                                let t = std::time::Instant::now();
+                                let prog: &mut SchedClassifier = prog.try_into()?;
+                                prog.load()
+                                    .with_context(|| format!("the verifier rejected {name}"))?;
+                                let ms = t.elapsed().as_millis() as u64;
+                                tracing::debug!(program = name, ms, "program verified");
+                                pin_program(prog, pins, name)?;
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                threads
+                    .into_iter()
+                    .try_for_each(|t| t.join().expect("a verifier thread panicked"))
+            })?;
+            pins.write_build(&build_id())?;
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::info!(ms, "the new build's programs are verified and pinned");
+            Ok(())
+        })
+        .context("starting the verifier thread")?;
+    Ok(handle)
+}
+
+fn pin_program(prog: &mut SchedClassifier, pins: &pin::PinDir, name: &str) -> anyhow::Result<()> {
+    let path = pins.program_path(name);
+    let _ = std::fs::remove_file(&path);
+    prog.pin(&path)
+        .with_context(|| format!("pinning {name} at {}", path.display()))
 }
 
 /// What one sync changed.
@@ -255,8 +327,59 @@ pub struct Datapath {
     config: Config,
     pins: Option<pin::PinDir>,
     adoption: Adoption,
-    /// The programs the filters run, opened from their pins.
-    programs: Vec<(&'static str, TcAttachType, SchedClassifier)>,
+    /// The programs the filters run.
+    programs: Programs,
+}
+
+/// The programs the filters run, opened from their pins once verified.
+enum Programs {
+    Ready(Box<Verified>),
+    /// A new build's, still in the verifier (see `verify_in_background`).
+    Verifying(std::thread::JoinHandle<anyhow::Result<()>>),
+    /// The verifier rejected them: nothing can be attached (the previous agent's
+    /// programs, if any, keep enforcing).
+    Failed(String),
+}
+
+struct Verified {
+    /// The pods' veths' (`HOOKS`).
+    hooks: Vec<(&'static str, TcAttachType, SchedClassifier)>,
+    /// The Service hooks' (after DNAT).
+    to_remote: SchedClassifier,
+}
+
+impl Programs {
+    fn open(pins: &pin::PinDir) -> anyhow::Result<Programs> {
+        let open = |name: &str| {
+            let path = pins.program_path(name);
+            SchedClassifier::from_pin(&path)
+                .with_context(|| format!("opening the pinned {}", path.display()))
+        };
+        let mut hooks = Vec::new();
+        for (name, hook) in HOOKS {
+            hooks.push((name, hook, open(name)?));
+        }
+        Ok(Programs::Ready(Box::new(Verified {
+            hooks,
+            to_remote: open(program::TO_REMOTE)?,
+        })))
+    }
+
+    /// Waits for the verifier if it is still at work.
+    fn ready(&mut self, pins: &pin::PinDir) -> anyhow::Result<()> {
+        *self = match std::mem::replace(self, Programs::Failed(String::new())) {
+            Programs::Verifying(handle) => handle
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the verifier thread panicked")))
+                .and_then(|()| Programs::open(pins))
+                .unwrap_or_else(|e| Programs::Failed(format!("{e:#}"))),
+            other => other,
+        };
+        match self {
+            Programs::Failed(e) => bail!("{e}"),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Identifies the embedded classifier (a digest of its bytes).
@@ -272,14 +395,33 @@ impl Datapath {
     /// the epoch continues), or rebuilds from another version (conntrack migrated when
     /// its layout is unchanged). Nothing is detached or emptied here: the previous
     /// programs keep enforcing the previous state until the first sync replaces them.
+    /// A new build's programs are verified in the background: the first sync fills the
+    /// maps meanwhile and waits for them only to attach.
     pub fn open(caps: &Capacities, pins: pin::PinDir) -> anyhow::Result<Datapath> {
         let found = pins.survey()?;
         pins.create()?;
         // The same classifier pinned already (a restart): its programs are adopted as
         // they are, which spares the verifier's second or so.
         let reuse = found == pin::Found::SameVersion && pins.has_build(&build_id());
-        let mut ebpf = load_with(caps, Some(&pins), !reuse)?;
+        let programs = if reuse {
+            Programs::open(&pins)?
+        } else {
+            // A new build: the verifier is most of the start. It begins at once, on an
+            // instance of the object of its own, which creates the pinned maps; this one
+            // reuses them to fill them meanwhile. Only attaching waits for the programs.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let verifying = verify_in_background(caps.clone(), pins.clone(), tx)?;
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("{e}"),
+                Err(_) => bail!("the verifier thread ended before loading the classifier"),
+            }
+            Programs::Verifying(verifying)
+        };
+        let mut ebpf = load_with(caps, Some(&pins), false)?;
         if !reuse {
+            // The hold's programs are a few instructions: verified here, so that new
+            // pods are held from the start.
             for (name, _) in HOLD_HOOKS {
                 let prog: &mut SchedClassifier = ebpf
                     .program_mut(name)
@@ -287,25 +429,8 @@ impl Datapath {
                     .try_into()?;
                 prog.load()
                     .with_context(|| format!("the verifier rejected {name}"))?;
+                pin_program(prog, &pins, name)?;
             }
-            for (name, _) in HOOKS.iter().chain(&HOLD_HOOKS).copied() {
-                let prog: &mut SchedClassifier = ebpf
-                    .program_mut(name)
-                    .context("program missing")?
-                    .try_into()?;
-                let path = pins.program_path(name);
-                let _ = std::fs::remove_file(&path);
-                prog.pin(&path)
-                    .with_context(|| format!("pinning {name} at {}", path.display()))?;
-            }
-            pins.write_build(&build_id())?;
-        }
-        let mut programs = Vec::new();
-        for (name, hook) in HOOKS {
-            let path = pins.program_path(name);
-            let prog = SchedClassifier::from_pin(&path)
-                .with_context(|| format!("opening the pinned {}", path.display()))?;
-            programs.push((name, hook, prog));
         }
         pins.write_layout()?;
         let mut adoption = Adoption::default();
@@ -403,6 +528,30 @@ impl Datapath {
         Ok(())
     }
 
+    /// Waits until this build's programs are verified (an upgrade verifies them in the
+    /// background; see [`Datapath::open`]); the verifier's error if it rejected them.
+    pub fn programs_ready(&mut self) -> anyhow::Result<()> {
+        let pins = self.pins.as_ref().context("no pin directory")?;
+        self.programs.ready(pins)
+    }
+
+    /// Why the verifier rejected this build's programs, once it has (without waiting).
+    pub fn verifier_failed(&self) -> Option<&str> {
+        match &self.programs {
+            Programs::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The program of the Service hooks (after DNAT, on the overlay and the uplink).
+    pub fn to_remote(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        self.programs_ready()?;
+        match &mut self.programs {
+            Programs::Ready(p) => Ok(&mut p.to_remote),
+            _ => unreachable!("ready above"),
+        }
+    }
+
     /// Pods that have an entry and attached programs.
     pub fn attached(&self) -> impl Iterator<Item = (&PodKey, &Location)> {
         self.attached.iter().map(|(k, a)| (k, &a.location))
@@ -466,10 +615,16 @@ impl Datapath {
                 stats.written += 1;
             }
         }
-        for (pod, loc) in locations {
-            if !desired.endpoints.contains_key(pod) || self.attached.contains_key(pod) {
-                continue;
-            }
+        let attach: Vec<(&PodKey, &Location)> = locations
+            .iter()
+            .filter(|(pod, _)| {
+                desired.endpoints.contains_key(*pod) && !self.attached.contains_key(*pod)
+            })
+            .collect();
+        if !attach.is_empty() {
+            self.programs_ready()?;
+        }
+        for (pod, loc) in attach {
             match self.attach(loc) {
                 Ok(()) => {
                     self.attached.insert(
@@ -546,7 +701,10 @@ impl Datapath {
     fn attach(&mut self, loc: &Location) -> anyhow::Result<()> {
         // clsact may already exist (a previous agent): that is fine.
         let _ = tc::qdisc_add_clsact(&loc.ifname);
-        for (name, hook, prog) in &mut self.programs {
+        let Programs::Ready(verified) = &mut self.programs else {
+            bail!("the programs are not verified yet");
+        };
+        for (name, hook, prog) in &mut verified.hooks {
             let (name, hook) = (*name, *hook);
             let existing = SchedClassifierLink::attached(
                 &loc.ifname,

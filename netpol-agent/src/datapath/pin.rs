@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! <root>/<version>/maps/NP_*        every map but the per-CPU scratch
-//! <root>/<version>/programs/<name>  the classifier programs the filters run
+//! <root>/<version>/programs/<name>  the programs the filters run (pods' veths, the
+//!                                   Service hooks, the pod-start hold)
 //! <root>/<version>/build/<digest>   which classifier build they are (a restart of the
 //!                                   same build adopts them without verifying again)
 //! <root>/<version>/layout/<map>:<key size>:<value size>   (empty directories: bpffs
@@ -45,9 +46,13 @@ pub const PINNED_MAPS: &[&str] = &[
     map::ENDPOINT_COUNTERS,
 ];
 
-const HOOK_PROGRAMS: &[&str] = &[
+/// Every program that is pinned; a build is adopted only when all of them are there.
+const PINNED_PROGRAMS: &[&str] = &[
     netpol_common::program::FROM_POD,
     netpol_common::program::TO_POD,
+    netpol_common::program::TO_REMOTE,
+    netpol_common::program::HOLD_FROM_POD,
+    netpol_common::program::HOLD_TO_POD,
 ];
 
 /// Maps that hold nothing worth pinning.
@@ -224,7 +229,9 @@ impl PinDir {
     /// Whether the programs pinned here are of classifier build `id`.
     pub fn has_build(&self, id: &str) -> bool {
         self.dir().join("build").join(id).is_dir()
-            && HOOK_PROGRAMS.iter().all(|p| self.program_path(p).exists())
+            && PINNED_PROGRAMS
+                .iter()
+                .all(|p| self.program_path(p).exists())
     }
 
     pub fn write_build(&self, id: &str) -> anyhow::Result<()> {

@@ -94,7 +94,8 @@ pub fn sync_vips(
 
 /// `to_remote` attached at TC egress of the devices a DNATed packet can leave the node
 /// by (`--service-hook`, e.g. `flannel.1` and the uplink). Devices that do not exist
-/// yet are tried again at every sync.
+/// yet are tried again at the next sync (a device appearing is a link event that wakes
+/// the agent loop).
 #[derive(Default)]
 pub struct ServiceHooks {
     attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
@@ -102,7 +103,7 @@ pub struct ServiceHooks {
 
 impl ServiceHooks {
     /// Attaches to every device of `devices` not attached yet (or recreated).
-    pub fn sync(&mut self, ebpf: &mut Ebpf, devices: &[String]) -> Vec<String> {
+    pub fn sync(&mut self, prog: &mut SchedClassifier, devices: &[String]) -> Vec<String> {
         let mut missing = Vec::new();
         for dev in devices {
             let Some(ifindex) = ifindex(dev) else {
@@ -112,7 +113,7 @@ impl ServiceHooks {
             if self.attached.get(dev).is_some_and(|(i, _)| *i == ifindex) {
                 continue;
             }
-            match attach(ebpf, dev) {
+            match attach(prog, dev) {
                 Ok(id) => {
                     tracing::info!(device = %dev, "service hook attached");
                     self.attached.insert(dev.clone(), (ifindex, id));
@@ -134,13 +135,9 @@ fn ifindex(dev: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-fn attach(ebpf: &mut Ebpf, dev: &str) -> anyhow::Result<SchedClassifierLinkId> {
+fn attach(prog: &mut SchedClassifier, dev: &str) -> anyhow::Result<SchedClassifierLinkId> {
     let _ = tc::qdisc_add_clsact(dev);
     let _ = tc::qdisc_detach_program(dev, TcAttachType::Egress, program::TO_REMOTE);
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program::TO_REMOTE)
-        .context("program missing")?
-        .try_into()?;
     prog.attach_with_options(
         dev,
         TcAttachType::Egress,
