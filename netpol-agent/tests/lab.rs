@@ -2,16 +2,15 @@
 //! Needs root. Every test has its own lab name, so they run in parallel, and a guard
 //! that tears its lab down even when an assertion fails.
 
+#[path = "support/lab.rs"]
+mod support_lab;
+
+use support_lab::{in_netns, root, NETPOL};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-const NETPOL: &str = env!("CARGO_BIN_EXE_netpol");
-
-fn root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 struct Lab {
     name: String,
@@ -466,23 +465,6 @@ fn agent_request(lab: &Lab, op: &str) -> String {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).unwrap();
     line
-}
-
-/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&path).unwrap();
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0,
-            "setns {path}"
-        );
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// `ping` once from a pod; true when answered.

@@ -3,16 +3,15 @@
 //! node and across the VXLAN overlay. Needs root; every test has its own lab name and a
 //! guard that tears the lab down even when an assertion fails.
 
+#[path = "support/lab.rs"]
+mod support_lab;
+
+use support_lab::{root, NETPOL};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-const NETPOL: &str = env!("CARGO_BIN_EXE_netpol");
-
-fn root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 macro_rules! needs_root {
     () => {

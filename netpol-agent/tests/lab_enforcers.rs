@@ -3,17 +3,16 @@
 //! pair by pair, on TCP and UDP, across nodes and on one; with no enforcer everything
 //! connects. Needs root; each lab has its own name and a guard that tears it down.
 
+#[path = "support/lab.rs"]
+mod support_lab;
+
+use support_lab::{root, NETPOL};
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
-
-const NETPOL: &str = env!("CARGO_BIN_EXE_netpol");
-
-fn root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 struct Lab {
     name: String,

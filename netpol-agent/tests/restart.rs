@@ -7,6 +7,11 @@
 //! with 100 pods on the node, after an upgrade too (its programs go through the
 //! verifier, in parallel and while the maps are filled).
 
+#[path = "support/lab.rs"]
+mod support_lab;
+
+use support_lab::{in_netns, root, NETPOL};
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,12 +21,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-const NETPOL: &str = env!("CARGO_BIN_EXE_netpol");
-
-fn root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 struct Lab {
     name: String,
@@ -207,21 +206,6 @@ spec:
 "#,
     );
     out
-}
-
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{netns}");
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&path).unwrap();
-        assert_eq!(
-            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-            0
-        );
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 fn try_connect(netns: &str, to: IpAddr, timeout: Duration) -> std::io::Result<TcpStream> {
