@@ -20,15 +20,15 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{server, Enforced, Status, Wakes};
-use crate::compile::{Compiler, NodeView};
 use crate::datapath::discovery;
 use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
-use crate::index::{Change, Index, Snapshot};
 use crate::metrics::{Metrics, Recorded};
 use crate::source::kube as kube_source;
 use crate::source::{dir, ClusterState, Object};
+use netpol_engine::compile::{Compiler, NodeView};
+use netpol_engine::index::{Change, Index, Snapshot};
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
@@ -315,7 +315,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut vips_written = BTreeMap::new();
     let mut hooks = crate::datapath::services::ServiceHooks::default();
     let mut invalid_total = 0u64;
-    let mut last_invalid: Vec<crate::index::Invalid> = Vec::new();
+    let mut last_invalid: Vec<netpol_engine::index::Invalid> = Vec::new();
     let mut syncs = 0u64;
     let mut ready_ms: Option<u64> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,27 +1,20 @@
-//! netpol: Kubernetes NetworkPolicy enforced with eBPF.
+//! netpol: Kubernetes NetworkPolicy enforced with eBPF. This crate is the `netpol`
+//! binary of the image: the node agent and the operators' tools.
 //!
 //! ```text
-//! source ──► index ──► compile ──► datapath ──► kernel (TC programs + maps)
-//!                                                  │ ring buffer
-//!                                                  ▼
-//!                                    events ──► api (status, wait, observe, counters, explain)
+//! source ──► (netpol-engine: objects ─► index ─► compile) ──► datapath ──► kernel
+//!                                                                 │ ring buffer
+//!                                                                 ▼
+//!                        events ──► explain_live ──► api ──► metrics ──► agent ──► cli
 //! ```
-//! Each module knows only the boxes to its left. `lab` and `cli` sit outside the flow:
-//! the lab builds a Flannel-like node of network namespaces and runs the agent on it.
+//! Each module knows only the boxes to its left; `build.rs` fails the build otherwise.
+//! The policy engine (`netpol-engine`) is pure; the lab lives with the tests.
 
 pub mod agent;
 pub mod api;
 pub mod cli;
-pub mod compile;
 pub mod datapath;
 pub mod events;
-pub mod explain;
-pub mod graph;
-pub mod hints;
-pub mod index;
-pub mod lab;
-pub mod lint;
+pub mod explain_live;
 pub mod metrics;
-pub mod simulate;
 pub mod source;
-pub mod synthetic;

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use netpol_agent::simulate::{simulate, Model};
+use netpol_engine::simulate::{simulate, Model};
 use resvg::{tiny_skia, usvg};
 use serde::Deserialize;
 
@@ -100,7 +100,7 @@ fn edges_from_simulate(g: &Graph, open_flows: bool) -> Vec<Edge> {
             }
             let label = format!(
                 "{port}/{}",
-                netpol_agent::index::policy::protocol_name(protocol)
+                netpol_engine::index::policy::protocol_name(protocol)
             );
             let open = pair.ingress == "not-isolated" && pair.egress == "not-isolated";
             let key = (

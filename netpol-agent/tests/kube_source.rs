@@ -8,9 +8,9 @@
 mod mock_api;
 
 use mock_api::{list, within, MockApi, Step, NAMESPACES, PODS, POLICIES, SERVICES};
-use netpol_agent::compile::{compile, NodeView};
-use netpol_agent::index::{Index, Snapshot};
 use netpol_agent::source::kube::{self as kube_source, KubeSource, Update};
+use netpol_engine::compile::{compile, NodeView};
+use netpol_engine::index::{Index, Snapshot};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 

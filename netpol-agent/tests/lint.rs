@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mock_api::{list, MockApi, NAMESPACES, PODS, POLICIES};
-use netpol_agent::lint::{Finding, Severity, CODES};
+use netpol_engine::lint::{Finding, Severity, CODES};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -275,7 +275,7 @@ async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
         netpol_agent::source::kube::list_once(api.client(), std::time::Duration::from_secs(20))
             .await
             .unwrap();
-    let report = netpol_agent::lint::lint(state.objects);
+    let report = netpol_engine::lint::lint(state.objects);
     let mut got: Vec<(String, String)> = report
         .findings
         .iter()

@@ -287,7 +287,7 @@ fn bench(what: &[String], quick: bool, json: bool) -> Result {
     if what.first().map(String::as_str) == Some("compile") {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(root())
-            .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
+            .args(["bench", "-p", "netpol-tests", "--bench", "compile", "--"])
             .args(&what[1..]);
         if json {
             cmd.arg("--json");
@@ -304,7 +304,7 @@ fn bench(what: &[String], quick: bool, json: bool) -> Result {
     suite(what, quick, "lab")
 }
 
-/// The benchmark suite (netpol-agent/benches/suite) on a testbed, after the compile
+/// The benchmark suite (tests/benches/suite) on a testbed, after the compile
 /// benchmark whose JSON its control scenario reads.
 fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
     let out = root().join("target/bench");
@@ -316,7 +316,7 @@ fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
         let sizes: &[&str] = if quick { &["1000"] } else { &[] };
         let output = Command::new("cargo")
             .current_dir(root())
-            .args(["bench", "-p", "netpol-agent", "--bench", "compile", "--"])
+            .args(["bench", "-p", "netpol-tests", "--bench", "compile", "--"])
             .args(sizes)
             .arg("--json")
             .stderr(std::process::Stdio::inherit())
@@ -337,10 +337,22 @@ fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
             .unwrap_or("{}");
         std::fs::write(&compile_json, doc).map_err(|e| e.to_string())?;
     }
+    // The suite drives `netpol` and `netpol-lab` of the bench profile; cargo builds
+    // only the benchmarked package's own targets, so build both first.
+    step("building netpol and netpol-lab (release)");
+    run(Command::new("cargo").current_dir(root()).args([
+        "build",
+        "--release",
+        "-p",
+        "netpol-agent",
+        "-p",
+        "netpol-tests",
+        "--bins",
+    ]))?;
     step("benchmark suite (progress below; results in target/bench)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root())
-        .args(["bench", "-p", "netpol-agent", "--bench", "suite", "--"])
+        .args(["bench", "-p", "netpol-tests", "--bench", "suite", "--"])
         .args(what)
         .arg("--out")
         .arg(&out)
@@ -360,6 +372,9 @@ fn demo() -> Result {
         "--release",
         "-p",
         "netpol-agent",
+        "-p",
+        "netpol-tests",
+        "--bins",
     ]))?;
     run(Command::new("bash")
         .current_dir(root())

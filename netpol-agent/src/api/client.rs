@@ -47,7 +47,10 @@ pub async fn tally(socket: &Path) -> anyhow::Result<crate::events::TallyReport> 
 }
 
 /// The flow judged on the agent's live maps (`Request::Explain`).
-pub async fn explain(socket: &Path, req: &Request) -> anyhow::Result<crate::explain::Explanation> {
+pub async fn explain(
+    socket: &Path,
+    req: &Request,
+) -> anyhow::Result<netpol_engine::explain::Explanation> {
     let reply: serde_json::Value = one_line(socket, req).await?;
     if let Some(e) = reply.get("error") {
         anyhow::bail!("{}", e.as_str().unwrap_or_default());

@@ -10,7 +10,7 @@
 //! per-pod rate limiter suppressed N events (node-wide, checked every second);
 //! `{"op":"counters"}` → one [`Counters`] line (exact per-CPU sums);
 //! `{"op":"explain","from":A,"to":B,"port":P,"protocol":"TCP"}` → one
-//! [`crate::explain::Explanation`] line, judged on this node's live maps (or
+//! [`netpol_engine::explain::Explanation`] line, judged on this node's live maps (or
 //! `{"error":...}`); `{"op":"tally"}` → one [`crate::events::TallyReport`] line (per
 //! rule, per namespace).
 
@@ -21,10 +21,19 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::compile::Desired;
-use crate::index::Snapshot;
+use netpol_engine::compile::Desired;
+use netpol_engine::index::Snapshot;
 
 pub const DEFAULT_SOCKET: &str = "/run/netpol/agent.sock";
+
+/// Where `netpol lab` keeps a lab's state; node0's agent socket is `NAME/agent.sock`
+/// under it. The one convention the tools (`--lab NAME`) and the lab share.
+pub const LAB_ROOT: &str = "/run/netpol/lab";
+
+/// The socket of lab `name`'s first node's agent (`--lab NAME`).
+pub fn lab_agent_socket(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(LAB_ROOT).join(name).join("agent.sock")
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
@@ -82,7 +91,7 @@ pub struct Status {
     pub policies: usize,
     pub identities: usize,
     pub policy_entries: usize,
-    pub invalid: Vec<crate::index::Invalid>,
+    pub invalid: Vec<netpol_engine::index::Invalid>,
     /// Times the datapath was synced.
     pub syncs: u64,
     /// Milliseconds from the agent's start to its first convergence (None: not yet).

@@ -136,15 +136,15 @@ async fn handle(
             let (node, pins) = (shared.node.clone(), kernel().pins.clone());
             // Opening the maps and walking conntrack are blocking syscalls.
             let answer = tokio::task::spawn_blocking(move || {
-                let number = crate::index::policy::parse_protocol(&protocol.to_uppercase())
+                let number = netpol_engine::index::policy::parse_protocol(&protocol.to_uppercase())
                     .with_context(|| format!("protocol {protocol:?}: TCP, UDP or SCTP"))?;
                 let live = LiveMaps::open(&pins)?;
-                crate::explain::explain_live(
+                crate::explain_live::explain_live(
                     &enforced.snapshot,
                     &enforced.desired,
                     &node,
                     &live,
-                    &crate::explain::Question {
+                    &netpol_engine::explain::Question {
                         from: &from,
                         to: &to,
                         protocol: number,

@@ -1,6 +1,7 @@
 //! Command-line entry points: kubectl-style flags, `-o json|yaml|table`, exit codes
 //! scripts can trust (0 ok, 1 failure, 2 usage).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::agent::{AgentOptions, SourceSpec};
 use crate::datapath::{Capacities, Switches};
 use crate::events::{human, Verdict};
-use crate::lab;
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +51,16 @@ pub enum Command {
     Lint(LintArgs),
     /// The allowed-flow graph between workloads, as SVG (drawn here) or Graphviz DOT.
     Graph(GraphArgs),
-    /// A Flannel-like lab node of network namespaces to try netpol on.
-    #[command(subcommand)]
-    Lab(LabCommand),
+    /// A Flannel-like lab of network namespaces to try netpol on: runs `netpol-lab`
+    /// (beside this binary or on the PATH; it ships with the tests, not in the image).
+    #[command(disable_help_flag = true)]
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// `netpol foo ...` runs `netpol-foo ...`, the way git and kubectl find plugins.
+    #[command(external_subcommand)]
+    External(Vec<OsString>),
 }
 
 #[derive(Args)]
@@ -403,219 +410,13 @@ pub fn parse_port(text: &str) -> Result<(u8, u16), String> {
         .ok()
         .filter(|p| *p > 0)
         .ok_or_else(|| format!("{text}: expected PORT/PROTOCOL, e.g. 80/TCP"))?;
-    let protocol = crate::index::policy::parse_protocol(&protocol.to_uppercase())
+    let protocol = netpol_engine::index::policy::parse_protocol(&protocol.to_uppercase())
         .ok_or_else(|| format!("{text}: the protocol is TCP, UDP or SCTP"))?;
     Ok((protocol, port))
 }
 
-#[derive(Subcommand)]
-pub enum LabCommand {
-    /// Create the lab from a directory of manifests and start the agent on it.
-    Up(LabUpArgs),
-    /// Remove everything the lab created.
-    Down(LabName),
-    /// The lab's nodes and pods.
-    Status(LabStatusArgs),
-    /// Wait until the datapath enforces what the manifest directory holds now.
-    Wait(LabWaitArgs),
-    /// Run a command inside a pod's network namespace.
-    Exec(LabExecArgs),
-    /// Connect from pods to pods and report connected, refused or timeout.
-    Probe(LabProbeArgs),
-    /// Look a name up from inside a pod, through its resolver (cluster DNS).
-    Resolve(LabResolveArgs),
-    /// Traffic from one pod to another: throughput (stream, iperf3), request/response
-    /// rate and latency (rr), connection rate (crr).
-    Load(LabLoadArgs),
-    #[command(hide = true)]
-    Run(LabUpArgs),
-    #[command(hide = true)]
-    Serve(LabServeArgs),
-    /// The iptables enforcer of a node (`lab up --enforcer iptables` runs it).
-    #[command(hide = true)]
-    IptablesAgent(IptablesAgentArgs),
-}
-
-#[derive(Args)]
-pub struct IptablesAgentArgs {
-    /// dir:PATH[,PATH...], as the agent's.
-    #[arg(long)]
-    pub source: SourceSpec,
-    #[arg(long)]
-    pub node: String,
-    #[arg(long)]
-    pub api_socket: PathBuf,
-}
-
-#[derive(Args)]
-pub struct LabName {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-}
-
-#[derive(Args)]
-pub struct LabUpArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    #[arg(long)]
-    pub manifests: PathBuf,
-    #[arg(long, default_value = "10.244.0.0/24")]
-    pub pod_cidr: String,
-    /// A flag for the lab's agent (repeat for several), e.g. --agent-arg=--keep-established.
-    #[arg(long = "agent-arg", allow_hyphen_values = true)]
-    pub agent_args: Vec<String>,
-    /// Lab nodes, joined by a VXLAN overlay (flannel.1) over a lab underlay; node n has
-    /// the nth pod CIDR from --pod-cidr (10.244.n.0/24).
-    #[arg(long, default_value_t = 1)]
-    pub nodes: u32,
-    /// Cluster DNS: kube-system/coredns (k8s-app: kube-dns) behind the kube-dns Service
-    /// (10.96.0.10), every pod's resolver.
-    #[arg(long)]
-    pub dns: bool,
-    /// Dual-stack pods (fd00::<pod IPv4>, a /120 per node). Always on: accepted so the
-    /// issue's command lines work.
-    #[arg(long)]
-    pub ipv6: bool,
-    /// What enforces policy: netpol (its agent), iptables (ipsets and per-pod chains in
-    /// kube-router's layout) or none; the benchmarks compare them.
-    #[arg(long, default_value = "netpol")]
-    pub enforcer: lab::Enforcer,
-}
-
-#[derive(Args)]
-pub struct LabStatusArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
-}
-
-#[derive(Args)]
-pub struct LabWaitArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 60)]
-    pub timeout: u64,
-}
-
-#[derive(Args)]
-pub struct LabExecArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    /// namespace/pod
-    pub pod: String,
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
-}
-
-#[derive(Args)]
-pub struct LabProbeArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    #[arg(long)]
-    pub from: Option<String>,
-    #[arg(long)]
-    pub to: Option<String>,
-    #[arg(long)]
-    pub port: u16,
-    #[arg(long, default_value = "TCP")]
-    pub protocol: String,
-    /// Probe the pods' IPv4 (4) or IPv6 (6) addresses.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(4..=6))]
-    pub family: u8,
-    /// Address the target pod directly, through the ClusterIP of a Service selecting it
-    /// (its own, per-pod Service first), or through that Service's DNS name.
-    #[arg(long, value_enum, default_value = "pod")]
-    pub via: ProbeVia,
-    /// Probe a Service (namespace/name) on --port instead of pods.
-    #[arg(long, conflicts_with = "to")]
-    pub service: Option<String>,
-    /// Probes per pair (a Service picks a backend at random for each).
-    #[arg(long, default_value_t = 1)]
-    pub repeat: u32,
-    /// Seconds before a connection attempt counts as a timeout.
-    #[arg(long, default_value_t = 1.0)]
-    pub timeout: f64,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum ProbeVia {
-    Pod,
-    Service,
-    Dns,
-}
-
-#[derive(Args)]
-pub struct LabServeArgs {
-    #[arg(long, value_delimiter = ',')]
-    pub tcp: Vec<u16>,
-    #[arg(long, value_delimiter = ',')]
-    pub udp: Vec<u16>,
-    /// The pod's name, sent in the TCP greeting.
-    #[arg(long)]
-    pub who: Option<String>,
-    /// Serve DNS on port 53 from this records file.
-    #[arg(long)]
-    pub dns: Option<PathBuf>,
-}
-
-#[derive(Args)]
-pub struct LabLoadArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    /// The client pod (namespace/name).
-    #[arg(long)]
-    pub from: String,
-    /// The server pod (namespace/name).
-    #[arg(long)]
-    pub to: String,
-    #[arg(long, value_enum)]
-    pub kind: LoadKindArg,
-    #[arg(long, default_value_t = 5.0)]
-    pub seconds: f64,
-    /// Port: stream/udp 5201 (iperf3's), rr/crr 80 (a port the target pod declares).
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Parallel iperf3 streams (stream, udp).
-    #[arg(long, default_value_t = 1)]
-    pub streams: u32,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum LoadKindArg {
-    Stream,
-    Rr,
-    Crr,
-    Udp,
-}
-
-#[derive(Args)]
-pub struct LabResolveArgs {
-    #[arg(long, default_value = "netpol")]
-    pub name: String,
-    /// The pod (namespace/name) whose resolver is asked.
-    #[arg(long)]
-    pub from: String,
-    /// The name to look up (e.g. web.x.svc.cluster.local).
-    pub query: String,
-    /// Ask over TCP instead of UDP.
-    #[arg(long)]
-    pub tcp: bool,
-    /// AAAA instead of A.
-    #[arg(long)]
-    pub ipv6: bool,
-    #[arg(long, default_value_t = 2.0)]
-    pub timeout: f64,
-    #[arg(short = 'o', long, value_enum, default_value = "table")]
-    pub output: Output,
-}
-
-fn print<T: serde::Serialize>(
+/// Prints `value` as `-o json|yaml|table` asks (`table` from the closure).
+pub fn print<T: serde::Serialize>(
     value: &T,
     output: Output,
     table: impl FnOnce() -> String,
@@ -631,25 +432,9 @@ fn print<T: serde::Serialize>(
 /// The agent to talk to: a lab's (`--lab NAME`) or the one at `--socket`.
 fn agent_socket(lab: &Option<String>, socket: &std::path::Path) -> PathBuf {
     match lab {
-        Some(name) => lab::Paths::new(name).agent_sock,
+        Some(name) => crate::api::lab_agent_socket(name),
         None => socket.to_path_buf(),
     }
-}
-
-fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
-    Ok(lab::UpOptions {
-        name: a.name.clone(),
-        manifests: a
-            .manifests
-            .canonicalize()
-            .with_context(|| format!("manifest directory {}", a.manifests.display()))?,
-        pod_cidr: a.pod_cidr.clone(),
-        netpol_bin: std::env::current_exe()?,
-        agent_args: a.agent_args.clone(),
-        nodes: a.nodes,
-        dns: a.dns,
-        enforcer: a.enforcer,
-    })
 }
 
 /// Runs a command; the returned number is the process exit code.
@@ -741,10 +526,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Status(c) => {
-            let socket = match &c.lab {
-                Some(name) => PathBuf::from(format!("/run/netpol/lab/{name}/agent.sock")),
-                None => c.socket.clone(),
-            };
+            let socket = agent_socket(&c.lab, &c.socket);
             let rt = tokio::runtime::Runtime::new()?;
             let agent = rt.block_on(crate::api::client::status(&socket))?;
             let tally = rt.block_on(crate::api::client::tally(&socket))?;
@@ -753,9 +535,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Simulate(s) => {
-            let protocol = crate::index::policy::parse_protocol(&s.protocol.to_uppercase())
+            let protocol = netpol_engine::index::policy::parse_protocol(&s.protocol.to_uppercase())
                 .with_context(|| format!("--protocol {}: expected TCP, UDP or SCTP", s.protocol))?;
-            let report = crate::simulate::simulate(
+            let report = netpol_engine::simulate::simulate(
                 &s.manifests,
                 protocol,
                 s.port,
@@ -788,7 +570,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(o) => o,
                 Err(code) => return Ok(code),
             };
-            let report = crate::lint::lint(objects);
+            let report = netpol_engine::lint::lint(objects);
             print(&report, l.output, || report.table())?;
             // 0: no errors (warnings pass unless --strict), 1: errors, 2: unreadable input.
             Ok(report.exit_code(l.strict))
@@ -798,9 +580,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 Ok(o) => o,
                 Err(code) => return Ok(code),
             };
-            let graph = crate::graph::graph(
+            let graph = netpol_engine::graph::graph(
                 objects,
-                &crate::graph::Options {
+                &netpol_engine::graph::Options {
                     ports: g.ports,
                     open_flows: g.open_flows,
                 },
@@ -813,189 +595,59 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Lab(cmd) => lab_command(cmd),
+        Command::Lab { args } => plugin("lab", &args),
+        Command::External(args) => match args.split_first() {
+            Some((name, rest)) => plugin(&name.to_string_lossy(), rest),
+            None => Ok(2),
+        },
     }
 }
 
-fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
-    match cmd {
-        LabCommand::Up(a) => {
-            lab::up(&lab_up_options(&a)?)?;
-            eprintln!(
-                "lab {} is up; try: netpol lab probe --name {} --port 80",
-                a.name, a.name
-            );
-            Ok(0)
-        }
-        LabCommand::Run(a) => {
-            lab::run_supervisor(&lab_up_options(&a)?)?;
-            Ok(0)
-        }
-        LabCommand::Down(n) => {
-            lab::down(&n.name)?;
-            Ok(0)
-        }
-        LabCommand::Status(s) => {
-            let st = lab::status(&s.name)?;
-            print(&st, s.output, || {
-                let mut t = format!("{:<24} {:<8} {:<16} {}\n", "POD", "NODE", "IP", "VETH");
-                for p in &st.pods {
-                    t.push_str(&format!(
-                        "{:<24} {:<8} {:<16} {}\n",
-                        format!("{}/{}", p.namespace, p.name),
-                        p.node,
-                        p.ips.join(","),
-                        p.veth
-                    ));
-                }
-                t
-            })?;
-            Ok(0)
-        }
-        LabCommand::Wait(w) => {
-            lab::wait(&w.name, Duration::from_secs(w.timeout))?;
-            Ok(0)
-        }
-        LabCommand::Exec(e) => lab::exec(&e.name, &e.pod, &e.command),
-        LabCommand::Probe(p) => {
-            let protocol = match p.protocol.to_ascii_uppercase().as_str() {
-                "TCP" => lab::Protocol::Tcp,
-                "UDP" => lab::Protocol::Udp,
-                "ICMP" => lab::Protocol::Icmp,
-                other => anyhow::bail!("--protocol {other}: the lab probes TCP, UDP or ICMP"),
-            };
-            let report = lab::probe(
-                &p.name,
-                &lab::ProbeOptions {
-                    from: p.from.as_deref(),
-                    to: p.to.as_deref(),
-                    service: p.service.as_deref(),
-                    port: p.port,
-                    protocol,
-                    ipv6: p.family == 6,
-                    timeout: Duration::from_secs_f64(p.timeout),
-                    via: match p.via {
-                        ProbeVia::Pod => lab::Via::Pod,
-                        ProbeVia::Service => lab::Via::Service,
-                        ProbeVia::Dns => lab::Via::Dns,
-                    },
-                    repeat: p.repeat,
-                },
-            )?;
-            print(&report, p.output, || report.table())?;
-            Ok(0)
-        }
-        LabCommand::IptablesAgent(a) => {
-            let SourceSpec::Dir(source) = a.source else {
-                anyhow::bail!("--source: the iptables enforcer reads dir:PATH only");
-            };
-            lab::iptables::run_agent(lab::iptables::AgentOptions {
-                source,
-                node: a.node,
-                api_socket: a.api_socket,
-            })?;
-            Ok(0)
-        }
-        LabCommand::Serve(s) => {
-            lab::serve(&s.tcp, &s.udp, s.who.as_deref(), s.dns.as_deref())?;
-            Ok(0)
-        }
-        LabCommand::Load(l) => {
-            let kind = match l.kind {
-                LoadKindArg::Stream => lab::LoadKind::Stream,
-                LoadKindArg::Rr => lab::LoadKind::Rr,
-                LoadKindArg::Crr => lab::LoadKind::Crr,
-                LoadKindArg::Udp => lab::LoadKind::Udp,
-            };
-            let r = lab::load_with(
-                &l.name,
-                &l.from,
-                &l.to,
-                kind,
-                l.seconds,
-                &lab::LoadOptions {
-                    port: l.port,
-                    streams: l.streams,
-                },
-            )?;
-            print(&r, l.output, || {
-                let mut t = format!(
-                    "{:?} {} -> {} ({}:{}) for {}s\n",
-                    r.kind, r.from, r.to, r.address, r.port, r.seconds
-                );
-                if let Some(bps) = r.throughput_bps {
-                    t += &format!(
-                        "throughput {:.2} Gbit/s, {} retransmits\n",
-                        bps / 1e9,
-                        r.retransmits.unwrap_or(0)
-                    );
-                }
-                if let Some(pps) = r.packets_per_sec {
-                    t += &format!(
-                        "{pps:.0} datagrams/s received, {:.1}% lost\n",
-                        r.lost_percent.unwrap_or(0.0)
-                    );
-                }
-                if let (Some(n), Some(rate)) = (r.transactions, r.transactions_per_sec) {
-                    t += &format!("{n} transactions, {rate:.0}/s\n");
-                }
-                if let Some(l) = &r.latency {
-                    t += &format!(
-                        "latency p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs\n",
-                        l.p50_us, l.p90_us, l.p99_us, l.max_us
-                    );
-                }
-                t
-            })?;
-            Ok(0)
-        }
-        LabCommand::Resolve(r) => {
-            let answer = lab::resolve(
-                &r.name,
-                &r.from,
-                &r.query,
-                r.tcp,
-                r.ipv6,
-                Duration::from_secs_f64(r.timeout),
-            )?;
-            print(&answer, r.output, || {
-                format!(
-                    "{} {} via {} ({}): {:?} {}\n",
-                    answer.from,
-                    answer.query,
-                    answer.server,
-                    answer.transport,
-                    answer.result,
-                    answer
-                        .addresses
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                )
-            })?;
-            Ok(0)
-        }
+/// Replaces this process with `netpol-NAME ARGS`: the binary beside this one first (a
+/// build directory, an unpacked release), then the PATH. Only returns on failure.
+fn plugin(name: &str, args: &[OsString]) -> anyhow::Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let file = format!("netpol-{name}");
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join(&file)))
+        .filter(|p| p.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(&file));
+    let err = std::process::Command::new(&program).args(args).exec();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        eprintln!(
+            "error: netpol {name}: {file} is neither beside {} nor on the PATH{}",
+            std::env::current_exe()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            if name == "lab" {
+                " (it is built with the tests: cargo build -p netpol-tests)"
+            } else {
+                ""
+            }
+        );
+        return Ok(2);
     }
+    Err(anyhow::anyhow!("running {}: {err}", program.display()))
 }
 
 /// `netpol explain`: offline from `--manifests`, else by the agent on its live maps.
-fn explain(e: &ExplainArgs) -> anyhow::Result<crate::explain::Explanation> {
+fn explain(e: &ExplainArgs) -> anyhow::Result<netpol_engine::explain::Explanation> {
     let (protocol, port) = parse_port(&e.port).map_err(|m| anyhow::anyhow!("--port {m}"))?;
     if !e.manifests.is_empty() {
-        let q = crate::explain::Question {
+        let q = netpol_engine::explain::Question {
             from: &e.from,
             to: &e.to,
             protocol,
             port,
         };
-        return crate::explain::explain(&e.manifests, &q);
+        return netpol_engine::explain::explain(&e.manifests, &q);
     }
     let req = crate::api::Request::Explain {
         from: e.from.clone(),
         to: e.to.clone(),
         port,
-        protocol: crate::index::policy::protocol_name(protocol).into(),
+        protocol: netpol_engine::index::policy::protocol_name(protocol).into(),
     };
     let socket = agent_socket(&e.lab, &e.socket);
     tokio::runtime::Runtime::new()?.block_on(crate::api::client::explain(&socket, &req))

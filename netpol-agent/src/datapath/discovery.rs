@@ -23,7 +23,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use super::netlink::{Link, Message, Peer, Received, Socket};
-use crate::index::PodKey;
+use netpol_engine::index::PodKey;
 
 /// Where a local pod's traffic enters and leaves the node.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,8 +16,8 @@ use netpol_common::{
 };
 
 use super::pin::PinDir;
-use crate::compile::lookup::Tries;
-use crate::index::net::addr_of;
+use netpol_engine::compile::lookup::Tries;
+use netpol_engine::index::net::addr_of;
 
 /// The maps a judgement reads, opened from their pins.
 pub struct LiveMaps {

@@ -12,8 +12,8 @@ use netpol_common::{
     COUNTERS_LEN,
 };
 
-use crate::compile::PolicyPrefix;
-use crate::index::net::Cidr;
+use netpol_engine::compile::PolicyPrefix;
+use netpol_engine::index::net::Cidr;
 
 pub fn cidr_key(c: &Cidr) -> Key<Addr> {
     Key::new(c.prefix as u32, c.addr)

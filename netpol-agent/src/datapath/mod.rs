@@ -28,9 +28,9 @@ use aya::programs::SchedClassifier;
 use aya::{Ebpf, EbpfLoader};
 use netpol_common::{capacity, ct_timeout, map, program, Config};
 
-use crate::compile::Desired;
-use crate::index::PodKey;
 pub use discovery::Location;
+use netpol_engine::compile::Desired;
+use netpol_engine::index::PodKey;
 
 /// The classifier object, built by build.rs.
 pub static CLASSIFIER: &[u8] =
@@ -141,8 +141,8 @@ impl Switches {
         }
         for ip in host_addrs {
             match ip {
-                std::net::IpAddr::V4(_) => c.host_ipv4 = crate::index::net::addr_of(*ip),
-                std::net::IpAddr::V6(_) => c.host_ipv6 = crate::index::net::addr_of(*ip),
+                std::net::IpAddr::V4(_) => c.host_ipv4 = netpol_engine::index::net::addr_of(*ip),
+                std::net::IpAddr::V6(_) => c.host_ipv6 = netpol_engine::index::net::addr_of(*ip),
             }
         }
         Ok(c)

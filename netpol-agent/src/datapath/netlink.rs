@@ -277,12 +277,16 @@ impl Socket {
 /// # Safety
 /// `msg` must be a msghdr filled by `recvmsg`, with its control buffer still alive.
 unsafe fn nsid_of(msg: &libc::msghdr) -> Option<i32> {
-    let mut c = libc::CMSG_FIRSTHDR(msg);
-    while !c.is_null() {
-        if (*c).cmsg_level == libc::SOL_NETLINK && (*c).cmsg_type == NETLINK_LISTEN_ALL_NSID {
-            return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32));
+    // SAFETY: the caller's msghdr and its control buffer are alive; the CMSG_* macros walk
+    // only within msg_controllen, and each header they return is checked for null.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_NETLINK && (*c).cmsg_type == NETLINK_LISTEN_ALL_NSID {
+                return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32));
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
         }
-        c = libc::CMSG_NXTHDR(msg, c);
     }
     None
 }

@@ -15,7 +15,7 @@ use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use netpol_common::{map, program, Addr, ServiceEntry};
 
-use crate::source::Object;
+use netpol_engine::objects::Object;
 
 /// The VIPs of every Service with a ClusterIP (`None`/headless skipped), numbered in
 /// (namespace, name) order.
@@ -51,7 +51,7 @@ pub fn vips(objects: &[Object]) -> BTreeMap<Addr, ServiceEntry> {
     for (i, (_, _, ips)) in named.iter().enumerate() {
         for ip in ips {
             out.insert(
-                crate::index::net::addr_of(*ip),
+                netpol_engine::index::net::addr_of(*ip),
                 ServiceEntry { id: i as u32 + 1 },
             );
         }
@@ -156,7 +156,7 @@ mod tests {
 
     #[test]
     fn every_cluster_ip_is_a_vip_and_headless_services_are_not() {
-        let (objects, errors) = crate::source::parse_manifests(
+        let (objects, errors) = netpol_engine::objects::parse_manifests(
             std::path::Path::new("svc.yaml"),
             r#"
 apiVersion: v1
@@ -185,7 +185,7 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
         );
         // x/db (headless) is numbered but has no VIP.
         assert_eq!(v[&v4_mapped([10, 96, 0, 20])].id, 3);
-        let v6 = crate::index::net::addr_of("fd00:96::20".parse().unwrap());
+        let v6 = netpol_engine::index::net::addr_of("fd00:96::20".parse().unwrap());
         assert_eq!(v[&v6].id, 3);
     }
 }

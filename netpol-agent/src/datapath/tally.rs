@@ -14,7 +14,7 @@ use aya::maps::{MapData, PerCpuHashMap, PerCpuValues};
 use aya::Ebpf;
 use netpol_common::{map, EndpointCounters, RuleCounter};
 
-use crate::compile::Desired;
+use netpol_engine::compile::Desired;
 
 /// Sums over CPUs, with the names of the namespaces that endpoints belong to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -9,10 +9,10 @@ use std::net::IpAddr;
 use netpol_common::{direction, proto, reason, verdict, EndpointCounters, Event};
 use serde::{Deserialize, Serialize};
 
-use crate::compile::{selecting, Desired, RuleRef};
 use crate::datapath::tally::Reading;
-use crate::index::net::ip_of;
-use crate::index::Snapshot;
+use netpol_engine::compile::{selecting, Desired, RuleRef};
+use netpol_engine::index::net::ip_of;
+use netpol_engine::index::Snapshot;
 
 /// An event as operators read it (`netpol observe -o json`: one per line).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -391,17 +391,18 @@ pub fn human(v: &Verdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compile::{compile, NodeView};
-    use crate::index::net::addr_of;
-    use crate::index::Index;
+    use netpol_engine::compile::{compile, NodeView};
+    use netpol_engine::index::net::addr_of;
+    use netpol_engine::index::Index;
 
     /// A drop by a cluster policy names it, its rule and its tier; an allow names the
     /// rule that allowed it and the policies that isolate the pod.
     #[test]
     fn a_verdict_names_the_policies_responsible_and_the_tier() {
-        let state = crate::index::tests::state(
+        let state = netpol_engine::objects::ClusterState::from_text(
             "kind: Namespace\nmetadata: {name: x}\n---\nkind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.1}\n---\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {app: b}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.0.0.2}\n---\napiVersion: policy.networking.k8s.io/v1alpha1\nkind: BaselineAdminNetworkPolicy\nmetadata: {name: default}\nspec: {subject: {namespaces: {}}, ingress: [{action: Deny, from: [{namespaces: {}}]}]}\n---\nkind: NetworkPolicy\nmetadata: {name: b-in, namespace: x}\nspec: {podSelector: {matchLabels: {app: b}}, ingress: [{from: [{podSelector: {}}]}]}\n",
-        );
+        )
+        .unwrap();
         let snap = Index::new().reset(&state);
         let desired = compile(&snap, &NodeView::default());
         let namer = Namer::new(&snap, &desired);

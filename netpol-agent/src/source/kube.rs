@@ -32,7 +32,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::{ClusterState, Object};
-use crate::index::{Change, Invalid, Kind, AUDIT_ANNOTATION, MODE_ANNOTATION};
+use netpol_engine::objects::{Change, Invalid, Kind, AUDIT_ANNOTATION, MODE_ANNOTATION};
 
 /// A resource the source watches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

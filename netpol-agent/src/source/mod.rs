@@ -3,22 +3,10 @@
 //!
 //! source ──► index ──► compile ──► datapath ──► events
 
-pub mod cluster_policy;
 pub mod dir;
 pub mod kube;
-pub mod manifest;
 
-pub use manifest::{parse_manifests, Object};
-
-/// Everything a source knows at one moment, with a digest of its input so that a
-/// waiter can tell whether the datapath has caught up with a given input.
-#[derive(Clone, Debug, Default)]
-pub struct ClusterState {
-    pub objects: Vec<Object>,
-    /// Errors of objects that could not be read (file and reason); the rest is used.
-    pub errors: Vec<String>,
-    pub digest: String,
-}
+pub use netpol_engine::objects::{manifest, parse_manifests, ClusterState, Object};
 
 /// Where the tools that read the cluster once (`lint`, `graph`) take it from.
 #[derive(Clone, Debug)]

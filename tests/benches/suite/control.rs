@@ -1,0 +1,231 @@
+//! Control plane: the compile benchmark's numbers (read from its JSON), and a real agent
+//! started on a synthetic cluster of each size: its first sync and its memory. The same
+//! node's compile and map writes are also timed in process.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use netpol_agent::datapath::{load, maps, Capacities};
+use netpol_agent::source::{dir, Object};
+use netpol_common::map;
+use netpol_engine::compile::{Compiler, NodeView};
+use netpol_engine::index::Index;
+use netpol_tests::synthetic::{self, Shape};
+
+use crate::plan::Plan;
+use crate::report::{AgentRun, Control};
+use crate::testbed::memory_mib;
+use crate::Progress;
+
+/// The synthetic pods of `node-0` (1 in 100) are this node's.
+const NODE: &str = "node-0";
+
+pub fn run(
+    plan: &Plan,
+    compile_json: Option<&Path>,
+    progress: &mut Progress,
+) -> anyhow::Result<Control> {
+    let compile = match compile_json {
+        Some(p) => Some(
+            serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut agents = Vec::new();
+    for &pods in &plan.agent_pods {
+        progress.step(
+            &format!("control: an agent on {pods} synthetic pods"),
+            3.0 + pods as f64 / 5_000.0,
+        );
+        agents.push(agent_run(pods)?);
+    }
+    Ok(Control { compile, agents })
+}
+
+/// What an agent run leaves behind, removed on drop: its process, network namespace,
+/// bpffs and files.
+struct Scratch {
+    netns: String,
+    dir: std::path::PathBuf,
+    pins: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        if let Ok(p) = std::ffi::CString::new(self.pins.as_os_str().as_encoded_bytes()) {
+            // SAFETY: a plain syscall on a valid C string.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sh(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| shown.clone())?;
+    if !out.status.success() {
+        bail!("{shown}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn yaml_of(objects: &[Object]) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for o in objects {
+        out.push_str(&match o {
+            Object::Namespace(x) => serde_yaml::to_string(x)?,
+            Object::Pod(x) => serde_yaml::to_string(x)?,
+            Object::NetworkPolicy(x) => serde_yaml::to_string(x)?,
+            _ => continue,
+        });
+        out.push_str("---\n");
+    }
+    Ok(out)
+}
+
+fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
+    let objects = synthetic::cluster(&Shape::pods(pods));
+    let dir = std::env::temp_dir().join(format!("netpol-bench-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let manifests = dir.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("cluster.yaml"), yaml_of(&objects)?)?;
+    let pins = dir.join("bpffs");
+    std::fs::create_dir_all(&pins)?;
+    let mut scratch = Scratch {
+        netns: format!("bctl{}", std::process::id() % 10_000),
+        dir: dir.clone(),
+        pins: pins.clone(),
+        child: None,
+    };
+    let _ = Command::new("ip")
+        .args(["netns", "del", &scratch.netns])
+        .stderr(Stdio::null())
+        .status();
+    sh(Command::new("ip").args(["netns", "add", &scratch.netns]))?;
+    for args in [
+        "link set lo up",
+        "link add cni0 type bridge",
+        "addr add 10.244.0.1/24 dev cni0",
+        "link set cni0 up",
+    ] {
+        sh(Command::new("ip")
+            .args(["-n", &scratch.netns])
+            .args(args.split(' ')))?;
+    }
+    sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&pins))?;
+    let sock = dir.join("agent.sock");
+    let digest = dir::current_digest(std::slice::from_ref(&manifests));
+    let started = Instant::now();
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &scratch.netns,
+            crate::NETPOL,
+            "agent",
+            "--source",
+        ])
+        .arg(format!("dir:{}", manifests.display()))
+        .args(["--node", NODE, "--bridge", "cni0", "--metrics-addr", "off"])
+        .arg("--no-pod-start-hold")
+        .arg("--api-socket")
+        .arg(&sock)
+        .arg("--pin-root")
+        .arg(&pins)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("agent.log"))?)
+        .spawn()
+        .context("starting the agent")?;
+    let pid = child.id();
+    scratch.child = Some(child);
+    // The agent never converges here (its local pods have no veths), so its status is
+    // read until it reports a sync of this cluster.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(async {
+        loop {
+            if let Ok(s) = netpol_agent::api::client::status(&sock).await {
+                if s.digest == digest && s.syncs >= 1 {
+                    return Ok(s);
+                }
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                bail!(
+                    "the agent did not sync {pods} pods within 300 s; {}",
+                    dir.join("agent.log").display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })?;
+    let first_sync_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (rss, hwm) = memory_mib(pid)?;
+
+    // The same node in process: index + compile, then every entry written once.
+    let state = netpol_engine::objects::ClusterState {
+        objects,
+        errors: vec![],
+        digest: String::new(),
+    };
+    let t = Instant::now();
+    let snap = Index::new().reset(&state);
+    let view = NodeView {
+        node: Some(NODE.into()),
+        host_addrs: vec![],
+    };
+    let desired = Compiler::new().compile(&snap, &view).clone();
+    let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut ebpf = load(&Capacities::default()).context("loading the classifier")?;
+    let t = Instant::now();
+    let none = Default::default();
+    maps::upsert_diff(
+        &mut ebpf,
+        map::IPCACHE,
+        &none,
+        &desired.ipcache,
+        maps::cidr_key,
+    )?;
+    let none = Default::default();
+    maps::upsert_diff(&mut ebpf, map::CIDRS, &none, &desired.cidrs, maps::cidr_key)?;
+    let none = Default::default();
+    maps::upsert_diff(
+        &mut ebpf,
+        map::POLICY,
+        &none,
+        &desired.policy,
+        maps::policy_key,
+    )?;
+    let sync_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(scratch);
+    Ok(AgentRun {
+        pods,
+        local_pods: status.pending.len() + status.endpoints,
+        policies: status.policies,
+        identities: status.identities,
+        policy_entries: status.policy_entries,
+        first_sync_ms,
+        rss_mib: rss,
+        hwm_mib: hwm,
+        compile_ms,
+        sync_ms,
+        map_entries: desired.len(),
+    })
+}

@@ -1,0 +1,320 @@
+//! A lab as the tests drive it: a guard that tears it down even when an assertion
+//! fails, the `netpol` commands they run on it, and observers that say when they are
+//! subscribed (their "observing" line) so that nothing has to sleep for readiness.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const NETPOL: &str = env!("NETPOL_BIN");
+
+pub fn root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{netns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).unwrap();
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {path}"
+        );
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    /// Lab `t<tag><pid>` of `manifests`, with extra `lab up` flags (`--dns`,
+    /// `--agent-arg=...`).
+    pub fn up(tag: &str, manifests: &[(&str, &str)], flags: &[&str]) -> Lab {
+        let name = format!("t{tag}{}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lab = Lab { name, dir };
+        for (file, text) in manifests {
+            lab.write(file, text);
+        }
+        let dir = lab.dir.to_str().unwrap().to_string();
+        let mut args = vec!["lab", "up", "--manifests", &dir];
+        args.extend(flags);
+        lab.netpol(&args);
+        lab
+    }
+
+    pub fn write(&self, file: &str, text: &str) {
+        std::fs::write(self.dir.join(file), text).unwrap();
+    }
+
+    pub fn remove(&self, file: &str) {
+        let _ = std::fs::remove_file(self.dir.join(file));
+    }
+
+    /// Writes (Some) or removes (None) manifest files, then waits until the agent
+    /// enforces them.
+    pub fn apply(&self, files: &[(&str, Option<&str>)]) {
+        for (file, text) in files {
+            match text {
+                Some(t) => self.write(file, t),
+                None => self.remove(file),
+            }
+        }
+        self.netpol(&["lab", "wait", "--timeout", "60"]);
+    }
+
+    /// `netpol ARGS --name <lab>`, whatever its exit code.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = args.to_vec();
+        if args.first() == Some(&"lab") {
+            full.extend(["--name", &self.name]);
+        } else {
+            full.extend(["--lab", &self.name]);
+        }
+        Command::new(NETPOL).args(&full).output().unwrap()
+    }
+
+    /// `netpol ARGS`, which must succeed; its stdout.
+    pub fn netpol(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "netpol {}: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn logs(&self) -> String {
+        let dir = Path::new("/run/netpol/lab").join(&self.name);
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| n.ends_with(".log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f}\n{}",
+                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// One probe: connected, refused or timeout.
+    pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> String {
+        let port = port.to_string();
+        let out = self.netpol(&[
+            "lab",
+            "probe",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--port",
+            &port,
+            "--protocol",
+            protocol,
+            "--timeout",
+            "0.5",
+            "-o",
+            "json",
+        ]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["results"][0]["result"].as_str().unwrap().to_string()
+    }
+
+    /// `lab resolve`: answered, nxdomain, timeout or refused.
+    pub fn resolve(&self, from: &str, name: &str, tcp: bool) -> String {
+        let mut args = vec![
+            "lab",
+            "resolve",
+            "--from",
+            from,
+            name,
+            "--timeout",
+            "1",
+            "-o",
+            "json",
+        ];
+        if tcp {
+            args.push("--tcp");
+        }
+        let v: Value = serde_json::from_str(&self.netpol(&args)).unwrap();
+        v["result"].as_str().unwrap().to_string()
+    }
+
+    /// Live `netpol explain` through the lab's agent: (exit code, the explanation).
+    pub fn explain(&self, from: &str, to: &str, port: &str) -> (i32, Value) {
+        let out = self.run(&[
+            "explain", "--from", from, "--to", to, "--port", port, "-o", "json",
+        ]);
+        let code = out.status.code().unwrap_or(-1);
+        assert!(
+            code == 0 || code == 1,
+            "netpol explain {from} {to} {port}: exit {code}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (code, serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The agent's exact counters (`netpol counters -o json`).
+    pub fn counters(&self) -> Value {
+        serde_json::from_str(&self.netpol(&["counters", "-o", "json"])).unwrap()
+    }
+
+    /// One packet counter: (verdict dropped/allowed/audit, reason, direction).
+    pub fn count(&self, counters: &Value, verdict: &str, reason: &str, dir: &str) -> u64 {
+        let verdict = ["allowed", "dropped", "audit"]
+            .iter()
+            .position(|v| *v == verdict)
+            .unwrap() as u64;
+        let dir = u64::from(dir == "egress");
+        counters["packets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["verdict"] == verdict && c["reason"] == reason && c["direction"] == dir)
+            .map(|c| c["packets"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// A pod's network namespace and IPv4 address, from the lab's status.
+    pub fn pod(&self, key: &str) -> (String, std::net::IpAddr) {
+        let status: Value =
+            serde_json::from_str(&self.netpol(&["lab", "status", "-o", "json"])).unwrap();
+        let p = status["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| format!("{}/{}", p["namespace"], p["name"]).replace('"', "") == key)
+            .unwrap_or_else(|| panic!("no pod {key}"))
+            .clone();
+        let v4 = p["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ip| ip.as_str().unwrap().parse::<std::net::IpAddr>().unwrap())
+            .find(|ip| ip.is_ipv4())
+            .unwrap();
+        (p["netns"].as_str().unwrap().to_string(), v4)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(NETPOL)
+            .args(["lab", "down", "--name", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `netpol observe --lab <lab> FILTER...`, subscribed: started once the agent has
+/// said "observing". Lines of stdout and stderr arrive on channels; killed on drop.
+pub struct Observer {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+}
+
+fn lines(read: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(read).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+impl Observer {
+    pub fn start(lab: &Lab, filter: &[&str]) -> Observer {
+        let mut child = Command::new(NETPOL)
+            .args(["observe", "--lab", &lab.name])
+            .args(filter)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        let obs = Observer {
+            child,
+            stdout,
+            stderr,
+        };
+        match obs.stderr.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l.starts_with("observing") => obs,
+            other => panic!(
+                "netpol observe did not subscribe: {other:?}\n{}",
+                lab.logs()
+            ),
+        }
+    }
+
+    /// The next verdict (`-o json`), waiting at most `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<Value> {
+        let line = self.stdout.recv_timeout(timeout).ok()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
+    }
+
+    /// Every verdict up to `n`, waiting at most `timeout` in all.
+    pub fn take(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Some(v) => out.push(v),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// The next line on stderr that contains `what`, waiting at most `timeout`.
+    pub fn note(&self, what: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.stderr.recv_timeout(left).ok()?;
+            if line.contains(what) {
+                return Some(line);
+            }
+        }
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
