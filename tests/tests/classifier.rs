@@ -41,8 +41,8 @@ const OK: u32 = TC_ACT_OK;
 const SHOT: u32 = TC_ACT_SHOT;
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn default_deny_ingress_drops_a_syn_and_reports_it() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     let syn = v4(CLIENT, SERVER, tcp(40000, 80, SYN));
     assert_eq!(rig.ingress(&syn), SHOT);
@@ -71,8 +71,8 @@ fn default_deny_ingress_drops_a_syn_and_reports_it() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn an_allowed_port_passes_and_only_that_port() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x1000);
     assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40000, 80, SYN))), OK);
@@ -89,8 +89,8 @@ fn an_allowed_port_passes_and_only_that_port() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn replies_of_an_allowed_connection_pass_under_default_deny_egress() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x1000);
     // A SYN-ACK with no connection behind it is an egress the policy does not allow.
@@ -109,8 +109,8 @@ fn replies_of_an_allowed_connection_pass_under_default_deny_egress() {
 /// Each protocol, IPv4 and IPv6: the allowed (protocol, port) passes and creates state
 /// under the right key; another port of the same protocol drops; the reply passes.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn every_protocol_in_both_families_is_judged_on_its_own_ports() {
-    needs_root!();
     type Mk = fn(u16, u16) -> (u8, Vec<u8>);
     let cases: [(&str, u8, Mk); 3] = [
         ("tcp", TCP, |s, d| tcp(s, d, SYN)),
@@ -170,8 +170,8 @@ fn every_protocol_in_both_families_is_judged_on_its_own_ports() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn icmp_and_icmpv6_echo_are_tracked_by_their_identifier() {
-    needs_root!();
     for v6_family in [false, true] {
         let mut rig = Rig::new(isolated());
         rig.config(trace());
@@ -203,8 +203,8 @@ fn icmp_and_icmpv6_echo_are_tracked_by_their_identifier() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn ipv4_options_move_the_ports_and_a_bad_ihl_is_malformed() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     rig.config(trace());
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 1);
@@ -251,8 +251,8 @@ fn ipv4_options_move_the_ports_and_a_bad_ihl_is_malformed() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn ipv6_extension_headers_are_walked_to_the_upper_layer() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     rig.config(trace());
     rig.allow(INGRESS, CLIENT_ID, UDP, 53, 1);
@@ -322,8 +322,8 @@ fn ipv6_extension_headers_are_walked_to_the_upper_layer() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_truncated_header_is_a_drop_not_a_pass() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     let syn = v4(CLIENT, SERVER, tcp(40000, 80, SYN));
     assert_eq!(rig.ingress(&syn[..14 + 20 + 2]), SHOT);
@@ -333,8 +333,8 @@ fn a_truncated_header_is_a_drop_not_a_pass() {
 /// Every prefix of every packet shape, cut anywhere inside its headers, is a drop with
 /// reason MALFORMED, even where the whole packet is allowed and not isolated.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn truncation_at_every_header_boundary_is_malformed() {
-    needs_root!();
     let mut rig = Rig::new(0); // not isolated: the whole packets pass
     rig.config(trace());
     let opts = V4 {
@@ -413,8 +413,8 @@ fn truncation_at_every_header_boundary_is_malformed() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_spoofed_source_is_dropped_with_its_own_reason() {
-    needs_root!();
     let mut rig = Rig::new(0);
     assert_eq!(
         rig.egress(&v4([10, 244, 0, 99], CLIENT, tcp(1234, 80, SYN))),
@@ -491,8 +491,8 @@ fn a_spoofed_source_is_dropped_with_its_own_reason() {
 /// IPv4 and IPv6: a later fragment follows the verdict of its datagram's first fragment
 /// at the same hook; without one it drops; ids, protocols and hooks do not mix.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn fragments_follow_their_first_fragment() {
-    needs_root!();
     for v6_family in [false, true] {
         let mut rig = Rig::new(isolated());
         rig.config(trace());
@@ -657,8 +657,8 @@ fn fragments_follow_their_first_fragment() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn ipv4_tcp_fragment_at_offset_one_is_dropped() {
-    needs_root!();
     let mut rig = Rig::new(0);
     rig.config(trace());
     let o = V4 {
@@ -685,8 +685,8 @@ fn ipv4_tcp_fragment_at_offset_one_is_dropped() {
 /// ICMP errors about a tracked connection pass under default deny in both directions
 /// (path-MTU discovery); about an unknown flow they are judged by policy.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn icmp_errors_quoting_a_tracked_flow_pass_and_others_do_not() {
-    needs_root!();
     let router = [192, 168, 1, 1];
     let mut rig = Rig::new(isolated());
     rig.config(trace());
@@ -740,8 +740,8 @@ fn icmp_errors_quoting_a_tracked_flow_pass_and_others_do_not() {
 /// endpoint's revision changes; dropped as POLICY_REVOKED when no longer allowed, in
 /// both directions; kept with KEEP_ESTABLISHED; resumed when allowed again.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_revoked_connection_is_cut_at_its_next_packet_unless_kept() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.config(trace());
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x10);
@@ -822,8 +822,8 @@ fn a_revoked_connection_is_cut_at_its_next_packet_unless_kept() {
 /// TCP flags drive the entry's state, and the state its timeout: an entry idle longer
 /// than its state's timeout is a miss (judged by policy again) and is removed.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn tcp_state_and_idle_timeouts_decide_when_state_expires() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.config(trace());
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 1);
@@ -958,8 +958,8 @@ fn tcp_state_and_idle_timeouts_decide_when_state_expires() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn node_traffic_to_pods_is_allowed_unless_turned_off_and_always_reported() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     let host_cfg = |flags| Config {
         flags,
@@ -1007,8 +1007,8 @@ fn node_traffic_to_pods_is_allowed_unless_turned_off_and_always_reported() {
 /// with their reason; an audited connection is reported once, and enforced as soon as
 /// audit ends.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn audit_mode_passes_would_be_drops_and_reports_them() {
-    needs_root!();
     for node_wide in [false, true] {
         let mut rig = Rig::new(isolated());
         let audit_on = |rig: &mut Rig| {
@@ -1077,8 +1077,8 @@ fn audit_mode_passes_would_be_drops_and_reports_them() {
 
 /// A revoked connection in audit mode: reported once as AUDIT/POLICY_REVOKED, passes.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_revocation_under_audit_is_reported_once_and_passes() {
-    needs_root!();
     let mut rig = Rig::new(isolated() | endpoint_flags::AUDIT);
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 1);
     let data = v4(CLIENT, SERVER, tcp(40000, 80, ACK));
@@ -1097,8 +1097,8 @@ fn a_revocation_under_audit_is_reported_once_and_passes() {
 
 /// The token bucket bounds events per endpoint; the counters stay exact.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_flood_of_drops_is_rate_limited_in_events_but_counted_exactly() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.config(Config {
         event_rate: 1,
@@ -1130,8 +1130,8 @@ fn a_flood_of_drops_is_rate_limited_in_events_but_counted_exactly() {
 }
 
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn sampled_allows_report_new_connections_only() {
-    needs_root!();
     let mut rig = Rig::new(endpoint_flags::ISOLATED_INGRESS);
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x99);
     rig.config(Config {
@@ -1165,8 +1165,8 @@ fn sampled_allows_report_new_connections_only() {
 /// The programs pass this kernel's verifier; how much of its budget (1M instructions
 /// per program since Linux 5.2) they take is printed and bounded, so growth is noticed.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn the_verifier_accepts_both_programs_with_room_to_spare() {
-    needs_root!();
     let rig = Rig::new(0);
     for name in ["from_pod", "to_pod", "to_remote"] {
         let prog: &aya::programs::SchedClassifier =
@@ -1185,8 +1185,8 @@ fn the_verifier_accepts_both_programs_with_room_to_spare() {
 /// What a packet costs on the main paths (the kernel's mean over 20k runs), printed;
 /// bounded generously so that only an order-of-magnitude regression fails.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn per_packet_cost_on_the_main_paths() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.config(Config {
         event_rate: 1, // the flood of drops below is rate limited, as on a node
@@ -1255,8 +1255,8 @@ fn per_packet_cost_on_the_main_paths() {
 /// packet judged mid-sync sees old and new entries at once; the epoch the agent bumps
 /// after every complete sync has such connections judged again.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     let epoch = |rig: &mut Rig, epoch| {
         rig.config(Config {
@@ -1312,8 +1312,8 @@ fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
 /// would-be drops pass as AUDIT there, and only policy drops; the other direction and
 /// other reasons are enforced.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn audit_of_one_direction_passes_only_its_policy_drops() {
-    needs_root!();
     let mut rig = Rig::new(isolated() | endpoint_flags::AUDIT_INGRESS);
     rig.count_endpoint();
     // Ingress not allowed: passes as AUDIT, once per connection.
@@ -1347,8 +1347,8 @@ fn audit_of_one_direction_passes_only_its_policy_drops() {
 /// Every packet of an allowed connection is counted to the rule that allowed it, both
 /// ways, with its bytes; a rule without a counter entry is counted apart.
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn packets_and_bytes_are_counted_to_the_rule_that_allowed_them() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.allow(INGRESS, CLIENT_ID, TCP, 80, 7);
     rig.allow(INGRESS, CLIENT_ID, TCP, 81, 8);
@@ -1384,8 +1384,8 @@ fn packets_and_bytes_are_counted_to_the_rule_that_allowed_them() {
 /// Events refused by the token bucket are counted in the bucket and carried by the next
 /// event written ("N more like this").
 #[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn suppressed_events_are_reported_by_the_next_event() {
-    needs_root!();
     let mut rig = Rig::new(isolated());
     rig.config(Config {
         event_rate: 1,

@@ -5,7 +5,7 @@
 #[path = "support/lab.rs"]
 mod support_lab;
 
-use support_lab::{in_netns, root, NETPOL};
+use support_lab::{in_netns, NETPOL};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -194,11 +194,8 @@ spec:
 "#;
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn default_deny_ingress_times_out_and_an_allow_rule_admits_exactly_its_peers() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("deny", &[("pods.yaml", PODS)]);
     assert!(
         lab.probe(80, "TCP")
@@ -229,11 +226,8 @@ fn default_deny_ingress_times_out_and_an_allow_rule_admits_exactly_its_peers() {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn replies_pass_when_the_server_denies_all_egress() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let server_policy = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -256,11 +250,8 @@ spec:
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_policy_change_applies_after_wait_and_a_removed_pod_leaves_nothing_behind() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("change", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
     lab.wait();
     assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "timeout");
@@ -328,11 +319,8 @@ fn lab_agent_status(lab: &Lab) -> String {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("obs", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
     lab.wait();
     let mut observer = Command::new(NETPOL)
@@ -537,11 +525,8 @@ fn echo(s: &mut std::net::TcpStream, msg: &[u8], timeout: std::time::Duration) -
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn ipv6_and_ping_are_enforced_like_ipv4() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("six", &[("pods.yaml", PODS)]);
     let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
     assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
@@ -578,11 +563,8 @@ spec:
 /// 8 MiB each way over IPv4 and IPv6 to a server whose egress is denied: every reply
 /// segment passes by conntrack.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_large_transfer_passes_when_only_the_server_ingress_is_allowed() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up(
         "bulk",
         &[("pods.yaml", PODS), ("server.yaml", SERVER_ONLY_INGRESS)],
@@ -632,11 +614,8 @@ fn a_large_transfer_passes_when_only_the_server_ingress_is_allowed() {
 /// An established connection loses its allowing policy: its next packet is dropped as
 /// POLICY_REVOKED; with --keep-established it keeps working while new ones are refused.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let one_sec = std::time::Duration::from_secs(1);
     for keep in [false, true] {
         let args: &[&str] = if keep { &["--keep-established"] } else { &[] };
@@ -685,11 +664,8 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
 /// A pod with a raw socket sends a datagram with another pod's source address: it is
 /// dropped at the pod's veth (SPOOFED_SOURCE); its honest datagram after it arrives.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_spoofing_pod_is_stopped_at_its_veth() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("spoof", &[("pods.yaml", PODS)]);
     let (a, b, c) = (lab.pod("x/a"), lab.pod("x/b"), lab.pod("y/c"));
     let (std::net::IpAddr::V4(a4), std::net::IpAddr::V4(b4), std::net::IpAddr::V4(c4)) =
@@ -762,11 +738,8 @@ fn a_spoofing_pod_is_stopped_at_its_veth() {
 /// the flooded endpoint's events are rate limited, and a drop at another pod is still
 /// reported.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up_with(
         "flood",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
@@ -907,11 +880,8 @@ fn connect_when_routed(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream
 /// smaller MTU. The node sends "fragmentation needed" to the pod; that error, about a
 /// tracked connection, must pass (RELATED) or the transfer stalls.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn path_mtu_discovery_works_under_default_deny() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let policy = r#"
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -1078,11 +1048,8 @@ fn from_node(lab: &Lab, to: std::net::IpAddr) -> bool {
 /// visible as allows (sampled) like any other verdict; with --deny-host-traffic they
 /// are judged by policy, dropped, and reported.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up_with(
         "host",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
@@ -1121,11 +1088,8 @@ fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
 /// Node-wide audit: what default deny would drop passes, reported as AUDIT once per
 /// connection; the exact counters say how much would have been dropped.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up_with(
         "audit",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
@@ -1156,11 +1120,8 @@ fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
 /// though the server's own policy entries do not change (another pod keeps the label):
 /// the map epoch the agent bumps after the sync has the connection judged again.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_peer_relabelled_out_of_an_allow_loses_its_established_connection() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let twin = r#"
 apiVersion: v1
 kind: Pod
@@ -1234,12 +1195,9 @@ spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
 "#;
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn admin_tier_denies_what_no_network_policy_can_reopen_and_allows_monitoring_through_a_default_deny(
 ) {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("tiers", &[("pods.yaml", TIER_PODS)]);
     lab.write(
         "policies.yaml",
@@ -1290,11 +1248,8 @@ spec: {podSelector: {}}
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn pass_delegates_to_network_policy_and_a_baseline_default_deny_yields_to_it() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("pass", &[("pods.yaml", TIER_PODS)]);
     lab.write(
         "policies.yaml",
@@ -1348,11 +1303,8 @@ spec:
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn icmp_probes_are_judged_like_any_protocol() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("icmp", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
     lab.wait();
     assert_eq!(
@@ -1429,11 +1381,8 @@ fn sum_of(metrics: &str, prefix: &str) -> f64 {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn metrics_and_health_are_served_and_the_drop_counter_moves() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("mtr", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
     lab.wait();
     assert_eq!(scrape(&lab, "/healthz").0, 200);
@@ -1493,11 +1442,8 @@ spec:
 /// connection completes (the port is held from the moment it joins the bridge), and
 /// after `wait` the allowed peer connects.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up(
         "hold",
         &[
@@ -1633,11 +1579,8 @@ fn agent_wait(lab: &Lab, digest: &str) -> Value {
 /// address, the link and address events wake the agent, which locates and enforces it:
 /// no timer is involved (the agent counts what woke it, and it never retried).
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up(
         "late",
         &[
@@ -1760,11 +1703,8 @@ mod scenario;
 /// against a cluster) with real packets: one lab with the suite's pods, each scenario's
 /// policies in turn, every expected matrix probed.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn every_kind_scenario_holds_in_the_lab() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kind/scenarios");
     let all = scenario::load_all(&dir).unwrap();
     let cluster = std::fs::read_to_string(dir.join(scenario::CLUSTER)).unwrap();
@@ -1813,11 +1753,8 @@ spec: {podSelector: {}}
 /// nothing, and `observe --verdict audit` shows exactly what it would drop, attributed
 /// to it; once enforced (annotation gone), the same flow is dropped.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_staged_default_deny_reports_what_it_would_drop_and_drops_nothing() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up(
         "stage",
         &[("pods.yaml", PODS), ("deny.yaml", STAGED_DENY_X)],
@@ -1853,11 +1790,8 @@ fn a_staged_default_deny_reports_what_it_would_drop_and_drops_nothing() {
 /// and bytes, drops count per namespace and isolating policy set, in `netpol status`
 /// and in the metrics.
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn per_policy_counters_name_the_rule_and_the_isolating_policies() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up(
         "tally",
         &[

@@ -6,21 +6,12 @@
 #[path = "support/lab.rs"]
 mod support_lab;
 
-use support_lab::{root, NETPOL};
+use support_lab::NETPOL;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-macro_rules! needs_root {
-    () => {
-        if !root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 struct Lab {
     name: String,
@@ -231,8 +222,8 @@ spec:
 const UDP_AND_TCP_53: &str = "[{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]";
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn dns_under_default_deny_egress_needs_the_kube_dns_rule_on_one_node_and_across_nodes() {
-    needs_root!();
     let lab = Lab::up("dns", 2, &[("cluster.yaml", DNS_CLUSTER)]);
     assert_eq!(lab.node_of("kube-system/coredns"), "node1");
     assert_eq!(lab.node_of("x/far"), "node0");
@@ -339,8 +330,8 @@ spec:
 "#;
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_frontend_reaches_the_api_service_only_when_its_egress_and_the_api_ingress_allow() {
-    needs_root!();
     let lab = Lab::up("fe", 2, &[("shop.yaml", FRONTEND_API)]);
     // Through the ClusterIP (port 80 → targetPort http = 8080), from the api's node and
     // from the other one; the rule names the backend's port, as egress is judged after DNAT.
@@ -446,8 +437,8 @@ fn tally(lab: &Lab) -> std::collections::BTreeMap<String, usize> {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn egress_allowed_to_one_backend_of_a_service_passes_there_and_times_out_on_the_other() {
-    needs_root!();
     let lab = Lab::up("two", 2, &[("two.yaml", TWO_BACKENDS)]);
     // a is on the client's node (judged at a's to_pod), b across the overlay (judged at
     // flannel.1). 16 tries each: both sides are hit with probability 1 - 2^-15.
@@ -520,8 +511,8 @@ spec:
 "#;
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn prometheus_scrapes_a_default_deny_namespace_only_with_the_documented_rule() {
-    needs_root!();
     let lab = Lab::up("prom", 2, &[("mon.yaml", MONITORING)]);
     let scrape = |lab: &Lab| -> Vec<(String, String, String)> {
         let mut r: Vec<_> = lab
@@ -602,8 +593,8 @@ fn leftovers(name: &str) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn lab_down_and_a_crashed_lab_leave_nothing_behind() {
-    needs_root!();
     for crash in [false, true] {
         let lab = Lab::up(
             if crash { "crash" } else { "down" },
@@ -648,8 +639,8 @@ fn lab_down_and_a_crashed_lab_leave_nothing_behind() {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn load_reports_throughput_transaction_rates_and_latencies_across_nodes() {
-    needs_root!();
     let lab = Lab::up("load", 2, &[("two.yaml", TWO_BACKENDS)]);
     let run = |kind: &str| -> Value {
         serde_json::from_str(&lab.netpol(&[

@@ -6,7 +6,7 @@
 #[path = "support/lab.rs"]
 mod support_lab;
 
-use support_lab::{root, NETPOL};
+use support_lab::NETPOL;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -168,11 +168,8 @@ spec:
 "#;
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let manifests = cluster();
     let lab = Lab::up("ipt", "iptables", &manifests);
     let dir = lab.dir.to_str().unwrap().to_string();
@@ -210,11 +207,8 @@ fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn with_no_enforcer_every_pod_connects() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let lab = Lab::up("none", "none", &cluster());
     let got = lab.probe(80, "TCP");
     assert_eq!(got.len(), 72);

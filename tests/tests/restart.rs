@@ -10,7 +10,7 @@
 #[path = "support/lab.rs"]
 mod support_lab;
 
-use support_lab::{in_netns, root, NETPOL};
+use support_lab::{in_netns, NETPOL};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpStream};
@@ -368,11 +368,8 @@ fn restart(tag: &str, extra: &[&str]) -> (Value, Duration) {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_killed_agent_is_replaced_without_a_gap_and_adopts_the_pinned_state() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let (status, ready) = restart("same", &[]);
     eprintln!(
         "restart at 100 pods: ready {} ms after start (agent's own count), {ready:?} to the first answer",
@@ -383,11 +380,8 @@ fn a_killed_agent_is_replaced_without_a_gap_and_adopts_the_pinned_state() {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn an_upgrade_to_another_pin_version_rebuilds_without_opening_anything() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let (status, ready) = restart("upg", &["--pin-version", "vnext-test"]);
     eprintln!(
         "upgrade at 100 pods: ready {} ms after start, {ready:?} to the first answer",

@@ -11,17 +11,8 @@ mod lab;
 
 use std::time::{Duration, Instant};
 
-use lab::{in_netns, root, Lab, Observer};
+use lab::{in_netns, Lab, Observer};
 use serde_json::Value;
-
-macro_rules! needs_root {
-    () => {
-        if !root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -188,8 +179,8 @@ fn has_hint(x: &Value, text: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn the_guides_mistakes_are_attributed_by_observe_and_explained_with_did_you_mean() {
-    needs_root!();
     let started = Instant::now();
     let lab = Lab::up(
         "guide",
@@ -626,8 +617,8 @@ fn flood(netns: &str, to: std::net::SocketAddr, total: u64, rate: u64) -> Durati
 }
 
 #[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
 fn a_flood_of_denied_datagrams_costs_other_pods_no_drop_report_and_counters_stay_exact() {
-    needs_root!();
     const FLOOD: u64 = 200_000;
     const CONNECTIONS: usize = 20;
     let lab = Lab::up("flood", &[("cluster.yaml", FLOOD_CLUSTER)], &[]);

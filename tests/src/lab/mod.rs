@@ -663,7 +663,9 @@ fn is_our_supervisor(pid: u32, name: &str) -> bool {
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    args.windows(2).any(|w| w[0] == b"lab" && w[1] == b"run")
+    // `netpol lab run` becomes `netpol-lab run` once netpol has handed over.
+    args.windows(2)
+        .any(|w| w[1] == b"run" && (w[0] == b"lab" || w[0].ends_with(b"netpol-lab")))
         && args
             .windows(2)
             .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())

@@ -33,17 +33,6 @@ pub fn root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Skips the calling test (returns) when not root.
-#[macro_export]
-macro_rules! needs_root {
-    () => {
-        if !rig::root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
-
 // ---- frames -------------------------------------------------------------------------
 
 pub const TCP: u8 = 6;
