@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
+mod image;
 mod scenario;
 
 #[derive(Parser)]
@@ -29,6 +30,15 @@ enum Task {
     },
     /// Setup, then the lab demo on examples/demo.
     Demo,
+    /// The OCI image deploy/ names (localhost/netpol:TAG and target/image/netpol-TAG.oci.tar),
+    /// built with buildah from scratch: the netpol binary and the libraries it loads.
+    Image {
+        /// Package the dev-profile binary `cargo build` made (the tests' image).
+        #[arg(long)]
+        debug: bool,
+        #[arg(long, default_value = "latest")]
+        tag: String,
+    },
     /// Build the image, create a kind cluster (deploy/kind.yaml), install Flannel and
     /// netpol (deploy/), run the scenario suite (deploy/kind/scenarios/) against it.
     /// Needs docker, kind and kubectl.
@@ -70,14 +80,27 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     // the benchmark report's charts (text)
     "fonts-dejavu-core",
+    // `cargo xtask image` (buildah, from scratch) and the test that runs it (podman)
+    "buildah",
+    "podman",
+    // podman's runtime here: crun refuses this machine's hybrid cgroup hierarchy
+    "runc",
+    // the CA bundle the image carries
+    "ca-certificates",
 ];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Setup => setup(),
-        Task::Test { args } => setup().and_then(|_| test(&args)),
+        // The image test runs what `cargo xtask image --debug` packages: build, then
+        // package, then test.
+        Task::Test { args } => setup()
+            .and_then(|_| build_everything())
+            .and_then(|_| image::build(false, "dev").map(|_| ()))
+            .and_then(|_| test(&args)),
         Task::Demo => setup().and_then(|_| demo()),
+        Task::Image { debug, tag } => setup().and_then(|_| image::build(!debug, &tag).map(|_| ())),
         Task::Bench { what, quick, json } => bench(&what, quick, json),
         Task::Kind { bench } => kind(bench),
     };
@@ -210,6 +233,14 @@ fn setup() -> Result {
     check_kernel()?;
     eprintln!("==> setup done in {:.1}s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Every target of the workspace's default members (`cargo build --all-targets`).
+fn build_everything() -> Result {
+    step("building");
+    run(Command::new("cargo")
+        .current_dir(root())
+        .args(["build", "--all-targets"]))
 }
 
 fn installed(pkg: &str) -> bool {
@@ -404,21 +435,13 @@ fn kind(bench: bool) -> Result {
                 "`cargo xtask kind` needs {tool} (docker, kind and kubectl), which is not usable here; \
                  run it on a machine with a container engine. Here the scenario suite \
                  (deploy/kind/scenarios) is checked against `netpol simulate` (cargo test -p \
-                 netpol-agent --test deploy) and the lab (--test lab every_kind_scenario)"
+                 netpol-tests --test deploy) and the lab (--test lab every_kind_scenario)"
             ));
         }
     }
     let root = root();
-    let image = "ghcr.io/netpol/netpol:latest";
-    step("building the image");
-    run(Command::new("docker").current_dir(&root).args([
-        "build",
-        "-f",
-        "deploy/Dockerfile",
-        "-t",
-        image,
-        ".",
-    ]))?;
+    // The same image as `cargo xtask image`, tagged as deploy/kustomization.yaml names it.
+    let archive = image::build(true, "latest")?;
     step("creating the kind cluster");
     run(Command::new("kind").current_dir(&root).args([
         "create",
@@ -428,7 +451,10 @@ fn kind(bench: bool) -> Result {
         "--config",
         "deploy/kind.yaml",
     ]))?;
-    run(Command::new("kind").args(["load", "docker-image", image, "--name", "netpol"]))?;
+    run(Command::new("kind")
+        .args(["load", "image-archive"])
+        .arg(&archive)
+        .args(["--name", "netpol"]))?;
     step("installing Flannel and netpol");
     run(Command::new("kubectl").args(["apply", "-f", FLANNEL_MANIFEST]))?;
     run(Command::new("kubectl")
