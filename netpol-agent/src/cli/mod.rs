@@ -171,20 +171,14 @@ pub fn parse_metrics_addr(text: &str) -> Result<MetricsAddr, String> {
         .map_err(|_| format!("invalid address {text:?}: expected HOST:PORT, :PORT or off"))
 }
 
-/// A duration as kubectl writes them: `500ms`, `30s`, `5m`, `6h`, or plain seconds.
+/// A duration as kubectl writes them (`500ms`, `30s`, `5m`, `6h`, `1h30m`; humantime
+/// also reads `2d`), or plain seconds. Zero is refused: every use is a timeout or period.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?}: expected e.g. 500ms, 30s, 5m or 6h");
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => return Err(bad()),
+    let d = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|e| {
+            format!("invalid duration {text:?} ({e}): expected e.g. 500ms, 30s, 5m, 6h or 1h30m")
+        })?,
     };
     if d.is_zero() {
         return Err(format!(
@@ -732,7 +726,9 @@ mod tests {
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("6h"), Ok(Duration::from_secs(21600)));
-        for bad in ["", "s", "1d", "-1s", "1.5s", "0s", "ms"] {
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "s", "1x", "-1s", "0s", "ms"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
