@@ -12,12 +12,13 @@ pub mod hold;
 pub mod live;
 pub mod maps;
 pub mod netlink;
+mod options;
 pub mod pin;
+mod programs;
 pub mod services;
 pub mod tally;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aya::programs::links::Link;
@@ -25,251 +26,15 @@ use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
 };
 use aya::programs::SchedClassifier;
-use aya::{Ebpf, EbpfLoader};
-use netpol_common::{capacity, ct_timeout, map, program, Config};
+use aya::Ebpf;
+use netpol_common::{map, program, Config};
 
 pub use discovery::Location;
 use netpol_engine::compile::Desired;
 use netpol_engine::index::PodKey;
-
-/// The classifier object, built by build.rs.
-pub static CLASSIFIER: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netpol-ebpf"));
-
-/// Map capacities (flags of the agent).
-#[derive(Clone, Debug)]
-pub struct Capacities {
-    pub endpoints: u32,
-    pub ipcache: u32,
-    pub cidrs: u32,
-    pub policy: u32,
-    pub conntrack: u32,
-    pub fragments: u32,
-}
-
-impl Default for Capacities {
-    fn default() -> Self {
-        Capacities {
-            endpoints: capacity::ENDPOINTS,
-            ipcache: capacity::IPCACHE,
-            cidrs: capacity::CIDRS,
-            policy: capacity::POLICY,
-            conntrack: capacity::CONNTRACK,
-            fragments: capacity::FRAGMENTS,
-        }
-    }
-}
-
-/// Node-wide switches of the classifier (flags of the agent), written to `NP_CONFIG`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Switches {
-    /// Allow traffic from the node's own addresses to local pods (kubelet probes).
-    pub allow_host: bool,
-    /// Report would-be drops as AUDIT and let them pass, node-wide.
-    pub audit: bool,
-    /// Keep established connections when a policy change no longer allows them.
-    pub keep_established: bool,
-    /// Events per second per endpoint (0: no limit) and burst.
-    pub event_rate: u32,
-    pub event_burst: u32,
-    /// Report one in this many new allowed connections (0: none).
-    pub sample_allows: u32,
-    pub ct_tcp_syn_timeout: Duration,
-    pub ct_tcp_established_timeout: Duration,
-    pub ct_tcp_close_timeout: Duration,
-    pub ct_udp_timeout: Duration,
-    pub ct_icmp_timeout: Duration,
-}
-
-impl Default for Switches {
-    fn default() -> Self {
-        Switches {
-            allow_host: true,
-            audit: false,
-            keep_established: false,
-            event_rate: DEFAULT_EVENT_RATE,
-            event_burst: DEFAULT_EVENT_BURST,
-            sample_allows: 0,
-            ct_tcp_syn_timeout: Duration::from_secs(ct_timeout::TCP_SYN),
-            ct_tcp_established_timeout: Duration::from_secs(ct_timeout::TCP_ESTABLISHED),
-            ct_tcp_close_timeout: Duration::from_secs(ct_timeout::TCP_CLOSE),
-            ct_udp_timeout: Duration::from_secs(ct_timeout::UDP),
-            ct_icmp_timeout: Duration::from_secs(ct_timeout::ICMP),
-        }
-    }
-}
-
-/// Events per second an endpoint may cause by default, and its burst.
-pub const DEFAULT_EVENT_RATE: u32 = 100;
-pub const DEFAULT_EVENT_BURST: u32 = 200;
-
-impl Switches {
-    /// The `NP_CONFIG` record for these switches and the node's own addresses.
-    pub fn config(&self, host_addrs: &[std::net::IpAddr]) -> anyhow::Result<Config> {
-        use netpol_common::{config_flags, MAX_EVENT_RATE};
-        if self.event_rate > MAX_EVENT_RATE || self.event_burst > MAX_EVENT_RATE {
-            bail!("--event-rate and --event-burst must be at most {MAX_EVENT_RATE}");
-        }
-        let ns = |what: &str, d: Duration| -> anyhow::Result<u64> {
-            if d.is_zero() {
-                bail!("{what} must be longer than zero");
-            }
-            Ok(d.as_nanos().min(u64::MAX as u128) as u64)
-        };
-        let mut c = Config {
-            event_rate: self.event_rate,
-            event_burst: self.event_burst,
-            sample_allows: self.sample_allows,
-            ct_tcp_syn_ns: ns("--ct-tcp-syn-timeout", self.ct_tcp_syn_timeout)?,
-            ct_tcp_established_ns: ns(
-                "--ct-tcp-established-timeout",
-                self.ct_tcp_established_timeout,
-            )?,
-            ct_tcp_close_ns: ns("--ct-tcp-close-timeout", self.ct_tcp_close_timeout)?,
-            ct_udp_ns: ns("--ct-udp-timeout", self.ct_udp_timeout)?,
-            ct_icmp_ns: ns("--ct-icmp-timeout", self.ct_icmp_timeout)?,
-            ..Config::default()
-        };
-        if self.allow_host {
-            c.flags |= config_flags::ALLOW_HOST;
-        }
-        if self.audit {
-            c.flags |= config_flags::AUDIT;
-        }
-        if self.keep_established {
-            c.flags |= config_flags::KEEP_ESTABLISHED;
-        }
-        for ip in host_addrs {
-            match ip {
-                std::net::IpAddr::V4(_) => c.host_ipv4 = netpol_engine::index::net::addr_of(*ip),
-                std::net::IpAddr::V6(_) => c.host_ipv6 = netpol_engine::index::net::addr_of(*ip),
-            }
-        }
-        Ok(c)
-    }
-}
-
-/// Loads the classifier with the given capacities (programs loaded, not attached).
-pub fn load(caps: &Capacities) -> anyhow::Result<Ebpf> {
-    load_with(caps, None, true)
-}
-
-/// Loads the classifier with its maps pinned under `pins` (reused when already there);
-/// the programs are loaded (verified) only if `programs`.
-pub fn load_with(
-    caps: &Capacities,
-    pins: Option<&pin::PinDir>,
-    programs: bool,
-) -> anyhow::Result<Ebpf> {
-    if CLASSIFIER.is_empty() {
-        bail!("this netpol was built with AYA_BUILD_SKIP: it carries no classifier; rebuild without it");
-    }
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, std::path::PathBuf)> = pins
-        .map(|p| {
-            pin::PINNED_MAPS
-                .iter()
-                .map(|name| (*name, p.map_path(name)))
-                .collect()
-        })
-        .unwrap_or_default();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader
-        .map_max_entries(map::ENDPOINTS, caps.endpoints)
-        .map_max_entries(map::ENDPOINT_COUNTERS, caps.endpoints)
-        .map_max_entries(map::IPCACHE, caps.ipcache)
-        .map_max_entries(map::CIDRS, caps.cidrs)
-        .map_max_entries(map::POLICY, caps.policy)
-        .map_max_entries(map::CONNTRACK, caps.conntrack)
-        .map_max_entries(map::FRAGMENTS, caps.fragments)
-        .load(CLASSIFIER)
-        .context("loading the classifier (needs root, BTF and bpffs; run `cargo xtask setup`)")?;
-    if !programs {
-        return Ok(ebpf);
-    }
-    for name in VERIFIED_IN_BACKGROUND.concat() {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .context("program missing")?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the verifier rejected {name}"))?;
-    }
-    Ok(ebpf)
-}
-
-/// The programs a new build must pass through the verifier before it can attach them:
-/// most of an upgrade's time (see [`Datapath::open`]). One thread per group: `from_pod`
-/// alone takes about as long as the others together, and these machines have 2 cores.
-const VERIFIED_IN_BACKGROUND: [&[&str]; 2] =
-    [&[program::FROM_POD], &[program::TO_POD, program::TO_REMOTE]];
-
-/// Loads the object with its maps pinned under `pins` (created there if missing),
-/// reports that on `maps_pinned`, then verifies the programs of a new build and pins
-/// them, in parallel, while the caller fills the maps through an instance of its own.
-fn verify_in_background(
-    caps: Capacities,
-    pins: pin::PinDir,
-    maps_pinned: std::sync::mpsc::Sender<Result<(), String>>,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
-    let handle = std::thread::Builder::new()
-        .name("verifier".into())
-        .spawn(move || {
-            let started = std::time::Instant::now();
-            let loaded = load_with(&caps, Some(&pins), false);
-            let _ = maps_pinned.send(loaded.as_ref().map(drop).map_err(|e| format!("{e:#}")));
-            let mut ebpf = loaded?;
-            let mut programs: BTreeMap<&str, &mut aya::programs::Program> =
-                ebpf.programs_mut().collect();
-            let mut groups = Vec::new();
-            for names in VERIFIED_IN_BACKGROUND {
-                let mut group = Vec::new();
-                for name in names {
-                    let prog = programs.remove(name).context("program missing")?;
-                    group.push((*name, prog));
-                }
-                groups.push(group);
-            }
-            std::thread::scope(|s| {
-                let threads: Vec<_> = groups
-                    .into_iter()
-                    .map(|group| {
-                        let pins = &pins;
-                        s.spawn(move || -> anyhow::Result<()> {
-                            for (name, prog) in group {
-                                let t = std::time::Instant::now();
-                                let prog: &mut SchedClassifier = prog.try_into()?;
-                                prog.load()
-                                    .with_context(|| format!("the verifier rejected {name}"))?;
-                                let ms = t.elapsed().as_millis() as u64;
-                                tracing::debug!(program = name, ms, "program verified");
-                                pin_program(prog, pins, name)?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                threads
-                    .into_iter()
-                    .try_for_each(|t| t.join().expect("a verifier thread panicked"))
-            })?;
-            pins.write_build(&build_id())?;
-            let ms = started.elapsed().as_millis() as u64;
-            tracing::info!(ms, "the new build's programs are verified and pinned");
-            Ok(())
-        })
-        .context("starting the verifier thread")?;
-    Ok(handle)
-}
-
-fn pin_program(prog: &mut SchedClassifier, pins: &pin::PinDir, name: &str) -> anyhow::Result<()> {
-    let path = pins.program_path(name);
-    let _ = std::fs::remove_file(&path);
-    prog.pin(&path)
-        .with_context(|| format!("pinning {name} at {}", path.display()))
-}
+pub use options::{Capacities, Switches, DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE};
+pub use programs::{build_id, load, load_with, CLASSIFIER};
+use programs::{pin_program, verify_in_background, Programs};
 
 /// What one sync changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -285,7 +50,7 @@ pub struct SyncStats {
 pub const FILTER_PRIORITY: u16 = 1;
 pub const FILTER_HANDLE: TcHandle = TcHandle::new(0, 1);
 
-const HOOKS: [(&str, TcAttachType); 2] = [
+pub(crate) const HOOKS: [(&str, TcAttachType); 2] = [
     (program::FROM_POD, TcAttachType::Ingress),
     (program::TO_POD, TcAttachType::Egress),
 ];
@@ -329,64 +94,6 @@ pub struct Datapath {
     adoption: Adoption,
     /// The programs the filters run.
     programs: Programs,
-}
-
-/// The programs the filters run, opened from their pins once verified.
-enum Programs {
-    Ready(Box<Verified>),
-    /// A new build's, still in the verifier (see `verify_in_background`).
-    Verifying(std::thread::JoinHandle<anyhow::Result<()>>),
-    /// The verifier rejected them: nothing can be attached (the previous agent's
-    /// programs, if any, keep enforcing).
-    Failed(String),
-}
-
-struct Verified {
-    /// The pods' veths' (`HOOKS`).
-    hooks: Vec<(&'static str, TcAttachType, SchedClassifier)>,
-    /// The Service hooks' (after DNAT).
-    to_remote: SchedClassifier,
-}
-
-impl Programs {
-    fn open(pins: &pin::PinDir) -> anyhow::Result<Programs> {
-        let open = |name: &str| {
-            let path = pins.program_path(name);
-            SchedClassifier::from_pin(&path)
-                .with_context(|| format!("opening the pinned {}", path.display()))
-        };
-        let mut hooks = Vec::new();
-        for (name, hook) in HOOKS {
-            hooks.push((name, hook, open(name)?));
-        }
-        Ok(Programs::Ready(Box::new(Verified {
-            hooks,
-            to_remote: open(program::TO_REMOTE)?,
-        })))
-    }
-
-    /// Waits for the verifier if it is still at work.
-    fn ready(&mut self, pins: &pin::PinDir) -> anyhow::Result<()> {
-        *self = match std::mem::replace(self, Programs::Failed(String::new())) {
-            Programs::Verifying(handle) => handle
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("the verifier thread panicked")))
-                .and_then(|()| Programs::open(pins))
-                .unwrap_or_else(|e| Programs::Failed(format!("{e:#}"))),
-            other => other,
-        };
-        match self {
-            Programs::Failed(e) => bail!("{e}"),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// Identifies the embedded classifier (a digest of its bytes).
-pub fn build_id() -> String {
-    use sha2::{Digest, Sha256};
-    let d = Sha256::digest(CLASSIFIER);
-    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 impl Datapath {
@@ -768,51 +475,5 @@ impl Datapath {
             .take_map(map::COUNTERS)
             .context("counters map missing")?;
         Ok(aya::maps::PerCpuArray::try_from(m)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use netpol_common::{config_flags, v4_mapped};
-    use std::net::IpAddr;
-
-    #[test]
-    fn switches_become_the_config_record() {
-        let c = Switches::default()
-            .config(&[
-                "10.244.0.1".parse::<IpAddr>().unwrap(),
-                "fd00::af4:1".parse().unwrap(),
-            ])
-            .unwrap();
-        assert_eq!(c.flags, config_flags::ALLOW_HOST);
-        assert_eq!(c.host_ipv4, v4_mapped([10, 244, 0, 1]));
-        assert_eq!(c.host_ipv6[0], 0xfd);
-        assert_eq!(c.ct_tcp_established_ns, 6 * 3600 * 1_000_000_000);
-        assert_eq!((c.event_rate, c.event_burst), (100, 200));
-        let c = Switches {
-            allow_host: false,
-            audit: true,
-            keep_established: true,
-            ..Switches::default()
-        }
-        .config(&[])
-        .unwrap();
-        assert_eq!(
-            c.flags,
-            config_flags::AUDIT | config_flags::KEEP_ESTABLISHED
-        );
-        assert!(Switches {
-            event_rate: netpol_common::MAX_EVENT_RATE + 1,
-            ..Switches::default()
-        }
-        .config(&[])
-        .is_err());
-        assert!(Switches {
-            ct_udp_timeout: Duration::ZERO,
-            ..Switches::default()
-        }
-        .config(&[])
-        .is_err());
     }
 }
