@@ -94,6 +94,10 @@ pub struct Datapath {
     adoption: Adoption,
     /// The programs the filters run.
     programs: Programs,
+    /// `NP_SERVICES` as written.
+    vips: BTreeMap<netpol_common::Addr, netpol_common::ServiceEntry>,
+    /// The after-DNAT program's attachments (overlay, uplink).
+    service_hooks: services::ServiceHooks,
 }
 
 impl Datapath {
@@ -187,7 +191,34 @@ impl Datapath {
             pins: Some(pins),
             adoption,
             programs,
+            vips: BTreeMap::new(),
+            service_hooks: services::ServiceHooks::default(),
         })
+    }
+
+    /// Writes the ClusterIPs of `services` (`NP_SERVICES`), only what changed.
+    pub fn sync_services(
+        &mut self,
+        services: &[netpol_engine::objects::Object],
+    ) -> anyhow::Result<()> {
+        let desired = services::vips(services);
+        services::sync_vips(&mut self.ebpf, &mut self.vips, &desired).map(|_| ())
+    }
+
+    /// Attaches the after-DNAT program to every device of `devices` that exists; the
+    /// ones missing are returned (their link event brings the agent back).
+    pub fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String> {
+        if devices.is_empty() {
+            return vec![];
+        }
+        if let Err(e) = self.programs_ready() {
+            tracing::error!(error = %format!("{e:#}"), "no program for the Service hooks");
+            return devices.to_vec();
+        }
+        let Programs::Ready(p) = &mut self.programs else {
+            unreachable!("ready above")
+        };
+        self.service_hooks.sync(&mut p.to_remote, devices)
     }
 
     /// The pinned hold programs, opened anew (for the hold's own thread).

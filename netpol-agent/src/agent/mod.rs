@@ -3,12 +3,12 @@
 //! source ──► index ──► compile ──► datapath ──► events ──► api
 //!
 //! One loop owns the index and the datapath: each new source state, and each change of
-//! the bridge's ports seen through netlink (`datapath/discovery.rs`), recompiles and
-//! syncs; no timer, except a backoff after a failed sync or attach. The resulting
-//! [`Status`] is published for `wait`, the names for `events`.
+//! the bridge's ports seen through netlink (`datapath/discovery.rs`), runs one
+//! [`Agent::reconcile`] step (compile, locate, sync: `reconcile.rs`, tested against a
+//! fake datapath); no timer, except a backoff after a failed sync or attach. The
+//! resulting [`Status`] is published for `wait`, the names for `events`.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,16 +19,22 @@ use netpol_common::{map, Event};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, watch};
 
+mod input;
+mod reconcile;
+
+pub use reconcile::{Agent, NodeDatapath, Reconciled, RETRY_MAX, RETRY_MIN};
+
+use input::Input;
+
 use crate::api::{server, Enforced, Status, Wakes};
 use crate::datapath::discovery;
 use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
 use crate::metrics::{Metrics, Recorded};
+use crate::source::dir;
 use crate::source::kube as kube_source;
-use crate::source::{dir, ClusterState, Object};
-use netpol_engine::compile::{Compiler, NodeView};
-use netpol_engine::index::{Change, Index, Snapshot};
+use netpol_engine::index::Index;
 
 #[derive(Clone, Debug)]
 pub enum SourceSpec {
@@ -82,85 +88,6 @@ pub struct AgentOptions {
     pub metrics_max_series: usize,
     /// Drop IP traffic on a new pod port until its endpoint is written (`hold.rs`).
     pub pod_start_hold: bool,
-}
-
-/// Where cluster state comes from, as the loop sees it.
-enum Input {
-    Dir(watch::Receiver<ClusterState>),
-    /// The kube source, and the Services it has delivered (for their ClusterIPs; the
-    /// index does not keep Services).
-    Kube(kube_source::KubeSource, BTreeMap<String, Object>),
-}
-
-impl Input {
-    /// Waits for the next change and applies it (with every change already queued
-    /// behind it) to the index; None when the source has ended.
-    async fn next(&mut self, index: &mut Index) -> Option<Snapshot> {
-        match self {
-            Input::Dir(rx) => {
-                rx.changed().await.ok()?;
-                let state = rx.borrow_and_update().clone();
-                Some(index.reset(&state))
-            }
-            Input::Kube(k, services) => {
-                let mut update = k.updates.recv().await?;
-                let mut digest = String::new();
-                loop {
-                    match update {
-                        kube_source::Update::Reset(state) => {
-                            digest = state.digest.clone();
-                            index.reset(&state);
-                            services.clear();
-                            for o in &state.objects {
-                                if let Object::Service(svc) = o {
-                                    services.insert(service_key(svc), o.clone());
-                                }
-                            }
-                        }
-                        kube_source::Update::Change(c) => {
-                            if let Change::Upsert(o @ Object::Service(svc)) = &c {
-                                services.insert(service_key(svc), o.clone());
-                            }
-                            index.apply(&c);
-                        }
-                    }
-                    match k.updates.try_recv() {
-                        Ok(u) => update = u,
-                        Err(_) => break,
-                    }
-                }
-                let mut snap = index.snapshot().clone();
-                if !digest.is_empty() {
-                    snap.digest = digest;
-                }
-                Some(snap)
-            }
-        }
-    }
-}
-
-impl Input {
-    /// The Service objects the source holds now.
-    fn services(&self) -> Vec<Object> {
-        match self {
-            Input::Dir(rx) => rx
-                .borrow()
-                .objects
-                .iter()
-                .filter(|o| matches!(o, Object::Service(_)))
-                .cloned()
-                .collect(),
-            Input::Kube(_, services) => services.values().cloned().collect(),
-        }
-    }
-}
-
-fn service_key(svc: &k8s_openapi::api::core::v1::Service) -> String {
-    format!(
-        "{}/{}",
-        svc.metadata.namespace.as_deref().unwrap_or("default"),
-        svc.metadata.name.as_deref().unwrap_or_default()
-    )
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -307,128 +234,31 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     .await?;
     tracing::info!(node = %opts.node, socket = %opts.api_socket.display(), "agent running");
 
-    let mut view = NodeView {
-        node: Some(opts.node.clone()),
+    let mut agent = Agent::new(
+        opts.node.clone(),
+        opts.switches.clone(),
+        opts.service_hooks.clone(),
         host_addrs,
-    };
-    let mut compiler = Compiler::new();
-    let mut vips_written = BTreeMap::new();
-    let mut hooks = crate::datapath::services::ServiceHooks::default();
+        started,
+    );
     let mut invalid_total = 0u64;
     let mut last_invalid: Vec<netpol_engine::index::Invalid> = Vec::new();
-    let mut syncs = 0u64;
-    let mut ready_ms: Option<u64> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut wakes = Wakes::default();
-    // After a failed sync or attach: when to try again (doubling, up to RETRY_MAX).
-    let mut retry: Option<Duration> = None;
     let outcome = loop {
         let ports = ports_rx.borrow_and_update().ports.clone();
-        if ports.bridge_addrs != view.host_addrs {
-            tracing::info!(addrs = ?ports.bridge_addrs, bridge = %opts.bridge, "the bridge's addresses changed");
-            view.host_addrs = ports.bridge_addrs.clone();
-            let config = opts.switches.config(&view.host_addrs);
-            if let Err(e) = config.and_then(|c| datapath.set_config(c)) {
-                tracing::error!(error = %format!("{e:#}"), "writing the node's addresses failed");
-            }
-        }
-        let t = std::time::Instant::now();
-        let desired = Arc::new(compiler.compile(&snapshot, &view).clone());
-        let compile_time = t.elapsed();
-        let wanted: BTreeMap<String, Vec<IpAddr>> = desired
-            .endpoints
-            .keys()
-            .map(|k| (k.clone(), snapshot.pods[k].ips.clone()))
-            .collect();
-        let locations = ports.locate(&wanted);
-        let t = std::time::Instant::now();
-        let synced = datapath.sync(&desired, &locations);
-        let sync_time = t.elapsed();
-        let sync_failed = synced.is_err();
-        match synced {
-            Ok(stats) if stats != Default::default() => {
-                tracing::info!(
-                    written = stats.written,
-                    removed = stats.removed,
-                    attached = stats.attached,
-                    detached = stats.detached,
-                    "datapath synced"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state")
-            }
-        }
-        let vips = crate::datapath::services::vips(&input.services());
-        if let Err(e) =
-            crate::datapath::services::sync_vips(datapath.ebpf_mut(), &mut vips_written, &vips)
-        {
-            tracing::error!(error = %format!("{e:#}"), "writing Service VIPs failed");
-        }
-        let hooks_missing = match opts.service_hooks.is_empty() {
-            true => vec![],
-            false => match datapath.to_remote() {
-                Ok(prog) => hooks.sync(prog, &opts.service_hooks),
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "no program for the Service hooks");
-                    opts.service_hooks.clone()
-                }
-            },
+        let step = match agent.reconcile(&mut datapath, &snapshot, &ports, &input.services()) {
+            Ok(step) => step,
+            Err(e) => break Err(e),
         };
-        if let Some(e) = datapath.verifier_failed() {
-            break Err(anyhow::anyhow!("{e}"));
-        }
-        syncs += 1;
-        let attached: Vec<&String> = datapath.attached().map(|(k, _)| k).collect();
-        // Located but not attached, or a hook device there but not hooked: a failure to
-        // retry. A pod not located yet waits for its port or address event, a hook
-        // device for its link event, a pod without an address for the source.
-        let failed = sync_failed
-            || locations.keys().any(|k| !attached.contains(&k))
-            || hooks_missing.iter().any(|d| ports.devices.contains(d));
-        retry = failed.then(|| retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX)));
-        let pending: Vec<String> = wanted
-            .keys()
-            .filter(|k| !attached.contains(k))
-            .cloned()
-            .collect();
+        let retry = step.retry;
+        let desired = step.desired;
         let status = Status {
-            node: opts.node.clone(),
-            digest: snapshot.digest.clone(),
-            converged: pending.is_empty() && hooks_missing.is_empty(),
-            endpoints: attached.len(),
-            pending,
-            policies: snapshot.policies.len(),
-            identities: snapshot.identities.len(),
-            policy_entries: desired.policy.len(),
-            invalid: snapshot.invalid.clone(),
-            syncs,
-            ready_ms: None,
-            adopted: false,
             metrics_addr: metrics_addr.clone(),
             wakes,
+            ..step.status
         };
-        let converged = status.converged;
-        if converged && ready_ms.is_none() {
-            // Ready means this build's programs passed the verifier, pods or none.
-            if let Err(e) = datapath.programs_ready() {
-                break Err(e);
-            }
-            let ms = started.elapsed().as_millis() as u64;
-            ready_ms = Some(ms);
-            // Every located endpoint runs this version's programs now.
-            datapath.retire_replaced_versions();
-            tracing::info!(
-                ready_ms = ms,
-                "agent ready: the datapath enforces the cluster state"
-            );
-        }
-        let status = Status {
-            ready_ms,
-            adopted: datapath.adoption().adopted,
-            ..status
-        };
+        let (compile_time, sync_time) = (step.compile_time, step.sync_time);
         {
             let mut rec = metrics.recorded.lock().unwrap();
             rec.compile.observe(compile_time);
@@ -504,10 +334,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     tracing::info!("agent stopped");
     outcome
 }
-
-/// Backoff of the retry after a failed sync or attach.
-const RETRY_MIN: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Reads the ring buffer, names each record and fans it out to subscribers.
 async fn pump_events(
