@@ -5,14 +5,22 @@
 //! supervisor ──► records.json (`<svc>.<ns>.svc.cluster.local` → ClusterIP,
 //! `<pod>.<ns>.pod.cluster.local` → pod IPs) ──► server (A/AAAA over UDP and TCP,
 //! re-read when the file changes) ◄── query (UDP or TCP) from a pod
+//!
+//! Both sides read and write messages with hickory-proto. The server cuts a UDP answer
+//! that does not fit (512 bytes, or the query's EDNS payload) to TC and the question; the
+//! client then asks again over TCP, as a stub resolver does, and reads any conforming
+//! answer (compressed names, other sections, CNAME chains to the A/AAAA records).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use serde::{Deserialize, Serialize};
 
 /// The ClusterIP of the lab's `kube-system/kube-dns` Service.
@@ -25,128 +33,120 @@ pub struct Records {
     pub names: BTreeMap<String, Vec<IpAddr>>,
 }
 
-const TYPE_A: u16 = 1;
-const TYPE_AAAA: u16 = 28;
-const CLASS_IN: u16 = 1;
-const RCODE_NXDOMAIN: u8 = 3;
-const RCODE_FORMERR: u8 = 1;
+/// TTL of every answer: short, the lab changes.
+const TTL: u32 = 5;
+/// The largest UDP answer without EDNS (RFC 1035 4.2.1).
+const UDP_PLAIN: u16 = 512;
+/// The UDP payload the server offers in its OPT record, and the most it sends whatever a
+/// query advertises (its receive buffer is this size too).
+const UDP_EDNS: u16 = 4096;
+/// How long a TCP connection may sit idle between queries (RFC 7766 6.2.3).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// CNAMEs followed from the question's name before giving up on a loop.
+const MAX_CNAME_HOPS: usize = 16;
 
-/// Reads the question of a query: (id, name, type, end of the question section).
-fn question(msg: &[u8]) -> Option<(u16, String, u16, usize)> {
-    if msg.len() < 12 || u16::from_be_bytes([msg[4], msg[5]]) != 1 {
+/// What an answer travels over: UDP answers are cut to the size the query allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// `name` as a records key: lowercase, without the trailing dot.
+fn key(name: &Name) -> String {
+    name.to_lowercase()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_string()
+}
+
+/// The answer to the DNS message `query` from `records`, as sent over `over`; `None` for
+/// what must not be answered (a response: answering it could loop two servers).
+///
+/// NOERROR with the name's A or AAAA records (none if it has none of that type, or for
+/// any other type), NXDOMAIN for a name not in `records`, FORMERR for what does not parse
+/// or does not ask exactly one question, NOTIMP for an opcode other than QUERY, BADVERS
+/// for EDNS beyond version 0. Over UDP an answer longer than 512 bytes (or than the
+/// payload the query's EDNS advertises, up to 4096) goes out with TC set and no records,
+/// for the client to ask again over TCP.
+pub fn answer(records: &Records, query: &[u8], over: Transport) -> Option<Vec<u8>> {
+    if query.get(2).is_some_and(|b| b & 0x80 != 0) {
         return None;
     }
-    let id = u16::from_be_bytes([msg[0], msg[1]]);
-    let mut labels = Vec::new();
-    let mut i = 12;
-    loop {
-        let len = *msg.get(i)? as usize;
-        i += 1;
-        if len == 0 {
-            break;
+    let request = match Message::from_vec(query) {
+        Ok(m) if m.queries.len() == 1 => m,
+        _ => {
+            // What can be read of the header: the id and RD.
+            let id = match query {
+                [a, b, ..] => u16::from_be_bytes([*a, *b]),
+                _ => 0,
+            };
+            let mut r = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+            r.metadata.recursion_desired = query.get(2).is_some_and(|b| b & 0x01 != 0);
+            return r.to_vec().ok();
         }
-        if len > 63 {
-            return None; // compression is not used in questions
-        }
-        labels.push(String::from_utf8_lossy(msg.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
-    }
-    let qtype = u16::from_be_bytes([*msg.get(i)?, *msg.get(i + 1)?]);
-    Some((id, labels.join("."), qtype, i + 4))
-}
-
-/// The answer to `query` from `records`.
-pub fn answer(records: &Records, query: &[u8]) -> Vec<u8> {
-    let Some((id, name, qtype, end)) = question(query) else {
-        let mut r = query.get(..12).map(<[u8]>::to_vec).unwrap_or(vec![0; 12]);
-        r.resize(12, 0);
-        r[2] = 0x80 | (r[2] & 0x01);
-        r[3] = RCODE_FORMERR;
-        r[4..12].fill(0);
-        return r;
     };
-    let known = records.names.get(&name);
-    let addrs: Vec<&IpAddr> = known
-        .into_iter()
-        .flatten()
-        .filter(|ip| match qtype {
-            TYPE_A => ip.is_ipv4(),
-            TYPE_AAAA => ip.is_ipv6(),
-            _ => false,
-        })
-        .collect();
-    let mut r = Vec::with_capacity(end + 16 * addrs.len());
-    r.extend(id.to_be_bytes());
-    // QR, AA, RD copied; RA clear.
-    r.push(0x84 | (query[2] & 0x01));
-    r.push(if known.is_some() { 0 } else { RCODE_NXDOMAIN });
-    r.extend(1u16.to_be_bytes());
-    r.extend((addrs.len() as u16).to_be_bytes());
-    r.extend([0, 0, 0, 0]);
-    r.extend(&query[12..end]);
-    for ip in addrs {
-        r.extend([0xc0, 12]); // pointer to the question's name
-        let (t, data): (u16, Vec<u8>) = match ip {
-            IpAddr::V4(v4) => (TYPE_A, v4.octets().to_vec()),
-            IpAddr::V6(v6) => (TYPE_AAAA, v6.octets().to_vec()),
-        };
-        r.extend(t.to_be_bytes());
-        r.extend(CLASS_IN.to_be_bytes());
-        r.extend(5u32.to_be_bytes()); // TTL: short, the lab changes
-        r.extend((data.len() as u16).to_be_bytes());
-        r.extend(data);
-    }
-    r
-}
-
-/// A query for `name` of type A (`ipv6` false) or AAAA.
-pub fn query_message(id: u16, name: &str, ipv6: bool) -> Vec<u8> {
-    let mut q = Vec::new();
-    q.extend(id.to_be_bytes());
-    q.extend([0x01, 0x00]); // RD
-    q.extend(1u16.to_be_bytes());
-    q.extend([0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend(label.as_bytes());
-    }
-    q.push(0);
-    q.extend(if ipv6 { TYPE_AAAA } else { TYPE_A }.to_be_bytes());
-    q.extend(CLASS_IN.to_be_bytes());
-    q
-}
-
-/// The addresses of an answer, or `None` for NXDOMAIN.
-fn parse_answer(msg: &[u8], id: u16) -> anyhow::Result<Option<Vec<IpAddr>>> {
-    if msg.len() < 12 || u16::from_be_bytes([msg[0], msg[1]]) != id {
-        bail!("not an answer to our query");
-    }
-    if msg[3] & 0x0f == RCODE_NXDOMAIN {
-        return Ok(None);
-    }
-    let (_, _, _, mut i) = question(msg).context("answer without its question")?;
-    let count = u16::from_be_bytes([msg[6], msg[7]]);
-    let mut out = Vec::new();
-    for _ in 0..count {
-        // Our server always names the answer by a 2-byte pointer.
-        i += 2;
-        let field = |at: usize| -> anyhow::Result<u16> {
-            Ok(u16::from_be_bytes([
-                *msg.get(at).context("short answer")?,
-                *msg.get(at + 1).context("short answer")?,
-            ]))
-        };
-        let t = field(i)?;
-        let len = field(i + 8)? as usize;
-        let data = msg.get(i + 10..i + 10 + len).context("short answer")?;
-        match (t, len) {
-            (TYPE_A, 4) => out.push(IpAddr::from(<[u8; 4]>::try_from(data)?)),
-            (TYPE_AAAA, 16) => out.push(IpAddr::from(<[u8; 16]>::try_from(data)?)),
-            _ => {}
+    let mut response = Message::response(request.id, request.op_code);
+    response.metadata.authoritative = true;
+    response.metadata.recursion_desired = request.recursion_desired;
+    response.metadata.checking_disabled = request.checking_disabled;
+    response.add_queries(request.queries.iter().cloned());
+    // RFC 6891 6.1.1: a query with OPT gets an answer with OPT.
+    if let Some(edns) = &request.edns {
+        let mut ours = Edns::new();
+        ours.set_max_payload(UDP_EDNS);
+        response.set_edns(ours);
+        if edns.version() > 0 {
+            response.metadata.response_code = ResponseCode::BADVERS;
+            return response.to_vec().ok();
         }
-        i += 10 + len;
     }
-    Ok(Some(out))
+    if request.op_code != OpCode::Query {
+        response.metadata.response_code = ResponseCode::NotImp;
+        return response.to_vec().ok();
+    }
+    let q = &request.queries[0];
+    match records.names.get(&key(q.name())) {
+        None => response.metadata.response_code = ResponseCode::NXDomain,
+        Some(addrs) => {
+            for ip in addrs {
+                let data = match (q.query_type(), ip) {
+                    (RecordType::A, IpAddr::V4(v4)) => RData::A(A(*v4)),
+                    (RecordType::AAAA, IpAddr::V6(v6)) => RData::AAAA(AAAA(*v6)),
+                    _ => continue,
+                };
+                response.add_answer(Record::from_rdata(q.name().clone(), TTL, data));
+            }
+        }
+    }
+    let whole = response.to_vec().ok()?;
+    let limit = match (over, &request.edns) {
+        (Transport::Tcp, _) => usize::from(u16::MAX),
+        (Transport::Udp, None) => usize::from(UDP_PLAIN),
+        (Transport::Udp, Some(_)) => usize::from(request.max_payload().min(UDP_EDNS)),
+    };
+    if whole.len() <= limit {
+        return Some(whole);
+    }
+    // No partial RRset (RFC 2181 9): the question (and OPT), TC, nothing else.
+    response.truncate().to_vec().ok()
+}
+
+/// `name` as asked: absolute, whether or not it ends with a dot.
+fn question_name(name: &str) -> anyhow::Result<Name> {
+    let mut qname =
+        Name::from_ascii(name).with_context(|| format!("{name:?} is not a domain name"))?;
+    qname.set_fqdn(true);
+    Ok(qname)
+}
+
+/// A recursive query for `name` of type `qtype`, without EDNS (so its UDP answer is at
+/// most 512 bytes).
+pub fn query_message(id: u16, name: &Name, qtype: RecordType) -> Vec<u8> {
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(name.clone(), qtype));
+    m.to_vec().expect("a query of one valid name encodes")
 }
 
 /// How a resolution ended.
@@ -157,9 +157,142 @@ pub enum Resolution {
     Nxdomain,
     Timeout,
     Refused,
+    /// The server answered with an error code (SERVFAIL, REFUSED, FORMERR, ...).
+    Failed,
 }
 
-/// Asks `server` about `name` over UDP or TCP (from the calling thread's netns).
+/// What one answer says: its outcome and addresses, and whether it was truncated (TC).
+#[derive(Debug, PartialEq, Eq)]
+struct Reading {
+    result: Resolution,
+    addresses: Vec<IpAddr>,
+    truncated: bool,
+}
+
+/// Reads `msg` as the answer to our query `id` for `name` of `qtype`; `None` for what is
+/// not that answer (another id, not a response, another question), which a resolver
+/// ignores. The addresses are those of the question's name, or of the end of the CNAME
+/// chain that starts there, of the asked type; other records (and sections) are ignored.
+fn read_answer(msg: &[u8], id: u16, name: &Name, qtype: RecordType) -> Option<Reading> {
+    let m = Message::from_vec(msg).ok()?;
+    if m.id != id || m.message_type != MessageType::Response {
+        return None;
+    }
+    // A FORMERR may come without the question; any other answer must repeat it.
+    let asked = |q: &Query| q.query_type() == qtype && key(q.name()) == key(name);
+    if m.response_code != ResponseCode::FormErr && !matches!(&m.queries[..], [q] if asked(q)) {
+        return None;
+    }
+    let result = match m.response_code {
+        ResponseCode::NoError => Resolution::Answered,
+        ResponseCode::NXDomain => Resolution::Nxdomain,
+        _ => Resolution::Failed,
+    };
+    let mut addresses = Vec::new();
+    if result == Resolution::Answered {
+        let mut owner = key(name);
+        for _ in 0..MAX_CNAME_HOPS {
+            let next = m.answers.iter().find_map(|r| match &r.data {
+                RData::CNAME(target) if key(&r.name) == owner => Some(key(&target.0)),
+                _ => None,
+            });
+            match next {
+                Some(target) => owner = target,
+                None => break,
+            }
+        }
+        addresses = m
+            .answers
+            .iter()
+            .filter(|r| key(&r.name) == owner)
+            .filter_map(|r| match (&r.data, qtype) {
+                (RData::A(a), RecordType::A) => Some(IpAddr::V4(a.0)),
+                (RData::AAAA(a), RecordType::AAAA) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })
+            .collect();
+    }
+    Some(Reading {
+        result,
+        addresses,
+        truncated: m.truncation,
+    })
+}
+
+/// What [`lookup`] found, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lookup {
+    pub result: Resolution,
+    pub addresses: Vec<IpAddr>,
+    /// "udp", "tcp", or "udp→tcp" when a truncated UDP answer was asked again over TCP.
+    pub transport: String,
+    /// A UDP answer came back truncated (TC).
+    pub truncated: bool,
+}
+
+/// Asks `server` about `name` over UDP or TCP (from the calling thread's netns). Over
+/// UDP, a truncated answer is asked again over TCP, as a stub resolver does; its outcome
+/// is the TCP one. An error only for a name that is not a domain name.
+pub fn lookup(
+    server: SocketAddr,
+    name: &str,
+    ipv6: bool,
+    tcp: bool,
+    timeout: Duration,
+) -> anyhow::Result<Lookup> {
+    let id = (SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos()
+        & 0xffff) as u16;
+    let qname = question_name(name)?;
+    let qtype = if ipv6 {
+        RecordType::AAAA
+    } else {
+        RecordType::A
+    };
+    let msg = query_message(id, &qname, qtype);
+    let failed = |e: std::io::Error| Reading {
+        result: if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            Resolution::Refused
+        } else {
+            Resolution::Timeout
+        },
+        addresses: vec![],
+        truncated: false,
+    };
+    let over_tcp = || {
+        query_tcp(server, &msg, timeout)
+            .and_then(|bytes| {
+                read_answer(&bytes, id, &qname, qtype).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not our answer")
+                })
+            })
+            .unwrap_or_else(failed)
+    };
+    let (r, transport, truncated) = if tcp {
+        (over_tcp(), "tcp", false)
+    } else {
+        let r = query_udp(server, &msg, timeout, |bytes| {
+            read_answer(bytes, id, &qname, qtype)
+        })
+        .unwrap_or_else(failed);
+        if r.truncated {
+            (over_tcp(), "udp→tcp", true)
+        } else {
+            (r, "udp", false)
+        }
+    };
+    Ok(Lookup {
+        result: r.result,
+        addresses: r.addresses,
+        transport: transport.into(),
+        truncated,
+    })
+}
+
+/// [`lookup`]'s outcome and addresses; a name that is not a domain name is never asked
+/// and so never answered (`Timeout`).
 pub fn query(
     server: SocketAddr,
     name: &str,
@@ -167,44 +300,41 @@ pub fn query(
     tcp: bool,
     timeout: Duration,
 ) -> (Resolution, Vec<IpAddr>) {
-    let id = (SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos()
-        & 0xffff) as u16;
-    let msg = query_message(id, name, ipv6);
-    let reply = if tcp {
-        query_tcp(server, &msg, timeout)
-    } else {
-        query_udp(server, &msg, timeout)
-    };
-    match reply {
-        Ok(bytes) => match parse_answer(&bytes, id) {
-            Ok(Some(addrs)) => (Resolution::Answered, addrs),
-            Ok(None) => (Resolution::Nxdomain, vec![]),
-            Err(_) => (Resolution::Timeout, vec![]),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            (Resolution::Refused, vec![])
-        }
+    match lookup(server, name, ipv6, tcp, timeout) {
+        Ok(l) => (l.result, l.addresses),
         Err(_) => (Resolution::Timeout, vec![]),
     }
 }
 
-fn query_udp(server: SocketAddr, msg: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+/// Sends `msg` and waits until `timeout` for a datagram that `read` takes as the answer,
+/// ignoring any other (RFC 5452 9.1).
+fn query_udp<T>(
+    server: SocketAddr,
+    msg: &[u8],
+    timeout: Duration,
+    read: impl Fn(&[u8]) -> Option<T>,
+) -> std::io::Result<T> {
     let any: SocketAddr = if server.is_ipv6() {
         "[::]:0".parse().unwrap()
     } else {
         "0.0.0.0:0".parse().unwrap()
     };
     let s = UdpSocket::bind(any)?;
-    s.set_read_timeout(Some(timeout))?;
     s.connect(server)?;
     s.send(msg)?;
-    let mut buf = vec![0u8; 1500];
-    let n = s.recv(&mut buf)?;
-    buf.truncate(n);
-    Ok(buf)
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        let n = s.recv(&mut buf)?;
+        if let Some(answer) = read(&buf[..n]) {
+            return Ok(answer);
+        }
+    }
 }
 
 fn query_tcp(server: SocketAddr, msg: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
@@ -279,31 +409,41 @@ pub async fn serve(
             let Ok((mut stream, _)) = tcp.accept().await else {
                 continue;
             };
-            let records = tcp_load();
+            let load = tcp_load.clone();
+            // Queries one after another on the connection until the client closes it or
+            // leaves it idle (RFC 7766 6.2.1), each with its 2-byte length.
             tokio::spawn(async move {
-                let mut len = [0u8; 2];
-                if stream.read_exact(&mut len).await.is_err() {
-                    return;
+                loop {
+                    let mut len = [0u8; 2];
+                    match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+                        Ok(Ok(_)) => {}
+                        _ => return,
+                    }
+                    let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                    if stream.read_exact(&mut q).await.is_err() {
+                        return;
+                    }
+                    let Some(a) = answer(&load(), &q, Transport::Tcp) else {
+                        continue;
+                    };
+                    let mut out = (a.len() as u16).to_be_bytes().to_vec();
+                    out.extend(a);
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
                 }
-                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
-                if stream.read_exact(&mut q).await.is_err() {
-                    return;
-                }
-                let a = answer(&records, &q);
-                let mut out = (a.len() as u16).to_be_bytes().to_vec();
-                out.extend(a);
-                let _ = stream.write_all(&out).await;
             });
         }
     });
-    let mut buf = vec![0u8; 4096];
+    let mut buf = vec![0u8; usize::from(UDP_EDNS)];
     loop {
         let (n, peer) = match udp.recv_from(&mut buf).await {
             Ok(x) => x,
             Err(_) => continue,
         };
-        let a = answer(&load(), &buf[..n]);
-        let _ = udp.send_to(&a, peer).await;
+        if let Some(a) = answer(&load(), &buf[..n], Transport::Udp) {
+            let _ = udp.send_to(&a, peer).await;
+        }
         if tcp_task.is_finished() {
             bail!("the TCP side of the DNS server stopped");
         }
@@ -313,27 +453,351 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::rr::rdata::{CNAME, SOA};
 
-    #[test]
-    fn answers_a_and_aaaa_and_nxdomain() {
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn name(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    /// `query` answered by the server function and read back by the client's reader.
+    fn ask(
+        records: &Records,
+        query: &[u8],
+        over: Transport,
+        id: u16,
+        q: &str,
+        t: RecordType,
+    ) -> Reading {
+        let a = answer(records, query, over).expect("answered");
+        read_answer(&a, id, &name(q), t).expect("our answer")
+    }
+
+    fn ask_for(id: u16, q: &str, ipv6: bool) -> Vec<u8> {
+        let t = if ipv6 {
+            RecordType::AAAA
+        } else {
+            RecordType::A
+        };
+        query_message(id, &question_name(q).unwrap(), t)
+    }
+
+    fn web() -> Records {
         let mut records = Records::default();
         records.names.insert(
             "web.x.svc.cluster.local".into(),
-            vec!["10.96.1.0".parse().unwrap(), "fd00::1".parse().unwrap()],
+            vec![ip("10.96.1.0"), ip("fd00::1")],
         );
-        let q = query_message(7, "Web.x.svc.cluster.local.", false);
-        let a = parse_answer(&answer(&records, &q), 7).unwrap().unwrap();
-        assert_eq!(a, vec!["10.96.1.0".parse::<IpAddr>().unwrap()]);
-        let q = query_message(8, "web.x.svc.cluster.local", true);
-        let a = parse_answer(&answer(&records, &q), 8).unwrap().unwrap();
-        assert_eq!(a, vec!["fd00::1".parse::<IpAddr>().unwrap()]);
-        let q = query_message(9, "nope.x.svc.cluster.local", false);
-        assert_eq!(parse_answer(&answer(&records, &q), 9).unwrap(), None);
-        assert!(
-            parse_answer(&answer(&records, &q), 10).is_err(),
-            "id checked"
+        records
+    }
+
+    #[test]
+    fn a_query_round_trips_through_the_server_function() {
+        let records = web();
+        let q = ask_for(7, "Web.x.svc.cluster.local.", false);
+        let r = ask(
+            &records,
+            &q,
+            Transport::Udp,
+            7,
+            "web.x.svc.cluster.local",
+            RecordType::A,
         );
-        // Garbage gets a FORMERR header, not a panic.
-        assert_eq!(answer(&records, &[1, 2, 3])[3], RCODE_FORMERR);
+        assert_eq!(r.result, Resolution::Answered);
+        assert_eq!(r.addresses, vec![ip("10.96.1.0")]);
+        assert!(!r.truncated);
+        // The answer is a conforming response: AA, RD echoed, the question as asked.
+        let m = Message::from_vec(&answer(&records, &q, Transport::Udp).unwrap()).unwrap();
+        assert!(m.authoritative && m.recursion_desired && !m.recursion_available);
+        assert_eq!(m.queries[0].name().to_ascii(), "Web.x.svc.cluster.local.");
+        assert_eq!(m.answers[0].ttl, TTL);
+
+        let q = ask_for(8, "web.x.svc.cluster.local", true);
+        let r = ask(
+            &records,
+            &q,
+            Transport::Tcp,
+            8,
+            "web.x.svc.cluster.local",
+            RecordType::AAAA,
+        );
+        assert_eq!(
+            (r.result, r.addresses),
+            (Resolution::Answered, vec![ip("fd00::1")])
+        );
+
+        // A known name without records of the type: NOERROR, empty.
+        let mut v4only = Records::default();
+        v4only
+            .names
+            .insert("a.x.pod.cluster.local".into(), vec![ip("10.244.0.5")]);
+        let q = ask_for(9, "a.x.pod.cluster.local", true);
+        let r = ask(
+            &v4only,
+            &q,
+            Transport::Udp,
+            9,
+            "a.x.pod.cluster.local",
+            RecordType::AAAA,
+        );
+        assert_eq!((r.result, r.addresses), (Resolution::Answered, vec![]));
+
+        let q = ask_for(10, "nope.x.svc.cluster.local", false);
+        let r = ask(
+            &records,
+            &q,
+            Transport::Udp,
+            10,
+            "nope.x.svc.cluster.local",
+            RecordType::A,
+        );
+        assert_eq!(r.result, Resolution::Nxdomain);
+        // Another id, or another question, is not our answer.
+        let a = answer(&records, &q, Transport::Udp).unwrap();
+        assert_eq!(
+            read_answer(&a, 11, &name("nope.x.svc.cluster.local"), RecordType::A),
+            None
+        );
+        assert_eq!(
+            read_answer(&a, 10, &name("web.x.svc.cluster.local"), RecordType::A),
+            None
+        );
+        assert_eq!(
+            read_answer(&a, 10, &name("nope.x.svc.cluster.local"), RecordType::AAAA),
+            None
+        );
+
+        // Garbage gets a FORMERR, not a panic; a response gets nothing.
+        let bad =
+            Message::from_vec(&answer(&records, &[1, 2, 3], Transport::Udp).unwrap()).unwrap();
+        assert_eq!((bad.id, bad.response_code), (0x0102, ResponseCode::FormErr));
+        assert_eq!(answer(&records, &a, Transport::Udp), None);
+    }
+
+    #[test]
+    fn the_server_answers_edns_with_edns_and_other_opcodes_with_notimp() {
+        let records = web();
+        let mut m = Message::new(3, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(
+            name("web.x.svc.cluster.local."),
+            RecordType::A,
+        ));
+        let mut edns = Edns::new();
+        edns.set_max_payload(1232);
+        m.set_edns(edns.clone());
+        let a = Message::from_vec(&answer(&records, &m.to_vec().unwrap(), Transport::Udp).unwrap())
+            .unwrap();
+        assert_eq!(a.response_code, ResponseCode::NoError);
+        assert_eq!(a.edns.as_ref().map(Edns::max_payload), Some(UDP_EDNS));
+        edns.set_version(1);
+        m.set_edns(edns);
+        let a = Message::from_vec(&answer(&records, &m.to_vec().unwrap(), Transport::Udp).unwrap())
+            .unwrap();
+        // BADVERS is 16 (split between the header and OPT), which reads back as its
+        // other name, BADSIG.
+        assert_eq!(u16::from(a.response_code), 16);
+        assert!(a.answers.is_empty() && a.edns.is_some());
+        let mut m = Message::new(4, MessageType::Query, OpCode::Status);
+        m.add_query(Query::query(
+            name("web.x.svc.cluster.local."),
+            RecordType::A,
+        ));
+        let a = Message::from_vec(&answer(&records, &m.to_vec().unwrap(), Transport::Udp).unwrap())
+            .unwrap();
+        assert_eq!(a.response_code, ResponseCode::NotImp);
+    }
+
+    #[test]
+    fn a_big_answer_is_truncated_over_udp_and_whole_over_tcp() {
+        let n = "big.x.svc.cluster.local";
+        let mut records = Records::default();
+        let all: Vec<IpAddr> = (0..40).map(|i| ip(&format!("10.244.1.{i}"))).collect();
+        records.names.insert(n.into(), all.clone());
+        let q = ask_for(21, n, false);
+
+        let udp = answer(&records, &q, Transport::Udp).unwrap();
+        assert!(udp.len() <= 512, "{}", udp.len());
+        let r = read_answer(&udp, 21, &name(n), RecordType::A).unwrap();
+        assert!(r.truncated);
+        assert!(r.addresses.is_empty());
+
+        let tcp = answer(&records, &q, Transport::Tcp).unwrap();
+        assert!(tcp.len() > 512, "{}", tcp.len());
+        let r = read_answer(&tcp, 21, &name(n), RecordType::A).unwrap();
+        assert!(!r.truncated);
+        assert_eq!((r.result, r.addresses), (Resolution::Answered, all.clone()));
+
+        // A query advertising a larger EDNS payload gets it whole over UDP, up to that size.
+        let with_edns = |payload: u16| {
+            let mut m = Message::from_vec(&q).unwrap();
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            m.set_edns(edns);
+            let a = answer(&records, &m.to_vec().unwrap(), Transport::Udp).unwrap();
+            (
+                a.len(),
+                read_answer(&a, 21, &name(n), RecordType::A).unwrap(),
+            )
+        };
+        let (len, r) = with_edns(1232);
+        assert!(!r.truncated && len > 512 && len <= 1232, "{len}");
+        assert_eq!(r.addresses, all);
+        let (len, r) = with_edns(600);
+        assert!(r.truncated && len <= 600, "{len}");
+    }
+
+    /// An answer as a recursive server (CoreDNS, say) makes it with hickory itself:
+    /// compressed names, CNAMEs, authority and additional records.
+    fn made_by_hickory(
+        id: u16,
+        qname: &str,
+        answers: Vec<Record>,
+        additionals: Vec<Record>,
+    ) -> Vec<u8> {
+        let mut m = Message::response(id, OpCode::Query);
+        m.metadata.recursion_available = true;
+        m.add_query(Query::query(name(qname), RecordType::A));
+        m.add_answers(answers);
+        m.add_authority(Record::from_rdata(
+            name("cluster.local."),
+            30,
+            RData::SOA(SOA::new(
+                name("ns.dns.cluster.local."),
+                name("hostmaster.cluster.local."),
+                1,
+                7200,
+                1800,
+                86400,
+                30,
+            )),
+        ));
+        m.add_additionals(additionals);
+        m.to_vec().unwrap()
+    }
+
+    fn a(owner: &str, addr: &str) -> Record {
+        let IpAddr::V4(v4) = ip(addr) else { panic!() };
+        Record::from_rdata(name(owner), 30, RData::A(A(v4)))
+    }
+
+    fn cname(owner: &str, target: &str) -> Record {
+        Record::from_rdata(name(owner), 30, RData::CNAME(CNAME(name(target))))
+    }
+
+    #[test]
+    fn the_client_follows_a_cname_chain_to_the_addresses() {
+        let q = "www.x.svc.cluster.local.";
+        let msg = made_by_hickory(
+            5,
+            q,
+            vec![
+                cname("WWW.x.svc.cluster.local.", "front.y.svc.cluster.local."),
+                // Out of order, as a server may send them.
+                a("web.z.svc.cluster.local.", "10.96.7.7"),
+                cname("front.y.svc.cluster.local.", "web.z.svc.cluster.local."),
+                a("web.z.svc.cluster.local.", "10.96.7.8"),
+                // Not on the chain: ignored.
+                a("other.z.svc.cluster.local.", "10.96.9.9"),
+            ],
+            vec![a("ns.dns.cluster.local.", "10.96.0.10")],
+        );
+        let r = read_answer(&msg, 5, &name(q), RecordType::A).unwrap();
+        assert_eq!(r.result, Resolution::Answered);
+        assert_eq!(r.addresses, vec![ip("10.96.7.7"), ip("10.96.7.8")]);
+
+        // A CNAME loop ends, without addresses.
+        let msg = made_by_hickory(
+            6,
+            q,
+            vec![
+                cname(q, "loop.x.svc.cluster.local."),
+                cname("loop.x.svc.cluster.local.", q),
+            ],
+            vec![],
+        );
+        let r = read_answer(&msg, 6, &name(q), RecordType::A).unwrap();
+        assert_eq!((r.result, r.addresses), (Resolution::Answered, vec![]));
+    }
+
+    #[test]
+    fn the_client_reads_a_compressed_answer_made_by_hickory() {
+        let q = "db.x.svc.cluster.local.";
+        let msg = made_by_hickory(
+            9,
+            q,
+            vec![a(q, "10.96.3.1"), a(q, "10.96.3.2"), a(q, "10.96.3.3")],
+            vec![a("db-0.db.x.svc.cluster.local.", "10.244.0.9")],
+        );
+        // The owner names after the question's are pointers (0b11 in the top bits).
+        let question_end = 12 + q.len() + 1 + 4;
+        assert_eq!(msg[question_end] & 0xc0, 0xc0, "compressed");
+        let r = read_answer(&msg, 9, &name(q), RecordType::A).unwrap();
+        assert_eq!(r.result, Resolution::Answered);
+        assert_eq!(
+            r.addresses,
+            vec![ip("10.96.3.1"), ip("10.96.3.2"), ip("10.96.3.3")]
+        );
+        // SERVFAIL (from hickory too) is a failure, not an empty answer.
+        let mut m = Message::from_vec(&msg).unwrap();
+        m.metadata.response_code = ResponseCode::ServFail;
+        m.answers.clear();
+        let r = read_answer(&m.to_vec().unwrap(), 9, &name(q), RecordType::A).unwrap();
+        assert_eq!(r.result, Resolution::Failed);
+    }
+
+    /// Over loopback (no root): `lookup` asks over UDP, gets TC, asks again over TCP.
+    #[test]
+    fn lookup_retries_a_truncated_answer_over_tcp() {
+        let dir = std::env::temp_dir().join(format!("netpol-dns-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("records.json");
+        let mut records = web();
+        let all: Vec<IpAddr> = (0..40).map(|i| ip(&format!("10.244.2.{i}"))).collect();
+        records
+            .names
+            .insert("big.x.svc.cluster.local".into(), all.clone());
+        std::fs::write(&path, serde_json::to_vec(&records).unwrap()).unwrap();
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // UDP and TCP on one port: the first free port both can take.
+        let (udp, tcp) = rt.block_on(async {
+            loop {
+                let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let port = udp.local_addr().unwrap().port();
+                if let Ok(tcp) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+                    break (udp, tcp);
+                }
+            }
+        });
+        let server = udp.local_addr().unwrap();
+        let serving = std::thread::spawn(move || rt.block_on(serve(path, udp, tcp)));
+        let t = Duration::from_secs(2);
+
+        let l = lookup(server, "web.x.svc.cluster.local", false, false, t).unwrap();
+        assert_eq!(
+            (l.result, l.addresses),
+            (Resolution::Answered, vec![ip("10.96.1.0")])
+        );
+        assert_eq!((l.transport.as_str(), l.truncated), ("udp", false));
+
+        let l = lookup(server, "big.x.svc.cluster.local", false, false, t).unwrap();
+        assert_eq!((l.result, l.addresses), (Resolution::Answered, all));
+        assert_eq!((l.transport.as_str(), l.truncated), ("udp→tcp", true));
+
+        let l = lookup(server, "nope.x.svc.cluster.local", false, true, t).unwrap();
+        assert_eq!(
+            (l.result, l.transport.as_str()),
+            (Resolution::Nxdomain, "tcp")
+        );
+
+        assert!(lookup(server, "a..b", false, false, t).is_err());
+        assert!(!serving.is_finished());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

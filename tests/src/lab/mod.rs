@@ -517,10 +517,13 @@ pub struct ResolveReport {
     pub from: String,
     pub query: String,
     pub server: String,
-    /// "udp" or "tcp".
+    /// "udp", "tcp", or "udp→tcp": a truncated UDP answer asked again over TCP.
     pub transport: String,
     pub result: dns::Resolution,
     pub addresses: Vec<std::net::IpAddr>,
+    /// The UDP answer came back truncated (TC), so the outcome is that of TCP.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// Looks `query` up from inside pod `from`, through the nameserver of its resolv.conf.
@@ -544,15 +547,15 @@ pub fn resolve(
     let netns = pod.netns.clone();
     let query_name = query.to_string();
     // A thread of its own: entering the pod's netns must not move the caller.
-    let (result, addresses) = std::thread::spawn(move || -> anyhow::Result<_> {
+    let lookup = std::thread::spawn(move || -> anyhow::Result<_> {
         probe::enter_netns(&netns)?;
-        Ok(dns::query(
+        dns::lookup(
             std::net::SocketAddr::new(server, 53),
             &query_name,
             ipv6,
             tcp,
             timeout,
-        ))
+        )
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the resolver thread panicked"))??;
@@ -560,9 +563,10 @@ pub fn resolve(
         from: from.to_string(),
         query: query.to_string(),
         server: server.to_string(),
-        transport: if tcp { "tcp" } else { "udp" }.into(),
-        result,
-        addresses,
+        transport: lookup.transport,
+        result: lookup.result,
+        addresses: lookup.addresses,
+        truncated: lookup.truncated,
     })
 }
 
