@@ -282,8 +282,11 @@ fn test(args: &[String]) -> Result {
     step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
     let mut child = Command::new("cargo")
         .current_dir(root())
-        .args(["test"])
+        // Every binary even after a failure; the root-only tests (ignored for a user's
+        // plain `cargo test`) included, since xtask runs as root.
+        .args(["test", "--no-fail-fast"])
         .args(args)
+        .args(["--", "--include-ignored"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cargo test: {e}"))?;
