@@ -8,6 +8,8 @@
 //! The agent (`netpol-agent`) feeds `objects` from its sources and writes `compile`'s
 //! output into the kernel.
 
+#![forbid(unsafe_code)]
+
 pub mod compile;
 pub mod explain;
 pub mod graph;

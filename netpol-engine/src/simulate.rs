@@ -13,6 +13,16 @@ use crate::index::net::addr_of;
 use crate::index::{Index, PodInfo, PodKey, Snapshot};
 use crate::objects::{manifest::read_all, ClusterState, Object};
 
+/// Why a question about the manifests could not be answered at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Unjudged {
+    /// A file or document that does not read (every one is named).
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("pod {0:?} is not in the manifests (use namespace/name)")]
+    UnknownPod(String),
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub protocol: String,
@@ -107,10 +117,10 @@ impl Model {
     }
 
     /// Reads manifests; the first unreadable document is the error.
-    pub fn read(paths: &[PathBuf]) -> anyhow::Result<Model> {
+    pub fn read(paths: &[PathBuf]) -> Result<Model, Unjudged> {
         let (objects, errors, _) = read_all(paths);
         if let Some(e) = errors.first() {
-            anyhow::bail!("{e}");
+            return Err(Unjudged::Unreadable(e.clone()));
         }
         Ok(Model::new(objects))
     }
@@ -184,12 +194,12 @@ pub fn simulate(
     port: u16,
     from: Option<&str>,
     to: Option<&str>,
-) -> anyhow::Result<Report> {
+) -> Result<Report, Unjudged> {
     let model = Model::read(paths)?;
     let snap = &model.snap;
     for f in [from, to].into_iter().flatten() {
         if !snap.pods.contains_key(f) {
-            anyhow::bail!("pod {f:?} is not in the manifests (use namespace/name)");
+            return Err(Unjudged::UnknownPod(f.to_string()));
         }
     }
     let mut pods = Vec::new();

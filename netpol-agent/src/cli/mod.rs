@@ -240,7 +240,7 @@ fn explain(e: &ExplainArgs) -> anyhow::Result<netpol_engine::explain::Explanatio
             protocol,
             port,
         };
-        return netpol_engine::explain::explain(&e.manifests, &q);
+        return Ok(netpol_engine::explain::explain(&e.manifests, &q)?);
     }
     let req = crate::api::Request::Explain {
         from: e.from.clone(),

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use netpol_common::{direction, reason, EndpointEntry};
 use serde::{Deserialize, Serialize};
 
@@ -111,32 +110,54 @@ pub struct Flow<'s> {
     pub port: u16,
 }
 
-/// An endpoint of the flow: a pod (`ns/name`) or an address.
-fn resolve<'a>(snap: &'a Snapshot, what: &str) -> anyhow::Result<(Option<&'a PodInfo>, IpAddr)> {
+/// Why a flow could not be judged at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Unjudged {
+    /// A manifest that does not read.
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("{flag}: pod {pod:?} is not in the cluster (use namespace/name or an IP)")]
+    UnknownPod { flag: &'static str, pod: String },
+    #[error("{flag}: pod {pod} has no address (status.podIP)")]
+    NoAddress { flag: &'static str, pod: String },
+    #[error("{from} and {to} are of different address families")]
+    Families { from: String, to: String },
+}
+
+/// An endpoint of the flow (`flag` says which): a pod (`ns/name`) or an address.
+fn resolve<'a>(
+    snap: &'a Snapshot,
+    flag: &'static str,
+    what: &str,
+) -> Result<(Option<&'a PodInfo>, IpAddr), Unjudged> {
     if let Ok(ip) = what.parse::<IpAddr>() {
         return Ok((snap.pod_by_ip(ip), ip));
     }
-    let pod = snap.pods.get(what).ok_or_else(|| {
-        anyhow::anyhow!("pod {what:?} is not in the cluster (use namespace/name or an IP)")
+    let pod = snap.pods.get(what).ok_or_else(|| Unjudged::UnknownPod {
+        flag,
+        pod: what.into(),
     })?;
-    let ip = *pod
-        .ips
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("pod {what} has no address (status.podIP)"))?;
+    let ip = *pod.ips.first().ok_or_else(|| Unjudged::NoAddress {
+        flag,
+        pod: what.into(),
+    })?;
     Ok((Some(pod), ip))
 }
 
-pub fn flow<'s>(snap: &'s Snapshot, q: &Question) -> anyhow::Result<Flow<'s>> {
+pub fn flow<'s>(snap: &'s Snapshot, q: &Question) -> Result<Flow<'s>, Unjudged> {
     let Question {
         from,
         to,
         protocol,
         port,
     } = *q;
-    let (src, src_ip) = resolve(snap, from).context("--from")?;
-    let (dst, dst_ip) = resolve(snap, to).context("--to")?;
+    let (src, src_ip) = resolve(snap, "--from", from)?;
+    let (dst, dst_ip) = resolve(snap, "--to", to)?;
     if src_ip.is_ipv4() != dst_ip.is_ipv4() {
-        anyhow::bail!("{from} and {to} are of different address families");
+        return Err(Unjudged::Families {
+            from: from.into(),
+            to: to.into(),
+        });
     }
     Ok(Flow {
         from: from.into(),
@@ -151,10 +172,10 @@ pub fn flow<'s>(snap: &'s Snapshot, q: &Question) -> anyhow::Result<Flow<'s>> {
 }
 
 /// Offline: judged on the maps compiled from the manifests, every pod as if local.
-pub fn explain(paths: &[PathBuf], q: &Question) -> anyhow::Result<Explanation> {
+pub fn explain(paths: &[PathBuf], q: &Question) -> Result<Explanation, Unjudged> {
     let (mut objects, errors, _) = read_all(paths);
     if let Some(e) = errors.first() {
-        anyhow::bail!("{e}");
+        return Err(Unjudged::Unreadable(e.clone()));
     }
     // Pods without an address get the same deterministic ones `simulate` reports.
     crate::simulate::assign_addresses(&mut objects);
