@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod scenario;
+mod testrun;
 
 #[derive(Parser)]
 struct Cli {
@@ -24,7 +25,7 @@ enum Task {
     Setup,
     /// Setup, then every test: unit, BPF_PROG_TEST_RUN, and lab (real packets).
     Test {
-        /// Extra arguments for `cargo test` (a test name filter, say).
+        /// Arguments for every test binary (a test name filter, `--nocapture`).
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -275,45 +276,51 @@ fn check_kernel() -> Result {
 
 fn test(args: &[String]) -> Result {
     let started = Instant::now();
-    step("building");
-    run(Command::new("cargo")
+    step("building the test binaries");
+    let bins = testrun::list(&root())?;
+    step(&format!(
+        "running {} test binaries (unit, BPF_PROG_TEST_RUN, lab), every one whatever the others do",
+        bins.len()
+    ));
+    // The root-only tests are ignored for a user's plain `cargo test`; xtask runs as root.
+    let mut all = vec!["--include-ignored".to_string()];
+    all.extend(args.iter().cloned());
+    let mut tally = testrun::run_all(&bins, &all);
+    step("doc tests");
+    let doc = Command::new("cargo")
         .current_dir(root())
-        .args(["build", "--all-targets"]))?;
-    step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
-    let mut child = Command::new("cargo")
-        .current_dir(root())
-        // Every binary even after a failure; the root-only tests (ignored for a user's
-        // plain `cargo test`) included, since xtask runs as root.
-        .args(["test", "--no-fail-fast"])
-        .args(args)
-        .args(["--", "--include-ignored"])
+        .args(["test", "--doc", "--quiet"])
         .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cargo test: {e}"))?;
-    // Echo the output and add up the per-binary summaries into one closing line.
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    let stdout = child.stdout.take().expect("piped");
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(|l| l.ok()) {
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| -> u64 {
-                rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
-            ignored += count(" ignored");
-        }
+        .output()
+        .map_err(|e| format!("cargo test --doc: {e}"))?;
+    let text = String::from_utf8_lossy(&doc.stdout);
+    print!("{text}");
+    let counts = text.lines().filter_map(testrun::parse_result).fold(
+        None,
+        |acc: Option<(u64, u64, u64)>, c| {
+            let a = acc.unwrap_or((0, 0, 0));
+            Some((a.0 + c.0, a.1 + c.1, a.2 + c.2))
+        },
+    );
+    let (p, f, s, ending) = testrun::judge(counts.or(Some((0, 0, 0))), doc.status);
+    tally.passed += p;
+    tally.failed += f;
+    tally.skipped += s;
+    if let Some(e) = ending {
+        tally.failures.push(("doc tests".into(), e));
     }
-    let status = child.wait().map_err(|e| format!("cargo test: {e}"))?;
     eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
-    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-    if status.success() {
+    for (binary, how) in &tally.failures {
+        eprintln!("failed: {binary}: {how}");
+    }
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
+    if tally.failed == 0 {
         Ok(())
     } else {
-        Err(format!("cargo test failed: {status}"))
+        Err(format!("{} failed", tally.failed))
     }
 }
 
