@@ -81,6 +81,7 @@ pub(crate) fn finish(
     {
         report(ctx, ep, pkt, &out);
     }
+    trace!(action(ctx, &out));
     if out.verdict == verdict::DROPPED {
         TC_ACT_SHOT
     } else {

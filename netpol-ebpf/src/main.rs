@@ -13,6 +13,20 @@
 #![no_std]
 #![no_main]
 
+// `trace!(f(args))`: with the `trace` feature (see netpol-ebpf/Cargo.toml), calls the
+// aya-log line `trace::f(args)`; without it, nothing at all (the arguments are not even
+// evaluated). Defined before the modules so that they can use it too.
+#[cfg(feature = "trace")]
+macro_rules! trace {
+    ($f:ident($($arg:expr),* $(,)?)) => {
+        crate::trace::$f($($arg),*)
+    };
+}
+#[cfg(not(feature = "trace"))]
+macro_rules! trace {
+    ($($arg:tt)*) => {};
+}
+
 // Mind the module names: LLVM inlines `#[inline(always)]` functions in the order of
 // their mangled names, `<len><name>` per path segment (crate root first, then `4emit`,
 // `5parse`, `6policy`, ...), and that order lays out the stack of the functions they are
@@ -28,6 +42,8 @@ mod maps;
 mod parse;
 mod policy;
 mod service;
+#[cfg(feature = "trace")]
+mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -156,6 +172,7 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
     let mut out = Outcome::drop(reason::NONE);
     match parse::parse(ctx, &mut pkt) {
         parse::PARSED => {
+            trace!(parsed(ctx, &pkt, ifindex));
             out.verdict = pipeline(ctx, ep, config, &pkt, &mut out);
         }
         parse::SKIP => return TC_ACT_OK, // not IP, or IPv6 neighbour discovery / MLD
@@ -224,6 +241,7 @@ fn pipeline_steps(
     }
     if pkt.frag == frag::LATER {
         *out = fragments::follow_first(&scratch.frag, now);
+        trace!(later_fragment(ctx, out));
         return;
     }
     stages(ctx, scratch, ep, config, pkt, out, now);
@@ -256,6 +274,7 @@ fn stages(
                 if let Some(e) = ct_live(&scratch.ct, config, now) {
                     // SAFETY: pointer into the map value, valid for this run.
                     if unsafe { (*e).flags } & theirs != 0 {
+                        trace!(related(ctx));
                         *out = Outcome::allow(reason::RELATED);
                         return;
                     }
@@ -264,6 +283,7 @@ fn stages(
                 if let Some(e) = ct_live(&scratch.ct, config, now) {
                     // SAFETY: pointer into the map value, valid for this run.
                     if unsafe { (*e).flags } & mine != 0 {
+                        trace!(related(ctx));
                         *out = Outcome::allow(reason::RELATED);
                         return;
                     }
@@ -284,12 +304,14 @@ fn stages(
         // 4s. To a Service VIP: judged after DNAT unless established (service.rs).
         // SAFETY: the context pointer is valid for the whole program run.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        trace!(to_vip(ctx));
         service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);
         return;
     }
     if let Some(e) = ct_live(&scratch.ct, config, now) {
         // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
         if unsafe { (*e).flags } & mine != 0 {
+            trace!(ct_hit(ctx, false));
             established(ep, config, pkt, false, e, out, now);
             return;
         }
@@ -298,6 +320,7 @@ fn stages(
     if let Some(e) = ct_live(&scratch.ct, config, now) {
         // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
         if unsafe { (*e).flags } & theirs != 0 {
+            trace!(ct_hit(ctx, true));
             established(ep, config, pkt, true, e, out, now);
             return;
         }
@@ -305,7 +328,9 @@ fn stages(
     scratch.ct.reverse();
 
     // 5. A new connection (or one whose state expired): policy.
+    trace!(ct_miss(ctx));
     out.verdict = verdict_of(ep, config, pkt, false, out);
+    trace!(policy(ctx, out));
     if pkt.icmp != parse::icmp::TRACKED {
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
