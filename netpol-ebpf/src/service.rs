@@ -15,29 +15,22 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::{HashMap, LruHashMap},
     programs::TcContext,
 };
 use netpol_common::{
-    capacity, config_flags, ct_flags, ct_stamp, direction, reason, svc_mark, verdict, Addr, Config,
-    CtEntry, EndpointEntry, PendingEntry, PendingKey, ServiceEntry,
+    config_flags, ct_flags, ct_stamp, direction, reason, svc_mark, verdict, Addr, Config, CtEntry,
+    EndpointEntry, PendingEntry, PendingKey,
 };
 
+use crate::conntrack::{ct_live, ct_touch, remember};
+use crate::emit::{count, count_rule, finish};
+use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SERVICES, SVC_PENDING};
 use crate::parse::{self, Packet};
-use crate::{
-    audit_mode, audits, count_rule, ct_touch, finish, remember, verdict_of, Outcome, Scratch,
-};
-
-#[map(name = "NP_SERVICES")]
-static SERVICES: HashMap<Addr, ServiceEntry> = HashMap::with_max_entries(capacity::SERVICES, 0);
-
-#[map(name = "NP_SVC_PENDING")]
-static SVC_PENDING: LruHashMap<PendingKey, PendingEntry> =
-    LruHashMap::with_max_entries(capacity::SVC_PENDING, 0);
+use crate::policy::{audit_mode, audits, verdict_of};
+use crate::Outcome;
 
 #[inline(always)]
-pub fn is_vip(addr: &Addr) -> bool {
+pub(crate) fn is_vip(addr: &Addr) -> bool {
     // SAFETY: a lookup; the value is not kept.
     unsafe { SERVICES.get(addr) }.is_some()
 }
@@ -45,7 +38,7 @@ pub fn is_vip(addr: &Addr) -> bool {
 /// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
 /// (`CONNTRACK`); anything else is passed on tagged, to be judged after DNAT.
 #[inline(always)]
-pub fn egress_to_vip(
+pub(crate) fn egress_to_vip(
     ctx: &TcContext,
     scratch: &mut Scratch,
     ep: &EndpointEntry,
@@ -55,7 +48,7 @@ pub fn egress_to_vip(
     out: &mut Outcome,
     now: u64,
 ) {
-    if let Some(e) = crate::ct_live(&scratch.ct, config, now) {
+    if let Some(e) = ct_live(&scratch.ct, config, now) {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             let flags = (*e).flags;
@@ -100,7 +93,7 @@ pub fn egress_to_vip(
 /// client's egress judged against its (now real) destination. `TC_ACT_OK` lets the hook
 /// go on, `TC_ACT_SHOT` drops.
 #[inline(never)]
-pub fn after_dnat(ctx: &TcContext) -> i32 {
+pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let mark = unsafe { (*ctx.skb.skb).mark };
     let Some(client) = svc_mark::client(mark) else {
@@ -108,7 +101,7 @@ pub fn after_dnat(ctx: &TcContext) -> i32 {
     };
     // Judged once: the mark must not follow the packet further.
     ctx.set_mark(svc_mark::clear(mark));
-    let Some(config) = crate::CONFIG.get(0) else {
+    let Some(config) = CONFIG.get(0) else {
         return TC_ACT_SHOT;
     };
     let mut pkt = Packet {
@@ -117,8 +110,8 @@ pub fn after_dnat(ctx: &TcContext) -> i32 {
         ..Packet::default()
     };
     // SAFETY: map values stay valid for the whole program run.
-    let Some(ep) = (unsafe { crate::ENDPOINTS.get(&client) }) else {
-        crate::count(netpol_common::counter_index(
+    let Some(ep) = (unsafe { ENDPOINTS.get(&client) }) else {
+        count(netpol_common::counter_index(
             verdict::DROPPED,
             reason::SERVICE_UNKNOWN_CLIENT,
             direction::EGRESS,
@@ -163,7 +156,7 @@ fn judge_backend(
     let Some(p) = SVC_PENDING.get_ptr(&key) else {
         return; // evicted: the replies will be judged as ingress
     };
-    let Some(scratch) = crate::SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch used by this run only; `p` points into a map value.
@@ -194,7 +187,7 @@ fn judge_backend(
 /// check can only be renewed by the client's own packets (deferred again), so a stale
 /// stamp does not cut it here.
 #[inline(always)]
-pub fn is_service_reply(e: *mut CtEntry, reply: bool, jdir: u8) -> bool {
+pub(crate) fn is_service_reply(e: *mut CtEntry, reply: bool, jdir: u8) -> bool {
     // SAFETY: pointer into the map value, valid for this run.
     reply && jdir == direction::EGRESS && unsafe { (*e).flags } & ct_flags::SERVICE != 0
 }

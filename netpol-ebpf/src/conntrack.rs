@@ -1,0 +1,239 @@
+//! Conntrack: live-entry lookups with idle timeouts, the TCP state a packet advances,
+//! the per-direction checks an entry records (flags, revision stamps, rule cookies),
+//! and the re-check of an established connection after a policy change.
+
+use netpol_common::{
+    config_flags, ct_flags, ct_stamp, ct_timeout, direction, proto, reason, verdict, Config,
+    CtEntry, CtKey, EndpointEntry,
+};
+
+use crate::emit::count_rule;
+use crate::maps::CONNTRACK;
+use crate::parse::Packet;
+use crate::policy::{audit_mode, audits, verdict_of};
+use crate::{opposite, service, Outcome, NS_PER_SEC};
+
+/// The conntrack flag recording that the check in direction `jdir` passed.
+#[inline(always)]
+pub(crate) fn ok_flag(jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        ct_flags::EGRESS_OK
+    } else {
+        ct_flags::INGRESS_OK
+    }
+}
+
+/// The conntrack flag recording that the check in `jdir` passed by audit mode only.
+#[inline(always)]
+pub(crate) fn audit_flag(jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        ct_flags::EGRESS_AUDIT
+    } else {
+        ct_flags::INGRESS_AUDIT
+    }
+}
+
+/// A packet of a tracked connection whose check on this endpoint's side passed:
+/// passes, unless the endpoint's policy changed since (revocation) or the pass was
+/// granted by an audit mode that has ended; then the connection is judged again.
+#[inline(always)]
+pub(crate) fn established(
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    reply: bool,
+    e: *mut CtEntry,
+    out: &mut Outcome,
+    now: u64,
+) {
+    // The direction in which this endpoint's check of the connection was made.
+    let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
+    let audit = audit_mode(ep, config, jdir);
+    let stamp = ct_stamp(ep.revision, config.epoch);
+    if service::is_service_reply(e, reply, jdir) {
+        // SAFETY: `e` came from `ct_live` (a CONNTRACK lookup that returned Some); map
+        // values stay valid for the whole program run.
+        unsafe {
+            ct_touch(e, pkt, reply, now);
+            count_rule(cookie_of(e, jdir), pkt.len);
+        }
+        *out = Outcome::allow(reason::CONNTRACK);
+        return;
+    }
+    // SAFETY: pointer into the map value, valid for this run; concurrent writers on
+    // other CPUs can only make fields stale, never invalid.
+    unsafe {
+        let revision = if jdir == direction::EGRESS {
+            (*e).egress_revision
+        } else {
+            (*e).ingress_revision
+        };
+        let audited = (*e).flags & audit_flag(jdir) != 0;
+        let current = revision == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+        if current && (!audited || audit) {
+            ct_touch(e, pkt, reply, now);
+            *out = Outcome::allow(reason::CONNTRACK);
+            count_rule(cookie_of(e, jdir), pkt.len);
+            return;
+        }
+        out.verdict = verdict_of(ep, config, pkt, reply, out);
+        out.reply = reply as u8;
+        if out.verdict == verdict::ALLOWED {
+            set_revision(e, jdir, stamp);
+            set_cookie(e, jdir, out.cookie);
+            (*e).flags &= !audit_flag(jdir);
+            ct_touch(e, pkt, reply, now);
+            count_rule(out.cookie, pkt.len);
+            return;
+        }
+        if !audited {
+            out.reason = reason::POLICY_REVOKED;
+        }
+        if audits(ep, config, jdir, out.reason) {
+            // Reported once as AUDIT, then quiet until the policy changes again.
+            set_revision(e, jdir, stamp);
+            (*e).flags |= audit_flag(jdir);
+            ct_touch(e, pkt, reply, now);
+        }
+    }
+}
+
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn set_cookie(e: *mut CtEntry, jdir: u8, cookie: u32) {
+    if jdir == direction::EGRESS {
+        (*e).egress_cookie = cookie;
+    } else {
+        (*e).ingress_cookie = cookie;
+    }
+}
+
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn cookie_of(e: *const CtEntry, jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        (*e).egress_cookie
+    } else {
+        (*e).ingress_cookie
+    }
+}
+
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn set_revision(e: *mut CtEntry, jdir: u8, revision: u32) {
+    if jdir == direction::EGRESS {
+        (*e).egress_revision = revision;
+    } else {
+        (*e).ingress_revision = revision;
+    }
+}
+
+/// Idle timeout of a connection in its current state.
+#[inline(always)]
+fn timeout_ns(config: &Config, protocol: u8, flags: u32) -> u64 {
+    let (configured, default) = match protocol {
+        proto::TCP => {
+            if flags & ct_flags::RST != 0
+                || flags & (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
+                    == ct_flags::FIN_ORIG | ct_flags::FIN_REPLY
+            {
+                (config.ct_tcp_close_ns, ct_timeout::TCP_CLOSE)
+            } else if flags & ct_flags::SEEN_REPLY != 0 {
+                (config.ct_tcp_established_ns, ct_timeout::TCP_ESTABLISHED)
+            } else {
+                (config.ct_tcp_syn_ns, ct_timeout::TCP_SYN)
+            }
+        }
+        proto::ICMP | proto::ICMPV6 => (config.ct_icmp_ns, ct_timeout::ICMP),
+        _ => (config.ct_udp_ns, ct_timeout::UDP),
+    };
+    if configured != 0 {
+        configured
+    } else {
+        default * NS_PER_SEC
+    }
+}
+
+/// The conntrack entry for `key` unless it has timed out (an expired entry is removed
+/// and is a miss).
+#[inline(always)]
+pub(crate) fn ct_live(key: &CtKey, config: &Config, now: u64) -> Option<*mut CtEntry> {
+    let e = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: pointer into the map value, valid for this run.
+    let (last, flags) = unsafe { ((*e).last_seen_ns, (*e).flags) };
+    if now.saturating_sub(last) > timeout_ns(config, key.protocol, flags) {
+        let _ = CONNTRACK.remove(key);
+        return None;
+    }
+    Some(e)
+}
+
+/// Advances the TCP state and the idle clock of a connection for one of its packets.
+///
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u64) {
+    let mut flags = (*e).flags;
+    if pkt.protocol == proto::TCP {
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        let closing = ct_flags::RST | ct_flags::FIN_ORIG | ct_flags::FIN_REPLY;
+        if !reply && pkt.tcp_flags & (SYN | ACK) == SYN && flags & closing != 0 {
+            // A new connection reusing the tuple of a closed one.
+            flags &= !(closing | ct_flags::SEEN_REPLY);
+        }
+        if pkt.tcp_flags & RST != 0 {
+            flags |= ct_flags::RST;
+        }
+        if pkt.tcp_flags & FIN != 0 {
+            flags |= if reply {
+                ct_flags::FIN_REPLY
+            } else {
+                ct_flags::FIN_ORIG
+            };
+        }
+    }
+    if reply {
+        flags |= ct_flags::SEEN_REPLY;
+    }
+    (*e).flags = flags;
+    (*e).last_seen_ns = now;
+}
+
+/// Records that the check in direction `jdir` passed for the connection `key` names
+/// (`audited`: by audit mode only), and the rule that allowed it (`cookie`).
+#[inline(always)]
+pub(crate) fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, cookie: u32, now: u64) {
+    let ok = ok_flag(jdir);
+    if let Some(e) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: pointer into the map value, valid for this run.
+        unsafe {
+            (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | audited;
+            (*e).last_seen_ns = now;
+            set_revision(e, jdir, revision);
+            set_cookie(e, jdir, cookie);
+        }
+        return;
+    }
+    let mut entry = CtEntry {
+        last_seen_ns: now,
+        flags: ok | audited,
+        ..CtEntry::default()
+    };
+    if jdir == direction::EGRESS {
+        entry.egress_revision = revision;
+        entry.egress_cookie = cookie;
+    } else {
+        entry.ingress_revision = revision;
+        entry.ingress_cookie = cookie;
+    }
+    // A full table evicts the least recently used entry; a failed insert only means
+    // the next packet is judged by policy again.
+    let _ = CONNTRACK.insert(key, &entry, 0);
+}
