@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod image;
 mod scenario;
+mod testrun;
 
 #[derive(Parser)]
 struct Cli {
@@ -24,7 +25,8 @@ enum Task {
     Setup,
     /// Setup, then every test: unit, BPF_PROG_TEST_RUN, and lab (real packets).
     Test {
-        /// Extra arguments for `cargo test` (a test name filter, say).
+        /// Extra arguments for every test binary and the doctests (a test name filter,
+        /// say), after `--include-ignored`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -280,40 +282,32 @@ fn test(args: &[String]) -> Result {
         .current_dir(root())
         .args(["build", "--all-targets"]))?;
     step("running every test (unit, BPF_PROG_TEST_RUN, lab)");
-    let mut child = Command::new("cargo")
-        .current_dir(root())
-        // Every binary even after a failure; the root-only tests (ignored for a user's
-        // plain `cargo test`) included, since xtask runs as root.
-        .args(["test", "--no-fail-fast"])
-        .args(args)
-        .args(["--", "--include-ignored"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cargo test: {e}"))?;
-    // Echo the output and add up the per-binary summaries into one closing line.
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
-    let stdout = child.stdout.take().expect("piped");
-    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(|l| l.ok()) {
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| -> u64 {
-                rest.split(';')
-                    .find_map(|part| part.trim().strip_suffix(word))
-                    .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
-            ignored += count(" ignored");
+    let root = root();
+    let ws = testrun::Workspace {
+        root: &root,
+        target_dir: None,
+    };
+    let echo: testrun::Echo = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let summary = testrun::run(&ws, args, &echo)?;
+    let testrun::Counts {
+        passed,
+        failed,
+        ignored,
+    } = summary.counts;
+    if !summary.failed.is_empty() {
+        println!("\nfailed binaries:");
+        for (name, why) in &summary.failed {
+            println!("    {name}: {why}");
         }
     }
-    let status = child.wait().map_err(|e| format!("cargo test: {e}"))?;
     eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
+    // CI reads this line: keep its form.
     println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-    if status.success() {
+    if failed == 0 && summary.failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("cargo test failed: {status}"))
+        let names: Vec<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
+        Err(format!("{failed} failed, in {}", names.join(", ")))
     }
 }
 
