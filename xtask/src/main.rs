@@ -25,7 +25,8 @@ enum Task {
     Setup,
     /// Setup, then every test: unit, BPF_PROG_TEST_RUN, and lab (real packets).
     Test {
-        /// Arguments for every test binary (a test name filter, `--nocapture`).
+        /// Extra arguments for every test binary and the doctests (a test name filter,
+        /// say), after `--include-ignored`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -276,51 +277,33 @@ fn check_kernel() -> Result {
 
 fn test(args: &[String]) -> Result {
     let started = Instant::now();
-    step("building the test binaries");
-    let bins = testrun::list(&root())?;
-    step(&format!(
-        "running {} test binaries (unit, BPF_PROG_TEST_RUN, lab), every one whatever the others do",
-        bins.len()
-    ));
-    // The root-only tests are ignored for a user's plain `cargo test`; xtask runs as root.
-    let mut all = vec!["--include-ignored".to_string()];
-    all.extend(args.iter().cloned());
-    let mut tally = testrun::run_all(&bins, &all);
-    step("doc tests");
-    let doc = Command::new("cargo")
-        .current_dir(root())
-        .args(["test", "--doc", "--quiet"])
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .map_err(|e| format!("cargo test --doc: {e}"))?;
-    let text = String::from_utf8_lossy(&doc.stdout);
-    print!("{text}");
-    let counts = text.lines().filter_map(testrun::parse_result).fold(
-        None,
-        |acc: Option<(u64, u64, u64)>, c| {
-            let a = acc.unwrap_or((0, 0, 0));
-            Some((a.0 + c.0, a.1 + c.1, a.2 + c.2))
-        },
-    );
-    let (p, f, s, ending) = testrun::judge(counts.or(Some((0, 0, 0))), doc.status);
-    tally.passed += p;
-    tally.failed += f;
-    tally.skipped += s;
-    if let Some(e) = ending {
-        tally.failures.push(("doc tests".into(), e));
+    step("running every test (unit, BPF_PROG_TEST_RUN, lab, image), every binary whatever the others do");
+    let root = root();
+    let ws = testrun::Workspace {
+        root: &root,
+        target_dir: None,
+    };
+    let echo: testrun::Echo = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let summary = testrun::run(&ws, args, &echo)?;
+    let testrun::Counts {
+        passed,
+        failed,
+        ignored,
+    } = summary.counts;
+    if !summary.failed.is_empty() {
+        println!("\nfailed binaries:");
+        for (name, why) in &summary.failed {
+            println!("    {name}: {why}");
+        }
     }
     eprintln!("==> tests done in {:.1}s", started.elapsed().as_secs_f64());
-    for (binary, how) in &tally.failures {
-        eprintln!("failed: {binary}: {how}");
-    }
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        tally.passed, tally.failed, tally.skipped
-    );
-    if tally.failed == 0 {
+    // CI reads this line: keep its form.
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if failed == 0 && summary.failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} failed", tally.failed))
+        let names: Vec<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
+        Err(format!("{failed} failed, in {}", names.join(", ")))
     }
 }
 
