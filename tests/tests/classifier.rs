@@ -2,13 +2,14 @@
 //! bytes + map contents → verdict + event + conntrack state, one table per branch of
 //! the pipeline. Needs root.
 
-mod rig;
+mod support;
 
 use netpol_common::{
     config_flags, ct_flags, direction, endpoint_flags, event_counter, reason, v4_mapped, verdict,
     Config, CtEntry, FragKey,
 };
-use rig::*;
+use support::packet::*;
+use support::rig::*;
 
 const EGRESS: u8 = direction::EGRESS;
 const INGRESS: u8 = direction::INGRESS;

@@ -2,153 +2,15 @@
 //! Needs root. Every test has its own lab name, so they run in parallel, and a guard
 //! that tears its lab down even when an assertion fails.
 
-#[path = "support/lab.rs"]
-mod support_lab;
+mod support;
 
-use support_lab::{in_netns, NETPOL};
+use support::lab::{in_netns, ip, udp_recverr, Lab, NETPOL};
+use support::packet;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-
-struct Lab {
-    name: String,
-    dir: PathBuf,
-}
-
-impl Lab {
-    fn up(tag: &str, manifests: &[(&str, &str)]) -> Lab {
-        Lab::up_with(tag, manifests, &[])
-    }
-
-    /// A lab whose agent runs with extra flags.
-    fn up_with(tag: &str, manifests: &[(&str, &str)], agent_args: &[&str]) -> Lab {
-        let name = format!("t{tag}{}", std::process::id() % 100_000);
-        let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab { name, dir };
-        for (file, text) in manifests {
-            lab.write(file, text);
-        }
-        let mut args = vec!["lab", "up", "--manifests", lab.dir.to_str().unwrap()];
-        let flags: Vec<String> = agent_args
-            .iter()
-            .map(|a| format!("--agent-arg={a}"))
-            .collect();
-        args.extend(flags.iter().map(String::as_str));
-        lab.netpol(&args);
-        lab
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        std::fs::write(self.dir.join(file), text).unwrap();
-    }
-
-    fn remove(&self, file: &str) {
-        std::fs::remove_file(self.dir.join(file)).unwrap();
-    }
-
-    fn netpol(&self, args: &[&str]) -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--name", &self.name]);
-        let out = Command::new(NETPOL).args(&full).output().unwrap();
-        assert!(
-            out.status.success(),
-            "netpol {}: {}\n{}",
-            full.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn logs(&self) -> String {
-        let dir = Path::new("/run/netpol/lab").join(&self.name);
-        ["supervisor.log", "agent.log"]
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}",
-                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
-                )
-            })
-            .collect()
-    }
-
-    fn wait(&self) {
-        self.netpol(&["lab", "wait", "--timeout", "60"]);
-    }
-
-    /// (from, to) → result, for one port.
-    fn probe(&self, port: u16, protocol: &str) -> Vec<(String, String, String)> {
-        let out = self.netpol(&[
-            "lab",
-            "probe",
-            "--port",
-            &port.to_string(),
-            "--protocol",
-            protocol,
-            "-o",
-            "json",
-        ]);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["port"], port);
-        assert_eq!(v["protocol"], protocol);
-        v["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                (
-                    r["from"].as_str().unwrap().into(),
-                    r["to"].as_str().unwrap().into(),
-                    r["result"].as_str().unwrap().into(),
-                )
-            })
-            .collect()
-    }
-
-    fn result(&self, port: u16, protocol: &str, from: &str, to: &str) -> String {
-        self.result_family(port, protocol, from, to, 4)
-    }
-
-    fn result_family(&self, port: u16, protocol: &str, from: &str, to: &str, family: u8) -> String {
-        let family = family.to_string();
-        let out = self.netpol(&[
-            "lab",
-            "probe",
-            "--family",
-            &family,
-            "--port",
-            &port.to_string(),
-            "--protocol",
-            protocol,
-            "--from",
-            from,
-            "--to",
-            to,
-            "-o",
-            "json",
-        ]);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["results"][0]["result"].as_str().unwrap().to_string()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.netpol(&["lab", "status", "-o", "json"])).unwrap()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(NETPOL)
-            .args(["lab", "down", "--name", &self.name])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -196,9 +58,9 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn default_deny_ingress_times_out_and_an_allow_rule_admits_exactly_its_peers() {
-    let lab = Lab::up("deny", &[("pods.yaml", PODS)]);
+    let lab = Lab::up("deny", &[("pods.yaml", PODS)], &[]);
     assert!(
-        lab.probe(80, "TCP")
+        lab.probe_all(80, "TCP")
             .iter()
             .all(|(_, _, r)| r == "connected"),
         "no policy: all connect"
@@ -212,7 +74,7 @@ fn default_deny_ingress_times_out_and_an_allow_rule_admits_exactly_its_peers() {
     lab.write("deny.yaml", DENY_X);
     lab.write("allow.yaml", ALLOW_B_TO_A);
     lab.wait();
-    for (from, to, result) in lab.probe(80, "TCP") {
+    for (from, to, result) in lab.probe_all(80, "TCP") {
         let want = match (from.as_str(), to.as_str()) {
             ("x/b", "x/a") => "connected",
             (_, "y/c") => "connected", // y is not isolated
@@ -240,6 +102,7 @@ spec:
     let lab = Lab::up(
         "reply",
         &[("pods.yaml", PODS), ("server.yaml", server_policy)],
+        &[],
     );
     lab.wait();
     // The probe reads the server's greeting, so data must flow back.
@@ -252,7 +115,7 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_policy_change_applies_after_wait_and_a_removed_pod_leaves_nothing_behind() {
-    let lab = Lab::up("change", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    let lab = Lab::up("change", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
     lab.wait();
     assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "timeout");
     lab.write("allow.yaml", ALLOW_B_TO_A);
@@ -298,30 +161,17 @@ fn a_policy_change_applies_after_wait_and_a_removed_pod_leaves_nothing_behind() 
         !link.status.success(),
         "veth {veth} of the removed pod is gone"
     );
-    let agent: Value = serde_json::from_str(&lab_agent_status(&lab)).unwrap();
+    let agent: Value = serde_json::from_str(&lab.agent_request("status")).unwrap();
     assert_eq!(
         agent["endpoints"], 3,
         "a, b2 and c: the removed pod's endpoint entry is gone"
     );
 }
 
-/// The agent's own status, through its API socket.
-fn lab_agent_status(lab: &Lab) -> String {
-    let sock = Path::new("/run/netpol/lab")
-        .join(&lab.name)
-        .join("agent.sock");
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    line
-}
-
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
-    let lab = Lab::up("obs", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    let lab = Lab::up("obs", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
     lab.wait();
     let mut observer = Command::new(NETPOL)
         .args([
@@ -374,90 +224,9 @@ fn a_drop_shows_up_in_observe_with_pods_and_the_isolating_policy() {
 
 // ---- the datapath under real traffic ------------------------------------------------
 
-/// A pod's network namespace and addresses, from the lab's status.
-struct PodNet {
-    netns: String,
-    v4: std::net::IpAddr,
-    v6: std::net::IpAddr,
-}
-
-impl Lab {
-    fn pod(&self, key: &str) -> PodNet {
-        let status = self.status();
-        let p = status["pods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| {
-                format!(
-                    "{}/{}",
-                    p["namespace"].as_str().unwrap(),
-                    p["name"].as_str().unwrap()
-                ) == key
-            })
-            .unwrap_or_else(|| panic!("no pod {key}"))
-            .clone();
-        let ips: Vec<std::net::IpAddr> = p["ips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|ip| ip.as_str().unwrap().parse().unwrap())
-            .collect();
-        PodNet {
-            netns: p["netns"].as_str().unwrap().to_string(),
-            v4: *ips.iter().find(|ip| ip.is_ipv4()).expect("an IPv4 address"),
-            v6: *ips.iter().find(|ip| ip.is_ipv6()).expect("an IPv6 address"),
-        }
-    }
-
-    /// The agent's exact counters: (verdict, reason, direction) → packets, and events.
-    fn counters(
-        &self,
-    ) -> (
-        std::collections::BTreeMap<(String, String, String), u64>,
-        Value,
-    ) {
-        let v: Value = serde_json::from_str(&agent_request(self, "counters")).unwrap();
-        let mut m = std::collections::BTreeMap::new();
-        for c in v["packets"].as_array().unwrap() {
-            let verdict = ["allowed", "dropped", "audit"][c["verdict"].as_u64().unwrap() as usize];
-            let dir = ["ingress", "egress"][c["direction"].as_u64().unwrap() as usize];
-            m.insert(
-                (
-                    verdict.to_string(),
-                    c["reason"].as_str().unwrap().to_string(),
-                    dir.to_string(),
-                ),
-                c["packets"].as_u64().unwrap(),
-            );
-        }
-        (m, v["events"].clone())
-    }
-
-    fn count(&self, verdict: &str, reason: &str, dir: &str) -> u64 {
-        self.counters()
-            .0
-            .get(&(verdict.to_string(), reason.to_string(), dir.to_string()))
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-fn agent_request(lab: &Lab, op: &str) -> String {
-    let sock = Path::new("/run/netpol/lab")
-        .join(&lab.name)
-        .join("agent.sock");
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    writeln!(s, "{{\"op\":\"{op}\"}}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    line
-}
-
 /// `ping` once from a pod; true when answered.
 fn ping(lab: &Lab, from: &str, to: std::net::IpAddr) -> bool {
-    let netns = lab.pod(from).netns;
+    let netns = lab.pod_net(from).netns;
     Command::new("ip")
         .args([
             "netns",
@@ -527,8 +296,8 @@ fn echo(s: &mut std::net::TcpStream, msg: &[u8], timeout: std::time::Duration) -
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn ipv6_and_ping_are_enforced_like_ipv4() {
-    let lab = Lab::up("six", &[("pods.yaml", PODS)]);
-    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    let lab = Lab::up("six", &[("pods.yaml", PODS)], &[]);
+    let (a, c) = (lab.pod_net("x/a"), lab.pod_net("y/c"));
     assert_eq!(lab.result_family(80, "TCP", "x/b", "x/a", 6), "connected");
     assert_eq!(lab.result_family(53, "UDP", "x/b", "x/a", 6), "connected");
     assert!(
@@ -547,7 +316,7 @@ fn ipv6_and_ping_are_enforced_like_ipv4() {
     // and a pod that is not isolated can (its replies pass by conntrack).
     assert!(!ping(&lab, "x/b", a.v4) && !ping(&lab, "x/b", a.v6));
     assert!(ping(&lab, "x/b", c.v4) && ping(&lab, "x/b", c.v6));
-    assert!(lab.count("dropped", "POLICY_DENIED", "ingress") >= 2);
+    assert!(lab.agent_count("dropped", "POLICY_DENIED", "ingress") >= 2);
 }
 
 const SERVER_ONLY_INGRESS: &str = r#"
@@ -568,9 +337,10 @@ fn a_large_transfer_passes_when_only_the_server_ingress_is_allowed() {
     let lab = Lab::up(
         "bulk",
         &[("pods.yaml", PODS), ("server.yaml", SERVER_ONLY_INGRESS)],
+        &[],
     );
     lab.wait();
-    let (a, c) = (lab.pod("x/a"), lab.pod("y/c"));
+    let (a, c) = (lab.pod_net("x/a"), lab.pod_net("y/c"));
     for to in [a.v4, a.v6] {
         let started = std::time::Instant::now();
         let s = connect(&c.netns, to);
@@ -619,7 +389,7 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
     let one_sec = std::time::Duration::from_secs(1);
     for keep in [false, true] {
         let args: &[&str] = if keep { &["--keep-established"] } else { &[] };
-        let lab = Lab::up_with(
+        let lab = Lab::with_agent(
             if keep { "keep" } else { "cut" },
             &[
                 ("pods.yaml", PODS),
@@ -629,7 +399,7 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
             args,
         );
         lab.wait();
-        let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+        let (a, b) = (lab.pod_net("x/a"), lab.pod_net("x/b"));
         let mut v4 = connect(&b.netns, a.v4);
         let mut v6 = connect(&b.netns, a.v6);
         assert!(echo(&mut v4, b"before\n", one_sec) && echo(&mut v6, b"before\n", one_sec));
@@ -638,7 +408,7 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
         lab.remove("allow.yaml");
         lab.wait();
         let applied = removed.elapsed();
-        let revoked_before = lab.count("dropped", "POLICY_REVOKED", "ingress");
+        let revoked_before = lab.agent_count("dropped", "POLICY_REVOKED", "ingress");
         if keep {
             assert!(echo(&mut v4, b"after\n", one_sec), "kept (v4)");
             assert!(echo(&mut v6, b"after\n", one_sec), "kept (v6)");
@@ -652,7 +422,7 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
             assert!(!echo(&mut v4, b"after\n", one_sec), "cut (v4)");
             assert!(!echo(&mut v6, b"after\n", one_sec), "cut (v6)");
             assert!(
-                lab.count("dropped", "POLICY_REVOKED", "ingress") >= 2,
+                lab.agent_count("dropped", "POLICY_REVOKED", "ingress") >= 2,
                 "dropped as revoked"
             );
         }
@@ -666,8 +436,8 @@ fn an_established_connection_is_cut_when_its_policy_goes_and_kept_with_the_flag(
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_spoofing_pod_is_stopped_at_its_veth() {
-    let lab = Lab::up("spoof", &[("pods.yaml", PODS)]);
-    let (a, b, c) = (lab.pod("x/a"), lab.pod("x/b"), lab.pod("y/c"));
+    let lab = Lab::up("spoof", &[("pods.yaml", PODS)], &[]);
+    let (a, b, c) = (lab.pod_net("x/a"), lab.pod_net("x/b"), lab.pod_net("y/c"));
     let (std::net::IpAddr::V4(a4), std::net::IpAddr::V4(b4), std::net::IpAddr::V4(c4)) =
         (a.v4, b.v4, c.v4)
     else {
@@ -679,24 +449,14 @@ fn a_spoofing_pod_is_stopped_at_its_veth() {
     receiver
         .set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
-    let before = lab.count("dropped", "SPOOFED_SOURCE", "egress");
+    let before = lab.agent_count("dropped", "SPOOFED_SOURCE", "egress");
     in_netns(&b.netns, move || {
         // IPPROTO_RAW: we write the IP header (the kernel fills in the checksum).
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         assert!(fd >= 0);
         for (src, payload) in [(a4, b"spoofed"), (b4, b"honest!")] {
-            let mut p = vec![0u8; 20 + 8 + payload.len()];
-            p[0] = 0x45;
-            let len = p.len() as u16;
-            p[2..4].copy_from_slice(&len.to_be_bytes());
-            p[8] = 64;
-            p[9] = 17;
-            p[12..16].copy_from_slice(&src.octets());
-            p[16..20].copy_from_slice(&c4.octets());
-            p[20..22].copy_from_slice(&4444u16.to_be_bytes());
-            p[22..24].copy_from_slice(&7777u16.to_be_bytes());
-            p[24..26].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
-            p[28..].copy_from_slice(payload);
+            let udp = packet::udp_payload(4444, 7777, payload);
+            let p = packet::ip4(src.octets(), c4.octets(), udp, &packet::V4::default());
             let dst = libc::sockaddr_in {
                 sin_family: libc::AF_INET as u16,
                 sin_port: 0,
@@ -731,7 +491,10 @@ fn a_spoofing_pod_is_stopped_at_its_veth() {
         .recv_from(&mut buf)
         .expect("the honest datagram arrives");
     assert_eq!((&buf[..n], from.ip()), (&b"honest!"[..], b.v4));
-    assert_eq!(lab.count("dropped", "SPOOFED_SOURCE", "egress"), before + 1);
+    assert_eq!(
+        lab.agent_count("dropped", "SPOOFED_SOURCE", "egress"),
+        before + 1
+    );
 }
 
 /// One pod floods another with denied datagrams: the counters count every one exactly,
@@ -740,16 +503,16 @@ fn a_spoofing_pod_is_stopped_at_its_veth() {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
-    let lab = Lab::up_with(
+    let lab = Lab::with_agent(
         "flood",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
         &["--event-rate=20", "--event-burst=20"],
     );
     lab.wait();
-    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
-    let drops = |lab: &Lab| lab.count("dropped", "POLICY_DENIED", "ingress");
+    let (a, b) = (lab.pod_net("x/a"), lab.pod_net("x/b"));
+    let drops = |lab: &Lab| lab.agent_count("dropped", "POLICY_DENIED", "ingress");
     let events = |lab: &Lab| {
-        let e = lab.counters().1;
+        let e = lab.agent_counters().1;
         (
             e["sent"].as_u64().unwrap(),
             e["rate_limited"].as_u64().unwrap(),
@@ -757,23 +520,9 @@ fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
     };
     let (before, (sent0, limited0)) = (drops(&lab), events(&lab));
     let to = a.v4;
-    let socket = in_netns(&b.netns, || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        // With IP_RECVERR a datagram the veth could not take fails the send (ENOBUFS)
-        // instead of vanishing, so `sent` counts exactly what reached the veth.
-        let one: libc::c_int = 1;
-        use std::os::fd::AsRawFd;
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVERR,
-                &one as *const _ as *const _,
-                4,
-            )
-        };
-        s
-    });
+    // With IP_RECVERR a datagram the veth could not take fails the send (ENOBUFS)
+    // instead of vanishing, so `sent` counts exactly what reached the veth.
+    let socket = in_netns(&b.netns, udp_recverr);
     let mut sent = 0u64;
     let started = std::time::Instant::now();
     for _burst in 0..20 {
@@ -853,16 +602,6 @@ fn a_flood_does_not_starve_events_of_other_pods_and_counters_stay_exact() {
     );
 }
 
-fn ip_cmd(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `connect`, retried while the new links and neighbours settle (bounded).
 fn connect_when_routed(netns: &str, to: std::net::IpAddr) -> std::net::TcpStream {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -891,7 +630,7 @@ spec:
   policyTypes: [Ingress, Egress]
   ingress: [{from: [{ipBlock: {cidr: 10.98.0.0/24}}, {ipBlock: {cidr: "fd02::/64"}}], ports: [{port: 80}]}]
 "#;
-    let lab = Lab::up_with(
+    let lab = Lab::with_agent(
         "pmtu",
         &[("pods.yaml", PODS), ("policy.yaml", policy)],
         &["--deny-host-traffic"],
@@ -906,20 +645,20 @@ spec:
         format!("np-{}-zrouter", lab.name),
         format!("np-{}-zoutside", lab.name),
     );
-    ip_cmd(&["netns", "add", &router]);
-    ip_cmd(&["netns", "add", &outside]);
+    ip(&["netns", "add", &router]);
+    ip(&["netns", "add", &outside]);
     // Routers before their links come up, so the links start in router mode.
     for ns in [&node, &router] {
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-            ip_cmd(&["netns", "exec", ns, "sysctl", "-qw", key]);
+            ip(&["netns", "exec", ns, "sysctl", "-qw", key]);
         }
     }
     // node up0 (MTU 1280) ── dn0 router ex0 ── eth0 outside (MTU 1500)
-    ip_cmd(&[
+    ip(&[
         "-n", &node, "link", "add", "up0", "mtu", "1280", "type", "veth", "peer", "name", "dn0",
         "netns", &router, "mtu", "1280",
     ]);
-    ip_cmd(&[
+    ip(&[
         "-n", &router, "link", "add", "ex0", "type", "veth", "peer", "name", "eth0", "netns",
         &outside,
     ]);
@@ -929,13 +668,13 @@ spec:
         (&router, "ex0", "10.98.0.1/24", "fd02::1/64"),
         (&outside, "eth0", "10.98.0.2/24", "fd02::2/64"),
     ] {
-        ip_cmd(&["-n", ns, "addr", "add", v4, "dev", dev]);
-        ip_cmd(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
-        ip_cmd(&["-n", ns, "link", "set", dev, "up"]);
+        ip(&["-n", ns, "addr", "add", v4, "dev", dev]);
+        ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"]);
+        ip(&["-n", ns, "link", "set", dev, "up"]);
     }
-    ip_cmd(&["-n", &router, "link", "set", "lo", "up"]);
-    ip_cmd(&["-n", &outside, "link", "set", "lo", "up"]);
-    ip_cmd(&[
+    ip(&["-n", &router, "link", "set", "lo", "up"]);
+    ip(&["-n", &outside, "link", "set", "lo", "up"]);
+    ip(&[
         "-n",
         &node,
         "route",
@@ -944,8 +683,8 @@ spec:
         "via",
         "10.99.0.2",
     ]);
-    ip_cmd(&["-n", &node, "route", "add", "fd02::/64", "via", "fd01::2"]);
-    ip_cmd(&[
+    ip(&["-n", &node, "route", "add", "fd02::/64", "via", "fd01::2"]);
+    ip(&[
         "-n",
         &router,
         "route",
@@ -954,8 +693,8 @@ spec:
         "via",
         "10.99.0.1",
     ]);
-    ip_cmd(&["-n", &router, "route", "add", "fd00::/96", "via", "fd01::1"]);
-    ip_cmd(&[
+    ip(&["-n", &router, "route", "add", "fd00::/96", "via", "fd01::1"]);
+    ip(&[
         "-n",
         &outside,
         "route",
@@ -964,10 +703,10 @@ spec:
         "via",
         "10.98.0.1",
     ]);
-    ip_cmd(&["-n", &outside, "route", "add", "default", "via", "fd02::1"]);
-    let a = lab.pod("x/a");
+    ip(&["-n", &outside, "route", "add", "default", "via", "fd02::1"]);
+    let a = lab.pod_net("x/a");
     for to in [a.v4, a.v6] {
-        let related_before = lab.count("allowed", "RELATED", "ingress");
+        let related_before = lab.agent_count("allowed", "RELATED", "ingress");
         let mut s = connect_when_routed(&outside, to);
         // 1 MiB each way in 64 KiB writes: the server's full-size segments do not fit
         // the node's uplink, so it must learn the path MTU from the node's ICMP error
@@ -987,12 +726,12 @@ spec:
         std::io::Read::read_exact(&mut s, &mut got).unwrap_or_else(|e| {
             panic!(
                 "{to}: the echo stalled ({e}): path MTU discovery failed; counters: {:?}",
-                lab.counters().0
+                lab.agent_counters().0
             )
         });
         sender.join().unwrap();
         assert!(got.iter().all(|b| *b == 0x42));
-        let related = lab.count("allowed", "RELATED", "ingress") - related_before;
+        let related = lab.agent_count("allowed", "RELATED", "ingress") - related_before;
         assert!(
             related >= 1,
             "{to}: the node's ICMP error passed as RELATED"
@@ -1050,13 +789,13 @@ fn from_node(lab: &Lab, to: std::net::IpAddr) -> bool {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
-    let lab = Lab::up_with(
+    let lab = Lab::with_agent(
         "host",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
         &["--sample-allows=1"],
     );
     lab.wait();
-    let a = lab.pod("x/a");
+    let a = lab.pod_net("x/a");
     let obs = observer(&lab, &["--verdict", "allowed", "--pod", "x/a"]);
     let v = observe_while(&lab, obs, 10, || {
         assert!(from_node(&lab, a.v4), "the node reaches x/a")
@@ -1073,13 +812,13 @@ fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
     );
     drop(lab);
 
-    let lab = Lab::up_with(
+    let lab = Lab::with_agent(
         "nohost",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
         &["--deny-host-traffic"],
     );
     lab.wait();
-    let a = lab.pod("x/a");
+    let a = lab.pod_net("x/a");
     let obs = observer(&lab, &["--verdict", "dropped", "--pod", "x/a"]);
     let v = observe_while(&lab, obs, 10, || assert!(!from_node(&lab, a.v4)));
     assert_eq!(v["reason"].as_str(), Some("POLICY_DENIED"));
@@ -1090,7 +829,7 @@ fn node_probes_pass_default_deny_unless_turned_off_and_are_reported() {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
-    let lab = Lab::up_with(
+    let lab = Lab::with_agent(
         "audit",
         &[("pods.yaml", PODS), ("deny.yaml", DENY_X)],
         &["--audit"],
@@ -1112,8 +851,8 @@ fn node_wide_audit_lets_would_be_drops_pass_and_reports_them() {
         ),
         (Some("POLICY_DENIED"), Some("ingress"), Some("x/b"))
     );
-    assert!(lab.count("audit", "POLICY_DENIED", "ingress") >= 1);
-    assert_eq!(lab.count("dropped", "POLICY_DENIED", "ingress"), 0);
+    assert!(lab.agent_count("audit", "POLICY_DENIED", "ingress") >= 1);
+    assert_eq!(lab.agent_count("dropped", "POLICY_DENIED", "ingress"), 0);
 }
 
 /// A peer relabelled out of the allowing selector loses its established connection,
@@ -1136,9 +875,10 @@ spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}, {containerP
             ("deny.yaml", DENY_X),
             ("allow.yaml", ALLOW_B_TO_A),
         ],
+        &[],
     );
     lab.wait();
-    let (a, b) = (lab.pod("x/a"), lab.pod("x/b"));
+    let (a, b) = (lab.pod_net("x/a"), lab.pod_net("x/b"));
     let one_sec = std::time::Duration::from_secs(1);
     let mut s = connect(&b.netns, a.v4);
     assert!(echo(&mut s, b"before\n", one_sec));
@@ -1151,7 +891,7 @@ spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}, {containerP
     );
     lab.wait();
     assert!(!echo(&mut s, b"after\n", one_sec), "cut");
-    assert!(lab.count("dropped", "POLICY_REVOKED", "ingress") >= 1);
+    assert!(lab.agent_count("dropped", "POLICY_REVOKED", "ingress") >= 1);
     assert_eq!(
         lab.result(80, "TCP", "x/d", "x/a"),
         "connected",
@@ -1198,7 +938,7 @@ spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn admin_tier_denies_what_no_network_policy_can_reopen_and_allows_monitoring_through_a_default_deny(
 ) {
-    let lab = Lab::up("tiers", &[("pods.yaml", TIER_PODS)]);
+    let lab = Lab::up("tiers", &[("pods.yaml", TIER_PODS)], &[]);
     lab.write(
         "policies.yaml",
         r#"
@@ -1233,7 +973,7 @@ spec: {podSelector: {}}
 "#,
     );
     lab.wait();
-    for (from, to, result) in lab.probe(80, "TCP") {
+    for (from, to, result) in lab.probe_all(80, "TCP") {
         let want = match (from.as_str(), to.as_str()) {
             ("z/prometheus", _) => "connected", // the Admin allow beats x's default deny
             (_, "y/vault") => "timeout",        // the Admin deny beats y's allow-all
@@ -1243,14 +983,14 @@ spec: {podSelector: {}}
         assert_eq!(result, want, "{from} -> {to}");
     }
     // A drop by the Admin tier names the cluster policy in the agent's status of rules.
-    let status = lab_agent_status(&lab);
+    let status = lab.agent_request("status");
     assert!(status.contains("\"invalid\":[]"), "{status}");
 }
 
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn pass_delegates_to_network_policy_and_a_baseline_default_deny_yields_to_it() {
-    let lab = Lab::up("pass", &[("pods.yaml", TIER_PODS)]);
+    let lab = Lab::up("pass", &[("pods.yaml", TIER_PODS)], &[]);
     lab.write(
         "policies.yaml",
         r#"
@@ -1286,7 +1026,7 @@ spec:
 "#,
     );
     lab.wait();
-    for (from, to, result) in lab.probe(80, "TCP") {
+    for (from, to, result) in lab.probe_all(80, "TCP") {
         let want = match (from.as_str(), to.as_str()) {
             // x/a is isolated by its NetworkPolicy: z allowed, the baseline never asked
             ("z/prometheus", "x/a") => "connected",
@@ -1305,7 +1045,7 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn icmp_probes_are_judged_like_any_protocol() {
-    let lab = Lab::up("icmp", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    let lab = Lab::up("icmp", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
     lab.wait();
     assert_eq!(
         lab.result(0, "ICMP", "x/b", "x/a"),
@@ -1340,7 +1080,7 @@ fn icmp_probes_are_judged_like_any_protocol() {
 
 /// GET `path` from the lab agent's metrics server (it listens in the node's netns).
 fn scrape(lab: &Lab, path: &str) -> (u16, String) {
-    let status: Value = serde_json::from_str(&lab_agent_status(lab)).unwrap();
+    let status: Value = serde_json::from_str(&lab.agent_request("status")).unwrap();
     let addr: std::net::SocketAddr = status["metrics_addr"]
         .as_str()
         .expect("the lab agent serves metrics")
@@ -1383,7 +1123,7 @@ fn sum_of(metrics: &str, prefix: &str) -> f64 {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn metrics_and_health_are_served_and_the_drop_counter_moves() {
-    let lab = Lab::up("mtr", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)]);
+    let lab = Lab::up("mtr", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
     lab.wait();
     assert_eq!(scrape(&lab, "/healthz").0, 200);
     assert_eq!(
@@ -1451,9 +1191,10 @@ fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
             ("deny.yaml", DENY_X),
             ("allow.yaml", ALLOW_B_TO_N),
         ],
+        &[],
     );
     lab.wait();
-    let c = lab.pod("y/c");
+    let c = lab.pod_net("y/c");
     let n_ip: std::net::IpAddr = "10.244.0.200".parse().unwrap();
     // Resolve the new pod's address every 10 ms rather than every second, so that the
     // hammer reaches the pod as soon as its link is up.
@@ -1501,7 +1242,7 @@ fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
     let waited = t.elapsed();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (attempts, connected) = hammer.join().unwrap();
-    let held = lab.count("dropped", "PENDING_ENDPOINT", "ingress");
+    let held = lab.agent_count("dropped", "PENDING_ENDPOINT", "ingress");
     eprintln!(
         "pod n enforced after {waited:?}: {attempts} connect attempts from y/c, \
          {connected} connected, {held} packets held (PENDING_ENDPOINT)"
@@ -1513,9 +1254,9 @@ fn a_new_isolated_pod_admits_nothing_before_the_agent_has_located_it() {
         "a connection to the new pod completed before enforcement\n{}",
         lab.logs()
     );
-    assert_eq!(lab.pod("x/n").v4, n_ip);
+    assert_eq!(lab.pod_net("x/n").v4, n_ip);
     // The allowed peer connects (and ARP went through the hold and the programs).
-    connect(&lab.pod("x/b").netns, n_ip);
+    connect(&lab.pod_net("x/b").netns, n_ip);
     assert!(try_connect(&c.netns, n_ip).is_err(), "y/c stays denied");
 }
 
@@ -1543,7 +1284,7 @@ impl Drop for PluggedPod {
 fn agent_status_at(lab: &Lab, digest: &str) -> Value {
     let start = std::time::Instant::now();
     loop {
-        let s: Value = serde_json::from_str(&agent_request(lab, "status")).unwrap();
+        let s: Value = serde_json::from_str(&lab.agent_request("status")).unwrap();
         if s["digest"] == digest {
             return s;
         }
@@ -1588,11 +1329,12 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
             ("deny.yaml", DENY_X),
             ("allow.yaml", ALLOW_B_TO_N),
         ],
+        &[],
     );
     lab.wait();
     let state = Path::new("/run/netpol/lab").join(&lab.name);
     let cluster = state.join("cluster");
-    let ip: std::net::IpAddr = "10.244.0.201".parse().unwrap();
+    let late_ip: std::net::IpAddr = "10.244.0.201".parse().unwrap();
     let pod = "apiVersion: v1\nkind: Pod\n\
                metadata: {name: late, namespace: x, labels: {app: n}}\n\
                spec: {nodeName: node0, containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}\n\
@@ -1616,8 +1358,8 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
         server: None,
     };
     let veth = format!("nplate{}", std::process::id() % 100_000);
-    ip_cmd(&["netns", "add", &plugged.netns]);
-    ip_cmd(&[
+    ip(&["netns", "add", &plugged.netns]);
+    ip(&[
         "-n",
         &node_netns,
         "link",
@@ -1631,7 +1373,7 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
         "netns",
         &plugged.netns,
     ]);
-    ip_cmd(&[
+    ip(&[
         "-n",
         &node_netns,
         "link",
@@ -1641,8 +1383,8 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
         "cni0",
         "up",
     ]);
-    ip_cmd(&["-n", &plugged.netns, "link", "set", "lo", "up"]);
-    ip_cmd(&[
+    ip(&["-n", &plugged.netns, "link", "set", "lo", "up"]);
+    ip(&[
         "-n",
         &plugged.netns,
         "addr",
@@ -1651,8 +1393,8 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
         "dev",
         "eth0",
     ]);
-    ip_cmd(&["-n", &plugged.netns, "link", "set", "eth0", "up"]);
-    ip_cmd(&[
+    ip(&["-n", &plugged.netns, "link", "set", "eth0", "up"]);
+    ip(&[
         "-n",
         &plugged.netns,
         "route",
@@ -1688,9 +1430,9 @@ fn a_known_pod_is_located_by_the_events_of_its_veth_and_address() {
     assert_eq!(wakes(&after, "source"), wakes(&before, "source"), "{after}");
     assert_eq!(wakes(&after, "retry"), 0, "{after}");
     // Enforced by the real programs: the allowed peer connects, the other does not.
-    connect(&lab.pod("x/b").netns, ip);
+    connect(&lab.pod_net("x/b").netns, late_ip);
     assert!(
-        try_connect(&lab.pod("y/c").netns, ip).is_err(),
+        try_connect(&lab.pod_net("y/c").netns, late_ip).is_err(),
         "y/c is denied"
     );
     drop(plugged);
@@ -1708,7 +1450,7 @@ fn every_kind_scenario_holds_in_the_lab() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kind/scenarios");
     let all = scenario::load_all(&dir).unwrap();
     let cluster = std::fs::read_to_string(dir.join(scenario::CLUSTER)).unwrap();
-    let lab = Lab::up("scn", &[("cluster.yaml", &cluster)]);
+    let lab = Lab::up("scn", &[("cluster.yaml", &cluster)], &[]);
     lab.wait();
     let mut wrong = Vec::new();
     for sc in &all {
@@ -1718,7 +1460,7 @@ fn every_kind_scenario_holds_in_the_lab() {
         );
         lab.wait();
         for e in &sc.expectations {
-            let results = lab.probe(e.port, &e.protocol);
+            let results = lab.probe_all(e.port, &e.protocol);
             assert_eq!(results.len(), e.connects.len(), "{}", sc.name);
             for (from, to, result) in results {
                 let want = e.connects[&(from.clone(), to.clone())];
@@ -1758,6 +1500,7 @@ fn a_staged_default_deny_reports_what_it_would_drop_and_drops_nothing() {
     let lab = Lab::up(
         "stage",
         &[("pods.yaml", PODS), ("deny.yaml", STAGED_DENY_X)],
+        &[],
     );
     lab.wait();
     let obs = observer(&lab, &["--verdict", "audit", "--pod", "x/a"]);
@@ -1773,7 +1516,7 @@ fn a_staged_default_deny_reports_what_it_would_drop_and_drops_nothing() {
         (Some("POLICY_DENIED"), Some("ingress"), Some("y/c"))
     );
     assert_eq!(v["policies"], serde_json::json!(["x/staged-deny (audit)"]));
-    assert_eq!(lab.count("dropped", "POLICY_DENIED", "ingress"), 0);
+    assert_eq!(lab.agent_count("dropped", "POLICY_DENIED", "ingress"), 0);
     // Staging touches no other pod and no other direction.
     assert_eq!(lab.result(80, "TCP", "x/a", "y/c"), "connected");
 
@@ -1799,6 +1542,7 @@ fn per_policy_counters_name_the_rule_and_the_isolating_policies() {
             ("deny.yaml", DENY_X),
             ("allow.yaml", ALLOW_B_TO_A),
         ],
+        &[],
     );
     lab.wait();
     assert_eq!(lab.result(80, "TCP", "x/b", "x/a"), "connected");

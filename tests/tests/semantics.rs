@@ -10,7 +10,7 @@ mod support;
 
 use std::net::IpAddr;
 
-use support::{compiled, e2e_cluster as base, Compiled, NAMESPACES, PODS};
+use support::model::{compiled, e2e_cluster as base, Compiled, NAMESPACES, PODS};
 
 fn cluster(policies: &str) -> Compiled {
     compiled(&format!("{}{policies}", base()))

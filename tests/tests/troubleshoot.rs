@@ -6,13 +6,12 @@
 //! `observe` and every counter stays exact. Needs root; labs have their own names and
 //! guards that tear them down even when an assertion fails.
 
-#[path = "support/lab.rs"]
-mod lab;
+mod support;
 
 use std::time::{Duration, Instant};
 
-use lab::{in_netns, Lab, Observer};
 use serde_json::Value;
+use support::lab::{in_netns, ip, udp_recverr, Lab, Observer};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -472,20 +471,6 @@ metadata: {name: target-no-ingress, namespace: x}
 spec: {podSelector: {matchLabels: {app: target}}, policyTypes: [Ingress]}
 "#;
 
-fn ip(args: &[&str]) -> String {
-    let out = std::process::Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Packets `eth0` of `netns` has sent: the interface's own counter.
 fn tx_packets(netns: &str) -> u64 {
     let v: Value = serde_json::from_str(&ip(&[
@@ -585,18 +570,7 @@ impl Tap {
 /// so exactly `total` leave.
 fn flood(netns: &str, to: std::net::SocketAddr, total: u64, rate: u64) -> Duration {
     in_netns(netns, move || {
-        use std::os::fd::AsRawFd;
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        let one: libc::c_int = 1;
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVERR,
-                &one as *const _ as *const _,
-                4,
-            )
-        };
+        let s = udp_recverr();
         s.connect(to).unwrap();
         let started = Instant::now();
         let mut sent = 0u64;
