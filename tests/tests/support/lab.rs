@@ -14,6 +14,16 @@ use serde_json::Value;
 
 pub const NETPOL: &str = env!("NETPOL_BIN");
 
+pub const SECOND: Duration = Duration::from_secs(1);
+
+pub fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
 pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{netns}");

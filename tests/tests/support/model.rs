@@ -221,3 +221,47 @@ impl Compiled {
         None
     }
 }
+
+// ---- truth tables over the e2e cluster ---------------------------------------------
+
+/// The e2e cluster with `policies`, compiled.
+pub fn cluster(policies: &str) -> Compiled {
+    compiled(&format!("{}{policies}", e2e_cluster()))
+}
+
+pub fn all_pods() -> Vec<String> {
+    NAMESPACES
+        .iter()
+        .flat_map(|ns| PODS.iter().map(move |p| format!("{ns}/{p}")))
+        .collect()
+}
+
+/// Checks every ordered pair of pods against `expect(from, to)`, like the upstream
+/// truth tables, on IPv4 and on IPv6.
+#[track_caller]
+pub fn expect(c: &Compiled, protocol: &str, port: u16, expect: impl Fn(&str, &str) -> bool) {
+    let mut wrong = vec![];
+    for from in all_pods() {
+        for to in all_pods() {
+            if from == to {
+                continue;
+            }
+            let (f, t) = (&c.snap.pods[&from], &c.snap.pods[&to]);
+            for (fi, ti) in f.ips.iter().zip(&t.ips) {
+                let got = c.allowed_ip(*fi, *ti, protocol, port);
+                if got != expect(&from, &to) {
+                    wrong.push(format!("{from} -> {to} ({fi}): got {got}"));
+                }
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{protocol}/{port}:\n{}", wrong.join("\n"));
+}
+
+pub fn ns(pod: &str) -> &str {
+    pod.split('/').next().unwrap()
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}

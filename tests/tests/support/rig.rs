@@ -7,9 +7,9 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use netpol_agent::datapath::{load, Capacities};
 use netpol_common::{
-    counter_index, map, policy_action, v4_mapped, Addr, Config, CtEntry, CtKey, EndpointCounters,
-    EndpointEntry, Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
-    RuleCounter,
+    config_flags, counter_index, direction, endpoint_flags, map, policy_action, v4_mapped, Addr,
+    Config, CtEntry, CtKey, EndpointCounters, EndpointEntry, Event, EventBucket, FragEntry,
+    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, RuleCounter,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -374,3 +374,35 @@ impl Rig {
         a.get(&idx, 0).unwrap().iter().sum()
     }
 }
+
+// ---- what the tables share ----------------------------------------------------------
+
+pub const EGRESS: u8 = direction::EGRESS;
+pub const INGRESS: u8 = direction::INGRESS;
+
+pub fn isolated() -> u32 {
+    endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS
+}
+
+/// Every verdict reported (allowed ones too), so tables can check reasons of passes.
+pub fn trace() -> Config {
+    Config {
+        flags: config_flags::TRACE,
+        ..Config::default()
+    }
+}
+
+/// Runs `packet` at the hook, returns (action, reason of the one event it caused).
+pub fn judge(rig: &mut Rig, ingress: bool, packet: &[u8]) -> (u32, u16) {
+    let action = if ingress {
+        rig.ingress(packet)
+    } else {
+        rig.egress(packet)
+    };
+    let events = rig.events();
+    assert_eq!(events.len(), 1, "one event per packet under TRACE");
+    (action, events[0].reason)
+}
+
+pub const OK: u32 = TC_ACT_OK;
+pub const SHOT: u32 = TC_ACT_SHOT;
