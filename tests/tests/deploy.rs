@@ -226,7 +226,7 @@ fn the_kind_scenarios_are_kubernetes_objects() {
 /// Every expected matrix of the kind scenario suite is what `netpol simulate` computes
 /// from the same manifests: the expectations are proven here, although the cluster
 /// path (`cargo xtask kind`) cannot run on these machines. The lab proves them with
-/// real packets (`tests/lab.rs`).
+/// real packets (`tests/lab_scenarios.rs`).
 #[test]
 fn every_kind_scenario_expects_what_simulate_computes() {
     let mut wrong = Vec::new();

@@ -479,7 +479,7 @@ fn cluster() -> impl Strategy<Value = String> {
 
 fn check(yaml: &str) -> Result<(), String> {
     let extra: Vec<IpAddr> = EXTERNAL.iter().map(|a| a.parse().unwrap()).collect();
-    match support::compiled(yaml).disagreement(&extra, &PORTS) {
+    match support::model::compiled(yaml).disagreement(&extra, &PORTS) {
         None => Ok(()),
         Some(d) => Err(format!("{d}\n--- cluster ---\n{yaml}")),
     }
@@ -573,7 +573,7 @@ fn incremental_compiles_equal_a_fresh_compile() {
         ];
         let (mut index, mut compiler) = (Index::new(), Compiler::with_revision_seed(9));
         for (i, yaml) in steps.iter().enumerate() {
-            let state = support::compiled(yaml).state;
+            let state = support::model::compiled(yaml).state;
             let snap = index.reset(&state);
             let incremental = without_revisions(compiler.compile(&snap, &NodeView::default()));
             let fresh = without_revisions(&compile(&snap, &NodeView::default()));

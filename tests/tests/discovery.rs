@@ -4,6 +4,8 @@
 //! timer: each step waits on the receiver for the state it expects). Needs root;
 //! namespaces are named `t<tag><pid>` and removed by guards.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::process::Command;
@@ -11,17 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netpol_agent::datapath::discovery::{self, Ports, Published};
+use support::lab::ip;
 use tokio::sync::watch;
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A network namespace, deleted on drop.
 struct Netns(String);

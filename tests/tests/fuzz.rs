@@ -6,7 +6,7 @@
 //! Deterministic: a fixed seed and case count, overridable with `NETPOL_FUZZ_SEED` and
 //! `NETPOL_FUZZ_CASES` to search further. Needs root.
 
-mod rig;
+mod support;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -18,7 +18,8 @@ use netpol_common::{
 };
 use netpol_engine::compile::{lookup::decide_at, Desired, PolicyPrefix};
 use netpol_engine::index::net::Cidr;
-use rig::*;
+use support::packet::*;
+use support::rig::*;
 
 /// xorshift64*: small, seedable, good enough to pick cases.
 struct Rng(u64);

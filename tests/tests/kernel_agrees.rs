@@ -19,10 +19,8 @@ use netpol_common::{
 use netpol_engine::compile::lookup::Lookup;
 use netpol_engine::index::net::addr_of;
 
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-/// BPF_PROG_TEST_RUN runs skb programs on the loopback device.
-const LO: u32 = 1;
+use support::packet;
+use support::rig::{LO, TC_ACT_OK, TC_ACT_SHOT};
 
 const POLICIES: &str = r#"
 kind: NetworkPolicy
@@ -62,57 +60,13 @@ spec:
 const EXTERNAL: [&str; 4] = ["10.0.3.99", "8.8.8.8", "fd00::3:99", "2001:db8::1"];
 
 fn packet(src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: u16) -> Vec<u8> {
-    let mut l4 = match protocol {
-        proto::TCP => {
-            let mut t = vec![0u8; 20];
-            t[12] = 5 << 4;
-            t[13] = 0x02; // SYN
-            t
-        }
-        proto::UDP => {
-            let mut u = vec![0u8; 8];
-            u[4..6].copy_from_slice(&8u16.to_be_bytes());
-            u
-        }
-        proto::SCTP => {
-            // Common header, then an INIT chunk.
-            let mut s = vec![0u8; 32];
-            s[12] = 1;
-            s[14..16].copy_from_slice(&20u16.to_be_bytes());
-            s
-        }
+    let l4 = match protocol {
+        proto::TCP => packet::tcp(sport, dport, packet::SYN),
+        proto::UDP => packet::udp(sport, dport),
+        proto::SCTP => packet::sctp_init(sport, dport),
         _ => unreachable!(),
     };
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    let mut p = vec![0u8; 12];
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            p.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut ip = vec![0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-            ip[8] = 64;
-            ip[9] = protocol;
-            ip[12..16].copy_from_slice(&s.octets());
-            ip[16..20].copy_from_slice(&d.octets());
-            p.extend(ip);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            p.extend_from_slice(&0x86DDu16.to_be_bytes());
-            let mut ip = vec![0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
-            ip[6] = protocol;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&s.octets());
-            ip[24..40].copy_from_slice(&d.octets());
-            p.extend(ip);
-        }
-        _ => unreachable!("same family"),
-    }
-    p.extend(l4);
-    p
+    packet::frame(src, dst, l4)
 }
 
 struct Kernel {
@@ -123,6 +77,7 @@ struct Kernel {
 
 impl Kernel {
     fn with(desired: &netpol_engine::compile::Desired) -> Kernel {
+        support::need_root("loads the classifier");
         let mut ebpf = load(&Capacities::default()).expect("classifier loads");
         let events = RingBuf::try_from(ebpf.take_map(map::EVENTS).unwrap()).unwrap();
         let none = BTreeMap::new();
@@ -202,7 +157,7 @@ impl Kernel {
 /// 80-82, each side at its own hook: the kernel must do what the lookup says. Returns
 /// the (allowed, reason, protocol, IPv4) combinations seen.
 fn kernel_agrees(policies: &str) -> std::collections::BTreeSet<(bool, u16, u8, bool)> {
-    let c = support::compiled(&format!("{}{policies}", support::e2e_cluster()));
+    let c = support::model::compiled(&format!("{}{policies}", support::model::e2e_cluster()));
     assert!(c.snap.invalid.is_empty(), "{:?}", c.snap.invalid);
     let lookup = Lookup::new(&c.desired);
     let mut kernel = Kernel::with(&c.desired);

@@ -3,157 +3,14 @@
 //! node and across the VXLAN overlay. Needs root; every test has its own lab name and a
 //! guard that tears the lab down even when an assertion fails.
 
-#[path = "support/lab.rs"]
-mod support_lab;
+mod support;
 
-use support_lab::NETPOL;
+use support::lab::{Lab, NETPOL};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-
-struct Lab {
-    name: String,
-    dir: PathBuf,
-}
-
-impl Lab {
-    /// A lab of `nodes` nodes with cluster DNS.
-    fn up(tag: &str, nodes: u32, manifests: &[(&str, &str)]) -> Lab {
-        let name = format!("c{tag}{}", std::process::id() % 100_000);
-        let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let lab = Lab { name, dir };
-        for (file, text) in manifests {
-            lab.write(file, text);
-        }
-        let nodes = nodes.to_string();
-        let dir = lab.dir.to_str().unwrap().to_string();
-        lab.netpol(&["lab", "up", "--dns", "--nodes", &nodes, "--manifests", &dir]);
-        lab
-    }
-
-    fn write(&self, file: &str, text: &str) {
-        std::fs::write(self.dir.join(file), text).unwrap();
-    }
-
-    /// Writes or removes policy files, then waits for every node to enforce them.
-    fn policies(&self, files: &[(&str, Option<&str>)]) {
-        for (file, text) in files {
-            match text {
-                Some(t) => self.write(file, t),
-                None => {
-                    let _ = std::fs::remove_file(self.dir.join(file));
-                }
-            }
-        }
-        self.netpol(&["lab", "wait", "--timeout", "60"]);
-    }
-
-    fn netpol(&self, args: &[&str]) -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--name", &self.name]);
-        let out = Command::new(NETPOL).args(&full).output().unwrap();
-        assert!(
-            out.status.success(),
-            "netpol {}: {}\n{}",
-            full.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn logs(&self) -> String {
-        let dir = Path::new("/run/netpol/lab").join(&self.name);
-        let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| n.ends_with(".log"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}",
-                    std::fs::read_to_string(dir.join(f)).unwrap_or_default()
-                )
-            })
-            .collect()
-    }
-
-    /// `lab resolve` from `from`: (result, addresses).
-    fn resolve(&self, from: &str, name: &str, tcp: bool) -> (String, Vec<String>) {
-        let mut args = vec![
-            "lab",
-            "resolve",
-            "--from",
-            from,
-            name,
-            "--timeout",
-            "1",
-            "-o",
-            "json",
-        ];
-        if tcp {
-            args.push("--tcp");
-        }
-        let v: Value = serde_json::from_str(&self.netpol(&args)).unwrap();
-        let addrs = v["addresses"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string())
-            .collect();
-        (v["result"].as_str().unwrap().to_string(), addrs)
-    }
-
-    /// `lab probe` results as (from, to, result, address, backend).
-    fn probe(&self, extra: &[&str]) -> Vec<[String; 5]> {
-        let mut args = vec!["lab", "probe", "--timeout", "1", "-o", "json"];
-        args.extend(extra);
-        let v: Value = serde_json::from_str(&self.netpol(&args)).unwrap();
-        v["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
-                [s("from"), s("to"), s("result"), s("address"), s("backend")]
-            })
-            .collect()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.netpol(&["lab", "status", "-o", "json"])).unwrap()
-    }
-
-    fn node_of(&self, pod: &str) -> String {
-        let st = self.status();
-        st["pods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| format!("{}/{}", p["namespace"], p["name"]).replace('"', "") == pod)
-            .map(|p| p["node"].as_str().unwrap().to_string())
-            .unwrap_or_else(|| panic!("no pod {pod}"))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(NETPOL)
-            .args(["lab", "down", "--name", &self.name])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Clients in `x` on node0 and node1, the cluster DNS pinned to node1: one client
 /// resolves on its node, the other across the overlay.
@@ -224,7 +81,7 @@ const UDP_AND_TCP_53: &str = "[{protocol: UDP, port: 53}, {protocol: TCP, port: 
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn dns_under_default_deny_egress_needs_the_kube_dns_rule_on_one_node_and_across_nodes() {
-    let lab = Lab::up("dns", 2, &[("cluster.yaml", DNS_CLUSTER)]);
+    let lab = Lab::cluster("dns", 2, &[("cluster.yaml", DNS_CLUSTER)]);
     assert_eq!(lab.node_of("kube-system/coredns"), "node1");
     assert_eq!(lab.node_of("x/far"), "node0");
     let name = "web.x.svc.cluster.local";
@@ -239,7 +96,7 @@ fn dns_under_default_deny_egress_needs_the_kube_dns_rule_on_one_node_and_across_
         .to_string();
     let answered = |lab: &Lab, tcp: bool| -> [bool; 2] {
         ["x/near", "x/far"].map(|from| {
-            let (result, addrs) = lab.resolve(from, name, tcp);
+            let (result, addrs) = lab.resolve_addrs(from, name, tcp);
             if result == "answered" {
                 assert_eq!(addrs, vec![svc_ip.clone()], "{from}");
             }
@@ -252,25 +109,25 @@ fn dns_under_default_deny_egress_needs_the_kube_dns_rule_on_one_node_and_across_
     assert_eq!(answered(&lab, true), [true, true], "no policy, TCP");
 
     // Default-deny egress breaks name resolution.
-    lab.policies(&[("deny.yaml", Some(DENY_EGRESS_X))]);
+    lab.apply(&[("deny.yaml", Some(DENY_EGRESS_X))]);
     assert_eq!(answered(&lab, false), [false, false], "default deny, UDP");
     assert_eq!(answered(&lab, true), [false, false], "default deny, TCP");
 
     // The fix: namespaceSelector + podSelector to kube-dns, UDP and TCP 53.
     let by_name = "{kubernetes.io/metadata.name: kube-system}";
-    lab.policies(&[("dns.yaml", Some(&dns_rule(by_name, UDP_AND_TCP_53)))]);
+    lab.apply(&[("dns.yaml", Some(&dns_rule(by_name, UDP_AND_TCP_53)))]);
     assert_eq!(answered(&lab, false), [true, true], "kube-dns rule, UDP");
     assert_eq!(answered(&lab, true), [true, true], "kube-dns rule, TCP");
 
     // Only UDP 53: small queries answer, a TCP query does not.
     let udp_only = dns_rule(by_name, "[{protocol: UDP, port: 53}]");
-    lab.policies(&[("dns.yaml", Some(&udp_only))]);
+    lab.apply(&[("dns.yaml", Some(&udp_only))]);
     assert_eq!(answered(&lab, false), [true, true], "UDP-only rule, UDP");
     assert_eq!(answered(&lab, true), [false, false], "UDP-only rule, TCP");
 
     // A label the namespace does not carry blocks DNS.
     let wrong = dns_rule("{name: kube-system}", UDP_AND_TCP_53);
-    lab.policies(&[("dns.yaml", Some(&wrong))]);
+    lab.apply(&[("dns.yaml", Some(&wrong))]);
     assert_eq!(answered(&lab, false), [false, false], "name: kube-system");
 }
 
@@ -332,11 +189,11 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_frontend_reaches_the_api_service_only_when_its_egress_and_the_api_ingress_allow() {
-    let lab = Lab::up("fe", 2, &[("shop.yaml", FRONTEND_API)]);
+    let lab = Lab::cluster("fe", 2, &[("shop.yaml", FRONTEND_API)]);
     // Through the ClusterIP (port 80 → targetPort http = 8080), from the api's node and
     // from the other one; the rule names the backend's port, as egress is judged after DNAT.
     let reach = |lab: &Lab| -> Vec<String> {
-        let r = lab.probe(&["--via", "service", "--to", "shop/api", "--port", "8080"]);
+        let r = lab.probe_rows(&["--via", "service", "--to", "shop/api", "--port", "8080"]);
         let mut out: Vec<(String, String)> = r
             .into_iter()
             .filter(|[from, ..]| from.starts_with("shop/frontend"))
@@ -353,14 +210,14 @@ fn a_frontend_reaches_the_api_service_only_when_its_egress_and_the_api_ingress_a
     };
     // [frontend-far (node0), frontend-near (node1)]
     assert_eq!(reach(&lab), ["timeout", "timeout"], "default deny");
-    lab.policies(&[("egress.yaml", Some(FRONTEND_EGRESS))]);
+    lab.apply(&[("egress.yaml", Some(FRONTEND_EGRESS))]);
     assert_eq!(reach(&lab), ["timeout", "timeout"], "egress only");
-    lab.policies(&[("egress.yaml", None), ("ingress.yaml", Some(API_INGRESS))]);
+    lab.apply(&[("egress.yaml", None), ("ingress.yaml", Some(API_INGRESS))]);
     assert_eq!(reach(&lab), ["timeout", "timeout"], "ingress only");
-    lab.policies(&[("egress.yaml", Some(FRONTEND_EGRESS))]);
+    lab.apply(&[("egress.yaml", Some(FRONTEND_EGRESS))]);
     assert_eq!(reach(&lab), ["connected", "connected"], "both");
     // And by name, through the cluster DNS (whose egress the frontends lack: it fails).
-    let r = lab.probe(&["--via", "dns", "--to", "shop/api", "--port", "8080"]);
+    let r = lab.probe_rows(&["--via", "dns", "--to", "shop/api", "--port", "8080"]);
     assert!(
         r.iter()
             .filter(|x| x[0].starts_with("shop/frontend"))
@@ -413,7 +270,7 @@ spec:
 
 /// Connections to the Service land on a or b at random; tally (backend or "timeout").
 fn tally(lab: &Lab) -> std::collections::BTreeMap<String, usize> {
-    let r = lab.probe(&[
+    let r = lab.probe_rows(&[
         "--service",
         "x/web",
         "--from",
@@ -439,7 +296,7 @@ fn tally(lab: &Lab) -> std::collections::BTreeMap<String, usize> {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn egress_allowed_to_one_backend_of_a_service_passes_there_and_times_out_on_the_other() {
-    let lab = Lab::up("two", 2, &[("two.yaml", TWO_BACKENDS)]);
+    let lab = Lab::cluster("two", 2, &[("two.yaml", TWO_BACKENDS)]);
     // a is on the client's node (judged at a's to_pod), b across the overlay (judged at
     // flannel.1). 16 tries each: both sides are hit with probability 1 - 2^-15.
     let open = tally(&lab);
@@ -449,12 +306,12 @@ fn egress_allowed_to_one_backend_of_a_service_passes_there_and_times_out_on_the_
         "{open:?}"
     );
 
-    lab.policies(&[("egress.yaml", Some(&egress_to_replica("a")))]);
+    lab.apply(&[("egress.yaml", Some(&egress_to_replica("a")))]);
     let t = tally(&lab);
     assert!(t.contains_key("x/a") && t.contains_key("timeout"), "{t:?}");
     assert_eq!(t.get("x/b"), None, "the remote backend is denied: {t:?}");
 
-    lab.policies(&[("egress.yaml", Some(&egress_to_replica("b")))]);
+    lab.apply(&[("egress.yaml", Some(&egress_to_replica("b")))]);
     let t = tally(&lab);
     assert!(t.contains_key("x/b") && t.contains_key("timeout"), "{t:?}");
     assert_eq!(t.get("x/a"), None, "the local backend is denied: {t:?}");
@@ -513,10 +370,10 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn prometheus_scrapes_a_default_deny_namespace_only_with_the_documented_rule() {
-    let lab = Lab::up("prom", 2, &[("mon.yaml", MONITORING)]);
+    let lab = Lab::cluster("prom", 2, &[("mon.yaml", MONITORING)]);
     let scrape = |lab: &Lab| -> Vec<(String, String, String)> {
         let mut r: Vec<_> = lab
-            .probe(&["--port", "9090"])
+            .probe_rows(&["--port", "9090"])
             .into_iter()
             .filter(|x| x[0].starts_with("monitoring/") && x[1].starts_with("app/"))
             .map(|[from, to, result, _, _]| (from, to, result))
@@ -534,7 +391,7 @@ fn prometheus_scrapes_a_default_deny_namespace_only_with_the_documented_rule() {
             row("monitoring/prometheus", "app/worker", "timeout"),
         ]
     );
-    lab.policies(&[("scrape.yaml", Some(ALLOW_SCRAPE))]);
+    lab.apply(&[("scrape.yaml", Some(ALLOW_SCRAPE))]);
     // web is on the other node, worker on Prometheus's own.
     assert_eq!(
         scrape(&lab),
@@ -596,7 +453,7 @@ fn leftovers(name: &str) -> Vec<String> {
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn lab_down_and_a_crashed_lab_leave_nothing_behind() {
     for crash in [false, true] {
-        let lab = Lab::up(
+        let lab = Lab::cluster(
             if crash { "crash" } else { "down" },
             2,
             &[("two.yaml", TWO_BACKENDS)],
@@ -641,7 +498,7 @@ fn lab_down_and_a_crashed_lab_leave_nothing_behind() {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn load_reports_throughput_transaction_rates_and_latencies_across_nodes() {
-    let lab = Lab::up("load", 2, &[("two.yaml", TWO_BACKENDS)]);
+    let lab = Lab::cluster("load", 2, &[("two.yaml", TWO_BACKENDS)]);
     let run = |kind: &str| -> Value {
         serde_json::from_str(&lab.netpol(&[
             "lab",
@@ -672,7 +529,7 @@ fn load_reports_throughput_transaction_rates_and_latencies_across_nodes() {
     }
     assert!(run("crr")["connections_per_sec"].as_f64().unwrap() > 20.0);
     // Denied, the generators fail loudly instead of reporting zeros.
-    lab.policies(&[("deny.yaml", Some(DENY_EGRESS_X))]);
+    lab.apply(&[("deny.yaml", Some(DENY_EGRESS_X))]);
     let out = Command::new(NETPOL)
         .args([
             "lab", "load", "--name", &lab.name, "--from", "x/client", "--to", "x/b",

@@ -3,76 +3,40 @@
 //! pair by pair, on TCP and UDP, across nodes and on one; with no enforcer everything
 //! connects. Needs root; each lab has its own name and a guard that tears it down.
 
-#[path = "support/lab.rs"]
-mod support_lab;
+mod support;
 
-use support_lab::NETPOL;
+use support::lab::{Lab, NETPOL};
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
-struct Lab {
-    name: String,
-    dir: PathBuf,
+/// A two-node lab of `manifests` under `enforcer`.
+fn lab_up(tag: &str, enforcer: &str, manifests: &str) -> Lab {
+    Lab::up(
+        tag,
+        &[("cluster.yaml", manifests)],
+        &["--nodes", "2", "--enforcer", enforcer],
+    )
 }
 
-impl Lab {
-    fn up(tag: &str, enforcer: &str, manifests: &str) -> Lab {
-        let name = format!("e{tag}{}", std::process::id() % 100_000);
-        let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
-        let lab = Lab { name, dir };
-        let dir = lab.dir.to_str().unwrap().to_string();
-        lab.netpol(&[
-            "lab",
-            "up",
-            "--nodes",
-            "2",
-            "--enforcer",
-            enforcer,
-            "--manifests",
-            &dir,
-        ]);
-        lab
-    }
-
-    fn netpol(&self, args: &[&str]) -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--name", &self.name]);
-        run(&full)
-    }
-
-    /// (from, to) → connected, for every ordered pair of pods.
-    fn probe(&self, port: u16, protocol: &str) -> BTreeMap<(String, String), bool> {
-        let port = port.to_string();
-        let out = self.netpol(&[
-            "lab",
-            "probe",
-            "--port",
-            &port,
-            "--protocol",
-            protocol,
-            "--timeout",
-            "0.5",
-            "-o",
-            "json",
-        ]);
-        pairs(&out, |r| r["result"] == "connected")
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(NETPOL)
-            .args(["lab", "down", "--name", &self.name])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// (from, to) → connected, for every ordered pair of pods.
+fn probe(lab: &Lab, port: u16, protocol: &str) -> BTreeMap<(String, String), bool> {
+    let port = port.to_string();
+    let out = lab.netpol(&[
+        "lab",
+        "probe",
+        "--port",
+        &port,
+        "--protocol",
+        protocol,
+        "--timeout",
+        "0.5",
+        "-o",
+        "json",
+    ]);
+    pairs(&out, |r| r["result"] == "connected")
 }
 
 fn run(args: &[&str]) -> String {
@@ -171,7 +135,7 @@ spec:
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
     let manifests = cluster();
-    let lab = Lab::up("ipt", "iptables", &manifests);
+    let lab = lab_up("ipt", "iptables", &manifests);
     let dir = lab.dir.to_str().unwrap().to_string();
     let mut allowed_somewhere = 0;
     let mut denied_somewhere = 0;
@@ -190,7 +154,7 @@ fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
             ]),
             |r| r["allowed"] == true,
         );
-        let got = lab.probe(port, protocol);
+        let got = probe(&lab, port, protocol);
         assert_eq!(want.len(), 72, "every ordered pair of nine pods");
         let wrong: Vec<String> = want
             .iter()
@@ -209,8 +173,8 @@ fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn with_no_enforcer_every_pod_connects() {
-    let lab = Lab::up("none", "none", &cluster());
-    let got = lab.probe(80, "TCP");
+    let lab = lab_up("none", "none", &cluster());
+    let got = probe(&lab, 80, "TCP");
     assert_eq!(got.len(), 72);
     assert!(got.values().all(|c| *c), "{got:?}");
 }

@@ -7,104 +7,27 @@
 //! with 100 pods on the node, after an upgrade too (its programs go through the
 //! verifier, in parallel and while the maps are filled).
 
-#[path = "support/lab.rs"]
-mod support_lab;
+mod support;
 
-use support_lab::{in_netns, NETPOL};
+use support::lab::{in_netns, Lab, NETPOL};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-struct Lab {
-    name: String,
-    dir: PathBuf,
-    /// Agents this test started (killed on drop).
-    agents: Vec<Child>,
+/// The lab of `manifests`, once its agent enforces them.
+fn lab_up(tag: &str, manifests: &str) -> Lab {
+    let lab = Lab::up(tag, &[("cluster.yaml", manifests)], &[]);
+    lab.netpol(&["lab", "wait", "--timeout", "120"]);
+    lab
 }
 
 impl Lab {
-    fn up(tag: &str, manifests: &str) -> Lab {
-        let name = format!("r{tag}{}", std::process::id() % 100_000);
-        let dir = std::env::temp_dir().join(format!("netpol-lab-{name}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cluster.yaml"), manifests).unwrap();
-        let lab = Lab {
-            name,
-            dir,
-            agents: vec![],
-        };
-        lab.netpol(&["lab", "up", "--manifests", lab.dir.to_str().unwrap()]);
-        lab.netpol(&["lab", "wait", "--timeout", "120"]);
-        lab
-    }
-
-    fn netpol(&self, args: &[&str]) -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--name", &self.name]);
-        let out = Command::new(NETPOL).args(&full).output().unwrap();
-        assert!(
-            out.status.success(),
-            "netpol {}: {}\n{}",
-            full.join(" "),
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        Path::new("/run/netpol/lab").join(&self.name)
-    }
-
-    fn logs(&self) -> String {
-        ["supervisor.log", "agent.log", "agent2.log"]
-            .iter()
-            .map(|f| {
-                format!(
-                    "--- {f}\n{}",
-                    std::fs::read_to_string(self.state_dir().join(f)).unwrap_or_default()
-                )
-            })
-            .collect()
-    }
-
-    fn status(&self) -> Value {
-        serde_json::from_str(&self.netpol(&["lab", "status", "-o", "json"])).unwrap()
-    }
-
-    fn pod(&self, key: &str) -> (String, IpAddr) {
-        let status = self.status();
-        let p = status["pods"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| {
-                format!(
-                    "{}/{}",
-                    p["namespace"].as_str().unwrap(),
-                    p["name"].as_str().unwrap()
-                ) == key
-            })
-            .unwrap_or_else(|| panic!("no pod {key}"))
-            .clone();
-        let ip = p["ips"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|ip| ip.as_str().unwrap().parse::<IpAddr>().unwrap())
-            .find(IpAddr::is_ipv4)
-            .unwrap();
-        (p["netns"].as_str().unwrap().to_string(), ip)
-    }
-
     /// Starts an agent on the lab's node the way the supervisor does, with `extra` flags.
     fn start_agent(&mut self, extra: &[&str]) {
         let status = self.status();
@@ -126,7 +49,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.agents.push(child);
+        self.adopt(child);
     }
 
     /// The agent's status once it has converged (its `wait`), polling only for its socket.
@@ -146,19 +69,6 @@ impl Lab {
             // The socket appears once the agent has loaded the classifier.
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            let _ = a.kill();
-            let _ = a.wait();
-        }
-        let _ = Command::new(NETPOL)
-            .args(["lab", "down", "--name", &self.name])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -322,7 +232,7 @@ fn more_echoes(t: &Traffic, n: u64) {
 }
 
 fn restart(tag: &str, extra: &[&str]) -> (Value, Duration) {
-    let mut lab = Lab::up(tag, &cluster());
+    let mut lab = lab_up(tag, &cluster());
     let (server_ns, server) = lab.pod("x/server");
     let (client_ns, _) = lab.pod("x/client");
     let (intruder_ns, _) = lab.pod("x/intruder");

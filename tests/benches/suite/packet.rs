@@ -1,5 +1,5 @@
 //! Per-packet cost of the classifier under `BPF_PROG_TEST_RUN` (the test rig of
-//! tests/rig), with N policy entries for the server: N − 1 for other peers and ports and
+//! tests/support), with N policy entries for the server: N − 1 for other peers and ports and
 //! the one allowing the client.
 //!
 //! - conntrack hit: an ACK of an established connection, repeated (the kernel's mean);
@@ -10,11 +10,12 @@
 //!   classifier passes at once) is subtracted.
 
 #[allow(dead_code, unused_imports, clippy::all)]
-#[path = "../../tests/rig/mod.rs"]
-mod rig;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 use netpol_common::{direction::INGRESS, endpoint_flags, Config};
-use rig::{eth, tcp, v4, Rig, ACK, CLIENT, CLIENT_ID, SERVER, SYN, TCP, TC_ACT_OK, TC_ACT_SHOT};
+use support::packet::{eth, tcp, v4, ACK, SYN, TCP};
+use support::rig::{Rig, CLIENT, CLIENT_ID, SERVER, TC_ACT_OK, TC_ACT_SHOT};
 
 use crate::plan::Plan;
 use crate::report::{Packet, PacketPoint, Stat};

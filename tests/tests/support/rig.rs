@@ -1,6 +1,5 @@
 //! The classifier under `BPF_PROG_TEST_RUN`: crafted frames and prepared maps, shared by
-//! the table tests (classifier.rs) and the fuzz test (fuzz.rs). Needs root.
-#![allow(dead_code)] // each test file uses a different part
+//! the table tests (classifier_*.rs) and the fuzz test (fuzz.rs). Needs root.
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
@@ -8,9 +7,9 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use netpol_agent::datapath::{load, Capacities};
 use netpol_common::{
-    counter_index, map, policy_action, v4_mapped, Addr, Config, CtEntry, CtKey, EndpointCounters,
-    EndpointEntry, Event, EventBucket, FragEntry, FragKey, IpcacheEntry, PolicyEntry, PolicyKey,
-    RuleCounter,
+    config_flags, counter_index, direction, endpoint_flags, map, policy_action, v4_mapped, Addr,
+    Config, CtEntry, CtKey, EndpointCounters, EndpointEntry, Event, EventBucket, FragEntry,
+    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, RuleCounter,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -28,194 +27,6 @@ pub const CLIENT_ID: u32 = 300;
 pub const SERVER_ID: u32 = 301;
 /// The endpoint's revision in a fresh rig.
 pub const REVISION: u32 = 7;
-
-pub fn root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
-
-// ---- frames -------------------------------------------------------------------------
-
-pub const TCP: u8 = 6;
-pub const UDP: u8 = 17;
-pub const SCTP: u8 = 132;
-pub const ICMP: u8 = 1;
-pub const ICMPV6: u8 = 58;
-
-pub const SYN: u8 = 0x02;
-pub const ACK: u8 = 0x10;
-pub const FIN: u8 = 0x01;
-pub const RST: u8 = 0x04;
-
-pub fn tcp(sport: u16, dport: u16, flags: u8) -> (u8, Vec<u8>) {
-    let mut h = vec![0u8; 20];
-    h[0..2].copy_from_slice(&sport.to_be_bytes());
-    h[2..4].copy_from_slice(&dport.to_be_bytes());
-    h[12] = 5 << 4;
-    h[13] = flags;
-    (TCP, h)
-}
-
-pub fn udp(sport: u16, dport: u16) -> (u8, Vec<u8>) {
-    let mut h = vec![0u8; 8];
-    h[0..2].copy_from_slice(&sport.to_be_bytes());
-    h[2..4].copy_from_slice(&dport.to_be_bytes());
-    h[4..6].copy_from_slice(&8u16.to_be_bytes());
-    (UDP, h)
-}
-
-pub fn sctp(sport: u16, dport: u16) -> (u8, Vec<u8>) {
-    let mut h = vec![0u8; 12];
-    h[0..2].copy_from_slice(&sport.to_be_bytes());
-    h[2..4].copy_from_slice(&dport.to_be_bytes());
-    (SCTP, h)
-}
-
-/// ICMP (`v6` false) or ICMPv6 header with `rest` (the id for echo) and a payload.
-pub fn icmp(v6: bool, kind: u8, code: u8, id: u16, payload: &[u8]) -> (u8, Vec<u8>) {
-    let mut h = vec![kind, code, 0, 0];
-    h.extend_from_slice(&id.to_be_bytes());
-    h.extend_from_slice(&[0, 0]);
-    h.extend_from_slice(payload);
-    (if v6 { ICMPV6 } else { ICMP }, h)
-}
-
-/// IPv4 header knobs.
-#[derive(Clone, Default)]
-pub struct V4 {
-    /// Options (padded to a multiple of 4 by the builder).
-    pub options: Vec<u8>,
-    pub id: u16,
-    /// Fragment offset in 8-byte units.
-    pub offset: u16,
-    pub more: bool,
-}
-
-/// An IPv4 packet without the Ethernet header.
-pub fn ip4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>), o: &V4) -> Vec<u8> {
-    let mut opts = o.options.clone();
-    while !opts.len().is_multiple_of(4) {
-        opts.push(0);
-    }
-    let ihl = 20 + opts.len();
-    let mut p = vec![0u8; ihl];
-    p[0] = 0x40 | (ihl / 4) as u8;
-    p[2..4].copy_from_slice(&((ihl + l4.1.len()) as u16).to_be_bytes());
-    p[4..6].copy_from_slice(&o.id.to_be_bytes());
-    let frag = o.offset | if o.more { 0x2000 } else { 0 };
-    p[6..8].copy_from_slice(&frag.to_be_bytes());
-    p[8] = 64;
-    p[9] = l4.0;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p[20..].copy_from_slice(&opts);
-    p.extend_from_slice(&l4.1);
-    p
-}
-
-/// IPv6 extension headers, chained by the builder.
-#[derive(Clone, Debug)]
-pub enum Ext {
-    HopByHop,
-    Routing,
-    DestOpts,
-    /// offset in 8-byte units
-    Fragment {
-        offset: u16,
-        more: bool,
-        id: u32,
-    },
-    Auth,
-}
-
-impl Ext {
-    fn code(&self) -> u8 {
-        match self {
-            Ext::HopByHop => 0,
-            Ext::Routing => 43,
-            Ext::DestOpts => 60,
-            Ext::Fragment { .. } => 44,
-            Ext::Auth => 51,
-        }
-    }
-    fn bytes(&self, next: u8) -> Vec<u8> {
-        match self {
-            // 16 bytes: len field 1 (units of 8 beyond the first 8)
-            Ext::HopByHop | Ext::DestOpts => {
-                let mut b = vec![next, 1];
-                b.extend_from_slice(&[1, 12]); // PadN option covering the rest
-                b.extend_from_slice(&[0; 12]);
-                b
-            }
-            // type 0 routing header with no addresses left: 8 bytes
-            Ext::Routing => vec![next, 0, 0, 0, 0, 0, 0, 0],
-            Ext::Fragment { offset, more, id } => {
-                let word = (offset << 3) | u16::from(*more);
-                let mut b = vec![next, 0];
-                b.extend_from_slice(&word.to_be_bytes());
-                b.extend_from_slice(&id.to_be_bytes());
-                b
-            }
-            // 24 bytes: (len + 2) * 4 with len 4
-            Ext::Auth => {
-                let mut b = vec![next, 4];
-                b.extend_from_slice(&[0; 22]);
-                b
-            }
-        }
-    }
-}
-
-/// An IPv6 packet without the Ethernet header; `next` overrides the last next-header
-/// value (an unknown upper layer, say).
-pub fn ip6(src: [u8; 16], dst: [u8; 16], exts: &[Ext], l4: (u8, Vec<u8>)) -> Vec<u8> {
-    ip6_hop(src, dst, exts, l4, 64)
-}
-
-pub fn ip6_hop(
-    src: [u8; 16],
-    dst: [u8; 16],
-    exts: &[Ext],
-    l4: (u8, Vec<u8>),
-    hop_limit: u8,
-) -> Vec<u8> {
-    let mut chain = Vec::new();
-    for (i, e) in exts.iter().enumerate() {
-        let next = exts.get(i + 1).map(Ext::code).unwrap_or(l4.0);
-        chain.extend(e.bytes(next));
-    }
-    let first = exts.first().map(Ext::code).unwrap_or(l4.0);
-    let mut p = vec![0u8; 40];
-    p[0] = 0x60;
-    p[4..6].copy_from_slice(&((chain.len() + l4.1.len()) as u16).to_be_bytes());
-    p[6] = first;
-    p[7] = hop_limit;
-    p[8..24].copy_from_slice(&src);
-    p[24..40].copy_from_slice(&dst);
-    p.extend(chain);
-    p.extend_from_slice(&l4.1);
-    p
-}
-
-pub fn eth(ethertype: u16, ip: Vec<u8>) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p[0] = 0x02;
-    p[6] = 0x02;
-    p.extend_from_slice(&ethertype.to_be_bytes());
-    p.extend(ip);
-    p
-}
-
-pub fn v4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>)) -> Vec<u8> {
-    eth(0x0800, ip4(src, dst, l4, &V4::default()))
-}
-
-pub fn v4o(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>), o: &V4) -> Vec<u8> {
-    eth(0x0800, ip4(src, dst, l4, o))
-}
-
-pub fn v6(src: [u8; 16], dst: [u8; 16], exts: &[Ext], l4: (u8, Vec<u8>)) -> Vec<u8> {
-    eth(0x86dd, ip6(src, dst, exts, l4))
-}
 
 pub fn key4(src: [u8; 4], dst: [u8; 4], protocol: u8, sport: u16, dport: u16) -> CtKey {
     CtKey {
@@ -261,6 +72,7 @@ impl Rig {
     /// The endpoint under test sits on `lo`: the server pod (IPv4 and IPv6), with the
     /// given flags; the client is a known pod identity.
     pub fn new(flags: u32) -> Rig {
+        super::need_root("loads the classifier");
         let mut ebpf =
             load(&Capacities::default()).expect("classifier loads and passes the verifier");
         let events = RingBuf::try_from(ebpf.take_map(map::EVENTS).unwrap()).unwrap();
@@ -562,3 +374,35 @@ impl Rig {
         a.get(&idx, 0).unwrap().iter().sum()
     }
 }
+
+// ---- what the tables share ----------------------------------------------------------
+
+pub const EGRESS: u8 = direction::EGRESS;
+pub const INGRESS: u8 = direction::INGRESS;
+
+pub fn isolated() -> u32 {
+    endpoint_flags::ISOLATED_INGRESS | endpoint_flags::ISOLATED_EGRESS
+}
+
+/// Every verdict reported (allowed ones too), so tables can check reasons of passes.
+pub fn trace() -> Config {
+    Config {
+        flags: config_flags::TRACE,
+        ..Config::default()
+    }
+}
+
+/// Runs `packet` at the hook, returns (action, reason of the one event it caused).
+pub fn judge(rig: &mut Rig, ingress: bool, packet: &[u8]) -> (u32, u16) {
+    let action = if ingress {
+        rig.ingress(packet)
+    } else {
+        rig.egress(packet)
+    };
+    let events = rig.events();
+    assert_eq!(events.len(), 1, "one event per packet under TRACE");
+    (action, events[0].reason)
+}
+
+pub const OK: u32 = TC_ACT_OK;
+pub const SHOT: u32 = TC_ACT_SHOT;

@@ -1,0 +1,236 @@
+//! `netpol lab run`: the long-running owner of one lab. It builds the node, keeps pod
+//! namespaces and their servers in step with the manifest directory, renders the agent's
+//! view of the cluster (pods placed on node0 with the addresses the lab gave them), runs
+//! the agent, and answers `wait`/`status` on `lab.sock`.
+
+mod agents;
+mod nodes;
+mod pods;
+mod pool;
+mod render;
+#[cfg(test)]
+mod tests;
+mod watch;
+
+use agents::*;
+use pods::*;
+use pool::IpPool;
+pub(crate) use pool::PodCidr;
+use watch::*;
+
+use super::kubeproxy::ClusterIps;
+use super::netns::NodeNet;
+use super::{Enforcer, Paths, ServiceStatus, UpOptions};
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Pod;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::UnixListener;
+
+/// How long a wait may take to find the agent's socket (the agent loads eBPF first).
+const AGENT_START: Duration = Duration::from_secs(30);
+
+/// How long a pod server may take to bind its ports.
+const SERVER_START: Duration = Duration::from_secs(10);
+
+/// The supervisor's log is its stderr (`up` points it at supervisor.log).
+fn log(msg: impl std::fmt::Display) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!("{}.{:03} lab: {msg}", now.as_secs(), now.subsec_millis());
+}
+
+type PodKey = (String, String);
+
+/// The ports a pod's server listens on, from its containers' `ports`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ports {
+    tcp: Vec<u16>,
+    udp: Vec<u16>,
+}
+
+impl Ports {
+    fn of(pod: &Pod) -> Ports {
+        let mut tcp = BTreeSet::new();
+        let mut udp = BTreeSet::new();
+        let containers = pod.spec.iter().flat_map(|s| s.containers.iter());
+        for port in containers.flat_map(|c| c.ports.iter().flatten()) {
+            let Ok(number) = u16::try_from(port.container_port) else {
+                continue;
+            };
+            match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => tcp.insert(number),
+                "UDP" => udp.insert(number),
+                _ => false, // SCTP: the lab's server does not speak it
+            };
+        }
+        Ports {
+            tcp: tcp.into_iter().collect(),
+            udp: udp.into_iter().collect(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty()
+    }
+}
+
+struct LabPod {
+    node: u32,
+    netns: String,
+    veth: String,
+    ip: Ipv4Addr,
+    ports: Ports,
+    server: Option<Child>,
+}
+
+/// The agent process; a thread reaps it so its exit is logged when it happens.
+struct Agent {
+    pid: u32,
+    exited: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Agent {
+    fn has_exited(&self) -> bool {
+        *self.exited.0.lock().unwrap()
+    }
+
+    /// Waits up to `timeout` for the agent to exit; true if it did.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        let (lock, cvar) = &*self.exited;
+        let guard = lock.lock().unwrap();
+        let (guard, _) = cvar
+            .wait_timeout_while(guard, timeout, |exited| !*exited)
+            .unwrap();
+        *guard
+    }
+}
+
+/// One lab node: its namespace, pod CIDR and addresses, and its agent.
+struct LabNode {
+    net: NodeNet,
+    cidr: PodCidr,
+    pool: IpPool,
+    agent: Option<Agent>,
+    /// The `nat` table last loaded (the lab's kube-proxy).
+    nat: String,
+}
+
+struct Lab {
+    name: String,
+    paths: Paths,
+    manifests: PathBuf,
+    netpol_bin: PathBuf,
+    /// Extra flags for the agent (`lab up --agent-arg`).
+    agent_args: Vec<String>,
+    /// node0's CIDR (the `--pod-cidr`); node n has the nth one after it.
+    cidr: PodCidr,
+    nodes: Vec<LabNode>,
+    dns: bool,
+    enforcer: Enforcer,
+    pods: BTreeMap<PodKey, LabPod>,
+    cluster_ips: ClusterIps,
+    services: Vec<ServiceStatus>,
+    last_errors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum LabRequest {
+    Wait,
+    Status,
+}
+
+type Shared = Arc<Mutex<Lab>>;
+
+pub fn run_supervisor(opts: &UpOptions) -> anyhow::Result<()> {
+    super::validate_name(&opts.name)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(supervise(opts))
+}
+
+async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
+    let paths = Paths::new(&opts.name);
+    std::fs::create_dir_all(&paths.cluster)
+        .with_context(|| format!("creating {}", paths.cluster.display()))?;
+    let lab: Shared = Arc::new(Mutex::new(Lab::new(opts)?));
+    // Written first, so that `down` finds this process even if setup hangs.
+    lab.lock().unwrap().write_state()?;
+    log(format!(
+        "lab {} starting (pid {})",
+        opts.name,
+        std::process::id()
+    ));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+
+    let setup = {
+        let lab = lab.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut lab = lab.lock().unwrap();
+            lab.setup_nodes()?;
+            // Pod errors are not fatal: they are reported to every `wait`.
+            if let Err(e) = lab.reconcile() {
+                if lab.nodes.iter().any(|n| n.agent.is_none()) {
+                    return Err(e);
+                }
+                log(format!("reconcile: {e:#}"));
+            }
+            anyhow::Ok(())
+        })
+    };
+    let started = async {
+        setup.await??;
+        let _ = std::fs::remove_file(&paths.lab_sock);
+        let listener = UnixListener::bind(&paths.lab_sock)
+            .with_context(|| format!("listening on {}", paths.lab_sock.display()))?;
+        anyhow::Ok(listener)
+    }
+    .await;
+    let listener = match started {
+        Ok(l) => l,
+        Err(e) => {
+            log(format!("setup failed: {e:#}"));
+            shut_down(lab, &paths, false).await;
+            return Err(e);
+        }
+    };
+    let server = tokio::spawn(serve_socket(listener, lab.clone()));
+    let watcher = tokio::spawn(watch_manifests(lab.clone(), opts.manifests.clone()));
+    log("lab is up");
+
+    tokio::select! {
+        _ = sigterm.recv() => log("SIGTERM: shutting down"),
+        _ = sigint.recv() => log("SIGINT: shutting down"),
+    }
+    server.abort();
+    watcher.abort();
+    shut_down(lab, &paths, true).await;
+    Ok(())
+}
+
+/// Tears the lab down. After a failed setup the logs stay (for `up` to show and the user
+/// to read); `down` removes them.
+async fn shut_down(lab: Shared, paths: &Paths, remove_dir: bool) {
+    let torn = tokio::task::spawn_blocking(move || {
+        lab.lock().unwrap_or_else(|p| p.into_inner()).teardown()
+    })
+    .await;
+    if let Err(e) = torn {
+        log(format!("teardown: {e}"));
+    }
+    if remove_dir {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+    } else {
+        for f in [&paths.state, &paths.lab_sock, &paths.agent_sock] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The verifier's verdict on the programs and their per-packet cost.
+//!
+//! The classifier on crafted packets with prepared maps (`BPF_PROG_TEST_RUN`): packet
+//! bytes + map contents → verdict + event + conntrack state. Needs root.
+
+mod support;
+
+use netpol_common::Config;
+use support::packet::*;
+use support::rig::*;
+
+/// The programs pass this kernel's verifier; how much of its budget (1M instructions
+/// per program since Linux 5.2) they take is printed and bounded, so growth is noticed.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn the_verifier_accepts_both_programs_with_room_to_spare() {
+    let rig = Rig::new(0);
+    for name in ["from_pod", "to_pod", "to_remote"] {
+        let prog: &aya::programs::SchedClassifier =
+            rig.ebpf.program(name).unwrap().try_into().unwrap();
+        let info = prog.info().unwrap();
+        let verified = info
+            .verified_instruction_count()
+            .expect("kernel reports it");
+        eprintln!("{name}: {verified} instructions verified");
+        // The cluster-policy tiers (a second set of lookups) took from_pod from ~310k to
+        // ~500k; 600k leaves 40% of the budget free.
+        assert!(verified < 600_000, "{name}: {verified} of the 1M budget");
+    }
+}
+
+/// What a packet costs on the main paths (the kernel's mean over 20k runs), printed;
+/// bounded generously so that only an order-of-magnitude regression fails.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn per_packet_cost_on_the_main_paths() {
+    let mut rig = Rig::new(isolated());
+    rig.config(Config {
+        event_rate: 1, // the flood of drops below is rate limited, as on a node
+        ..Config::default()
+    });
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 1);
+    let chain = [Ext::HopByHop, Ext::DestOpts, Ext::Routing, Ext::DestOpts];
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40000, 80, SYN))), OK);
+    assert_eq!(
+        rig.ingress(&v6(CLIENT6, SERVER6, &chain, tcp(40000, 80, SYN))),
+        OK
+    );
+    let cases: [(&str, &str, Vec<u8>, u32); 5] = [
+        (
+            "v4 established (conntrack hit)",
+            "to_pod",
+            v4(CLIENT, SERVER, tcp(40000, 80, ACK)),
+            OK,
+        ),
+        (
+            "v4 reply (reverse conntrack hit)",
+            "from_pod",
+            v4(SERVER, CLIENT, tcp(80, 40000, ACK)),
+            OK,
+        ),
+        (
+            "v6 established, 4 extension headers",
+            "to_pod",
+            v6(CLIENT6, SERVER6, &chain, tcp(40000, 80, ACK)),
+            OK,
+        ),
+        (
+            "v4 denied (policy lookups, rate-limited event)",
+            "to_pod",
+            v4(CLIENT, SERVER, tcp(40001, 22, SYN)),
+            SHOT,
+        ),
+        (
+            "v4 later fragment, unknown",
+            "to_pod",
+            v4o(
+                CLIENT,
+                SERVER,
+                (UDP, vec![0; 64]),
+                &V4 {
+                    id: 9,
+                    offset: 100,
+                    ..V4::default()
+                },
+            ),
+            SHOT,
+        ),
+    ];
+    for (name, program, packet, want) in cases {
+        let (action, mean) = rig.bench(program, &packet, 20_000);
+        assert_eq!(action, want, "{name}");
+        eprintln!("{name}: {} ns/packet", mean.as_nanos());
+        assert!(
+            mean < std::time::Duration::from_micros(20),
+            "{name}: {mean:?}"
+        );
+    }
+}
