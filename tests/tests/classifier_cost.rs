@@ -15,7 +15,14 @@ use support::rig::*;
 #[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn the_verifier_accepts_both_programs_with_room_to_spare() {
     let rig = Rig::new(0);
-    for name in ["from_pod", "to_pod", "to_remote"] {
+    // Measured on Linux 6.18 when the classifier was split into modules; a bound 25 %
+    // above each, so that growth (a 4-byte move of one stack slot once took from_pod to
+    // 473k) fails here rather than in the next benchmark.
+    for (name, measured) in [
+        ("from_pod", 132_507u32),
+        ("to_pod", 157_599),
+        ("to_remote", 25_453),
+    ] {
         let prog: &aya::programs::SchedClassifier =
             rig.ebpf.program(name).unwrap().try_into().unwrap();
         let info = prog.info().unwrap();
@@ -23,9 +30,11 @@ fn the_verifier_accepts_both_programs_with_room_to_spare() {
             .verified_instruction_count()
             .expect("kernel reports it");
         eprintln!("{name}: {verified} instructions verified");
-        // The cluster-policy tiers (a second set of lookups) took from_pod from ~310k to
-        // ~500k; 600k leaves 40% of the budget free.
-        assert!(verified < 600_000, "{name}: {verified} of the 1M budget");
+        let bound = measured + measured / 4;
+        assert!(
+            verified <= bound,
+            "{name}: {verified} verified instructions, over {bound} (measured {measured})"
+        );
     }
 }
 

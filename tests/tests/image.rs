@@ -5,8 +5,7 @@
 //! the node's pods, and answer /readyz. Needs root; the lab runs without an enforcer of
 //! its own, so what enforces is the container.
 
-#[path = "support/lab.rs"]
-mod support_lab;
+mod support;
 
 #[path = "../../netpol-agent/tests/mock_api/mod.rs"]
 mod mock_api;
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mock_api::{list, MockApi, NAMESPACES, PODS, POLICIES};
 use serde_json::{json, Value};
-use support_lab::{in_netns, Lab};
+use support::lab::{in_netns, Lab};
 
 const IMAGE: &str = "localhost/netpol:dev";
 

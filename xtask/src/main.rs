@@ -428,7 +428,7 @@ fn kind(bench: bool) -> Result {
                 "`cargo xtask kind` needs {tool} (docker, kind and kubectl), which is not usable here; \
                  run it on a machine with a container engine. Here the scenario suite \
                  (deploy/kind/scenarios) is checked against `netpol simulate` (cargo test -p \
-                 netpol-tests --test deploy) and the lab (--test lab every_kind_scenario)"
+                 netpol-tests --test deploy) and the lab (--test lab_scenarios)"
             ));
         }
     }
