@@ -289,14 +289,7 @@ async fn lint_and_graph_read_the_cluster_once_through_the_kube_source() {
     let dir = std::env::temp_dir().join(format!("netpol-lint-kube-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("config");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: mock\nclusters:\n- name: mock\n  cluster: {{server: \"http://{}\"}}\ncontexts:\n- name: mock\n  context: {{cluster: mock, user: nobody}}\nusers:\n- name: nobody\n  user: {{}}\n",
-            api.addr
-        ),
-    )
-    .unwrap();
+    api.write_kubeconfig(&kubeconfig);
     let out = netpol_with(
         &kubeconfig,
         &[

@@ -159,13 +159,7 @@ fn the_image_enforces_on_a_lab_node_with_the_daemonset_capabilities() {
     });
     let addr = addr_rx.recv().unwrap();
     let kubeconfig = lab.dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: mock\nclusters:\n- name: mock\n  cluster: {{server: \"http://{addr}\"}}\ncontexts:\n- name: mock\n  context: {{cluster: mock, user: nobody}}\nusers:\n- name: nobody\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, mock_api::kubeconfig(addr)).unwrap();
     let run_dir = lab.dir.join("run");
     std::fs::create_dir_all(&run_dir).unwrap();
 

@@ -45,6 +45,13 @@ pub const PODS: &str = "/api/v1/pods";
 pub const SERVICES: &str = "/api/v1/services";
 pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
+/// A kubeconfig whose current context is the mock at `addr` (plain HTTP, no user).
+pub fn kubeconfig(addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: mock\nclusters:\n- name: mock\n  cluster: {{server: \"http://{addr}\"}}\ncontexts:\n- name: mock\n  context: {{cluster: mock, user: nobody}}\nusers:\n- name: nobody\n  user: {{}}\n"
+    )
+}
+
 pub fn list(kind: &str, rv: &str, items: Vec<Value>) -> (u16, Value) {
     (
         200,
@@ -91,6 +98,11 @@ impl MockApi {
     pub fn client(&self) -> kube::Client {
         let config = kube::Config::new(format!("http://{}", self.addr).parse().unwrap());
         kube::Client::try_from(config).unwrap()
+    }
+
+    /// Writes a kubeconfig at `path` whose current context is this server.
+    pub fn write_kubeconfig(&self, path: &std::path::Path) {
+        std::fs::write(path, kubeconfig(self.addr)).unwrap();
     }
 
     pub fn set_list(&self, path: &str, resp: (u16, Value)) {
