@@ -1,29 +1,41 @@
-//! Prometheus metrics and health probes, served over plain HTTP on `--metrics-addr`.
+//! Prometheus metrics and health probes on `--metrics-addr`.
 //!
 //! source ──► index ──► compile ──► datapath ──► events ──► api / **metrics**
 //!
-//! `GET /metrics`: the text exposition format (0.0.4). Packet counts are read from the
-//! classifier's per-CPU counters at scrape time (exact); the agent loop records the
-//! rest ([`Metrics`]). `GET /healthz`: 200 while the process serves. `GET /readyz`: 200
-//! once the datapath first converged to a complete source state and while no watch has
-//! been failing for longer than the staleness bound; enforcement never depends on it.
+//! `GET /metrics`: the text exposition format (0.0.4), written by `prometheus-client`.
+//! Packet counts are the classifier's per-CPU counters read at scrape time (exact),
+//! through the [`Read`] the agent hands over: this module touches no map. The agent
+//! loop records the rest ([`Recorded`], the histograms). `GET /healthz`: 200 while the
+//! process serves. `GET /readyz`: 200 once the datapath first converged to a complete
+//! source state and while no watch has been failing for longer than the staleness
+//! bound; enforcement never depends on it.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use netpol_common::{reason, verdict};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use netpol_common::codes::{Direction, Reason, Verdict};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::Status;
-use crate::datapath::maps::{read_counters, read_event_counters, CounterMap};
-use crate::datapath::tally::Tally;
-use crate::events::{Namer, TallyReport};
+use crate::datapath::maps::{Counter, EventCounters};
+use crate::events::TallyReport;
 use crate::source::kube::Health;
 
 /// Histogram bucket bounds, seconds.
@@ -31,40 +43,26 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+/// A slow or silent client gets this long to send its request head...
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and a request this long to be answered (408 after).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the classifier counted, read at scrape time.
 #[derive(Clone, Debug, Default)]
-pub struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
+pub struct Readings {
+    pub packets: Vec<Counter>,
+    pub events: EventCounters,
+    /// The per-rule and per-endpoint counters, named (None when they cannot be read).
+    pub tally: Option<TallyReport>,
 }
 
-impl Histogram {
-    pub fn observe(&mut self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += s;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", self.counts[i]);
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
-    }
-}
+/// How a scrape reads the classifier's counters (the agent owns the maps).
+pub type Read = Box<dyn Fn() -> Readings + Send + Sync>;
 
 /// What the agent loop records for scrapes.
 #[derive(Clone, Debug, Default)]
 pub struct Recorded {
-    pub compile: Histogram,
-    pub sync: Histogram,
     /// Map name → (entries the agent wrote, when it knows them; capacity).
     pub maps: BTreeMap<&'static str, (Option<usize>, u32)>,
     /// Objects rejected by the index (invalid policies) or unreadable, now.
@@ -76,12 +74,13 @@ pub struct Recorded {
 /// Shared between the agent loop (writer) and the HTTP server (reader).
 pub struct Metrics {
     pub recorded: Mutex<Recorded>,
+    /// Time to compile the index into desired map contents.
+    pub compile: Histogram,
+    /// Time to write the difference into the maps and attach filters.
+    pub sync: Histogram,
     pub status: watch::Receiver<Status>,
     pub health: Option<watch::Receiver<Health>>,
-    pub counters: Arc<CounterMap>,
-    /// Per-rule and per-endpoint counters, and the names to put on them.
-    pub tally: Arc<Tally>,
-    pub namer: watch::Receiver<Arc<Namer>>,
+    pub read: Read,
     /// At most this many series per per-policy metric; the rest add up in one series
     /// labelled `(other)`, so a cluster of many policies cannot flood Prometheus.
     pub max_series: usize,
@@ -89,7 +88,34 @@ pub struct Metrics {
     pub max_staleness: Duration,
 }
 
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics")
+            .field("max_series", &self.max_series)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Metrics {
+    pub fn new(
+        status: watch::Receiver<Status>,
+        health: Option<watch::Receiver<Health>>,
+        read: Read,
+        max_series: usize,
+        max_staleness: Duration,
+    ) -> Metrics {
+        Metrics {
+            recorded: Mutex::new(Recorded::default()),
+            compile: Histogram::new(BUCKETS),
+            sync: Histogram::new(BUCKETS),
+            status,
+            health,
+            read,
+            max_series,
+            max_staleness,
+        }
+    }
+
     /// Ready: converged once against a complete source state, and not stale.
     pub fn ready(&self) -> Result<(), String> {
         if self.status.borrow().ready_ms.is_none() {
@@ -111,178 +137,245 @@ impl Metrics {
         Ok(())
     }
 
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let status = self.status.borrow().clone();
-        let mut drops: BTreeMap<(String, &str), u64> = BTreeMap::new();
-        let mut allowed_new: BTreeMap<&str, u64> = BTreeMap::new();
-        let packets = read_counters(&self.counters).unwrap_or_default();
-        let dir = |d: u8| if d == 0 { "ingress" } else { "egress" };
-        let _ = writeln!(out, "# HELP netpol_packets_total Packets judged by the classifier, by verdict, reason and direction (exact).\n# TYPE netpol_packets_total counter");
-        for c in &packets {
-            let v = match c.verdict {
-                verdict::ALLOWED => "allowed",
-                verdict::DROPPED => "dropped",
-                _ => "audit",
-            };
-            let _ = writeln!(
-                out,
-                "netpol_packets_total{{verdict=\"{v}\",reason=\"{}\",direction=\"{}\"}} {}",
-                c.reason,
-                dir(c.direction),
-                c.packets
-            );
-            if c.verdict == verdict::DROPPED {
-                *drops
-                    .entry((c.reason.clone(), dir(c.direction)))
-                    .or_default() += c.packets;
-            }
-            let new_connection = [
-                reason::POLICY_ALLOWED,
-                reason::NOT_ISOLATED,
-                reason::HOST_TRAFFIC,
-                reason::ADMIN_ALLOWED,
-                reason::BASELINE_ALLOWED,
-            ]
-            .iter()
-            .any(|r| reason::name(*r) == c.reason);
-            if c.verdict == verdict::ALLOWED && new_connection {
-                *allowed_new.entry(dir(c.direction)).or_default() += c.packets;
-            }
-        }
-        let _ = writeln!(out, "# HELP netpol_drops_total Packets dropped, by reason and direction (exact).\n# TYPE netpol_drops_total counter");
-        // Always present, so that a rate() has a series before the first drop.
-        for d in ["ingress", "egress"] {
-            drops
-                .entry((reason::name(reason::POLICY_DENIED).to_string(), d))
-                .or_default();
-            allowed_new.entry(d).or_default();
-        }
-        for ((r, d), n) in &drops {
-            let _ = writeln!(
-                out,
-                "netpol_drops_total{{reason=\"{r}\",direction=\"{d}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP netpol_allowed_connections_total New connections (first packets) allowed by policy, no policy or node traffic.\n# TYPE netpol_allowed_connections_total counter");
-        for (d, n) in &allowed_new {
-            let _ = writeln!(
-                out,
-                "netpol_allowed_connections_total{{direction=\"{d}\"}} {n}"
-            );
-        }
-        let ev = read_event_counters(&self.counters).unwrap_or_default();
-        let _ = writeln!(out, "# HELP netpol_events_total Verdict events, by what happened to them.\n# TYPE netpol_events_total counter");
-        for (what, n) in [
-            ("sent", ev.sent),
-            ("rate_limited", ev.rate_limited),
-            ("ring_full", ev.ring_full),
-        ] {
-            let _ = writeln!(out, "netpol_events_total{{outcome=\"{what}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP netpol_events_rate_limited_total Verdict events not sent because the pod's token bucket was empty.\n# TYPE netpol_events_rate_limited_total counter\nnetpol_events_rate_limited_total {}", ev.rate_limited);
-        let gauge = |out: &mut String, name: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        gauge(
-            &mut out,
-            "netpol_endpoints",
-            "Local pods with the classifier attached.",
-            status.endpoints.to_string(),
-        );
-        gauge(
-            &mut out,
-            "netpol_pending_endpoints",
-            "Local pods whose veth is not found yet.",
-            status.pending.len().to_string(),
-        );
-        gauge(
-            &mut out,
-            "netpol_policies",
-            "NetworkPolicies in force.",
-            status.policies.to_string(),
-        );
-        gauge(
-            &mut out,
-            "netpol_identities",
-            "Security identities (label sets).",
-            status.identities.to_string(),
-        );
-        gauge(
-            &mut out,
-            "netpol_ready",
-            "1 when /readyz answers 200.",
-            u8::from(self.ready().is_ok()).to_string(),
-        );
-        let rec = self.recorded.lock().unwrap().clone();
-        gauge(
-            &mut out,
-            "netpol_invalid_objects",
-            "Objects rejected now (invalid policies, unreadable objects or manifests).",
-            (rec.invalid as u64 + self.health.as_ref().map_or(0, |h| h.borrow().unreadable))
-                .to_string(),
-        );
-        let _ = writeln!(out, "# HELP netpol_invalid_objects_total Rejections since the agent started.\n# TYPE netpol_invalid_objects_total counter\nnetpol_invalid_objects_total {}", rec.invalid_total);
-        let _ = writeln!(out, "# HELP netpol_map_entries Entries the agent keeps in each map.\n# TYPE netpol_map_entries gauge");
-        for (m, (n, _)) in &rec.maps {
-            if let Some(n) = n {
-                let _ = writeln!(out, "netpol_map_entries{{map=\"{m}\"}} {n}");
-            }
-        }
-        let _ = writeln!(out, "# HELP netpol_map_capacity Capacity (max entries) of each map.\n# TYPE netpol_map_capacity gauge");
-        for (m, (_, c)) in &rec.maps {
-            let _ = writeln!(out, "netpol_map_capacity{{map=\"{m}\"}} {c}");
-        }
-        rec.compile.render(
-            &mut out,
+    /// The exposition of every metric.
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register(
             "netpol_compile_duration_seconds",
-            "Time to compile the index into desired map contents.",
+            "Time to compile the index into desired map contents",
+            self.compile.clone(),
         );
-        rec.sync.render(
-            &mut out,
+        registry.register(
             "netpol_sync_duration_seconds",
-            "Time to write the difference into the maps and attach filters.",
+            "Time to write the difference into the maps and attach filters",
+            self.sync.clone(),
         );
-        if let Ok(reading) = self.tally.read() {
-            let report = self.namer.borrow().tally(&reading);
-            render_tally(&mut out, &report, self.max_series);
-        }
-        let _ = writeln!(out, "# HELP netpol_watch_restarts_total Watch or list failures of the kube source (each restarts it after a backoff).\n# TYPE netpol_watch_restarts_total counter");
-        let _ = writeln!(out, "# HELP netpol_watch_lists_total Lists (first and re-lists) of the kube source.\n# TYPE netpol_watch_lists_total counter");
-        match &self.health {
-            Some(h) => {
-                let h = h.borrow();
-                for (r, n) in &h.restarts {
-                    let _ = writeln!(out, "netpol_watch_restarts_total{{resource=\"{r}\"}} {n}");
-                }
-                for (r, n) in &h.lists {
-                    let _ = writeln!(out, "netpol_watch_lists_total{{resource=\"{r}\"}} {n}");
-                }
-                if h.restarts.is_empty() {
-                    let _ = writeln!(out, "netpol_watch_restarts_total{{resource=\"\"}} 0");
-                }
-            }
-            // The dir source has no watch to restart.
-            None => {
-                let _ = writeln!(out, "netpol_watch_restarts_total{{resource=\"\"}} 0");
-            }
-        }
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
         out
     }
 }
 
-/// Label value escaping of the text format.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+type Labels = Vec<(&'static str, String)>;
+
+/// Writes metric families through one descriptor encoder.
+struct Families<'e>(DescriptorEncoder<'e>);
+
+impl Families<'_> {
+    fn counter(&mut self, name: &str, help: &str, series: &[(Labels, u64)]) -> fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (labels, n) in series {
+            ConstCounter::new(*n).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, series: &[(Labels, i64)]) -> fmt::Result {
+        let mut family = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (labels, n) in series {
+            ConstGauge::new(*n).encode(family.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn one_gauge(&mut self, name: &str, help: &str, n: i64) -> fmt::Result {
+        ConstGauge::new(n).encode(
+            self.0
+                .encode_descriptor(name, help, None, MetricType::Gauge)?,
+        )
+    }
+
+    fn one_counter(&mut self, name: &str, help: &str, n: u64) -> fmt::Result {
+        ConstCounter::new(n).encode(self.0.encode_descriptor(
+            name,
+            help,
+            None,
+            MetricType::Counter,
+        )?)
+    }
+}
+
+fn labels<const N: usize>(pairs: [(&'static str, String); N]) -> Labels {
+    pairs.into()
+}
+
+impl Collector for Metrics {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        let mut f = Families(encoder);
+        let readings = (self.read)();
+        let status = self.status.borrow().clone();
+
+        let mut drops: BTreeMap<(Reason, Direction), u64> = BTreeMap::new();
+        let mut allowed_new: BTreeMap<Direction, u64> = BTreeMap::new();
+        // Always present, so that a rate() has a series before the first drop.
+        for d in Direction::ALL {
+            drops.insert((Reason::PolicyDenied, *d), 0);
+            allowed_new.insert(*d, 0);
+        }
+        let mut packets = Vec::new();
+        for c in &readings.packets {
+            packets.push((
+                labels([
+                    ("verdict", c.verdict.to_string()),
+                    ("reason", c.reason.to_string()),
+                    ("direction", c.direction.to_string()),
+                ]),
+                c.packets,
+            ));
+            if c.verdict == Verdict::Dropped {
+                *drops.entry((c.reason, c.direction)).or_default() += c.packets;
+            }
+            if c.verdict == Verdict::Allowed && c.reason.opens_connection() {
+                *allowed_new.entry(c.direction).or_default() += c.packets;
+            }
+        }
+        f.counter(
+            "netpol_packets",
+            "Packets judged by the classifier, by verdict, reason and direction (exact)",
+            &packets,
+        )?;
+        let drops: Vec<_> = drops
+            .iter()
+            .map(|((r, d), n)| {
+                (
+                    labels([("reason", r.to_string()), ("direction", d.to_string())]),
+                    *n,
+                )
+            })
+            .collect();
+        f.counter(
+            "netpol_drops",
+            "Packets dropped, by reason and direction (exact)",
+            &drops,
+        )?;
+        let allowed: Vec<_> = allowed_new
+            .iter()
+            .map(|(d, n)| (labels([("direction", d.to_string())]), *n))
+            .collect();
+        f.counter(
+            "netpol_allowed_connections",
+            "New connections (first packets) allowed by policy, no policy or node traffic",
+            &allowed,
+        )?;
+        let ev = &readings.events;
+        let outcomes: Vec<_> = [
+            ("sent", ev.sent),
+            ("rate_limited", ev.rate_limited),
+            ("ring_full", ev.ring_full),
+        ]
+        .into_iter()
+        .map(|(what, n)| (labels([("outcome", what.to_string())]), n))
+        .collect();
+        f.counter(
+            "netpol_events",
+            "Verdict events, by what happened to them",
+            &outcomes,
+        )?;
+        f.one_counter(
+            "netpol_events_rate_limited",
+            "Verdict events not sent because the pod's token bucket was empty",
+            ev.rate_limited,
+        )?;
+
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        f.one_gauge(
+            "netpol_endpoints",
+            "Local pods with the classifier attached",
+            count(status.endpoints),
+        )?;
+        f.one_gauge(
+            "netpol_pending_endpoints",
+            "Local pods whose veth is not found yet",
+            count(status.pending.len()),
+        )?;
+        f.one_gauge(
+            "netpol_policies",
+            "NetworkPolicies in force",
+            count(status.policies),
+        )?;
+        f.one_gauge(
+            "netpol_identities",
+            "Security identities (label sets)",
+            count(status.identities),
+        )?;
+        f.one_gauge(
+            "netpol_ready",
+            "1 when /readyz answers 200",
+            i64::from(self.ready().is_ok()),
+        )?;
+        let rec = self.recorded.lock().map(|r| r.clone()).unwrap_or_default();
+        let unreadable = self.health.as_ref().map_or(0, |h| h.borrow().unreadable);
+        f.one_gauge(
+            "netpol_invalid_objects",
+            "Objects rejected now (invalid policies, unreadable objects or manifests)",
+            count(rec.invalid).saturating_add(i64::try_from(unreadable).unwrap_or(i64::MAX)),
+        )?;
+        f.one_counter(
+            "netpol_invalid_objects",
+            "Rejections since the agent started",
+            rec.invalid_total,
+        )?;
+        let entries: Vec<_> = rec
+            .maps
+            .iter()
+            .filter_map(|(m, (n, _))| Some((labels([("map", m.to_string())]), count((*n)?))))
+            .collect();
+        f.gauge(
+            "netpol_map_entries",
+            "Entries the agent keeps in each map",
+            &entries,
+        )?;
+        let capacity: Vec<_> = rec
+            .maps
+            .iter()
+            .map(|(m, (_, c))| (labels([("map", m.to_string())]), i64::from(*c)))
+            .collect();
+        f.gauge(
+            "netpol_map_capacity",
+            "Capacity (max entries) of each map",
+            &capacity,
+        )?;
+        if let Some(t) = &readings.tally {
+            tally(&mut f, t, self.max_series)?;
+        }
+
+        let (mut restarts, mut lists) = (Vec::new(), Vec::new());
+        if let Some(h) = &self.health {
+            let h = h.borrow();
+            for (r, n) in &h.restarts {
+                restarts.push((labels([("resource", r.to_string())]), *n));
+            }
+            for (r, n) in &h.lists {
+                lists.push((labels([("resource", r.to_string())]), *n));
+            }
+        }
+        // The dir source has no watch to restart; a series exists anyway.
+        if restarts.is_empty() {
+            restarts.push((labels([("resource", String::new())]), 0));
+        }
+        f.counter(
+            "netpol_watch_restarts",
+            "Watch or list failures of the kube source (each restarts it after a backoff)",
+            &restarts,
+        )?;
+        f.counter(
+            "netpol_watch_lists",
+            "Lists (first and re-lists) of the kube source",
+            &lists,
+        )
+    }
 }
 
 /// The per-rule and per-namespace series, each metric bounded to `max` series.
-fn render_tally(out: &mut String, t: &TallyReport, max: usize) {
-    let _ = writeln!(out, "# HELP netpol_rule_allowed_packets_total Packets allowed per policy rule (new connections and their later packets, both ways).\n# TYPE netpol_rule_allowed_packets_total counter");
-    let _ = writeln!(out, "# HELP netpol_rule_allowed_bytes_total Bytes allowed per policy rule.\n# TYPE netpol_rule_allowed_bytes_total counter");
+fn tally(f: &mut Families<'_>, t: &TallyReport, max: usize) -> fmt::Result {
     // Rules come most packets first: the busiest keep their own series.
+    let (mut packets, mut bytes) = (Vec::new(), Vec::new());
     let (mut other_p, mut other_b) = (0u64, 0u64);
     for (i, r) in t.rules.iter().enumerate() {
         if i >= max {
@@ -290,77 +383,99 @@ fn render_tally(out: &mut String, t: &TallyReport, max: usize) {
             other_b += r.bytes;
             continue;
         }
-        let labels = format!(
-            "policy=\"{}\",direction=\"{}\",rule=\"{}\"",
-            esc(&r.policy),
-            r.direction,
-            r.rule
-        );
-        let _ = writeln!(
-            out,
-            "netpol_rule_allowed_packets_total{{{labels}}} {}",
-            r.packets
-        );
-        let _ = writeln!(
-            out,
-            "netpol_rule_allowed_bytes_total{{{labels}}} {}",
-            r.bytes
-        );
+        let l = labels([
+            ("policy", r.policy.clone()),
+            ("direction", r.direction.clone()),
+            ("rule", r.rule.to_string()),
+        ]);
+        packets.push((l.clone(), r.packets));
+        bytes.push((l, r.bytes));
     }
     if t.rules.len() > max {
-        let labels = "policy=\"(other)\",direction=\"\",rule=\"\"";
-        let _ = writeln!(
-            out,
-            "netpol_rule_allowed_packets_total{{{labels}}} {other_p}"
-        );
-        let _ = writeln!(out, "netpol_rule_allowed_bytes_total{{{labels}}} {other_b}");
+        let l = labels([
+            ("policy", "(other)".to_string()),
+            ("direction", String::new()),
+            ("rule", String::new()),
+        ]);
+        packets.push((l.clone(), other_p));
+        bytes.push((l, other_b));
     }
+    f.counter(
+        "netpol_rule_allowed_packets",
+        "Packets allowed per policy rule (new connections and their later packets, both ways)",
+        &packets,
+    )?;
+    f.counter(
+        "netpol_rule_allowed_bytes",
+        "Bytes allowed per policy rule",
+        &bytes,
+    )?;
 
     // Per namespace (never more series than namespaces with drops, times 4).
-    let mut per_ns: BTreeMap<(&str, &str, &str), (u64, u64)> = BTreeMap::new();
+    let mut per_ns: BTreeMap<(&str, Direction, Verdict), (u64, u64)> = BTreeMap::new();
     for d in &t.drops {
         let e = per_ns
-            .entry((&d.namespace, &d.direction, &d.verdict))
+            .entry((&d.namespace, d.direction, d.verdict))
             .or_default();
         e.0 += d.packets;
         e.1 += d.bytes;
     }
-    let _ = writeln!(out, "# HELP netpol_namespace_drops_total Packets dropped (or audited) per namespace of the pod whose policy decided, by direction (exact).\n# TYPE netpol_namespace_drops_total counter");
-    let _ = writeln!(out, "# HELP netpol_namespace_drop_bytes_total Bytes dropped (or audited) per namespace.\n# TYPE netpol_namespace_drop_bytes_total counter");
+    let (mut ns_packets, mut ns_bytes) = (Vec::new(), Vec::new());
     for ((ns, dir, verdict), (p, b)) in &per_ns {
-        let labels = format!(
-            "namespace=\"{}\",direction=\"{dir}\",verdict=\"{verdict}\"",
-            esc(ns)
-        );
-        let _ = writeln!(out, "netpol_namespace_drops_total{{{labels}}} {p}");
-        let _ = writeln!(out, "netpol_namespace_drop_bytes_total{{{labels}}} {b}");
+        let l = labels([
+            ("namespace", ns.to_string()),
+            ("direction", dir.to_string()),
+            ("verdict", verdict.to_string()),
+        ]);
+        ns_packets.push((l.clone(), *p));
+        ns_bytes.push((l, *b));
     }
+    f.counter(
+        "netpol_namespace_drops",
+        "Packets dropped (or audited) per namespace of the pod whose policy decided, by direction (exact)",
+        &ns_packets,
+    )?;
+    f.counter(
+        "netpol_namespace_drop_bytes",
+        "Bytes dropped (or audited) per namespace",
+        &ns_bytes,
+    )?;
 
-    let _ = writeln!(out, "# HELP netpol_policy_set_drops_total Packets dropped (or audited) per set of policies isolating the pod, by namespace and direction.\n# TYPE netpol_policy_set_drops_total counter");
     let mut sets: Vec<_> = t.drops.iter().collect();
-    sets.sort_by(|a, b| b.packets.cmp(&a.packets));
-    let mut other: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    sets.sort_by_key(|d| std::cmp::Reverse(d.packets));
+    let mut series = Vec::new();
+    let mut other: BTreeMap<(Direction, Verdict), u64> = BTreeMap::new();
     for (i, d) in sets.iter().enumerate() {
         if i >= max {
-            *other.entry((&d.direction, &d.verdict)).or_default() += d.packets;
+            *other.entry((d.direction, d.verdict)).or_default() += d.packets;
             continue;
         }
-        let _ = writeln!(
-            out,
-            "netpol_policy_set_drops_total{{namespace=\"{}\",direction=\"{}\",verdict=\"{}\",policies=\"{}\"}} {}",
-            esc(&d.namespace),
-            d.direction,
-            d.verdict,
-            esc(&d.policies.join(",")),
-            d.packets
-        );
+        series.push((
+            labels([
+                ("namespace", d.namespace.clone()),
+                ("direction", d.direction.to_string()),
+                ("verdict", d.verdict.to_string()),
+                ("policies", d.policies.join(",")),
+            ]),
+            d.packets,
+        ));
     }
     for ((dir, verdict), p) in other {
-        let _ = writeln!(
-            out,
-            "netpol_policy_set_drops_total{{namespace=\"(other)\",direction=\"{dir}\",verdict=\"{verdict}\",policies=\"(other)\"}} {p}"
-        );
+        series.push((
+            labels([
+                ("namespace", "(other)".to_string()),
+                ("direction", dir.to_string()),
+                ("verdict", verdict.to_string()),
+                ("policies", "(other)".to_string()),
+            ]),
+            p,
+        ));
     }
+    f.counter(
+        "netpol_policy_set_drops",
+        "Packets dropped (or audited) per set of policies isolating the pod, by namespace and direction",
+        &series,
+    )
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr`; returns the bound address.
@@ -369,14 +484,35 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<So
         .await
         .with_context(|| format!("binding the metrics address {addr} (--metrics-addr)"))?;
     let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics, /healthz or /readyz\n") })
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(metrics);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a metrics client");
+                    continue;
+                }
             };
-            let m = metrics.clone();
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &m).await {
+                // hyper's own server, so that a client that never finishes its request
+                // head is cut off (axum::serve has no header timeout).
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                if let Err(e) = served {
                     tracing::debug!(error = %e, "metrics client");
                 }
             });
@@ -385,43 +521,111 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<So
     Ok(bound)
 }
 
-async fn answer(mut stream: TcpStream, m: &Metrics) -> anyhow::Result<()> {
-    // One request per connection; its line and headers fit in 8 KiB.
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf[len..]).await?;
-        if n == 0 || len + n == buf.len() {
-            break;
-        }
-        len += n;
-    }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let path = head.split_whitespace().nth(1).unwrap_or("/");
-    let path = path.split('?').next().unwrap_or(path);
-    let (code, ctype, body) = match path {
-        "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
-        "/healthz" => (200, "text/plain", "ok\n".to_string()),
-        "/readyz" => match m.ready() {
-            Ok(()) => (200, "text/plain", "ready\n".to_string()),
-            Err(why) => (503, "text/plain", format!("not ready: {why}\n")),
-        },
-        _ => (
-            404,
-            "text/plain",
-            "try /metrics, /healthz or /readyz\n".to_string(),
+async fn scrape(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    // Reading the per-CPU maps is a few syscalls per slot: off the async workers.
+    let body = tokio::task::spawn_blocking(move || m.render())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        body,
+    )
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.ready() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
         ),
-    };
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        _ => "Service Unavailable",
-    };
-    let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(resp.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn metrics() -> (Arc<Metrics>, watch::Sender<Status>) {
+        let (tx, rx) = watch::channel(Status::default());
+        let read: Read = Box::new(|| Readings {
+            packets: vec![
+                Counter {
+                    verdict: Verdict::Audit,
+                    reason: Reason::PolicyDenied,
+                    direction: Direction::Egress,
+                    packets: 3,
+                },
+                Counter {
+                    verdict: Verdict::Dropped,
+                    reason: Reason::SpoofedSource,
+                    direction: Direction::Egress,
+                    packets: 2,
+                },
+            ],
+            events: EventCounters {
+                sent: 5,
+                ..EventCounters::default()
+            },
+            tally: None,
+        });
+        let m = Metrics::new(rx, None, read, 10, Duration::from_secs(60));
+        (Arc::new(m), tx)
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// One decode: an audit is printed "audit" (the metrics once said "audit" where the
+    /// CLI said "dropped"), and only drops count in the drop counter.
+    #[tokio::test]
+    async fn the_exposition_names_each_verdict_once_and_the_probes_answer() {
+        let (m, status) = metrics();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), m).await.unwrap();
+        let text = get(addr, "/metrics").await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("text/plain; version=0.0.4"), "{text}");
+        for line in [
+            "netpol_packets_total{verdict=\"audit\",reason=\"POLICY_DENIED\",direction=\"egress\"} 3",
+            "netpol_drops_total{reason=\"SPOOFED_SOURCE\",direction=\"egress\"} 2",
+            "netpol_drops_total{reason=\"POLICY_DENIED\",direction=\"egress\"} 0",
+            "netpol_events_total{outcome=\"sent\"} 5",
+            "netpol_ready 0",
+            "netpol_compile_duration_seconds_count 0",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        status.send_modify(|s| s.ready_ms = Some(1));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    /// A client that opens a connection and never finishes its request is cut off,
+    /// rather than holding a task and a socket for ever.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_request_is_cut_off() {
+        let (m, _status) = metrics();
+        let addr = serve("127.0.0.1:0".parse().unwrap(), m).await.unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost:")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        // The server closes; the bound only keeps a broken server from hanging the test.
+        let closed = tokio::time::timeout(HEADER_TIMEOUT * 3, s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the connection is still open");
+    }
 }

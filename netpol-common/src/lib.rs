@@ -5,8 +5,11 @@
 //! per packet and writes [`Event`] records and counters back. Every type is
 //! `#[repr(C)]` with explicit padding and a size assert, so both sides agree byte for
 //! byte. Codes ([`reason`], [`verdict`]) are never reused once published.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
+// Userspace decoding; the classifier only writes the codes.
+#[cfg(not(target_arch = "bpf"))]
+pub mod codes;
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
@@ -178,30 +181,10 @@ pub mod reason {
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 
+    /// The printed name of a code (`UNKNOWN` for a code this build does not know).
+    #[cfg(not(target_arch = "bpf"))]
     pub fn name(code: u16) -> &'static str {
-        match code {
-            NONE => "NONE",
-            POLICY_DENIED => "POLICY_DENIED",
-            MALFORMED => "MALFORMED",
-            SPOOFED_SOURCE => "SPOOFED_SOURCE",
-            POLICY_REVOKED => "POLICY_REVOKED",
-            UNKNOWN_L4 => "UNKNOWN_L4",
-            FRAGMENT_UNKNOWN => "FRAGMENT_UNKNOWN",
-            CONNTRACK => "CONNTRACK",
-            POLICY_ALLOWED => "POLICY_ALLOWED",
-            NOT_ISOLATED => "NOT_ISOLATED",
-            HOST_TRAFFIC => "HOST_TRAFFIC",
-            FRAGMENT => "FRAGMENT",
-            RELATED => "RELATED",
-            ADMIN_ALLOWED => "ADMIN_ALLOWED",
-            ADMIN_DENIED => "ADMIN_DENIED",
-            BASELINE_ALLOWED => "BASELINE_ALLOWED",
-            BASELINE_DENIED => "BASELINE_DENIED",
-            SERVICE_DEFERRED => "SERVICE_DEFERRED",
-            SERVICE_UNKNOWN_CLIENT => "SERVICE_UNKNOWN_CLIENT",
-            PENDING_ENDPOINT => "PENDING_ENDPOINT",
-            _ => "UNKNOWN",
-        }
+        crate::codes::Reason::from_code(code).map_or("UNKNOWN", crate::codes::Reason::name)
     }
 }
 

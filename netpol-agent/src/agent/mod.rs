@@ -28,10 +28,11 @@ use input::Input;
 
 use crate::api::{server, Enforced, Status, Wakes};
 use crate::datapath::discovery;
+use crate::datapath::maps::{read_counters, read_event_counters};
 use crate::datapath::pin::PinDir;
 use crate::datapath::{Capacities, Datapath, Switches};
 use crate::events::Namer;
-use crate::metrics::{Metrics, Recorded};
+use crate::metrics::{Metrics, Readings};
 use crate::source::dir;
 use crate::source::kube as kube_source;
 use netpol_engine::index::Index;
@@ -182,16 +183,21 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Input::Kube(k, _) => Some(k.health.clone()),
         Input::Dir(_) => None,
     };
-    let metrics = Arc::new(Metrics {
-        recorded: std::sync::Mutex::new(Recorded::default()),
-        status: status_rx.clone(),
+    let read: crate::metrics::Read = {
+        let (counters, tally, namer) = (counters.clone(), datapath.tally(), namer_rx.clone());
+        Box::new(move || Readings {
+            packets: read_counters(&counters).unwrap_or_default(),
+            events: read_event_counters(&counters).unwrap_or_default(),
+            tally: tally.read().ok().map(|r| namer.borrow().tally(&r)),
+        })
+    };
+    let metrics = Arc::new(Metrics::new(
+        status_rx.clone(),
         health,
-        counters: counters.clone(),
-        tally: datapath.tally(),
-        namer: namer_rx.clone(),
-        max_series: opts.metrics_max_series,
-        max_staleness: opts.max_staleness,
-    });
+        read,
+        opts.metrics_max_series,
+        opts.max_staleness,
+    ));
     {
         let ebpf = datapath.ebpf_mut();
         let mut rec = metrics.recorded.lock().unwrap();
@@ -261,8 +267,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let (compile_time, sync_time) = (step.compile_time, step.sync_time);
         {
             let mut rec = metrics.recorded.lock().unwrap();
-            rec.compile.observe(compile_time);
-            rec.sync.observe(sync_time);
+            metrics.compile.observe(compile_time.as_secs_f64());
+            metrics.sync.observe(sync_time.as_secs_f64());
             for (m, n) in [
                 (map::ENDPOINTS, desired.endpoints.len()),
                 (map::IPCACHE, desired.ipcache.len()),
@@ -362,7 +368,13 @@ async fn pump_events(
             }
             // SAFETY: the classifier writes whole `Event` records; read unaligned.
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
-            let verdict = namer.borrow().name(&ev, offset);
+            let verdict = match namer.borrow().name(&ev, offset) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dropping an event this agent cannot decode");
+                    continue;
+                }
+            };
             if tx.receiver_count() > 0 {
                 if let Ok(line) = serde_json::to_string(&verdict) {
                     let _ = tx.send(line.into());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::agent::SourceSpec;
+use netpol_common::codes::{Direction, Protocol, Reason, UnknownName, Verdict};
 
 #[derive(Parser)]
 #[command(
@@ -198,10 +199,12 @@ pub struct ObserveArgs {
     /// Only verdicts with this pod (namespace/name) on either side.
     #[arg(long)]
     pub pod: Option<String>,
-    #[arg(long, value_enum, ignore_case = true)]
-    pub verdict: Option<VerdictFilter>,
-    #[arg(long, value_enum, ignore_case = true)]
-    pub direction: Option<DirectionFilter>,
+    /// dropped, audit or allowed (any case).
+    #[arg(long, value_parser = parse_code::<Verdict>)]
+    pub verdict: Option<Verdict>,
+    /// ingress or egress (any case).
+    #[arg(long, value_parser = parse_code::<Direction>)]
+    pub direction: Option<Direction>,
     /// The destination port.
     #[arg(long)]
     pub port: Option<u16>,
@@ -209,8 +212,8 @@ pub struct ObserveArgs {
     #[arg(long, value_parser = parse_protocol_filter)]
     pub protocol: Option<String>,
     /// A reason as printed, e.g. POLICY_DENIED, CONNTRACK, ADMIN_DENIED (any case).
-    #[arg(long, value_parser = parse_reason_filter)]
-    pub reason: Option<String>,
+    #[arg(long, value_parser = parse_code::<Reason>)]
+    pub reason: Option<Reason>,
     /// Stop after this many verdicts.
     #[arg(long)]
     pub count: Option<usize>,
@@ -218,54 +221,42 @@ pub struct ObserveArgs {
     pub output: Output,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum VerdictFilter {
-    Dropped,
-    Audit,
-    Allowed,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DirectionFilter {
-    Ingress,
-    Egress,
-}
-
 /// `--protocol`: a name `observe` prints, or a number (printed as its name if known).
 pub(super) fn parse_protocol_filter(text: &str) -> Result<String, String> {
-    use netpol_common::proto;
-    let known = [
-        proto::TCP,
-        proto::UDP,
-        proto::SCTP,
-        proto::ICMP,
-        proto::ICMPV6,
-    ];
-    if let Ok(n) = text.parse::<u8>() {
-        return Ok(crate::events::protocol_name(n));
-    }
-    known
-        .iter()
-        .map(|p| crate::events::protocol_name(*p))
-        .find(|name| name.eq_ignore_ascii_case(text))
-        .ok_or_else(|| {
-            format!("unknown protocol {text:?}: TCP, UDP, SCTP, ICMP, ICMPv6 or a number")
-        })
+    text.parse::<Protocol>()
+        .map(|p| p.to_string())
+        .map_err(|_| format!("unknown protocol {text:?}: TCP, UDP, SCTP, ICMP, ICMPv6 or a number"))
 }
 
-/// `--reason`: one of the classifier's reason names.
-pub(super) fn parse_reason_filter(text: &str) -> Result<String, String> {
-    use netpol_common::reason;
-    let names: Vec<&str> = (0..reason::COUNT)
-        .map(reason::name)
-        .filter(|n| *n != "UNKNOWN")
-        .collect();
-    names
-        .iter()
-        .find(|n| n.eq_ignore_ascii_case(text))
-        .map(|n| n.to_string())
-        .ok_or_else(|| format!("unknown reason {text:?}: one of {}", names.join(", ")))
+/// `--verdict`, `--direction`, `--reason`: a name as `observe` prints it, any case.
+pub(super) fn parse_code<C: Code>(text: &str) -> Result<C, String> {
+    text.parse::<C>().map_err(|e| {
+        let names: Vec<&str> = C::all().iter().map(|c| c.printed()).collect();
+        format!("{text:?} is {e}: one of {}", names.join(", "))
+    })
 }
+
+/// What `parse_code` needs of a typed code.
+pub(super) trait Code:
+    Copy + Send + Sync + 'static + std::str::FromStr<Err = UnknownName>
+{
+    fn all() -> &'static [Self];
+    fn printed(self) -> &'static str;
+}
+
+macro_rules! code {
+    ($($t:ty),*) => {$(
+        impl Code for $t {
+            fn all() -> &'static [Self] {
+                <$t>::ALL
+            }
+            fn printed(self) -> &'static str {
+                self.name()
+            }
+        }
+    )*};
+}
+code!(Verdict, Direction, Reason);
 
 #[derive(Args)]
 pub struct CountersArgs {

@@ -101,17 +101,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 for p in &counters.packets {
                     t.push_str(&format!(
                         "{:<8} {:<8} {:<18} {:>12}\n",
-                        match p.verdict {
-                            netpol_common::verdict::ALLOWED => "allowed",
-                            netpol_common::verdict::AUDIT => "audit",
-                            _ => "dropped",
-                        },
-                        if p.direction == netpol_common::direction::EGRESS {
-                            "egress"
-                        } else {
-                            "ingress"
-                        },
-                        p.reason,
+                        p.verdict.name(),
+                        p.direction.name(),
+                        p.reason.name(),
                         p.packets
                     ));
                 }
@@ -260,28 +252,13 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
             .as_ref()
             .is_none_or(|ns| on_side(v, &|p| p.split_once('/').is_some_and(|(n, _)| n == ns)))
             && o.pod.as_ref().is_none_or(|pod| on_side(v, &|p| p == pod))
-            && o.verdict.is_none_or(|x| {
-                v.verdict
-                    == match x {
-                        VerdictFilter::Dropped => "dropped",
-                        VerdictFilter::Audit => "audit",
-                        VerdictFilter::Allowed => "allowed",
-                    }
-            })
-            && o.direction.is_none_or(|x| {
-                v.direction
-                    == match x {
-                        DirectionFilter::Ingress => "ingress",
-                        DirectionFilter::Egress => "egress",
-                    }
-            })
+            && o.verdict.is_none_or(|x| v.verdict == x)
+            && o.direction.is_none_or(|x| v.direction == x)
             && o.port.is_none_or(|x| v.dport == x)
             && o.protocol
                 .as_ref()
                 .is_none_or(|x| v.protocol.eq_ignore_ascii_case(x))
-            && o.reason
-                .as_ref()
-                .is_none_or(|x| v.reason.eq_ignore_ascii_case(x))
+            && o.reason.is_none_or(|x| v.reason == x)
     };
     let mut seen = 0usize;
     tokio::runtime::Runtime::new()?.block_on(crate::api::client::observe(&socket, |line| {
@@ -322,9 +299,10 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::args::{parse_protocol_filter, parse_reason_filter};
+    use super::args::{parse_code, parse_protocol_filter};
     use super::*;
     use clap::Parser;
+    use netpol_common::codes::{self, Direction, Reason};
     use std::time::Duration;
 
     #[test]
@@ -347,10 +325,10 @@ mod tests {
         assert_eq!(parse_protocol_filter("17").as_deref(), Ok("UDP"));
         assert!(parse_protocol_filter("quic").is_err());
         assert_eq!(
-            parse_reason_filter("admin_denied").as_deref(),
-            Ok("ADMIN_DENIED")
+            parse_code::<Reason>("admin_denied"),
+            Ok(Reason::AdminDenied)
         );
-        assert!(parse_reason_filter("UNKNOWN").is_err());
+        assert!(parse_code::<Reason>("UNKNOWN").is_err());
         let cli = Cli::try_parse_from([
             "netpol",
             "observe",
@@ -367,7 +345,7 @@ mod tests {
         };
         assert_eq!(
             (o.verdict, o.direction),
-            (Some(VerdictFilter::Audit), Some(DirectionFilter::Egress))
+            (Some(codes::Verdict::Audit), Some(Direction::Egress))
         );
         assert!(Cli::try_parse_from(["netpol", "observe", "--verdict", "denied"]).is_err());
         // Live explain unless manifests are given; not both.

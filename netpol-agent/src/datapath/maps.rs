@@ -7,9 +7,9 @@ use anyhow::{anyhow, Context};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use aya::Ebpf;
+use netpol_common::codes::{Direction, Reason, Verdict};
 use netpol_common::{
-    event_counter, map, reason, Addr, Config, CtEntry, CtKey, EndpointEntry, PolicyKey,
-    COUNTERS_LEN,
+    event_counter, map, Addr, Config, CtEntry, CtKey, EndpointEntry, PolicyKey, COUNTERS_LEN,
 };
 
 use netpol_engine::compile::PolicyPrefix;
@@ -170,9 +170,9 @@ pub fn write_config(ebpf: &mut Ebpf, config: Config) -> anyhow::Result<()> {
 /// One exact counter: packets with this verdict, reason and direction, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counter {
-    pub verdict: u8,
-    pub reason: String,
-    pub direction: u8,
+    pub verdict: Verdict,
+    pub reason: Reason,
+    pub direction: Direction,
     pub packets: u64,
 }
 
@@ -183,16 +183,19 @@ pub fn read_counters<T: std::borrow::Borrow<MapData>>(
     a: &PerCpuArray<T, u64>,
 ) -> anyhow::Result<Vec<Counter>> {
     let mut out = Vec::new();
-    for verdict in 0..3u8 {
-        for code in 0..reason::COUNT {
-            for direction in 0..2u8 {
-                let idx = netpol_common::counter_index(verdict, code, direction);
+    // The slots of the codes this build knows: the classifier of the same build writes
+    // no others.
+    for &verdict in Verdict::ALL {
+        for &reason in Reason::ALL {
+            for &direction in Direction::ALL {
+                let idx =
+                    netpol_common::counter_index(verdict.code(), reason.code(), direction.code());
                 debug_assert!(idx < COUNTERS_LEN);
                 let packets: u64 = a.get(&idx, 0)?.iter().sum();
                 if packets > 0 {
                     out.push(Counter {
                         verdict,
-                        reason: reason::name(code).to_string(),
+                        reason,
                         direction,
                         packets,
                     });

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use netpol_common::{direction, proto, reason, verdict, EndpointCounters, Event};
+use netpol_common::codes::{self, Direction, Protocol, Reason};
+use netpol_common::{direction, EndpointCounters, Event};
 use serde::{Deserialize, Serialize};
 
 use crate::datapath::tally::Reading;
@@ -18,9 +19,9 @@ use netpol_engine::index::Snapshot;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Verdict {
     pub time: String,
-    pub verdict: String,
-    pub direction: String,
-    pub reason: String,
+    pub verdict: codes::Verdict,
+    pub direction: Direction,
+    pub reason: Reason,
     pub protocol: String,
     pub src: String,
     pub dst: String,
@@ -58,18 +59,6 @@ fn is_zero(n: &u64) -> bool {
 /// `rate_limited`).
 fn suppressed_before(ev: &Event) -> u64 {
     ev.suppressed as u64
-}
-
-/// The tier a policy reason comes from.
-fn tier_of(code: u16) -> Option<&'static str> {
-    match code {
-        reason::ADMIN_ALLOWED | reason::ADMIN_DENIED => Some("Admin"),
-        reason::POLICY_ALLOWED | reason::POLICY_DENIED | reason::POLICY_REVOKED => {
-            Some("NetworkPolicy")
-        }
-        reason::BASELINE_ALLOWED | reason::BASELINE_DENIED => Some("Baseline"),
-        _ => None,
-    }
 }
 
 /// What naming needs, rebuilt with every snapshot.
@@ -129,7 +118,15 @@ impl Namer {
         n
     }
 
-    pub fn name(&self, ev: &Event, wall_offset_ns: i128) -> Verdict {
+    /// Names an event; fails on a code this build does not know (a classifier of
+    /// another build), rather than guessing a neighbouring name.
+    pub fn name(&self, ev: &Event, wall_offset_ns: i128) -> Result<Verdict, Undecodable> {
+        let undecodable = |field, code| Undecodable { field, code };
+        let verdict = codes::Verdict::from_code(ev.verdict)
+            .ok_or(undecodable("verdict", ev.verdict.into()))?;
+        let direction = Direction::from_code(ev.direction)
+            .ok_or(undecodable("direction", ev.direction.into()))?;
+        let reason = Reason::from_code(ev.reason).ok_or(undecodable("reason", ev.reason))?;
         let (src_ip, dst_ip) = (ip_of(&ev.saddr), ip_of(&ev.daddr));
         let label = |ip: IpAddr| {
             self.by_ip
@@ -137,7 +134,7 @@ impl Namer {
                 .cloned()
                 .unwrap_or_else(|| ip.to_string())
         };
-        let local = if ev.direction == direction::EGRESS {
+        let local = if direction == Direction::Egress {
             src_ip
         } else {
             dst_ip
@@ -149,22 +146,12 @@ impl Namer {
             .or_else(|| self.by_identity.get(&ev.endpoint).cloned())
             .unwrap_or_default();
         let rule = self.rules.get(&ev.policy_cookie).cloned();
-        Verdict {
+        Ok(Verdict {
             time: format_time(ev.timestamp_ns as i128 + wall_offset_ns),
-            verdict: match ev.verdict {
-                verdict::ALLOWED => "allowed",
-                verdict::AUDIT => "audit",
-                _ => "dropped",
-            }
-            .into(),
-            direction: if ev.direction == direction::EGRESS {
-                "egress"
-            } else {
-                "ingress"
-            }
-            .into(),
-            reason: reason::name(ev.reason).into(),
-            protocol: protocol_name(ev.protocol),
+            verdict,
+            direction,
+            reason,
+            protocol: Protocol::from_number(ev.protocol).to_string(),
             src: label(src_ip),
             dst: label(dst_ip),
             src_ip: src_ip.to_string(),
@@ -172,21 +159,21 @@ impl Namer {
             sport: ev.sport,
             dport: ev.dport,
             pod,
-            policies: self.responsible(ev, rule.as_ref()),
+            policies: self.responsible(ev, reason, rule.as_ref()),
             rule,
             tcp_flags: ev.tcp_flags,
             len: ev.len,
             revision: ev.revision,
-            tier: tier_of(ev.reason).map(str::to_string),
+            tier: reason.tier().map(str::to_string),
             suppressed: suppressed_before(ev),
-        }
+        })
     }
 
     /// The policies a verdict is attributed to: a cluster policy whose rule denied it,
     /// then whatever isolates the endpoint in that direction.
-    fn responsible(&self, ev: &Event, rule: Option<&RuleRef>) -> Vec<String> {
+    fn responsible(&self, ev: &Event, reason: Reason, rule: Option<&RuleRef>) -> Vec<String> {
         let mut out = Vec::new();
-        if let (reason::ADMIN_DENIED | reason::BASELINE_DENIED, Some(r)) = (ev.reason, rule) {
+        if let (true, Some(r)) = (reason.denied_by_cluster_rule(), rule) {
             out.push(r.policy.clone());
         }
         if let Some(l) = self.isolators.get(&ev.endpoint) {
@@ -225,20 +212,18 @@ impl Namer {
                 bytes: c.bytes,
             });
         }
-        let mut drops: BTreeMap<(String, &'static str, &'static str, Vec<String>), (u64, u64)> =
-            BTreeMap::new();
+        // (namespace, direction, verdict, isolating policies) → (packets, bytes).
+        type DropKey = (String, Direction, codes::Verdict, Vec<String>);
+        let mut drops: BTreeMap<DropKey, (u64, u64)> = BTreeMap::new();
         let mut add = |ns: &str, policies: &dyn Fn(usize) -> Vec<String>, c: &EndpointCounters| {
-            for (v, vname) in [(verdict::DROPPED, "dropped"), (verdict::AUDIT, "audit")] {
-                for (d, dname) in [
-                    (direction::INGRESS, "ingress"),
-                    (direction::EGRESS, "egress"),
-                ] {
-                    let slot = EndpointCounters::slot(v, d);
+            for v in [codes::Verdict::Dropped, codes::Verdict::Audit] {
+                for d in Direction::ALL.iter().copied() {
+                    let slot = EndpointCounters::slot(v.code(), d.code());
                     if c.packets[slot] == 0 {
                         continue;
                     }
                     let e = drops
-                        .entry((ns.to_string(), dname, vname, policies(d as usize)))
+                        .entry((ns.to_string(), d, v, policies(d.code() as usize)))
                         .or_default();
                     e.0 += c.packets[slot];
                     e.1 += c.bytes[slot];
@@ -259,8 +244,8 @@ impl Namer {
         for ((namespace, direction, verdict, policies), (packets, bytes)) in drops {
             report.drops.push(DropTally {
                 namespace,
-                direction: direction.into(),
-                verdict: verdict.into(),
+                direction,
+                verdict,
                 policies,
                 packets,
                 bytes,
@@ -295,23 +280,20 @@ pub struct RuleTally {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DropTally {
     pub namespace: String,
-    pub direction: String,
+    pub direction: Direction,
     /// `dropped` or `audit`.
-    pub verdict: String,
+    pub verdict: codes::Verdict,
     pub policies: Vec<String>,
     pub packets: u64,
     pub bytes: u64,
 }
 
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        proto::TCP => "TCP".into(),
-        proto::UDP => "UDP".into(),
-        proto::SCTP => "SCTP".into(),
-        proto::ICMP => "ICMP".into(),
-        proto::ICMPV6 => "ICMPv6".into(),
-        other => other.to_string(),
-    }
+/// An event with a code this build of the agent does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("event with unknown {field} code {code}")]
+pub struct Undecodable {
+    pub field: &'static str,
+    pub code: u16,
 }
 
 /// Wall clock minus the monotonic clock the kernel stamps events with.
@@ -371,7 +353,7 @@ pub fn human(v: &Verdict) -> String {
     format!(
         "{} {:<7} {:<7} {} -> {} {}/{} {}{}{}{}",
         v.time,
-        v.verdict.to_uppercase(),
+        v.verdict.name().to_uppercase(),
         v.direction,
         if v.sport != 0 {
             format!("{}:{}", v.src, v.sport)
@@ -391,6 +373,7 @@ pub fn human(v: &Verdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netpol_common::{proto, reason, verdict};
     use netpol_engine::compile::{compile, NodeView};
     use netpol_engine::index::net::addr_of;
     use netpol_engine::index::Index;
@@ -431,27 +414,31 @@ mod tests {
             ..Event::default()
         };
         let baseline = "BaselineAdminNetworkPolicy/default";
-        let v = namer.name(
-            &event(
-                "x/a",
-                "10.0.0.1",
-                reason::BASELINE_DENIED,
-                cookie_of(baseline),
-            ),
-            0,
-        );
+        let v = namer
+            .name(
+                &event(
+                    "x/a",
+                    "10.0.0.1",
+                    reason::BASELINE_DENIED,
+                    cookie_of(baseline),
+                ),
+                0,
+            )
+            .unwrap();
         assert_eq!(v.policies, vec![baseline.to_string()]);
         assert_eq!(v.rule.as_ref().map(|r| r.policy.as_str()), Some(baseline));
         assert_eq!(v.tier.as_deref(), Some("Baseline"));
-        let v = namer.name(
-            &event(
-                "x/b",
-                "10.0.0.2",
-                reason::POLICY_ALLOWED,
-                cookie_of("x/b-in"),
-            ),
-            0,
-        );
+        let v = namer
+            .name(
+                &event(
+                    "x/b",
+                    "10.0.0.2",
+                    reason::POLICY_ALLOWED,
+                    cookie_of("x/b-in"),
+                ),
+                0,
+            )
+            .unwrap();
         assert_eq!(v.policies, vec!["x/b-in".to_string()]);
         assert_eq!(v.rule.as_ref().map(|r| r.rule), Some(0));
         assert_eq!(v.tier.as_deref(), Some("NetworkPolicy"));
@@ -460,6 +447,17 @@ mod tests {
         assert!(human(&more).ends_with("(+7 more like this)"));
         let json = serde_json::to_value(&more).unwrap();
         assert_eq!(json["suppressed"], 7);
+        assert_eq!(json["verdict"], "allowed");
+        assert_eq!(json["reason"], "POLICY_ALLOWED");
+        assert_eq!(json["direction"], "ingress");
+        let unknown = Event {
+            verdict: 3,
+            ..event("x/b", "10.0.0.2", reason::POLICY_DENIED, 0)
+        };
+        assert!(
+            namer.name(&unknown, 0).is_err(),
+            "an unknown verdict is not named"
+        );
     }
 
     #[test]

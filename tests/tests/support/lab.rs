@@ -368,11 +368,6 @@ impl Lab {
 
     /// One packet counter: (verdict dropped/allowed/audit, reason, direction).
     pub fn count(&self, counters: &Value, verdict: &str, reason: &str, dir: &str) -> u64 {
-        let verdict = ["allowed", "dropped", "audit"]
-            .iter()
-            .position(|v| *v == verdict)
-            .unwrap() as u64;
-        let dir = u64::from(dir == "egress");
         counters["packets"]
             .as_array()
             .unwrap()
@@ -444,14 +439,9 @@ impl Lab {
         let v: Value = serde_json::from_str(&self.agent_request("counters")).unwrap();
         let mut m = BTreeMap::new();
         for c in v["packets"].as_array().unwrap() {
-            let verdict = ["allowed", "dropped", "audit"][c["verdict"].as_u64().unwrap() as usize];
-            let dir = ["ingress", "egress"][c["direction"].as_u64().unwrap() as usize];
+            let word = |field: &str| c[field].as_str().unwrap().to_string();
             m.insert(
-                (
-                    verdict.to_string(),
-                    c["reason"].as_str().unwrap().to_string(),
-                    dir.to_string(),
-                ),
+                (word("verdict"), word("reason"), word("direction")),
                 c["packets"].as_u64().unwrap(),
             );
         }
