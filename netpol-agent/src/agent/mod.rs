@@ -353,7 +353,7 @@ async fn pump_events(
     let mut fd = match unsafe { AsyncFd::register(ring) } {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::error!(error = %e.to_string(), "cannot poll the event ring buffer");
+            tracing::error!(error = ?e, "cannot poll the event ring buffer");
             return;
         }
     };

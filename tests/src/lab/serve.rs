@@ -107,7 +107,7 @@ async fn echo_datagrams(socket: UdpSocket, port: u16) -> anyhow::Result<()> {
             Err(e) => return Err(e).with_context(|| format!("receiving on UDP port {port}")),
         };
         if let Err(e) = socket.send_to(&buf[..n], peer).await {
-            eprintln!("lab serve: UDP port {port}: reply to {peer}: {e}");
+            tracing::warn!(port, %peer, error = ?e, "UDP reply failed");
         }
     }
 }

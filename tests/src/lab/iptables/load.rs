@@ -105,7 +105,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
         let paths = opts.source.clone();
         tokio::spawn(async move {
             if let Err(e) = dir::watch(paths, state_tx).await {
-                tracing::error!(error = %format!("{e:#}"), "watching the manifest directory failed");
+                tracing::error!(error = ?e, "watching the manifest directory failed");
             }
         });
         let (status_tx, status_rx) = watch::channel(Status {
@@ -113,17 +113,16 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
             ..Default::default()
         });
         let (events_tx, _) = broadcast::channel::<Arc<str>>(1);
-        let api =
-            netpol_agent::api::server::serve(
-                opts.api_socket.clone(),
-                netpol_agent::api::server::Shared {
-                    node: opts.node.clone(),
-                    status: status_rx,
-                    events: events_tx,
-                    kernel: None,
-                },
-            )
-            .await?;
+        let api = netpol_agent::api::server::serve(
+            opts.api_socket.clone(),
+            netpol_agent::api::server::Shared {
+                node: opts.node.clone(),
+                status: status_rx,
+                events: events_tx,
+                kernel: None,
+            },
+        )
+        .await?;
         let mut sigterm =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut index = Index::new();
@@ -152,7 +151,7 @@ pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
                     true
                 }
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "loading the rules failed; the last ones stay");
+                    tracing::error!(error = ?e, "loading the rules failed; the last ones stay");
                     false
                 }
             };

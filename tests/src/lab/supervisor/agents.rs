@@ -17,16 +17,13 @@ pub(super) fn spawn_agent(mut cmd: Command, index: u32, log_path: &Path) -> anyh
     let mut child = cmd.spawn().context("starting the agent")?;
     // `ip netns exec` execs the command, so this pid is the agent's.
     let pid = child.id();
-    log(format!(
-        "agent of node{index} started (pid {pid}), log in {}",
-        log_path.display()
-    ));
+    tracing::info!(node = index, pid, log = %log_path.display(), "agent started");
     let exited = Arc::new((Mutex::new(false), Condvar::new()));
     let flag = exited.clone();
     std::thread::spawn(move || {
         match child.wait() {
-            Ok(status) => log(format!("agent (pid {pid}) exited: {status}")),
-            Err(e) => log(format!("agent (pid {pid}): wait failed: {e}")),
+            Ok(status) => tracing::warn!(pid, %status, "agent exited"),
+            Err(e) => tracing::error!(pid, error = ?e, "waiting for the agent failed"),
         }
         *flag.0.lock().unwrap() = true;
         flag.1.notify_all();

@@ -29,7 +29,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::net::UnixListener;
 
 /// How long a wait may take to find the agent's socket (the agent loads eBPF first).
@@ -37,14 +37,6 @@ const AGENT_START: Duration = Duration::from_secs(30);
 
 /// How long a pod server may take to bind its ports.
 const SERVER_START: Duration = Duration::from_secs(10);
-
-/// The supervisor's log is its stderr (`up` points it at supervisor.log).
-fn log(msg: impl std::fmt::Display) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    eprintln!("{}.{:03} lab: {msg}", now.as_secs(), now.subsec_millis());
-}
 
 type PodKey = (String, String);
 
@@ -162,11 +154,7 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
     let lab: Shared = Arc::new(Mutex::new(Lab::new(opts)?));
     // Written first, so that `down` finds this process even if setup hangs.
     lab.lock().unwrap().write_state()?;
-    log(format!(
-        "lab {} starting (pid {})",
-        opts.name,
-        std::process::id()
-    ));
+    tracing::info!(lab = %opts.name, pid = std::process::id(), "lab starting");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -181,7 +169,7 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
                 if lab.nodes.iter().any(|n| n.agent.is_none()) {
                     return Err(e);
                 }
-                log(format!("reconcile: {e:#}"));
+                tracing::error!(error = ?e, "reconcile failed");
             }
             anyhow::Ok(())
         })
@@ -197,18 +185,18 @@ async fn supervise(opts: &UpOptions) -> anyhow::Result<()> {
     let listener = match started {
         Ok(l) => l,
         Err(e) => {
-            log(format!("setup failed: {e:#}"));
+            tracing::error!(error = ?e, "setup failed");
             shut_down(lab, &paths, false).await;
             return Err(e);
         }
     };
     let server = tokio::spawn(serve_socket(listener, lab.clone()));
     let watcher = tokio::spawn(watch_manifests(lab.clone(), opts.manifests.clone()));
-    log("lab is up");
+    tracing::info!("lab is up");
 
     tokio::select! {
-        _ = sigterm.recv() => log("SIGTERM: shutting down"),
-        _ = sigint.recv() => log("SIGINT: shutting down"),
+        _ = sigterm.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+        _ = sigint.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
     }
     server.abort();
     watcher.abort();
@@ -224,7 +212,7 @@ async fn shut_down(lab: Shared, paths: &Paths, remove_dir: bool) {
     })
     .await;
     if let Err(e) = torn {
-        log(format!("teardown: {e}"));
+        tracing::error!(error = ?e, "teardown failed");
     }
     if remove_dir {
         let _ = std::fs::remove_dir_all(&paths.dir);

@@ -132,7 +132,7 @@ impl Lab {
             if !agent.has_exited() {
                 unsafe { libc::kill(agent.pid as i32, libc::SIGTERM) };
                 if !agent.wait_exit(Duration::from_secs(5)) {
-                    log("agent did not stop within 5s; killing it");
+                    tracing::warn!("agent did not stop within 5s; killing it");
                     unsafe { libc::kill(agent.pid as i32, libc::SIGKILL) };
                     agent.wait_exit(Duration::from_secs(5));
                 }
@@ -141,16 +141,16 @@ impl Lab {
         let keys: Vec<PodKey> = self.pods.keys().cloned().collect();
         for key in keys {
             if let Err(e) = self.remove_pod(&key) {
-                log(format!("{e:#}"));
+                tracing::error!(error = ?e, "stopping an agent failed");
             }
         }
         for n in &self.nodes {
             if let Err(e) = netns::delete(&n.net.netns) {
-                log(format!("deleting node{}: {e:#}", n.net.index));
+                tracing::error!(node = n.net.index, error = ?e, "deleting a node failed");
             }
         }
         if let Err(e) = netns::delete(&crate::lab::underlay_netns(&self.name)) {
-            log(format!("deleting the underlay: {e:#}"));
+            tracing::error!(error = ?e, "deleting the underlay failed");
         }
         // The agent leaves its pins for the next one; the lab is gone, so are they.
         crate::lab::unmount(&crate::lab::pin_root(&self.name));

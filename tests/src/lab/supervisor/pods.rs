@@ -172,7 +172,7 @@ impl Lab {
         let who = format!("pod {}/{}", key.0, key.1);
         let node = placement(pod, key, self.nodes.len() as u32);
         if self.pods.get(key).is_some_and(|p| p.node != node) {
-            log(format!("{who}: moves to node{node}"));
+            tracing::info!(pod = %who, node, "pod moves to another node");
             self.remove_pod(key)?;
         }
         if !self.pods.contains_key(key) {
@@ -201,9 +201,7 @@ impl Lab {
             if self.dns {
                 dns::write_resolv_conf(&netns, &key.0)?;
             }
-            log(format!(
-                "{who}: {ip} on node{node} in {netns} (veth {veth})"
-            ));
+            tracing::info!(pod = %who, %ip, node, netns = %netns, veth = %veth, "pod is up");
             self.pods.insert(
                 key.clone(),
                 LabPod {
@@ -220,7 +218,7 @@ impl Lab {
         let ports = Ports::of(pod);
         let server_died = match lab_pod.server.as_mut().map(|c| c.try_wait()) {
             Some(Ok(Some(status))) => {
-                log(format!("{who}: server exited ({status}); restarting it"));
+                tracing::warn!(pod = %who, %status, "pod server exited; restarting it");
                 true
             }
             _ => false,
@@ -250,7 +248,7 @@ impl Lab {
         let node = &mut self.nodes[pod.node as usize];
         node.pool.release(key);
         dns::remove_resolv_conf(&pod.netns);
-        log(format!("pod {}/{}: removed", key.0, key.1));
+        tracing::info!(pod = %format_args!("{}/{}", key.0, key.1), "pod removed");
         let who = format!("pod {}/{}", key.0, key.1);
         // Deleting the namespace would delete the veth pair too, but only once the kernel
         // has destroyed it (asynchronously): a pod coming straight back would find its

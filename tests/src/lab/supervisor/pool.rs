@@ -124,10 +124,12 @@ impl IpPool {
                 })?,
         };
         if let Some(w) = wanted.filter(|w| *w != ip) {
-            log(format!(
-                "pod {}/{}: status.podIP {w} is taken or outside the pod CIDR; using {ip}",
-                pod.0, pod.1
-            ));
+            tracing::warn!(
+                pod = %format_args!("{}/{}", pod.0, pod.1),
+                wanted = %w,
+                %ip,
+                "status.podIP is taken or outside the pod CIDR; using another address"
+            );
         }
         self.by_pod.insert(pod.clone(), ip);
         Ok(ip)

@@ -73,7 +73,7 @@ impl Lab {
             netpol_agent::source::dir::read_state(std::slice::from_ref(&self.manifests));
         if state.errors != self.last_errors {
             for e in &state.errors {
-                log(format!("manifest skipped: {e}"));
+                tracing::warn!(error = ?e, "manifest skipped");
             }
             self.last_errors = state.errors.clone();
         }

@@ -57,11 +57,11 @@ pub(super) async fn serve_socket(listener: UnixListener, lab: Shared) {
                 let lab = lab.clone();
                 tokio::spawn(async move {
                     if let Err(e) = handle(stream, lab).await {
-                        log(format!("lab.sock client: {e:#}"));
+                        tracing::warn!(error = ?e, "lab.sock client failed");
                     }
                 });
             }
-            Err(e) => log(format!("lab.sock accept: {e}")),
+            Err(e) => tracing::error!(error = ?e, "lab.sock accept failed"),
         }
     }
 }
@@ -100,7 +100,7 @@ pub(super) async fn watch_manifests(lab: Shared, manifests: PathBuf) -> anyhow::
             }
         }
         if let Err(e) = reconcile_now(&lab).await {
-            log(format!("reconcile: {e:#}"));
+            tracing::error!(error = ?e, "reconcile failed");
         }
     }
     Ok(())
