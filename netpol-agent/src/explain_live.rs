@@ -268,7 +268,7 @@ fn connection(
     epoch: u32,
     now_ns: u64,
 ) -> Connection {
-    let current = |ok: u32, stamp: u32, ep: Option<EndpointEntry>| {
+    let current = |ok: u32, stamp: u64, ep: Option<EndpointEntry>| {
         (e.flags & ok != 0)
             .then_some(ep)
             .flatten()
@@ -283,7 +283,7 @@ fn connection(
         dst: at(&k.daddr, k.dport),
         flags: names(e.flags, CT_FLAGS),
         idle_seconds: now_ns.saturating_sub(e.last_seen_ns) as f64 / 1e9,
-        egress_current: current(ct_flags::EGRESS_OK, e.egress_revision, originator),
-        ingress_current: current(ct_flags::INGRESS_OK, e.ingress_revision, responder),
+        egress_current: current(ct_flags::EGRESS_OK, e.egress_stamp, originator),
+        ingress_current: current(ct_flags::INGRESS_OK, e.ingress_stamp, responder),
     }
 }

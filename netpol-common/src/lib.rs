@@ -13,7 +13,7 @@ pub mod codes;
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
-pub const PIN_VERSION: &str = "v4";
+pub const PIN_VERSION: &str = "v5";
 
 /// Map names, shared by both sides.
 pub mod map {
@@ -375,13 +375,14 @@ impl CtKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
     pub last_seen_ns: u64,
+    /// [`ct_stamp`] of the originating endpoint's revision and the node's epoch when its
+    /// egress was allowed (0: not checked here).
+    pub egress_stamp: u64,
+    /// [`ct_stamp`] of the destination endpoint's revision and epoch when its ingress
+    /// was allowed.
+    pub ingress_stamp: u64,
     /// `ct_flags::*`: which checks of the connection already passed.
     pub flags: u32,
-    /// [`ct_stamp`] of the originating endpoint's revision when its egress was allowed
-    /// (0: not checked here).
-    pub egress_revision: u32,
-    /// [`ct_stamp`] of the destination endpoint's revision when its ingress was allowed.
-    pub ingress_revision: u32,
     /// Cookie of the rule that allowed the originator's egress (0: none, e.g. not
     /// isolated), so that every packet of the connection is counted to it.
     pub egress_cookie: u32,
@@ -389,7 +390,7 @@ pub struct CtEntry {
     pub ingress_cookie: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
 pub mod ct_flags {
     /// The originator's egress policy allowed the connection.
@@ -542,10 +543,11 @@ pub struct Config {
 const _: () = assert!(core::mem::size_of::<Config>() == 96);
 
 /// What a conntrack entry records for a passed check: the endpoint's policy revision
-/// combined with the node's map epoch (equal to the revision while the epoch is 0).
+/// beside the node's map epoch, each in its own half (two different pairs never make
+/// the same stamp, which a fold of one into the other could).
 #[inline(always)]
-pub const fn ct_stamp(revision: u32, epoch: u32) -> u32 {
-    revision ^ epoch.wrapping_mul(0x9e37_79b1)
+pub const fn ct_stamp(revision: u32, epoch: u32) -> u64 {
+    ((epoch as u64) << 32) | revision as u64
 }
 
 pub mod config_flags {

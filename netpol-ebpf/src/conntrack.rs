@@ -63,13 +63,13 @@ pub(crate) fn established(
     // SAFETY: pointer into the map value, valid for this run; concurrent writers on
     // other CPUs can only make fields stale, never invalid.
     unsafe {
-        let revision = if jdir == direction::EGRESS {
-            (*e).egress_revision
+        let stamped = if jdir == direction::EGRESS {
+            (*e).egress_stamp
         } else {
-            (*e).ingress_revision
+            (*e).ingress_stamp
         };
         let audited = (*e).flags & audit_flag(jdir) != 0;
-        let current = revision == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+        let current = stamped == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
         if current && (!audited || audit) {
             ct_touch(e, pkt, reply, now);
             *out = Outcome::allow(reason::CONNTRACK);
@@ -79,7 +79,7 @@ pub(crate) fn established(
         out.verdict = verdict_of(ep, config, pkt, reply, out);
         out.reply = reply as u8;
         if out.verdict == verdict::ALLOWED {
-            set_revision(e, jdir, stamp);
+            set_stamp(e, jdir, stamp);
             set_cookie(e, jdir, out.cookie);
             (*e).flags &= !audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
@@ -91,7 +91,7 @@ pub(crate) fn established(
         }
         if audits(ep, config, jdir, out.reason) {
             // Reported once as AUDIT, then quiet until the policy changes again.
-            set_revision(e, jdir, stamp);
+            set_stamp(e, jdir, stamp);
             (*e).flags |= audit_flag(jdir);
             ct_touch(e, pkt, reply, now);
         }
@@ -123,11 +123,11 @@ pub(crate) unsafe fn cookie_of(e: *const CtEntry, jdir: u8) -> u32 {
 /// # Safety
 /// `e` must point at a live CONNTRACK value (from a lookup in this program run).
 #[inline(always)]
-pub(crate) unsafe fn set_revision(e: *mut CtEntry, jdir: u8, revision: u32) {
+pub(crate) unsafe fn set_stamp(e: *mut CtEntry, jdir: u8, stamp: u64) {
     if jdir == direction::EGRESS {
-        (*e).egress_revision = revision;
+        (*e).egress_stamp = stamp;
     } else {
-        (*e).ingress_revision = revision;
+        (*e).ingress_stamp = stamp;
     }
 }
 
@@ -171,6 +171,18 @@ pub(crate) fn ct_live(key: &CtKey, config: &Config, now: u64) -> Option<*mut CtE
     Some(e)
 }
 
+/// Whether a packet may start tracking a connection: TCP only from its initial SYN, so
+/// that neither a flood of ACKs nor a connection whose state was lost mints entries
+/// (such a packet is still judged, and passes untracked if policy allows it); other
+/// protocols from any packet.
+#[inline(always)]
+pub(crate) fn opens(pkt: &Packet) -> bool {
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    pkt.protocol != proto::TCP || pkt.tcp_flags & (SYN | ACK | RST) == SYN
+}
+
 /// Advances the TCP state and the idle clock of a connection for one of its packets.
 ///
 /// # Safety
@@ -209,14 +221,14 @@ pub(crate) unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u
 /// Records that the check in direction `jdir` passed for the connection `key` names
 /// (`audited`: by audit mode only), and the rule that allowed it (`cookie`).
 #[inline(always)]
-pub(crate) fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, cookie: u32, now: u64) {
+pub(crate) fn remember(key: &CtKey, jdir: u8, stamp: u64, audited: u32, cookie: u32, now: u64) {
     let ok = ok_flag(jdir);
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | audited;
             (*e).last_seen_ns = now;
-            set_revision(e, jdir, revision);
+            set_stamp(e, jdir, stamp);
             set_cookie(e, jdir, cookie);
         }
         return;
@@ -227,10 +239,10 @@ pub(crate) fn remember(key: &CtKey, jdir: u8, revision: u32, audited: u32, cooki
         ..CtEntry::default()
     };
     if jdir == direction::EGRESS {
-        entry.egress_revision = revision;
+        entry.egress_stamp = stamp;
         entry.egress_cookie = cookie;
     } else {
-        entry.ingress_revision = revision;
+        entry.ingress_stamp = stamp;
         entry.ingress_cookie = cookie;
     }
     // A full table evicts the least recently used entry; a failed insert only means

@@ -54,7 +54,7 @@ use aya_ebpf::{
 use netpol_common::{counter_index, ct_stamp, direction, reason, verdict, Config, EndpointEntry};
 use parse::{frag, Packet};
 
-use conntrack::{audit_flag, ct_live, established, ok_flag, remember};
+use conntrack::{audit_flag, ct_live, established, ok_flag, opens, remember};
 use emit::{count, count_rule, finish};
 use maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH};
 use policy::{audits, verdict_of};
@@ -334,21 +334,26 @@ fn stages(
     if pkt.icmp != parse::icmp::TRACKED {
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
-        remember(
-            &scratch.ct,
-            dir,
-            ct_stamp(ep.revision, config.epoch),
-            0,
-            out.cookie,
-            now,
-        );
+        if opens(pkt) {
+            remember(
+                &scratch.ct,
+                dir,
+                ct_stamp(ep.revision, config.epoch),
+                0,
+                out.cookie,
+                now,
+            );
+        }
         count_rule(out.cookie, pkt.len);
         // SAFETY: a helper without arguments or memory access.
         if config.sample_allows != 0 && unsafe { bpf_get_prandom_u32() } % config.sample_allows == 0
         {
             out.report = 1;
         }
-    } else if out.reason == reason::POLICY_DENIED && audits(ep, config, dir, out.reason) {
+    } else if out.reason == reason::POLICY_DENIED
+        && audits(ep, config, dir, out.reason)
+        && opens(pkt)
+    {
         // Audit lets the connection through; it is reported once, and enforced again as
         // soon as audit ends (the entry says the check passed by audit only).
         remember(

@@ -22,7 +22,7 @@ use netpol_common::{
     EndpointEntry, PendingEntry, PendingKey,
 };
 
-use crate::conntrack::{ct_live, ct_touch, remember};
+use crate::conntrack::{ct_live, ct_touch, opens, remember};
 use crate::emit::{count, count_rule, finish};
 use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SERVICES, SVC_PENDING};
 use crate::parse::{self, Packet};
@@ -52,7 +52,7 @@ pub(crate) fn egress_to_vip(
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             let flags = (*e).flags;
-            let current = (*e).egress_revision == ct_stamp(ep.revision, config.epoch)
+            let current = (*e).egress_stamp == ct_stamp(ep.revision, config.epoch)
                 || config.flags & config_flags::KEEP_ESTABLISHED != 0;
             let audit_ok =
                 flags & ct_flags::EGRESS_AUDIT == 0 || audit_mode(ep, config, direction::EGRESS);
@@ -169,6 +169,13 @@ fn judge_backend(
         scratch.ct.protocol = pkt.protocol;
         scratch.ct._pad = [0; 3];
         let now = bpf_ktime_get_ns();
+        if !opens(pkt) {
+            // Passes untracked (see `opens`).
+            if audited == 0 {
+                count_rule(out.cookie, pkt.len);
+            }
+            return;
+        }
         remember(
             &scratch.ct,
             direction::EGRESS,

@@ -86,7 +86,7 @@ fn a_revoked_connection_is_cut_at_its_next_packet_unless_kept() {
     // A change that still allows it: judged again, passes, the entry takes the revision.
     rig.update_endpoint(|ep| ep.revision = 8);
     assert_eq!(judge(&mut rig, true, &data), (OK, reason::POLICY_ALLOWED));
-    assert_eq!(rig.conntrack(&key).unwrap().ingress_revision, 8);
+    assert_eq!(rig.conntrack(&key).unwrap().ingress_stamp, 8);
     assert_eq!(judge(&mut rig, true, &data), (OK, reason::CONNTRACK));
 
     // The allowing rule goes away.
@@ -219,7 +219,7 @@ fn tcp_state_and_idle_timeouts_decide_when_state_expires() {
             CtEntry {
                 last_seen_ns: monotonic_ns() - age,
                 flags,
-                ingress_revision: REVISION,
+                ingress_stamp: REVISION.into(),
                 ..CtEntry::default()
             },
         );
@@ -248,7 +248,7 @@ fn tcp_state_and_idle_timeouts_decide_when_state_expires() {
             CtEntry {
                 last_seen_ns: monotonic_ns() - age_s * s,
                 flags: ct_flags::INGRESS_OK,
-                ingress_revision: REVISION,
+                ingress_stamp: REVISION.into(),
                 ..CtEntry::default()
             },
         );
@@ -272,7 +272,7 @@ fn tcp_state_and_idle_timeouts_decide_when_state_expires() {
             CtEntry {
                 last_seen_ns: monotonic_ns() - age_s * s,
                 flags: ct_flags::INGRESS_OK,
-                ingress_revision: REVISION,
+                ingress_stamp: REVISION.into(),
                 ..CtEntry::default()
             },
         );
@@ -309,7 +309,7 @@ fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
     let stamp = rig
         .conntrack(&key4(CLIENT, SERVER, TCP, 40000, 80))
         .unwrap()
-        .ingress_revision;
+        .ingress_stamp;
     assert_eq!(stamp, netpol_common::ct_stamp(REVISION, 1));
     // The client is relabelled: its address maps to an identity no rule allows.
     rig.ipcache(v4_mapped(CLIENT), 999, 0);
@@ -339,5 +339,49 @@ fn a_new_epoch_rejudges_connections_a_revision_cannot_see_change() {
         judge(&mut rig, true, &data),
         (SHOT, reason::POLICY_REVOKED),
         "cut once the sync is complete"
+    );
+}
+
+/// TCP state starts at an initial SYN only: a mid-stream segment (a lost state, or a
+/// flood of ACKs to fill the table) is judged and passes untracked where policy allows
+/// it, so its replies meet the other side's policy instead of riding on an entry.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn tcp_state_starts_at_a_syn_only() {
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 0x10);
+    let key = key4(CLIENT, SERVER, TCP, 40000, 80);
+    for flags in [ACK, ACK | PSH, FIN | ACK, RST, SYN | ACK] {
+        let segment = v4(CLIENT, SERVER, tcp(40000, 80, flags));
+        assert_eq!(
+            judge(&mut rig, true, &segment),
+            (OK, reason::POLICY_ALLOWED),
+            "flags {flags:#x}: allowed by policy"
+        );
+        assert!(rig.conntrack(&key).is_none(), "flags {flags:#x}: no state");
+        // The server's answer has no entry to ride on: its own egress (default deny).
+        let answer = v4(SERVER, CLIENT, tcp(80, 40000, ACK));
+        assert_eq!(
+            judge(&mut rig, false, &answer),
+            (SHOT, reason::POLICY_DENIED),
+            "flags {flags:#x}: the answer is judged"
+        );
+    }
+    // A denied ACK flood creates nothing either; an initial SYN does.
+    let other = v4(CLIENT, SERVER, tcp(40001, 81, ACK));
+    assert_eq!(judge(&mut rig, true, &other), (SHOT, reason::POLICY_DENIED));
+    assert_eq!(
+        judge(&mut rig, true, &v4(CLIENT, SERVER, tcp(40000, 80, SYN))),
+        (OK, reason::POLICY_ALLOWED)
+    );
+    assert!(rig.conntrack(&key).is_some(), "a SYN opens the connection");
+    assert_eq!(
+        judge(
+            &mut rig,
+            false,
+            &v4(SERVER, CLIENT, tcp(80, 40000, SYN | ACK))
+        ),
+        (OK, reason::CONNTRACK)
     );
 }

@@ -54,7 +54,7 @@ fn an_allowed_port_passes_and_only_that_port() {
         .conntrack(&key4(CLIENT, SERVER, TCP, 40000, 80))
         .expect("the connection is tracked");
     assert_eq!(ct.flags & ct_flags::INGRESS_OK, ct_flags::INGRESS_OK);
-    assert_eq!(ct.ingress_revision, REVISION);
+    assert_eq!(ct.ingress_stamp, u64::from(REVISION));
     assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40001, 81, SYN))), SHOT);
 }
 

@@ -14,8 +14,9 @@
 //! counters survive) and the agent reads them back as its "actual" state, so its first
 //! sync is a diff against what the kernel really holds. Another version (a layout
 //! change): fresh maps in the new directory, conntrack copied from the old one when its
-//! layout is unchanged, every filter switched atomically to the new program once the new
-//! maps are complete, then the old directory is removed.
+//! layout is unchanged or converted when it is one this build knows ([`v4`]), every
+//! filter switched atomically to the new program once the new maps are complete, then
+//! the old directory is removed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,9 +261,9 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Copies the conntrack entries of another version's pinned map into `to`, if its
-/// layout is the same as this build's. Returns how many were copied (None: not
-/// copied, the layouts differ or the old map is unreadable).
+/// Copies the conntrack entries of another version's pinned map into `to`: as they are
+/// when the layout is unchanged, converted when it is a layout this build knows
+/// ([`v4`]). Returns how many were copied (None: not copied, an unknown layout).
 pub fn migrate_conntrack(
     old: &PinDir,
     to: &mut HashMap<&mut MapData, CtKey, CtEntry>,
@@ -271,22 +272,79 @@ pub fn migrate_conntrack(
     let Some(theirs) = old.read_layout() else {
         return Ok(None);
     };
-    if theirs.maps.get(map::CONNTRACK) != ours.maps.get(map::CONNTRACK) {
-        return Ok(None);
+    let theirs = theirs.maps.get(map::CONNTRACK).copied();
+    if theirs == ours.maps.get(map::CONNTRACK).copied() {
+        return copy_conntrack(old, to, |e: CtEntry| e).map(Some);
     }
-    let data = MapData::from_pin(old.map_path(map::CONNTRACK))
-        .with_context(|| format!("opening {}", old.map_path(map::CONNTRACK).display()))?;
-    let from: HashMap<MapData, CtKey, CtEntry> =
-        HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
+    if theirs == Some(v4::CONNTRACK) {
+        return copy_conntrack(old, to, v4::CtEntry::upgrade).map(Some);
+    }
+    Ok(None)
+}
+
+fn copy_conntrack<V: aya::Pod>(
+    old: &PinDir,
+    to: &mut HashMap<&mut MapData, CtKey, CtEntry>,
+    convert: impl Fn(V) -> CtEntry,
+) -> anyhow::Result<usize> {
+    let path = old.map_path(map::CONNTRACK);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let from: HashMap<MapData, CtKey, V> = HashMap::try_from(aya::maps::Map::from_map_data(data)?)?;
     let mut n = 0;
     for item in from.iter() {
         let Ok((k, v)) = item else { continue };
         // The entry may have expired or been evicted meanwhile: skip what fails.
-        if to.insert(k, v, 0).is_ok() {
+        if to.insert(k, convert(v), 0).is_ok() {
             n += 1;
         }
     }
-    Ok(Some(n))
+    Ok(n)
+}
+
+/// Pin version v4's conntrack entry (until the epoch got its own half of the stamp):
+/// kept to migrate the connections of a v4 agent's node.
+pub mod v4 {
+    use core::mem::size_of;
+    use netpol_common::{CtEntry as Current, CtKey};
+
+    /// (key size, value size) of v4's `NP_CONNTRACK`.
+    pub const CONNTRACK: (usize, usize) = (size_of::<CtKey>(), size_of::<CtEntry>());
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CtEntry {
+        pub last_seen_ns: u64,
+        pub flags: u32,
+        /// Revision and epoch folded into one word.
+        pub egress_revision: u32,
+        pub ingress_revision: u32,
+        pub egress_cookie: u32,
+        pub ingress_cookie: u32,
+        pub _pad: u32,
+    }
+    const _: () = assert!(size_of::<CtEntry>() == 32);
+
+    // SAFETY: plain old data: `repr(C)`, integers only, no padding left implicit.
+    unsafe impl aya::Pod for CtEntry {}
+
+    impl CtEntry {
+        /// The connection as this version records it. Its checks keep their flags and
+        /// rule cookies, and their stamps become 0: a stamp of epoch 0 is never current
+        /// once this agent has synced (its epochs start at 1), so every migrated
+        /// connection is judged again on its next packet and goes on if policy still
+        /// allows it.
+        pub fn upgrade(self) -> Current {
+            Current {
+                last_seen_ns: self.last_seen_ns,
+                egress_stamp: 0,
+                ingress_stamp: 0,
+                flags: self.flags,
+                egress_cookie: self.egress_cookie,
+                ingress_cookie: self.ingress_cookie,
+                _pad: 0,
+            }
+        }
+    }
 }
 
 /// Removes the pinned directories of other versions (after the filters moved on).

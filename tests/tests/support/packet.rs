@@ -14,6 +14,7 @@ pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 pub const FIN: u8 = 0x01;
 pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
 
 pub fn tcp(sport: u16, dport: u16, flags: u8) -> (u8, Vec<u8>) {
     let mut h = vec![0u8; 20];
