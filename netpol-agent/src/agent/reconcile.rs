@@ -16,7 +16,7 @@ use netpol_engine::objects::Object;
 
 use crate::api::Status;
 use crate::datapath::discovery::Ports;
-use crate::datapath::{Datapath, Location, Switches, SyncStats};
+use crate::datapath::{Adoption, Datapath, Location, Switches, SyncStats};
 
 /// What a reconcile step asks of the node's datapath.
 pub trait NodeDatapath {
@@ -38,7 +38,8 @@ pub trait NodeDatapath {
     fn programs_ready(&mut self) -> anyhow::Result<()>;
     /// Every endpoint runs this build's programs: other versions' pins can go.
     fn retire_replaced_versions(&mut self);
-    fn adopted(&self) -> bool;
+    /// What the datapath took over from a previous agent.
+    fn adoption(&self) -> Adoption;
 }
 
 impl NodeDatapath for Datapath {
@@ -70,8 +71,8 @@ impl NodeDatapath for Datapath {
     fn retire_replaced_versions(&mut self) {
         Datapath::retire_replaced_versions(self)
     }
-    fn adopted(&self) -> bool {
-        self.adoption().adopted
+    fn adoption(&self) -> Adoption {
+        Datapath::adoption(self).clone()
     }
 }
 
@@ -213,6 +214,7 @@ impl Agent {
                 "agent ready: the datapath enforces the cluster state"
             );
         }
+        let adoption = dp.adoption();
         let status = Status {
             node: self.node.clone(),
             digest: snapshot.digest.clone(),
@@ -225,7 +227,8 @@ impl Agent {
             invalid: snapshot.invalid.clone(),
             syncs: self.syncs,
             ready_ms: self.ready_ms,
-            adopted: dp.adopted(),
+            adopted: adoption.adopted,
+            migrated_conntrack: adoption.migrated_conntrack,
             ..Status::default()
         };
         Ok(Reconciled {
@@ -306,8 +309,8 @@ mod tests {
         fn retire_replaced_versions(&mut self) {
             self.retired += 1;
         }
-        fn adopted(&self) -> bool {
-            false
+        fn adoption(&self) -> Adoption {
+            Adoption::default()
         }
     }
 

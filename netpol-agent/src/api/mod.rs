@@ -100,6 +100,9 @@ pub struct Status {
     /// Whether the agent adopted pinned maps of a previous agent of its version.
     #[serde(default)]
     pub adopted: bool,
+    /// Conntrack entries copied or converted from another pin version's maps at start.
+    #[serde(default)]
+    pub migrated_conntrack: usize,
     /// Where the agent serves `/metrics`, `/healthz` and `/readyz` (None: nowhere).
     #[serde(default)]
     pub metrics_addr: Option<String>,
