@@ -209,27 +209,17 @@ fn in_block(block: &IPBlock, addr: IpAddr) -> bool {
 }
 
 fn cidr_contains(cidr: &str, addr: IpAddr) -> bool {
-    let Some((net, len)) = cidr.split_once('/') else {
-        return false;
+    validation::legacy_cidr(cidr).is_some_and(|(net, len)| same_network(net, addr, len))
+}
+
+/// Whether `a` and `b` are of one family and agree on the first `len` bits.
+fn same_network(a: IpAddr, b: IpAddr, len: u32) -> bool {
+    let (a, b, bits) = match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return false,
     };
-    let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else {
-        return false;
-    };
-    match (net, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+    len == 0 || a >> (bits - len) == b >> (bits - len)
 }
 
 /// `matchLabels` and `matchExpressions` are ANDed; a missing or empty selector selects
