@@ -2,6 +2,7 @@
 //! an invalid policy is rejected whole with an error naming the object and field.
 
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use netpol_common::proto;
 
@@ -88,7 +89,7 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
         .unwrap_or_else(|| "default".into());
     let name = np.metadata.name.clone().ok_or("metadata.name: missing")?;
     let spec = np.spec.as_ref().ok_or("spec: missing")?;
-    let pod_selector = Selector::parse(
+    let pod_selector = selector(
         &spec.pod_selector.clone().unwrap_or_default(),
         "spec.podSelector",
     )?;
@@ -97,6 +98,9 @@ pub fn parse_policy(np: &NetworkPolicy) -> Result<Policy, String> {
     let (mut isolates_ingress, mut isolates_egress) =
         (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty()));
     if let Some(types) = spec.policy_types.as_ref().filter(|t| !t.is_empty()) {
+        if types.len() > 2 {
+            return Err("spec.policyTypes: may not specify more than two policyTypes".into());
+        }
         isolates_ingress = false;
         isolates_egress = false;
         for (i, t) in types.iter().enumerate() {
@@ -196,11 +200,11 @@ fn parse_peers(
             (None, ns, pods) => {
                 let namespaces = ns
                     .as_ref()
-                    .map(|s| Selector::parse(s, &format!("{f}.namespaceSelector")))
+                    .map(|s| selector(s, &format!("{f}.namespaceSelector")))
                     .transpose()?;
                 let pods = pods
                     .as_ref()
-                    .map(|s| Selector::parse(s, &format!("{f}.podSelector")))
+                    .map(|s| selector(s, &format!("{f}.podSelector")))
                     .transpose()?
                     .unwrap_or_default();
                 out.push(Peer::Pods { namespaces, pods });
@@ -262,6 +266,66 @@ fn parse_ports(
         });
     }
     Ok(Some(out))
+}
+
+/// A NetworkPolicy's selector: parsed, and its label keys and values held to the
+/// syntax the API server checks for NetworkPolicy (the cluster policies' CRDs do not).
+fn selector(sel: &LabelSelector, field: &str) -> Result<Selector, String> {
+    for (key, value) in sel.match_labels.iter().flatten() {
+        validate_label_key(key).map_err(|e| format!("{field}.matchLabels: {e}"))?;
+        validate_label_value(value).map_err(|e| format!("{field}.matchLabels[{key}]: {e}"))?;
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        validate_label_key(&e.key).map_err(|err| format!("{f}.key: {err}"))?;
+        for (j, v) in e.values.iter().flatten().enumerate() {
+            validate_label_value(v).map_err(|err| format!("{f}.values[{j}]: {err}"))?;
+        }
+    }
+    Selector::parse(sel, field)
+}
+
+/// A label key is a qualified name: `[prefix/]name`, the prefix a DNS subdomain (at
+/// most 253 characters), the name a non-empty label value.
+fn validate_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        p.len() <= 253
+            && p.split('.').all(|part| {
+                let b = part.as_bytes();
+                !b.is_empty()
+                    && b.iter()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                    && b[0] != b'-'
+                    && b[b.len() - 1] != b'-'
+            })
+    });
+    if !prefix_ok || name.is_empty() || validate_label_value(name).is_err() {
+        return Err(format!(
+            "{key:?} is not a label key ([DNS subdomain/]name, the name 1-63 characters)"
+        ));
+    }
+    Ok(())
+}
+
+/// A label value: empty, or at most 63 of `A-Za-z0-9-_.` with an alphanumeric at
+/// either end.
+fn validate_label_value(value: &str) -> Result<(), String> {
+    let b = value.as_bytes();
+    let ok = b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.first().is_none_or(u8::is_ascii_alphanumeric)
+        && b.last().is_none_or(u8::is_ascii_alphanumeric);
+    if !ok {
+        return Err(format!(
+            "{value:?} is not a label value (at most 63 characters, alphanumeric at the ends)"
+        ));
+    }
+    Ok(())
 }
 
 /// An IANA service name: 1-15 characters of `a-z0-9-`, at least one letter, no leading,
@@ -345,10 +409,45 @@ mod tests {
             ("spec: {podSelector: {}, egress: [{ports: [{port: 80, endPort: 79}]}]}", "spec.egress[0].ports[0].endPort"),
             ("spec: {podSelector: {}, egress: [{ports: [{port: http, endPort: 90}]}]}", "spec.egress[0].ports[0].endPort"),
             ("spec: {podSelector: {}, policyTypes: [Sideways]}", "spec.policyTypes[0]"),
+            ("spec: {podSelector: {}, policyTypes: [Ingress, Egress, Ingress]}", "spec.policyTypes"),
+            ("spec: {podSelector: {matchLabels: {Example.com/app: a}}}", "spec.podSelector.matchLabels"),
+            ("spec: {podSelector: {}, ingress: [{from: [{podSelector: {matchLabels: {app: -a}}}]}]}", "spec.ingress[0].from[0].podSelector.matchLabels[app]"),
+            ("spec: {podSelector: {}, egress: [{to: [{namespaceSelector: {matchExpressions: [{key: a/b/c, operator: Exists}]}}]}]}", "spec.egress[0].to[0].namespaceSelector.matchExpressions[0].key"),
+            ("spec: {podSelector: {matchExpressions: [{key: app, operator: In, values: [a, b!]}]}}", "spec.podSelector.matchExpressions[0].values[1]"),
         ];
         for (spec, field) in cases {
             let e = parse_policy(&policy(&format!("metadata: {{name: p}}\n{spec}"))).unwrap_err();
             assert!(e.starts_with(field), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn label_keys_and_values_follow_the_api_syntax() {
+        for key in [
+            "app",
+            "example.com/app",
+            "A_b.c-D",
+            "kubernetes.io/metadata.name",
+        ] {
+            assert!(validate_label_key(key).is_ok(), "{key}");
+        }
+        for key in [
+            "",
+            "bad key",
+            "a/b/c",
+            "/app",
+            "Example.com/app",
+            "-app",
+            "app-",
+            &"a".repeat(64),
+        ] {
+            assert!(validate_label_key(key).is_err(), "{key}");
+        }
+        for value in ["", "a", "A.b_c-9", &"a".repeat(63)] {
+            assert!(validate_label_value(value).is_ok(), "{value}");
+        }
+        for value in ["-a", "a-", "a b", "a/b", &"a".repeat(64)] {
+            assert!(validate_label_value(value).is_err(), "{value}");
         }
     }
 

@@ -2,6 +2,7 @@
 //! flow is judged by the reference evaluator (the API documentation, executed) and by
 //! a lookup in the compiled maps with the kernel's precedence; they must agree.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -145,22 +146,38 @@ impl Compiled {
         r.allowed()
     }
 
+    /// The names of the NetworkPolicies the reference finds invalid, and of those the
+    /// index rejected.
+    pub fn rejected_policies(&self) -> (BTreeSet<String>, BTreeSet<String>) {
+        let by_reference = self
+            .state
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                Object::NetworkPolicy(np) if !reference::valid(np) => np.metadata.name.clone(),
+                _ => None,
+            })
+            .collect();
+        let by_index = self
+            .snap
+            .invalid
+            .iter()
+            .filter(|i| i.kind == "NetworkPolicy")
+            .map(|i| i.name.clone())
+            .collect();
+        (by_reference, by_index)
+    }
+
     /// Every address in the cluster plus `extra`, every ordered same-family pair, every
     /// protocol and each of `ports`: the first disagreement, if any.
     pub fn disagreement(&self, extra: &[IpAddr], ports: &[u16]) -> Option<String> {
-        // Policies the API server would reject are rejected by both.
-        for o in &self.state.objects {
-            if let Object::NetworkPolicy(np) = o {
-                let name = np.metadata.name.clone().unwrap_or_default();
-                let rejected = self.snap.invalid.iter().any(|i| i.name == name);
-                if rejected == reference::valid(np) {
-                    return Some(format!(
-                        "policy {name}: reference valid={}, index rejected={rejected} ({:?})",
-                        reference::valid(np),
-                        self.snap.invalid
-                    ));
-                }
-            }
+        // The policies the API server would reject are the ones the index rejects.
+        let (by_reference, by_index) = self.rejected_policies();
+        if by_reference != by_index {
+            return Some(format!(
+                "rejected NetworkPolicies: reference {by_reference:?}, index {by_index:?} ({:?})",
+                self.snap.invalid
+            ));
         }
         for o in &self.state.objects {
             if let Object::ClusterPolicy(c) = o {
