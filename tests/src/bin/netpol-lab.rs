@@ -269,6 +269,7 @@ fn lab_up_options(a: &LabUpArgs) -> anyhow::Result<lab::UpOptions> {
             .with_context(|| format!("manifest directory {}", a.manifests.display()))?,
         pod_cidr: a.pod_cidr.clone(),
         netpol_bin: netpol_bin(),
+        lab_bin: std::env::current_exe().context("finding netpol-lab's own executable")?,
         agent_args: a.agent_args.clone(),
         nodes: a.nodes,
         dns: a.dns,

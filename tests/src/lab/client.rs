@@ -29,8 +29,8 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", paths.dir.display()))?;
     let log = std::fs::File::create(&paths.supervisor_log)
         .with_context(|| format!("creating {}", paths.supervisor_log.display()))?;
-    let mut child = Command::new(&opts.netpol_bin)
-        .args(["lab", "run", "--name", &opts.name, "--manifests"])
+    let mut child = Command::new(&opts.lab_bin)
+        .args(["run", "--name", &opts.name, "--manifests"])
         .arg(&manifests)
         .args(["--pod-cidr", &opts.pod_cidr])
         .args(["--nodes", &opts.nodes.to_string()])
@@ -43,7 +43,7 @@ pub fn up(opts: &UpOptions) -> anyhow::Result<()> {
         // Own process group: a Ctrl-C in the terminal that ran `up` must not reach it.
         .process_group(0)
         .spawn()
-        .with_context(|| format!("starting {} lab run", opts.netpol_bin.display()))?;
+        .with_context(|| format!("starting {} run", opts.lab_bin.display()))?;
 
     let died = |status: std::process::ExitStatus| {
         anyhow::anyhow!(
@@ -282,9 +282,9 @@ pub(super) fn is_our_supervisor(pid: u32, name: &str) -> bool {
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    // `netpol lab run` becomes `netpol-lab run` once netpol has handed over.
+    // `up` starts the supervisor as `netpol-lab run` itself.
     args.windows(2)
-        .any(|w| w[1] == b"run" && (w[0] == b"lab" || w[0].ends_with(b"netpol-lab")))
+        .any(|w| w[1] == b"run" && w[0].ends_with(b"netpol-lab"))
         && args
             .windows(2)
             .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())

@@ -70,8 +70,10 @@ pub struct UpOptions {
     pub manifests: PathBuf,
     /// Default "10.244.0.0/24".
     pub pod_cidr: String,
-    /// The netpol binary run as supervisor, agent and pod servers.
+    /// The netpol binary run as the agent and the pod servers.
     pub netpol_bin: PathBuf,
+    /// The netpol-lab binary run as the supervisor (`netpol-lab run`).
+    pub lab_bin: PathBuf,
     /// Extra flags for the lab's agent (`--keep-established`, `--event-rate=10`, ...).
     pub agent_args: Vec<String>,
     /// Nodes (1 = the single-node lab of before: no underlay, no overlay).
