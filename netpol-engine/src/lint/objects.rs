@@ -106,7 +106,7 @@ impl<'a> Checker<'a> {
         {
             let text = x.as_str().unwrap_or_default();
             let inside = match (cidr, Cidr::parse(text)) {
-                (Some(c), Ok(xc)) => c.contains(&xc) && xc.prefix != c.prefix,
+                (Some(c), Ok(xc)) => c.contains(&xc) && xc.prefix_len() != c.prefix_len(),
                 _ => false,
             };
             if inside {
@@ -615,7 +615,7 @@ impl<'a> Checker<'a> {
         except: &[Cidr],
         cluster_peer: bool,
     ) {
-        if cidr.prefix == 0 || (cidr.is_v4() && cidr.prefix == 96) {
+        if cidr.prefix_len() == 0 {
             return; // "anywhere" is meant to include everything
         }
         let mut hits: Vec<(&PodInfo, std::net::IpAddr)> = Vec::new();
