@@ -2,10 +2,11 @@
 
 use std::net::IpAddr;
 
-use netpol_common::{direction, identity, proto};
+use netpol_common::{direction, endpoint_flags, identity, proto};
 
 use super::lookup::decide_at;
 use super::*;
+use crate::index::net::addr_of;
 use crate::index::tests::state;
 use crate::index::Index;
 
