@@ -12,8 +12,12 @@
 //! checks about pods run when it holds pods, those about namespace labels when it holds
 //! Namespace objects (`--cluster` always has both).
 
+mod cluster;
 mod dns;
 mod objects;
+mod peers;
+mod ports;
+mod rejected;
 mod shadow;
 mod snippet;
 
