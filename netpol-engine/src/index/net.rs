@@ -79,6 +79,14 @@ impl Cidr {
         matches!(self.0, IpNet::V6(n) if V4_MAPPED.contains(&n))
     }
 
+    /// The IPv4 network a v4-mapped IPv6 CIDR spells (`::ffff:10.0.0.0/104` spells
+    /// `10.0.0.0/8`); None for any other CIDR.
+    pub fn mapped_ipv4(&self) -> Option<Cidr> {
+        let (addr, prefix) = self.map_key();
+        self.is_v4_mapped_v6()
+            .then(|| Cidr::from_map_key(addr, prefix))
+    }
+
     /// Whether the maps' address `a` is in this network (families never mix).
     pub fn contains_addr(&self, a: &Addr) -> bool {
         self.0.contains(&ip_of(a))
@@ -195,6 +203,12 @@ mod tests {
         assert!(!cidr("0.0.0.0/0").is_v4_mapped_v6());
         assert!(!mapped.contains_addr(&addr_of("10.0.0.1".parse().unwrap())));
         assert!(!mapped.contains(&cidr("0.0.0.0/0")));
+        assert_eq!(mapped.mapped_ipv4(), Some(cidr("0.0.0.0/0")));
+        assert_eq!(
+            cidr("::ffff:10.0.0.0/104").mapped_ipv4(),
+            Some(cidr("10.0.0.0/8"))
+        );
+        assert_eq!(cidr("::/0").mapped_ipv4(), None);
     }
 
     #[test]

@@ -154,7 +154,19 @@ impl<'a> Checker<'a> {
         }
         for (k, n) in peer.networks.iter().flatten().enumerate() {
             if let Ok(cidr) = Cidr::parse(n) {
-                self.block(object, &format!("{f}.networks[{k}]"), &cidr, &[], true);
+                let field = format!("{f}.networks[{k}]");
+                if let Some(v4) = cidr.mapped_ipv4() {
+                    self.v4_mapped(
+                        object,
+                        &field,
+                        &cidr,
+                        snippet(
+                            "for IPv4 peers, the same addresses as IPv4",
+                            &s(&v4.to_string()),
+                        ),
+                    );
+                }
+                self.block(object, &field, &cidr, &[], true);
             }
         }
     }

@@ -111,6 +111,7 @@ impl<'a> Checker<'a> {
                             ("namespaceSelector", "podSelector"),
                         ),
                         Peer::Block { cidr, except } => {
+                            self.v4_mapped_block(&object, &f, cidr, except);
                             self.block(&object, &format!("{f}.ipBlock.cidr"), cidr, except, false)
                         }
                         Peer::Nodes(_) => {}

@@ -220,6 +220,72 @@ impl<'a> Checker<'a> {
         );
     }
 
+    /// An ipBlock whose `cidr` or `except` is v4-mapped IPv6 (`peer` is its field).
+    pub(super) fn v4_mapped_block(
+        &mut self,
+        object: &str,
+        peer: &str,
+        cidr: &Cidr,
+        except: &[Cidr],
+    ) {
+        if let Some(v4) = cidr.mapped_ipv4() {
+            // Its excepts lie inside it, so they are v4-mapped too: one finding says it.
+            let mut block = vec![("cidr", s(&v4.to_string()))];
+            let v4_except: Vec<Value> = except
+                .iter()
+                .filter_map(Cidr::mapped_ipv4)
+                .map(|x| s(&x.to_string()))
+                .collect();
+            if !v4_except.is_empty() {
+                block.push(("except", Value::Sequence(v4_except)));
+            }
+            let fix = snippet(
+                "for IPv4 peers, the same addresses as IPv4",
+                &map(vec![("ipBlock", map(block))]),
+            );
+            self.v4_mapped(object, &format!("{peer}.ipBlock.cidr"), cidr, fix);
+            return;
+        }
+        let kept: Vec<Value> = except
+            .iter()
+            .filter(|x| !x.is_v4_mapped_v6())
+            .map(|x| s(&x.to_string()))
+            .collect();
+        let mut block = vec![("cidr", s(&cidr.to_string()))];
+        if !kept.is_empty() {
+            block.push(("except", Value::Sequence(kept)));
+        }
+        let fix = snippet(
+            &format!("drop it: IPv4 peers never match {cidr}, so there is nothing to except"),
+            &map(vec![("ipBlock", map(block))]),
+        );
+        for (k, x) in except.iter().enumerate() {
+            if x.is_v4_mapped_v6() {
+                self.v4_mapped(
+                    object,
+                    &format!("{peer}.ipBlock.except[{k}]"),
+                    x,
+                    fix.clone(),
+                );
+            }
+        }
+    }
+
+    /// One CIDR inside ::ffff:0:0/96: no packet has such an address (Linux drops IPv6
+    /// packets with v4-mapped addresses, and so does the classifier).
+    pub(super) fn v4_mapped(&mut self, object: &str, field: &str, cidr: &Cidr, fix: String) {
+        self.push(
+            "ipblock-v4-mapped",
+            object,
+            field,
+            format!(
+                "{cidr} matches no traffic: IPv4-mapped IPv6 (inside ::ffff:0:0/96) is never \
+                 on the wire, and IPv4 peers match only IPv4 CIDRs"
+            ),
+            fix,
+        );
+    }
+
     /// An ipBlock (or `networks` CIDR) covering pod addresses of the input.
     pub(super) fn block(
         &mut self,
@@ -299,6 +365,71 @@ impl<'a> Checker<'a> {
                 "in place of the ipBlock peer: peers that follow the pods (or narrow the block, or except them)",
                 &Value::Sequence(peers),
             ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::lint::lint;
+    use crate::objects::manifest::parse_manifests;
+
+    /// (code, field) of each finding on `manifests`.
+    fn findings(manifests: &str) -> Vec<(String, String)> {
+        let (objects, errors) = parse_manifests(Path::new("test.yaml"), manifests);
+        assert!(errors.is_empty(), "{errors:?}");
+        lint(objects)
+            .findings
+            .into_iter()
+            .map(|f| (f.code, f.field))
+            .collect()
+    }
+
+    #[test]
+    fn v4_mapped_cidrs_are_reported_as_matching_no_traffic() {
+        let found = findings(
+            "kind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: x}\n\
+             spec: {podSelector: {}, ingress: [{from: [\
+             {ipBlock: {cidr: '::ffff:0:0/96', except: ['::ffff:10.0.0.0/104']}}, \
+             {ipBlock: {cidr: '::/0', except: ['::ffff:0:0/96', 'fd00::/8']}}, \
+             {ipBlock: {cidr: 10.0.0.0/8}}, {ipBlock: {cidr: 'fd00::/8'}}]}]}\n",
+        );
+        let mapped: Vec<&str> = found
+            .iter()
+            .filter(|(code, _)| code == "ipblock-v4-mapped")
+            .map(|(_, field)| field.as_str())
+            .collect();
+        assert_eq!(
+            mapped,
+            [
+                "spec.ingress[0].from[0].ipBlock.cidr",
+                "spec.ingress[0].from[1].ipBlock.except[0]",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_v4_mapped_networks_cidr_is_reported() {
+        let found = findings(
+            "apiVersion: policy.networking.k8s.io/v1alpha1\nkind: AdminNetworkPolicy\nmetadata: {name: c}\n\
+             spec: {priority: 10, subject: {namespaces: {}}, \
+             egress: [{action: Deny, to: [{networks: ['::ffff:192.168.0.0/112', '192.168.0.0/16']}]}]}\n",
+        );
+        assert!(
+            found.contains(&(
+                "ipblock-v4-mapped".into(),
+                "spec.egress[0].to[0].networks[0]".into()
+            )),
+            "{found:?}"
+        );
+        assert_eq!(
+            found
+                .iter()
+                .filter(|(c, _)| c == "ipblock-v4-mapped")
+                .count(),
+            1
         );
     }
 }
