@@ -623,7 +623,7 @@ impl EndpointCounters {
 /// Caps of the token bucket, so that its arithmetic cannot overflow.
 pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
-#[cfg(feature = "user")]
+#[cfg(feature = "aya")]
 mod user {
     use super::*;
     unsafe impl aya::Pod for EndpointEntry {}

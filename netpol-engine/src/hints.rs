@@ -6,27 +6,13 @@
 
 use crate::index::{Labels, Peer, PodInfo, Selector, NAMESPACE_NAME_LABEL};
 
-/// Edit distance, for "a label that differs by a typo".
-pub fn distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
 /// Two different words one could have meant for the other.
 pub fn near(a: &str, b: &str) -> bool {
     a != b
         && (a.eq_ignore_ascii_case(b)
-            || distance(a, b) <= 2
+            // OSA counts a swap of two neighbouring letters (`wbe` for `web`) as one
+            // edit, as a typist makes it; Levenshtein would count two.
+            || strsim::osa_distance(a, b) <= 2
             || a.starts_with(b)
             || b.starts_with(a))
 }
@@ -142,6 +128,14 @@ pub fn undefined_named_port(name: &str, pod: &PodInfo) -> bool {
 mod tests {
     use super::*;
     use crate::index::selector::tests::labels;
+
+    #[test]
+    fn swapped_letters_are_one_typo_each() {
+        // Two swaps: two edits for OSA, four for Levenshtein.
+        assert!(near("fornetnd", "frontend"));
+        assert!(!near("frontend", "backend"));
+        assert!(!near("web", "web"));
+    }
 
     #[test]
     fn typos_by_value_key_and_case_are_found_and_corrected() {

@@ -316,6 +316,32 @@ mod tests {
     }
 
     #[test]
+    fn a_v4_mapped_ipv6_block_lets_no_ipv4_pod_in() {
+        let dir = std::env::temp_dir().join(format!("netpol-sim-v4mapped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        std::fs::write(
+            &file,
+            "kind: Namespace\nmetadata: {name: x}\n---\n\
+             kind: Pod\nmetadata: {name: a, namespace: x, labels: {app: a}}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.1.0.1}\n---\n\
+             kind: Pod\nmetadata: {name: b, namespace: x}\nspec: {containers: [{name: c, image: i}]}\nstatus: {podIP: 10.2.0.1}\n---\n\
+             kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\n\
+             spec: {podSelector: {matchLabels: {app: a}}, ingress: [{from: [{ipBlock: {cidr: '::ffff:0:0/96'}}]}]}\n",
+        )
+        .unwrap();
+        let r = simulate(
+            &[file],
+            netpol_common::proto::TCP,
+            80,
+            Some("x/b"),
+            Some("x/a"),
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let r = r.unwrap();
+        assert_eq!(r.results[0].ingress, "denied");
+    }
+
+    #[test]
     fn an_unknown_pod_is_a_clear_error() {
         let e = simulate(
             &[demo()],

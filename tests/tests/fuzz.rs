@@ -72,21 +72,13 @@ fn desired() -> Desired {
     }
     // ipBlocks: 10.244.0.0/16 and 2001:db8::/32
     d.cidrs.insert(
-        Cidr {
-            addr: v4_mapped([10, 244, 0, 0]),
-            prefix: 96 + 16,
-        },
+        Cidr::from_map_key(v4_mapped([10, 244, 0, 0]), 96 + 16),
         CidrEntry { identity: CIDR_A },
     );
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&[0x20, 1, 0xd, 0xb8]);
-    d.cidrs.insert(
-        Cidr {
-            addr: b,
-            prefix: 32,
-        },
-        CidrEntry { identity: CIDR_B },
-    );
+    d.cidrs
+        .insert(Cidr::from_map_key(b, 32), CidrEntry { identity: CIDR_B });
     let mut rule =
         |dir: u8, id: u32, protocol: u8, port: u16, len: u32, action, precedence, cookie| {
             let mut key = PolicyKey {

@@ -16,7 +16,8 @@ use netpol_engine::compile::PolicyPrefix;
 use netpol_engine::index::net::Cidr;
 
 pub fn cidr_key(c: &Cidr) -> Key<Addr> {
-    Key::new(c.prefix as u32, c.addr)
+    let (addr, prefix) = c.map_key();
+    Key::new(u32::from(prefix), addr)
 }
 
 pub fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
@@ -24,10 +25,8 @@ pub fn policy_key(p: &PolicyPrefix) -> Key<PolicyKey> {
 }
 
 pub fn cidr_of(k: &Key<Addr>) -> Cidr {
-    Cidr {
-        addr: k.data(),
-        prefix: k.prefix_len() as u8,
-    }
+    // The kernel holds no prefix over 128 for a 16-byte key.
+    Cidr::from_map_key(k.data(), k.prefix_len().min(128) as u8)
 }
 
 pub fn policy_prefix_of(k: &Key<PolicyKey>) -> PolicyPrefix {

@@ -51,6 +51,9 @@ impl Partition {
             for rule in p.ingress.iter().chain(&p.egress) {
                 for peer in rule.peers.iter().flatten() {
                     if let Peer::Block { cidr, except } = peer {
+                        if cidr.is_v4_mapped_v6() {
+                            continue; // matches no packet: nothing to install
+                        }
                         let b = (*cidr, except.clone());
                         if !blocks.contains(&b) {
                             blocks.push(b);
@@ -66,6 +69,7 @@ impl Partition {
             for r in p.ingress.iter().chain(&p.egress) {
                 for peer in r.rule.peers.iter().flatten() {
                     let wanted: Vec<Block> = match peer {
+                        Peer::Block { cidr, .. } if cidr.is_v4_mapped_v6() => vec![],
                         Peer::Block { cidr, except } => vec![(*cidr, except.clone())],
                         Peer::Nodes(sel) => {
                             let hosts: Vec<Block> = snap
@@ -93,7 +97,9 @@ impl Partition {
             .flat_map(|(c, ex)| std::iter::once(*c).chain(ex.iter().copied()))
             .collect();
         if !blocks.is_empty() {
-            // Keeps IPv4 addresses out of IPv6 prefixes such as ::/0.
+            // In the trie an IPv4 address (v4-mapped) lies inside IPv6 prefixes shorter
+            // than /96, such as ::/0; this longer prefix (::ffff:0:0/96 there) catches
+            // every IPv4 address first, with the set of IPv4 blocks covering it.
             boundaries.push(Cidr::parse("0.0.0.0/0").expect("literal"));
         }
         let mut tags: BTreeMap<Cidr, u32> = BTreeMap::new();
@@ -108,6 +114,9 @@ impl Partition {
                 }
             }
         }
+        // An IPv6 prefix inside ::ffff:0:0/96 (an `except`, a pod's v4-mapped address)
+        // matches no packet, and its trie key would read as an IPv4 prefix.
+        boundaries.retain(|c| !c.is_v4_mapped_v6());
         boundaries.sort();
         boundaries.dedup();
 

@@ -9,7 +9,7 @@ use netpol_common::{
 };
 
 use super::{Desired, PolicyPrefix};
-use crate::index::net::{mask, Cidr};
+use crate::index::net::Cidr;
 
 /// The compiled maps, ready for many lookups: the prefix lengths each trie holds are
 /// collected once, so a longest-prefix match tries only those.
@@ -33,8 +33,8 @@ impl<'a> Lookup<'a> {
     pub fn new(d: &'a Desired) -> Lookup<'a> {
         Lookup {
             d,
-            ipcache_lens: lengths(d.ipcache.keys().map(|c| c.prefix)),
-            cidr_lens: lengths(d.cidrs.keys().map(|c| c.prefix)),
+            ipcache_lens: lengths(d.ipcache.keys().map(|c| c.map_key().1)),
+            cidr_lens: lengths(d.cidrs.keys().map(|c| c.map_key().1)),
             policy_lens: lengths(d.policy.keys().map(|k| k.prefix_len)),
         }
     }
@@ -188,18 +188,16 @@ pub struct Hits {
     pub lower: [PolicyEntry; 3],
 }
 
-/// Longest-prefix match in a map of CIDRs, trying the lengths `lens` (longest first).
+/// Longest-prefix match in a map of CIDRs, trying the lengths `lens` (longest first)
+/// over the trie's 128-bit keys, as the kernel does: an IPv4 address also meets IPv6
+/// prefixes shorter than /96 there (see `compile::cidr` for why none of them wins).
 fn longest<'m, V>(
     map: &'m std::collections::BTreeMap<Cidr, V>,
     lens: &[u8],
     addr: &Addr,
 ) -> Option<&'m V> {
-    lens.iter().find_map(|prefix| {
-        map.get(&Cidr {
-            addr: mask(*addr, *prefix),
-            prefix: *prefix,
-        })
-    })
+    lens.iter()
+        .find_map(|prefix| map.get(&Cidr::from_map_key(*addr, *prefix)))
 }
 
 /// Whether prefix `a` contains every key of prefix `b` (the trie's view).

@@ -2,10 +2,11 @@
 
 use std::net::IpAddr;
 
-use netpol_common::{direction, identity, proto};
+use netpol_common::{direction, endpoint_flags, identity, proto};
 
 use super::lookup::decide_at;
 use super::*;
+use crate::index::net::addr_of;
 use crate::index::tests::state;
 use crate::index::Index;
 
@@ -291,4 +292,69 @@ fn a_policy_in_audit_mode_isolates_in_audit_only_where_nothing_enforced_does() {
     let (snap, d) = compiled(&AUDITED_DENY.replace("mode: audit", "mode: watch"));
     assert_eq!(d.endpoints["x/a"].flags & (ing | eg), 0);
     assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
+}
+
+/// `x/a` admitting only the ipBlocks `blocks` (flow-style YAML).
+fn admitting(blocks: &str) -> (Snapshot, Desired) {
+    compiled(&format!(
+        "kind: NetworkPolicy\nmetadata: {{name: p, namespace: x}}\nspec: {{podSelector: {{matchLabels: {{app: a}}}}, ingress: [{{from: [{blocks}]}}]}}\n"
+    ))
+}
+
+fn admits(d: &Desired, peer: &str) -> bool {
+    decide_at(
+        d,
+        &d.endpoints["x/a"],
+        direction::INGRESS,
+        &addr_of(ip(peer)),
+        proto::TCP,
+        80,
+    )
+    .allowed
+}
+
+#[test]
+fn a_v4_mapped_ipv6_block_admits_no_ipv4_peer_and_installs_nothing() {
+    // Read as IPv4 it would be 0.0.0.0/0: every IPv4 peer.
+    let (snap, d) = admitting("{ipBlock: {cidr: '::ffff:0:0/96'}}");
+    assert!(d.cidrs.is_empty(), "{:?}", d.cidrs);
+    assert!(!allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80));
+    for peer in ["10.245.0.1", "0.0.0.1", "255.255.255.255", "fd00::1"] {
+        assert!(!admits(&d, peer), "{peer}");
+    }
+    let (_, d) = admitting("{ipBlock: {cidr: '::ffff:10.0.0.0/104'}}");
+    assert!(d.cidrs.is_empty(), "{:?}", d.cidrs);
+    assert!(!admits(&d, "10.1.2.3"));
+}
+
+#[test]
+fn an_ipv6_block_around_the_v4_mapped_range_admits_no_ipv4_peer() {
+    for blocks in [
+        "{ipBlock: {cidr: '::/0'}}",
+        "{ipBlock: {cidr: '::/80'}}",
+        "{ipBlock: {cidr: '::/0', except: ['::ffff:0:0/96']}}",
+        "{ipBlock: {cidr: '::/0', except: ['::ffff:10.0.0.0/104']}}",
+    ] {
+        let (snap, d) = admitting(blocks);
+        assert!(
+            !allowed(&d, &snap, "y/c", "x/a", proto::TCP, 80),
+            "{blocks}"
+        );
+        assert!(!admits(&d, "10.245.0.1"), "{blocks}");
+        assert!(admits(&d, "::1"), "{blocks}");
+        // The except's keys are v4-mapped: none may be installed as IPv4 prefixes.
+        assert!(d.cidrs.keys().all(|c| !c.is_v4_mapped_v6()), "{blocks}");
+        let v4: Vec<String> = d
+            .cidrs
+            .iter()
+            .filter(|(c, _)| c.is_v4())
+            .map(|(c, e)| format!("{c}={}", e.identity))
+            .collect();
+        assert_eq!(v4, [format!("0.0.0.0/0={}", identity::ANY)], "{blocks}");
+    }
+    // Beside an IPv4 block, the IPv6 one still leaves the other IPv4 peers out.
+    let (_, d) = admitting("{ipBlock: {cidr: '::/0'}}, {ipBlock: {cidr: 10.245.0.0/16}}");
+    assert!(admits(&d, "10.245.0.1"));
+    assert!(!admits(&d, "10.246.0.1"));
+    assert!(admits(&d, "fd00::1"));
 }

@@ -177,7 +177,7 @@ fn parse_peers(
                 let mut except = Vec::new();
                 for (j, x) in block.except.iter().flatten().enumerate() {
                     let xc = Cidr::parse(x).map_err(|e| format!("{f}.ipBlock.except[{j}]: {e}"))?;
-                    if !cidr.contains(&xc) || xc.prefix == cidr.prefix {
+                    if !cidr.contains(&xc) || xc.prefix_len() == cidr.prefix_len() {
                         return Err(format!(
                             "{f}.ipBlock.except[{j}]: {x:?} must be strictly inside cidr {:?}",
                             block.cidr

@@ -12,8 +12,12 @@
 //! checks about pods run when it holds pods, those about namespace labels when it holds
 //! Namespace objects (`--cluster` always has both).
 
+mod cluster;
 mod dns;
 mod objects;
+mod peers;
+mod ports;
+mod rejected;
 mod shadow;
 mod snippet;
 
@@ -62,6 +66,7 @@ pub const CODES: &[(&str, Severity, &str)] = &[
     ("rule-ignored", Severity::Warning, "rules of a direction that `policyTypes` leaves out: never enforced"),
     ("selector-matches-no-pod", Severity::Warning, "a pod selector (subject or peer) that matches no pod"),
     ("namespace-selector-matches-no-namespace", Severity::Warning, "a namespace selector on labels no namespace carries"),
+    ("ipblock-v4-mapped", Severity::Warning, "an ipBlock `cidr`/`except` or `networks` CIDR inside ::ffff:0:0/96: matches no traffic (IPv4-mapped IPv6)"),
     ("ipblock-matches-pods", Severity::Warning, "an ipBlock (or networks peer) that covers pod addresses: select the pods instead"),
     ("named-port-undefined", Severity::Warning, "a named port no destination pod defines (on that protocol)"),
     ("dns-egress-missing", Severity::Warning, "pods whose egress is isolated can reach no DNS server over UDP 53"),

@@ -6,6 +6,8 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
+// Pods are most of the objects read, so boxing the largest variant would save nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Object {
     Namespace(Namespace),
@@ -139,8 +141,12 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
     Ok(())
 }
 
+/// What reading manifests gives: the objects, one error per unreadable document, and
+/// each file's bytes.
+pub type ManifestsRead = (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>);
+
 /// Reads every manifest under `paths` into one list, collecting errors per document.
-pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+pub fn read_all(paths: &[PathBuf]) -> ManifestsRead {
     read_all_with(paths, &mut Parsed::default())
 }
 
@@ -149,14 +155,14 @@ pub fn read_all(paths: &[PathBuf]) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, V
 /// per change; parsing a large file dominated the time from a write to enforcement).
 #[derive(Default)]
 pub struct Parsed {
-    files: std::collections::BTreeMap<PathBuf, ([u8; 32], Vec<Object>, Vec<String>)>,
+    files: std::collections::BTreeMap<PathBuf, ParsedFile>,
 }
 
+/// (SHA-256 of the content, objects, errors) of one file.
+type ParsedFile = ([u8; 32], Vec<Object>, Vec<String>);
+
 /// [`read_all`], parsing only the files whose content differs from `parsed`'s.
-pub fn read_all_with(
-    paths: &[PathBuf],
-    parsed: &mut Parsed,
-) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+pub fn read_all_with(paths: &[PathBuf], parsed: &mut Parsed) -> ManifestsRead {
     let mut seen = std::collections::BTreeMap::new();
     let (objects, errors, contents) = read_files(paths, |file, bytes| {
         use sha2::Digest;
@@ -178,7 +184,7 @@ pub fn read_all_with(
 fn read_files(
     paths: &[PathBuf],
     mut parse: impl FnMut(&Path, &[u8]) -> (Vec<Object>, Vec<String>),
-) -> (Vec<Object>, Vec<String>, Vec<(PathBuf, Vec<u8>)>) {
+) -> ManifestsRead {
     let mut objects = Vec::new();
     let mut errors = Vec::new();
     let mut contents = Vec::new();
@@ -228,15 +234,15 @@ mod tests {
                 })
                 .collect()
         };
-        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        let (objs, _, _) = read_all_with(std::slice::from_ref(&dir), &mut parsed);
         assert_eq!(names(&objs), ["a", "b"]);
         // Poison the cache entry of a.yaml: kept while the bytes are the same.
         parsed.files.get_mut(&dir.join("a.yaml")).unwrap().1 = vec![];
-        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        let (objs, _, _) = read_all_with(std::slice::from_ref(&dir), &mut parsed);
         assert_eq!(names(&objs), ["b"], "a.yaml was not parsed again");
         std::fs::write(dir.join("a.yaml"), ns("a2")).unwrap();
         std::fs::remove_file(dir.join("b.yaml")).unwrap();
-        let (objs, _, _) = read_all_with(&[dir.clone()], &mut parsed);
+        let (objs, _, _) = read_all_with(std::slice::from_ref(&dir), &mut parsed);
         assert_eq!(names(&objs), ["a2"]);
         assert_eq!(parsed.files.len(), 1);
         let _ = std::fs::remove_dir_all(&dir);

@@ -54,6 +54,8 @@ pub struct Invalid {
 }
 
 /// One change to the cluster, as a watch delivers it.
+// Moved once from the watch into the index: boxing would add an allocation per event.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Change {
     Upsert(Object),
