@@ -513,7 +513,6 @@ fn every_fragment_is_judged_as_the_api_server_would() {
 }
 
 #[test]
-#[ignore = "the index parts from the API server on CIDR text: see invalid::DIVERGENCES"]
 fn the_index_reads_cidr_text_as_the_api_server_does() {
     for f in invalid::DIVERGENCES {
         let mut policy = invalid::Policy {

@@ -54,9 +54,9 @@ impl Cidr {
 
     /// Parses `a.b.c.d/n` or `x::/n`; host bits are cleared (the network is meant).
     pub fn parse(s: &str) -> Result<Cidr, CidrError> {
-        match s.parse::<IpNet>() {
-            Ok(net) => Ok(Cidr(net.trunc())),
-            Err(_) => Err(why_not(s)),
+        match s.parse::<IpNet>().ok().or_else(|| legacy_v4(s)) {
+            Some(net) => Ok(Cidr(net.trunc())),
+            None => Err(why_not(s)),
         }
     }
 
@@ -150,6 +150,32 @@ impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// IPv4 with leading zeros in its octets (`010.0.0.0/8`): the API server's lenient
+/// legacy parser accepts it, reading each octet as decimal, so the engine must too (an
+/// object the API server stores is never rejected here). ipnet, rightly strict, refuses it.
+fn legacy_v4(s: &str) -> Option<IpNet> {
+    let (addr, len) = s.split_once('/')?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32 && !len.starts_with('+'))?;
+    let mut octets = [0u8; 4];
+    let mut parts = addr.split('.');
+    for o in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = part.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(octets), len)
+        .ok()
+        .map(IpNet::V4)
 }
 
 #[cfg(test)]

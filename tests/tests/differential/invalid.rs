@@ -415,10 +415,9 @@ impl Policy {
 /// The annotation naming the fragment class a generated policy carries.
 pub const CLASS_ANNOTATION: &str = "test.netpol.io/fragment";
 
-/// Where the index is known to part from the API server: CIDR text is read by
-/// `netpol_engine::index::net` (`u8` and `IpAddr` from the standard library), which
-/// takes a signed prefix length and refuses IPv4 octets with leading zeros; the API
-/// server's legacy parser does the opposite on both.
+/// Where a parser of CIDR text easily parts from the API server's: a signed prefix
+/// length (refused there) and IPv4 octets with leading zeros (accepted there, read as
+/// decimal). `netpol_engine::index::net` once did the opposite on both.
 pub const DIVERGENCES: &[Fragment] = &[
     bad("cidr-bad", Block, "{cidr: 10.0.0.0/+8}"),
     bad(
