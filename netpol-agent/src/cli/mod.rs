@@ -297,6 +297,57 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+
+/// `netpol status` as a person reads it.
+fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) -> String {
+    let mut t = format!(
+        "node {}: {} endpoints, {} policies, {} identities, {} policy entries, {}\n",
+        agent.node,
+        agent.endpoints,
+        agent.policies,
+        agent.identities,
+        agent.policy_entries,
+        if agent.converged {
+            "converged"
+        } else {
+            "converging"
+        }
+    );
+    for i in &agent.invalid {
+        t.push_str(&format!("invalid: {i:?}\n"));
+    }
+    t.push_str(&format!(
+        "\n{:<40} {:<8} {:>4} {:>12} {:>14}\n",
+        "ALLOWED BY POLICY", "DIR", "RULE", "PACKETS", "BYTES"
+    ));
+    for r in &tally.rules {
+        t.push_str(&format!(
+            "{:<40} {:<8} {:>4} {:>12} {:>14}\n",
+            r.policy, r.direction, r.rule, r.packets, r.bytes
+        ));
+    }
+    t.push_str(&format!(
+        "\n{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
+        "NAMESPACE", "DIR", "VERDICT", "PACKETS", "BYTES", "ISOLATING POLICIES"
+    ));
+    for d in &tally.drops {
+        t.push_str(&format!(
+            "{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
+            d.namespace,
+            d.direction,
+            d.verdict,
+            d.packets,
+            d.bytes,
+            if d.policies.is_empty() {
+                "(none)".to_string()
+            } else {
+                d.policies.join(",")
+            }
+        ));
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::args::{parse_code, parse_protocol_filter};
@@ -395,54 +446,4 @@ mod tests {
         assert_eq!(a.ct_udp_timeout, Duration::from_secs(120));
         assert_eq!(a.event_rate, 0);
     }
-}
-
-/// `netpol status` as a person reads it.
-fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) -> String {
-    let mut t = format!(
-        "node {}: {} endpoints, {} policies, {} identities, {} policy entries, {}\n",
-        agent.node,
-        agent.endpoints,
-        agent.policies,
-        agent.identities,
-        agent.policy_entries,
-        if agent.converged {
-            "converged"
-        } else {
-            "converging"
-        }
-    );
-    for i in &agent.invalid {
-        t.push_str(&format!("invalid: {i:?}\n"));
-    }
-    t.push_str(&format!(
-        "\n{:<40} {:<8} {:>4} {:>12} {:>14}\n",
-        "ALLOWED BY POLICY", "DIR", "RULE", "PACKETS", "BYTES"
-    ));
-    for r in &tally.rules {
-        t.push_str(&format!(
-            "{:<40} {:<8} {:>4} {:>12} {:>14}\n",
-            r.policy, r.direction, r.rule, r.packets, r.bytes
-        ));
-    }
-    t.push_str(&format!(
-        "\n{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
-        "NAMESPACE", "DIR", "VERDICT", "PACKETS", "BYTES", "ISOLATING POLICIES"
-    ));
-    for d in &tally.drops {
-        t.push_str(&format!(
-            "{:<16} {:<8} {:<8} {:>12} {:>14}  {}\n",
-            d.namespace,
-            d.direction,
-            d.verdict,
-            d.packets,
-            d.bytes,
-            if d.policies.is_empty() {
-                "(none)".to_string()
-            } else {
-                d.policies.join(",")
-            }
-        ));
-    }
-    t
 }

@@ -11,6 +11,8 @@ use super::{ClusterState, Object, Resource, RESOURCES};
 use netpol_engine::objects::{Change, Kind, AUDIT_ANNOTATION, MODE_ANNOTATION};
 
 /// What the agent applies to its index.
+// A reset is rare and moved, never copied in bulk: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Update {
     /// A (re-)list: the whole cluster as the mirror holds it.
