@@ -113,6 +113,7 @@ codes! {
         ServiceDeferred = reason::SERVICE_DEFERRED, "SERVICE_DEFERRED";
         ServiceUnknownClient = reason::SERVICE_UNKNOWN_CLIENT, "SERVICE_UNKNOWN_CLIENT";
         PendingEndpoint = reason::PENDING_ENDPOINT, "PENDING_ENDPOINT";
+        UnknownL3 = reason::UNKNOWN_L3, "UNKNOWN_L3";
         AdminAllowed = reason::ADMIN_ALLOWED, "ADMIN_ALLOWED";
         AdminDenied = reason::ADMIN_DENIED, "ADMIN_DENIED";
         BaselineAllowed = reason::BASELINE_ALLOWED, "BASELINE_ALLOWED";

@@ -178,6 +178,9 @@ pub mod reason {
     pub const SERVICE_UNKNOWN_CLIENT: u16 = 14;
     /// A pod's bridge port whose endpoint is not written yet (the pod-start hold).
     pub const PENDING_ENDPOINT: u16 = 15;
+    /// A frame that is neither IPv4, IPv6 nor ARP, or that carries a VLAN tag (in the
+    /// frame or in the skb's metadata): never passed unjudged.
+    pub const UNKNOWN_L3: u16 = 16;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 

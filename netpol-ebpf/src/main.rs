@@ -175,7 +175,7 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
             trace!(parsed(ctx, &pkt, ifindex));
             out.verdict = pipeline(ctx, ep, config, &pkt, &mut out);
         }
-        parse::SKIP => return TC_ACT_OK, // not IP, or IPv6 neighbour discovery / MLD
+        parse::SKIP => return TC_ACT_OK, // ARP, or IPv6 neighbour discovery / MLD
         code => out = Outcome::drop(code),
     }
     finish(ctx, ep, config, &pkt, out)

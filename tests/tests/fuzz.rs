@@ -124,7 +124,7 @@ fn desired() -> Desired {
 
 #[derive(Debug, PartialEq)]
 enum Expect {
-    /// Not judged (not IP, neighbour discovery, MLD).
+    /// Not judged (ARP, neighbour discovery, MLD).
     Skip,
     Drop(u16),
     Parsed(Parsed),
@@ -186,6 +186,10 @@ fn reference(p: &[u8]) -> Expect {
             hop_limit = h[7];
             r.saddr = h[8..24].try_into().unwrap();
             r.daddr = h[24..40].try_into().unwrap();
+            let mapped = |a: &Addr| a[..10] == [0; 10] && a[10..12] == [0xff, 0xff];
+            if mapped(&r.saddr) || mapped(&r.daddr) {
+                return Expect::Drop(reason::MALFORMED); // IPv4-mapped: never on the wire
+            }
             let mut next = h[6];
             let mut off = 54;
             let mut found = false;
@@ -231,7 +235,8 @@ fn reference(p: &[u8]) -> Expect {
             r.protocol = next;
             l4 = off;
         }
-        _ => return Expect::Skip,
+        0x0806 => return Expect::Skip,                // ARP
+        _ => return Expect::Drop(reason::UNKNOWN_L3), // VLAN tags, other ethertypes
     }
     if r.later_fragment {
         return Expect::Parsed(r);

@@ -297,7 +297,6 @@ fn observe(o: ObserveArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-
 /// `netpol status` as a person reads it.
 fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) -> String {
     let mut t = format!(

@@ -1,0 +1,119 @@
+//! Attacks on the classifier, each named after what it tries: crafted frames through
+//! `BPF_PROG_TEST_RUN` where the kernel's own handling of the frame does not matter (the
+//! lab's real-frame attacks follow in this file as the threat model's paths are closed).
+//! A pod has raw sockets (NET_RAW is a default), so it can send any frame. Needs root.
+
+mod support;
+
+use netpol_common::{reason, v4_mapped};
+use support::packet::*;
+use support::rig::*;
+
+/// `tags` VLAN headers (TPID, TCI with VID 0: priority tags) in front of `ip`.
+fn tagged(tags: &[u16], ethertype: u16, ip: Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (i, tpid) in tags.iter().enumerate() {
+        if i > 0 {
+            body.extend_from_slice(&tpid.to_be_bytes());
+        }
+        body.extend_from_slice(&[0, 0]); // TCI: priority 0, VID 0
+    }
+    body.extend_from_slice(&ethertype.to_be_bytes());
+    body.extend(ip);
+    eth(tags[0], body)
+}
+
+/// Under default deny, a SYN wrapped in VLAN tags (one, two, 802.1ad outside 802.1Q)
+/// used to pass unjudged at both hooks: the bridge forwarded it and the receiving stack
+/// stripped the priority tags and answered.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_syn_inside_vlan_tags_is_dropped_at_both_hooks() {
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    for tags in [&[0x8100u16][..], &[0x8100, 0x8100], &[0x88a8, 0x8100]] {
+        let from_pod = tagged(
+            tags,
+            0x0800,
+            ip4(SERVER, CLIENT, tcp(40000, 80, SYN), &V4::default()),
+        );
+        assert_eq!(
+            judge(&mut rig, false, &from_pod),
+            (SHOT, reason::UNKNOWN_L3),
+            "{tags:x?} from the pod"
+        );
+        let to_pod = tagged(
+            tags,
+            0x0800,
+            ip4(CLIENT, SERVER, tcp(40000, 80, SYN), &V4::default()),
+        );
+        assert_eq!(
+            judge(&mut rig, true, &to_pod),
+            (SHOT, reason::UNKNOWN_L3),
+            "{tags:x?} to the pod"
+        );
+        let v6 = tagged(
+            tags,
+            0x86dd,
+            ip6(SERVER6, CLIENT6, &[], tcp(40000, 80, SYN)),
+        );
+        assert_eq!(
+            judge(&mut rig, false, &v6),
+            (SHOT, reason::UNKNOWN_L3),
+            "{tags:x?} IPv6"
+        );
+    }
+}
+
+/// A frame of an ethertype the classifier does not know (a local experimental one, an
+/// IPX, an MPLS frame) is a channel between pods that policy says cannot talk.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_frame_of_an_unknown_ethertype_is_dropped_at_both_hooks() {
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    for ethertype in [0x88b5u16, 0x8137, 0x8847, 0x0000, 0xffff] {
+        let frame = eth(
+            ethertype,
+            b"a covert channel between two isolated pods".to_vec(),
+        );
+        assert_eq!(
+            judge(&mut rig, false, &frame),
+            (SHOT, reason::UNKNOWN_L3),
+            "{ethertype:#x}"
+        );
+        assert_eq!(
+            judge(&mut rig, true, &frame),
+            (SHOT, reason::UNKNOWN_L3),
+            "{ethertype:#x}"
+        );
+    }
+    // ARP still works (the link needs it); it is not a policy matter.
+    let arp = eth(
+        0x0806,
+        vec![0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 0, 10, 0, 0, 2],
+    );
+    assert_eq!(rig.egress(&arp), OK);
+    assert_eq!(rig.ingress(&arp), OK);
+}
+
+/// IPv6 packets with IPv4-mapped addresses (`::ffff:a.b.c.d`) read as IPv4 in the maps'
+/// form: one from a peer claiming `::ffff:<an allowed IPv4 peer>` would be judged as
+/// that peer. They have no business on the wire; dropped as malformed.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn an_ipv6_packet_with_an_ipv4_mapped_address_is_dropped() {
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 1);
+    // The IPv4 client is allowed; its address, v4-mapped, arrives in an IPv6 header.
+    assert_eq!(rig.ingress(&v4(CLIENT, SERVER, tcp(40000, 80, SYN))), OK);
+    rig.events();
+    let mapped = v6(v4_mapped(CLIENT), SERVER6, &[], tcp(40001, 80, SYN));
+    assert_eq!(judge(&mut rig, true, &mapped), (SHOT, reason::MALFORMED));
+    let mapped_dst = v6(SERVER6, v4_mapped(CLIENT), &[], tcp(40001, 80, SYN));
+    assert_eq!(
+        judge(&mut rig, false, &mapped_dst),
+        (SHOT, reason::MALFORMED)
+    );
+}
