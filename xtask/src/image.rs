@@ -119,7 +119,8 @@ pub fn build_load(release: bool, tag: &str) -> Result<PathBuf> {
             entrypoint: r#"["/netpol-lab"]"#,
             cmd: "serve --tcp 80",
             env: &["PATH=/usr/bin"],
-            description: "netpol's load generator for cluster benchmarks: netpol-lab load/serve and iperf3",
+            description:
+                "netpol's load generator for cluster benchmarks: netpol-lab load/serve and iperf3",
         },
         tag,
     )
@@ -158,14 +159,12 @@ fn assemble(spec: &Spec, tag: &str) -> Result<PathBuf> {
         // the image carries the build machine's bundle (Debian's ca-certificates).
         let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
         std::fs::create_dir_all(rootfs.join("etc/ssl/certs")).map_err(|e| e.to_string())?;
-        std::fs::copy(bundle, rootfs.join("etc/ssl/certs/ca-certificates.crt")).map_err(
-            |e| {
-                format!(
-                    "copying {}: {e} (apt-get install ca-certificates)",
-                    bundle.display()
-                )
-            },
-        )?;
+        std::fs::copy(bundle, rootfs.join("etc/ssl/certs/ca-certificates.crt")).map_err(|e| {
+            format!(
+                "copying {}: {e} (apt-get install ca-certificates)",
+                bundle.display()
+            )
+        })?;
     }
     let (name, published) = (spec.name, spec.published);
     step(&format!("building {name}:{tag} with buildah"));
@@ -187,7 +186,10 @@ fn assemble(spec: &Spec, tag: &str) -> Result<PathBuf> {
             config.args(["--env", e]);
         }
         config
-            .args(["--label", &format!("org.opencontainers.image.title={}", spec.stem)])
+            .args([
+                "--label",
+                &format!("org.opencontainers.image.title={}", spec.stem),
+            ])
             .args([
                 "--label",
                 &format!("org.opencontainers.image.description={}", spec.description),
@@ -210,7 +212,10 @@ fn assemble(spec: &Spec, tag: &str) -> Result<PathBuf> {
     run(storage_env(
         Command::new("buildah")
             .args(["push", "--quiet", &format!("{name}:{tag}")])
-            .arg(format!("oci-archive:{}:{published}:{tag}", archive.display())),
+            .arg(format!(
+                "oci-archive:{}:{published}:{tag}",
+                archive.display()
+            )),
     ))?;
     let size = dir_size(&rootfs);
     eprintln!(

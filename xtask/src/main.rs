@@ -101,7 +101,8 @@ fn main() -> ExitCode {
         // package, then test.
         Task::Test { args } => setup()
             .and_then(|_| build_everything())
-            .and_then(|_| image::build(false, "dev").map(|_| ()))
+            .and_then(|_| image::build(false, "dev"))
+            .and_then(|_| image::build_load(false, "dev").map(|_| ()))
             .and_then(|_| test(&args)),
         Task::Demo => setup().and_then(|_| demo()),
         Task::Image { debug, tag } => setup()

@@ -23,10 +23,16 @@ pub const NOTES: &[&str] = &[
     "kind testbed: the rules' peers are lab virtual pods, absent from a cluster: the N - 1 non-matching rules select no pod",
 ];
 
-const MANIFEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/kind/bench/pods.yaml");
+const MANIFEST: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/kind/bench/pods.yaml"
+);
 
 pub fn datapath(plan: &Plan, progress: &mut Progress) -> anyhow::Result<Datapath> {
-    progress.step("datapath: the kind benchmark pods (deploy/kind/bench)", 18.0);
+    progress.step(
+        "datapath: the kind benchmark pods (deploy/kind/bench)",
+        18.0,
+    );
     kubectl::run(&kubectl::apply_file(MANIFEST), None)?;
     kubectl::run(&kubectl::delete_policy("bench-rules"), None)?;
     kubectl::run(&kubectl::wait_ready(300), None)?;

@@ -17,11 +17,11 @@
 mod control;
 mod datapath;
 mod events;
+mod kind;
 mod packet;
 mod plan;
 mod plot;
 mod report;
-mod kind;
 mod testbed;
 mod update;
 
@@ -124,7 +124,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     for s in &scenarios {
         let lab_only = matches!(s, Scenario::Update | Scenario::Events);
         if lab_only && matches!(bed, testbed::Testbed::Kind) {
-            eprintln!("bench: {s:?} is lab-only; skipped on the kind testbed (see the report's notes)");
+            eprintln!(
+                "bench: {s:?} is lab-only; skipped on the kind testbed (see the report's notes)"
+            );
             continue;
         }
         match s {

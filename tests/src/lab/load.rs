@@ -470,7 +470,10 @@ mod tests {
         let address = format!("127.0.0.1:{port}");
         let opts = LoadOptions::default();
         let rr = load_address(&address, LoadKind::Rr, 0.2, &opts).unwrap();
-        assert_eq!((rr.port, rr.to.as_str(), rr.address.as_str()), (port, address.as_str(), "127.0.0.1"));
+        assert_eq!(
+            (rr.port, rr.to.as_str(), rr.address.as_str()),
+            (port, address.as_str(), "127.0.0.1")
+        );
         assert!(rr.transactions.unwrap() > 10, "{rr:?}");
         assert!(rr.latency.unwrap().p50_us > 0.0);
         let crr = load_address(&address, LoadKind::Crr, 0.2, &opts).unwrap();
