@@ -5,6 +5,7 @@
 //!
 //! None of it is in the image: the `netpol` binary links only `netpol-agent`.
 
+pub mod kubectl;
 pub mod lab;
 pub mod reference;
 pub mod synthetic;

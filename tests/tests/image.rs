@@ -257,3 +257,119 @@ fn the_image_enforces_on_a_lab_node_with_the_daemonset_capabilities() {
     let _ = stop_tx.send(());
     api.join().unwrap();
 }
+
+const LOAD_IMAGE: &str = "localhost/netpol-load:dev";
+
+/// The kind benchmark's load image, run as deploy/kind/bench/pods.yaml runs it: a server
+/// (`netpol-lab serve` and, sharing its network, `iperf3 -s`) and a client running
+/// `load --address` against it, whose JSON is the lab's load report.
+#[test]
+#[ignore = "needs root: runs containers with podman"]
+fn the_load_image_measures_from_one_container_to_another() {
+    assert!(
+        podman(&["image", "exists", LOAD_IMAGE]).status.success(),
+        "{LOAD_IMAGE} is not in local storage: cargo xtask image --debug --tag dev"
+    );
+    // crun refuses this machine's cgroups; raised rlimits are refused (TOOLCHAIN.md).
+    let run = [
+        "run",
+        "--runtime",
+        "runc",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+    ];
+    let serve = Container {
+        name: format!("netpol-load-serve-{}", std::process::id()),
+        pins: std::env::temp_dir().join("netpol-load-test-unused"),
+    };
+    let iperf3 = Container {
+        name: format!("netpol-load-iperf3-{}", std::process::id()),
+        pins: serve.pins.clone(),
+    };
+    let out = podman(&[&run[..], &["--detach", "--name", &serve.name, LOAD_IMAGE]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let network = format!("container:{}", serve.name);
+    let out = podman(
+        &[
+            &run[..],
+            &["--detach", "--name", &iperf3.name, "--network", &network],
+            &[
+                "--entrypoint",
+                "/usr/bin/iperf3",
+                LOAD_IMAGE,
+                "-s",
+                "-p",
+                "5201",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ip = String::from_utf8_lossy(
+        &podman(&[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.IPAddress}}",
+            &serve.name,
+        ])
+        .stdout,
+    )
+    .trim()
+    .to_string();
+    assert!(!ip.is_empty(), "the server container has no address");
+    let load = |kind: &str, port: &str| -> Value {
+        let address = format!("{ip}:{port}");
+        // The servers may still be binding: a few tries.
+        for _ in 0..10 {
+            let out = podman(
+                &[
+                    &run[..],
+                    &["--rm", LOAD_IMAGE, "load", "--address", &address],
+                    &["--kind", kind, "--seconds", "1", "-o", "json"],
+                ]
+                .concat(),
+            );
+            if out.status.success() {
+                return serde_json::from_slice(&out.stdout).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("load --kind {kind} --address {address} never succeeded");
+    };
+    let rr = load("rr", "80");
+    assert_eq!(rr["kind"], "rr");
+    assert_eq!(rr["address"], ip.as_str());
+    assert!(rr["transactions"].as_u64().unwrap() > 100, "{rr}");
+    let stream = load("stream", "5201");
+    assert!(stream["throughput_bps"].as_f64().unwrap() > 1e6, "{stream}");
+    // Nothing listens on 81: the load fails, with a non-zero exit.
+    let out = podman(
+        &[
+            &run[..],
+            &[
+                "--rm",
+                LOAD_IMAGE,
+                "load",
+                "--address",
+                &format!("{ip}:81"),
+                "--kind",
+                "rr",
+                "--seconds",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success());
+    drop(iperf3);
+}

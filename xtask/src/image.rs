@@ -3,6 +3,10 @@
 //! shared libraries it loads (the dynamic loader, libc, libm, libgcc_s) and the CA
 //! bundle, nothing else: no shell, no lab, no test gear.
 //!
+//! Beside it, `localhost/netpol-load:<tag>` (target/image/netpol-load-<tag>.oci.tar,
+//! named `ghcr.io/netpol/netpol-load:<tag>`): `netpol-lab` and iperf3, the load pods of
+//! `cargo xtask kind --bench`.
+//!
 //! The image lands in the local containers-storage as `localhost/netpol:<tag>` (podman
 //! runs it from there) and as an OCI archive, `target/image/netpol-<tag>.oci.tar`, for
 //! `kind load image-archive` or a registry push.
@@ -25,63 +29,150 @@ pub fn storage_env(cmd: &mut Command) -> &mut Command {
     cmd.env("STORAGE_DRIVER", "vfs")
 }
 
-/// Builds `localhost/netpol:TAG` from `target/<profile>/netpol`. `release` builds it
-/// first; the dev profile reuses what `cargo build` made (the tests' image).
-pub fn build(release: bool, tag: &str) -> Result<PathBuf> {
-    let profile = if release { "release" } else { "debug" };
+/// The load generator's image (`cargo xtask kind --bench` runs its pods): `netpol-lab`
+/// and iperf3 with their libraries, no shell; kept apart so the agent's image has no lab.
+pub const LOAD_NAME: &str = "localhost/netpol-load";
+pub const LOAD_PUBLISHED: &str = "ghcr.io/netpol/netpol-load";
+
+/// One image: where its files come from and how it starts.
+struct Spec {
+    name: &'static str,
+    published: &'static str,
+    /// The archive's file name before `-<tag>.oci.tar`.
+    stem: &'static str,
+    /// (binary on this machine, path in the image), each stripped, its libraries beside.
+    binaries: Vec<(PathBuf, &'static str)>,
+    ca_bundle: bool,
+    entrypoint: &'static str,
+    cmd: &'static str,
+    env: &'static [&'static str],
+    description: &'static str,
+}
+
+/// cargo's target directory: CARGO_TARGET_DIR when set, as cargo itself reads it.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|d| if d.is_absolute() { d } else { root().join(d) })
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// `release` builds `bin` of `package` first; the dev profile reuses what `cargo build`
+/// made (the tests' image).
+fn binary(release: bool, package: &str, bin: &str) -> Result<PathBuf> {
     if release {
-        step("building netpol (release)");
+        step(&format!("building {bin} (release)"));
         let mut cmd = Command::new("cargo");
-        cmd.current_dir(root()).args([
-            "build",
-            "--release",
-            "-p",
-            "netpol-agent",
-            "--bin",
-            "netpol",
-        ]);
+        cmd.current_dir(root())
+            .args(["build", "--release", "-p", package, "--bin", bin]);
         run(&mut cmd)?;
     }
-    let binary = root().join("target").join(profile).join("netpol");
-    if !binary.is_file() {
+    let profile = if release { "release" } else { "debug" };
+    let path = target_dir().join(profile).join(bin);
+    if !path.is_file() {
         return Err(format!(
-            "{} is missing: cargo build -p netpol-agent first",
-            binary.display()
+            "{} is missing: cargo build -p {package} first",
+            path.display()
         ));
     }
-    let out = root().join("target/image");
-    let rootfs = out.join(format!("rootfs-{tag}"));
+    Ok(path)
+}
+
+/// Builds `localhost/netpol:TAG` from the `netpol` binary.
+pub fn build(release: bool, tag: &str) -> Result<PathBuf> {
+    assemble(
+        &Spec {
+            name: NAME,
+            published: PUBLISHED,
+            stem: "netpol",
+            binaries: vec![(
+                binary(release, "netpol-agent", "netpol")?,
+                "usr/local/bin/netpol",
+            )],
+            ca_bundle: true,
+            entrypoint: r#"["/usr/local/bin/netpol"]"#,
+            cmd: "agent",
+            env: &[],
+            description: "Kubernetes NetworkPolicy enforced with eBPF: the node agent and the operators' tools",
+        },
+        tag,
+    )
+}
+
+/// Builds `localhost/netpol-load:TAG`: `/netpol-lab` (entrypoint; `serve` by default)
+/// and `/usr/bin/iperf3` (the stream/udp server and client), from this machine's iperf3.
+pub fn build_load(release: bool, tag: &str) -> Result<PathBuf> {
+    let iperf3 = PathBuf::from("/usr/bin/iperf3");
+    if !iperf3.is_file() {
+        return Err("/usr/bin/iperf3 is missing: cargo xtask setup installs it".into());
+    }
+    assemble(
+        &Spec {
+            name: LOAD_NAME,
+            published: LOAD_PUBLISHED,
+            stem: "netpol-load",
+            binaries: vec![
+                (binary(release, "netpol-tests", "netpol-lab")?, "netpol-lab"),
+                (iperf3, "usr/bin/iperf3"),
+            ],
+            ca_bundle: false,
+            entrypoint: r#"["/netpol-lab"]"#,
+            cmd: "serve --tcp 80",
+            env: &["PATH=/usr/bin"],
+            description:
+                "netpol's load generator for cluster benchmarks: netpol-lab load/serve and iperf3",
+        },
+        tag,
+    )
+}
+
+fn assemble(spec: &Spec, tag: &str) -> Result<PathBuf> {
+    let out = target_dir().join("image");
+    let rootfs = out.join(format!("rootfs-{}-{tag}", spec.stem));
     let _ = std::fs::remove_dir_all(&rootfs);
-    std::fs::create_dir_all(rootfs.join("usr/local/bin")).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(rootfs.join("run/netpol")).map_err(|e| e.to_string())?;
+    // iperf3 keeps its buffers in a /tmp file; the agent writes there too.
     std::fs::create_dir_all(rootfs.join("tmp")).map_err(|e| e.to_string())?;
     step(&format!(
-        "assembling the root filesystem ({profile} netpol, stripped)"
+        "assembling the root filesystem of {} (stripped)",
+        spec.name
     ));
-    let inside = rootfs.join("usr/local/bin/netpol");
-    run(Command::new("strip").arg("-o").arg(&inside).arg(&binary))?;
-    for lib in shared_libraries(&binary)? {
+    let mut libs = Vec::new();
+    for (binary, inside) in &spec.binaries {
+        let dest = rootfs.join(inside);
+        std::fs::create_dir_all(dest.parent().expect("a binary lives in a directory"))
+            .map_err(|e| e.to_string())?;
+        run(Command::new("strip").arg("-o").arg(&dest).arg(binary))?;
+        libs.extend(shared_libraries(binary)?);
+    }
+    libs.sort();
+    libs.dedup();
+    for lib in libs {
         let dest = rootfs.join(lib.strip_prefix("/").unwrap_or(&lib));
         std::fs::create_dir_all(dest.parent().expect("a library lives in a directory"))
             .map_err(|e| e.to_string())?;
         // The file itself, not a symlink into the build machine.
         std::fs::copy(&lib, &dest).map_err(|e| format!("copying {}: {e}", lib.display()))?;
     }
-    // The kube client's TLS loads the system's roots even beside the in-cluster CA: the
-    // image carries the build machine's bundle (Debian's ca-certificates).
-    let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
-    std::fs::create_dir_all(rootfs.join("etc/ssl/certs")).map_err(|e| e.to_string())?;
-    std::fs::copy(bundle, rootfs.join("etc/ssl/certs/ca-certificates.crt")).map_err(|e| {
-        format!(
-            "copying {}: {e} (apt-get install ca-certificates)",
-            bundle.display()
-        )
-    })?;
-    step(&format!("building {NAME}:{tag} with buildah"));
+    if spec.ca_bundle {
+        // The kube client's TLS loads the system's roots even beside the in-cluster CA:
+        // the image carries the build machine's bundle (Debian's ca-certificates).
+        let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        std::fs::create_dir_all(rootfs.join("etc/ssl/certs")).map_err(|e| e.to_string())?;
+        std::fs::copy(bundle, rootfs.join("etc/ssl/certs/ca-certificates.crt")).map_err(|e| {
+            format!(
+                "copying {}: {e} (apt-get install ca-certificates)",
+                bundle.display()
+            )
+        })?;
+    }
+    let (name, published) = (spec.name, spec.published);
+    step(&format!("building {name}:{tag} with buildah"));
     let container = output(storage_env(
         Command::new("buildah").args(["from", "--quiet", "scratch"]),
     ))?;
     let container = container.trim().to_string();
+    let archive = out.join(format!("{}-{tag}.oci.tar", spec.stem));
     let result = (|| {
         run(storage_env(
             Command::new("buildah")
@@ -89,45 +180,47 @@ pub fn build(release: bool, tag: &str) -> Result<PathBuf> {
                 .arg(format!("{}/", rootfs.display()))
                 .arg("/"),
         ))?;
-        run(storage_env(Command::new("buildah").args([
-            "config",
-            "--entrypoint",
-            r#"["/usr/local/bin/netpol"]"#,
-            "--cmd",
-            "agent",
-            "--label",
-            "org.opencontainers.image.title=netpol",
-            "--label",
-            "org.opencontainers.image.description=Kubernetes NetworkPolicy enforced with eBPF: the node agent and the operators' tools",
-            &container,
-        ])))?;
-        let _ = std::fs::remove_file(out.join(format!("netpol-{tag}.oci.tar")));
+        let mut config = Command::new("buildah");
+        config.args(["config", "--entrypoint", spec.entrypoint, "--cmd", spec.cmd]);
+        for e in spec.env {
+            config.args(["--env", e]);
+        }
+        config
+            .args([
+                "--label",
+                &format!("org.opencontainers.image.title={}", spec.stem),
+            ])
+            .args([
+                "--label",
+                &format!("org.opencontainers.image.description={}", spec.description),
+            ])
+            .arg(&container);
+        run(storage_env(&mut config))?;
+        let _ = std::fs::remove_file(&archive);
         run(storage_env(Command::new("buildah").args([
             "commit",
             "--quiet",
             "--rm",
             &container,
-            &format!("{NAME}:{tag}"),
+            &format!("{name}:{tag}"),
         ])))
     })();
     if result.is_err() {
         let _ = storage_env(Command::new("buildah").args(["rm", &container])).output();
     }
     result?;
-    let archive = out.join(format!("netpol-{tag}.oci.tar"));
     run(storage_env(
         Command::new("buildah")
-            .args(["push", "--quiet", &format!("{NAME}:{tag}")])
+            .args(["push", "--quiet", &format!("{name}:{tag}")])
             .arg(format!(
-                "oci-archive:{}:{PUBLISHED}:{tag}",
+                "oci-archive:{}:{published}:{tag}",
                 archive.display()
             )),
     ))?;
     let size = dir_size(&rootfs);
     eprintln!(
-        "==> {NAME}:{tag}: {:.1} MiB unpacked (netpol {:.1} MiB), {}",
+        "==> {name}:{tag}: {:.1} MiB unpacked, {}",
         size as f64 / (1 << 20) as f64,
-        std::fs::metadata(&inside).map(|m| m.len()).unwrap_or(0) as f64 / (1 << 20) as f64,
         archive.display()
     );
     Ok(archive)

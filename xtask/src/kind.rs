@@ -30,6 +30,7 @@ pub fn kind(bench: bool) -> Result {
     let root = root();
     // The same image as `cargo xtask image`, tagged as deploy/kustomization.yaml names it.
     let archive = image::build(true, "latest")?;
+    let load_archive = image::build_load(true, "latest")?;
     step("creating the kind cluster");
     run(Command::new("kind").current_dir(&root).args([
         "create",
@@ -39,10 +40,12 @@ pub fn kind(bench: bool) -> Result {
         "--config",
         "deploy/kind.yaml",
     ]))?;
-    run(Command::new("kind")
-        .args(["load", "image-archive"])
-        .arg(&archive)
-        .args(["--name", "netpol"]))?;
+    for a in [&archive, &load_archive] {
+        run(Command::new("kind")
+            .args(["load", "image-archive"])
+            .arg(a)
+            .args(["--name", "netpol"]))?;
+    }
     step("installing Flannel and netpol");
     run(Command::new("kubectl").args(["apply", "-f", FLANNEL_MANIFEST]))?;
     run(Command::new("kubectl")

@@ -34,7 +34,8 @@ enum Task {
     /// Setup, then the lab demo on examples/demo.
     Demo,
     /// The OCI image deploy/ names (localhost/netpol:TAG and target/image/netpol-TAG.oci.tar),
-    /// built with buildah from scratch: the netpol binary and the libraries it loads.
+    /// built with buildah from scratch: the netpol binary and the libraries it loads; and
+    /// beside it the load image of the kind benchmark (localhost/netpol-load:TAG).
     Image {
         /// Package the dev-profile binary `cargo build` made (the tests' image).
         #[arg(long)]
@@ -100,10 +101,13 @@ fn main() -> ExitCode {
         // package, then test.
         Task::Test { args } => setup()
             .and_then(|_| build_everything())
-            .and_then(|_| image::build(false, "dev").map(|_| ()))
+            .and_then(|_| image::build(false, "dev"))
+            .and_then(|_| image::build_load(false, "dev").map(|_| ()))
             .and_then(|_| test(&args)),
         Task::Demo => setup().and_then(|_| demo()),
-        Task::Image { debug, tag } => setup().and_then(|_| image::build(!debug, &tag).map(|_| ())),
+        Task::Image { debug, tag } => setup()
+            .and_then(|_| image::build(!debug, &tag))
+            .and_then(|_| image::build_load(!debug, &tag).map(|_| ())),
         Task::Bench { what, quick, json } => bench(&what, quick, json),
         Task::Kind { bench } => kind::kind(bench),
     };

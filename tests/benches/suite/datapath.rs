@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use netpol_tests::lab::{self, Enforcer, LoadKind, LoadOptions};
+use netpol_tests::lab::{self, Enforcer, LoadKind, LoadOptions, LoadReport};
 
 use crate::plan::{self, Pair, Plan};
 use crate::report::{Block, Datapath, Stat};
@@ -19,6 +19,9 @@ use crate::testbed::{measure_cpu, pin_self, Flood, LabRun, Testbed};
 use crate::Progress;
 
 pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Result<Datapath> {
+    if let Testbed::Kind = bed {
+        return crate::kind::datapath(plan, progress);
+    }
     let pods = plan::datapath_pods();
     let manifests = [("pods.yaml", pods.as_str())];
     progress.step(
@@ -147,7 +150,7 @@ fn block(
 fn measure(l: &LabRun, pair: Pair, seconds: f64) -> Vec<(&'static str, f64)> {
     let to = pair.server();
     let cpu = measure_cpu();
-    let run = |kind: LoadKind, streams: u32, pinned: bool| {
+    metrics(|kind: LoadKind, streams: u32, pinned: bool| {
         if pinned {
             pin_self(Some(cpu));
         }
@@ -172,7 +175,14 @@ fn measure(l: &LabRun, pair: Pair, seconds: f64) -> Vec<(&'static str, f64)> {
             )
         })
         .ok()
-    };
+    })
+}
+
+/// The block's metrics from one load run of each kind; `run(kind, streams, pinned)` is
+/// the testbed's load (None: it failed, and the metric is NaN).
+pub fn metrics(
+    mut run: impl FnMut(LoadKind, u32, bool) -> Option<LoadReport>,
+) -> Vec<(&'static str, f64)> {
     let nan = f64::NAN;
     let mut out = Vec::new();
     let s1 = run(LoadKind::Stream, 1, false);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netpol_agent::api::{client, Counters};
-use netpol_common::{direction, verdict};
+use netpol_common::codes::{Direction, Reason, Verdict};
 use netpol_tests::lab::Enforcer;
 
 use crate::plan::{self, Plan};
@@ -112,9 +112,9 @@ fn dropped(c: &Counters) -> u64 {
     c.packets
         .iter()
         .filter(|p| {
-            p.verdict == verdict::DROPPED
-                && p.direction == direction::INGRESS
-                && p.reason == "POLICY_DENIED"
+            p.verdict == Verdict::Dropped
+                && p.direction == Direction::Ingress
+                && p.reason == Reason::PolicyDenied
         })
         .map(|p| p.packets)
         .sum()
@@ -123,7 +123,7 @@ fn dropped(c: &Counters) -> u64 {
 fn allowed_egress(c: &Counters) -> u64 {
     c.packets
         .iter()
-        .filter(|p| p.verdict == verdict::ALLOWED && p.direction == direction::EGRESS)
+        .filter(|p| p.verdict == Verdict::Allowed && p.direction == Direction::Egress)
         .map(|p| p.packets)
         .sum()
 }

@@ -17,6 +17,7 @@
 mod control;
 mod datapath;
 mod events;
+mod kind;
 mod packet;
 mod plan;
 mod plot;
@@ -117,7 +118,17 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let mut progress = Progress::new(scenarios.iter().map(|s| plan.weight(*s)).sum());
     let mut report = report::Report::new(&plan, &scenarios, args, bed.name());
     let started = Instant::now();
+    if let testbed::Testbed::Kind = bed {
+        report.notes = kind::NOTES.iter().map(|n| n.to_string()).collect();
+    }
     for s in &scenarios {
+        let lab_only = matches!(s, Scenario::Update | Scenario::Events);
+        if lab_only && matches!(bed, testbed::Testbed::Kind) {
+            eprintln!(
+                "bench: {s:?} is lab-only; skipped on the kind testbed (see the report's notes)"
+            );
+            continue;
+        }
         match s {
             Scenario::Datapath => {
                 report.datapath = Some(datapath::run(&plan, &bed, &mut progress)?)

@@ -45,6 +45,9 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet: Option<Packet>,
     pub charts: Vec<String>,
+    /// What this testbed skipped or measures differently (the kind testbed's).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -85,6 +88,7 @@ impl Report {
             events: None,
             packet: None,
             charts: vec![],
+            notes: vec![],
         }
     }
 

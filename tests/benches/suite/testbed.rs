@@ -1,6 +1,7 @@
 //! Where scenarios run. The lab (network namespaces on this machine, `netpol lab`) is
 //! driven here; a kind cluster (`cargo xtask kind --bench`) shares the plan and its
-//! policy sets, and says what it cannot do yet instead of measuring something else.
+//! policy sets: its datapath scenario runs in the cluster (kind.rs), and the scenarios
+//! that need a lab are skipped there, which the report's notes say.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,8 +44,8 @@ impl Testbed {
     ) -> anyhow::Result<LabRun> {
         if let Testbed::Kind = self {
             bail!(
-                "the kind testbed applies the plan's manifests with kubectl, but has no load \
-                 client in the cluster yet: run the lab testbed (cargo xtask bench)"
+                "a lab on the kind testbed: the kind datapath scenario runs in the cluster \
+                 (kind.rs); the scenarios that need a lab are lab-only (cargo xtask bench)"
             );
         }
         LabRun::up(tag, enforcer, nodes, manifests, agent_args)

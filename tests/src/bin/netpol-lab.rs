@@ -60,7 +60,7 @@ enum LabCommand {
     /// Look a name up from inside a pod, through its resolver (cluster DNS).
     Resolve(LabResolveArgs),
     /// Traffic from one pod to another: throughput (stream, iperf3), request/response
-    /// rate and latency (rr), connection rate (crr).
+    /// rate and latency (rr), connection rate (crr); or from here to --address.
     Load(LabLoadArgs),
     #[command(hide = true)]
     Run(LabUpArgs),
@@ -202,11 +202,15 @@ struct LabLoadArgs {
     #[arg(long, default_value = "netpol")]
     name: String,
     /// The client pod (namespace/name).
-    #[arg(long)]
-    from: String,
+    #[arg(long, required_unless_present = "address", requires = "to")]
+    from: Option<String>,
     /// The server pod (namespace/name).
-    #[arg(long)]
-    to: String,
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+    /// Instead of lab pods: from here (this network namespace, e.g. a cluster pod's) to
+    /// IP[:PORT], where `netpol-lab serve` and `iperf3 -s` already listen.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    address: Option<String>,
     #[arg(long, value_enum)]
     kind: LoadKindArg,
     #[arg(long, default_value_t = 5.0)]
@@ -367,17 +371,17 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
                 LoadKindArg::Crr => lab::LoadKind::Crr,
                 LoadKindArg::Udp => lab::LoadKind::Udp,
             };
-            let r = lab::load_with(
-                &l.name,
-                &l.from,
-                &l.to,
-                kind,
-                l.seconds,
-                &lab::LoadOptions {
-                    port: l.port,
-                    streams: l.streams,
-                },
-            )?;
+            let opts = lab::LoadOptions {
+                port: l.port,
+                streams: l.streams,
+            };
+            let r = match (&l.address, &l.from, &l.to) {
+                (Some(address), _, _) => lab::load_address(address, kind, l.seconds, &opts)?,
+                (None, Some(from), Some(to)) => {
+                    lab::load_with(&l.name, from, to, kind, l.seconds, &opts)?
+                }
+                _ => anyhow::bail!("give --from and --to (lab pods), or --address"),
+            };
             print(&r, l.output, || {
                 let mut t = format!(
                     "{:?} {} -> {} ({}:{}) for {}s\n",

@@ -12,6 +12,11 @@
 //! `--streams N` runs N parallel iperf3 streams (stream, udp).
 //!
 //! The target's ingress (and the source's egress) must allow the port used.
+//!
+//! `--address IP[:PORT]` runs the same measurements from the current network namespace
+//! (a pod of a cluster, `kubectl exec`) against servers already running there:
+//! `netpol-lab serve` for rr/crr and `iperf3 -s` for stream/udp (the load image has
+//! both).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -117,11 +122,6 @@ pub fn load_with(
     seconds: f64,
     opts: &LoadOptions,
 ) -> anyhow::Result<LoadReport> {
-    let port = opts.port;
-    let streams = opts.streams.max(1);
-    if streams > 128 {
-        bail!("--streams {streams}: at most 128");
-    }
     let state = super::read_state(name)?;
     let src = pod(&state.status.pods, from, name)?;
     let dst = pod(&state.status.pods, to, name)?;
@@ -130,6 +130,67 @@ pub fn load_with(
         .first()
         .context("the target pod has no address")?
         .parse()?;
+    let ends = Ends::Lab {
+        client: src.netns.clone(),
+        server: dst.netns.clone(),
+    };
+    run(&ends, from, to, ip, kind, seconds, opts)
+}
+
+/// The load from this process's own network namespace (a pod's in a cluster) to
+/// `address` (IP or IP:PORT; a port there wins over `opts.port`), where the servers
+/// already run: `netpol-lab serve` on the rr/crr port and `iperf3 -s` on the
+/// stream/udp one. `from` is this host's name, `to` the address as given.
+pub fn load_address(
+    address: &str,
+    kind: LoadKind,
+    seconds: f64,
+    opts: &LoadOptions,
+) -> anyhow::Result<LoadReport> {
+    let (ip, port) = parse_address(address)?;
+    let opts = LoadOptions {
+        port: port.or(opts.port),
+        ..*opts
+    };
+    let from = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    run(&Ends::Here, &from, address, ip, kind, seconds, &opts)
+}
+
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`.
+fn parse_address(address: &str) -> anyhow::Result<(IpAddr, Option<u16>)> {
+    if let Ok(ip) = address.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    let sa: SocketAddr = address
+        .parse()
+        .with_context(|| format!("--address {address}: IP or IP:PORT"))?;
+    Ok((sa.ip(), Some(sa.port())))
+}
+
+/// Where the two ends of a load run.
+enum Ends {
+    /// Lab pods: the client in one netns, a one-off iperf3 server started in the other.
+    Lab { client: String, server: String },
+    /// The client here; the servers are already up at the address.
+    Here,
+}
+
+fn run(
+    ends: &Ends,
+    from: &str,
+    to: &str,
+    ip: IpAddr,
+    kind: LoadKind,
+    seconds: f64,
+    opts: &LoadOptions,
+) -> anyhow::Result<LoadReport> {
+    let port = opts.port;
+    let streams = opts.streams.max(1);
+    if streams > 128 {
+        bail!("--streams {streams}: at most 128");
+    }
     if !(0.1..=3600.0).contains(&seconds) {
         bail!("--seconds {seconds}: between 0.1 and 3600");
     }
@@ -157,7 +218,7 @@ pub fn load_with(
             // iperf3 counts whole seconds (and runs forever for 0).
             let whole = seconds.ceil().max(1.0);
             report.seconds = whole;
-            let end = iperf3(&src.netns, &dst.netns, ip, port, whole, streams, false)?;
+            let end = iperf3(ends, ip, port, whole, streams, false)?;
             report.throughput_bps = Some(
                 end["sum_received"]["bits_per_second"]
                     .as_f64()
@@ -171,7 +232,7 @@ pub fn load_with(
             report.port = port;
             let whole = seconds.ceil().max(1.0);
             report.seconds = whole;
-            let end = iperf3(&src.netns, &dst.netns, ip, port, whole, streams, true)?;
+            let end = iperf3(ends, ip, port, whole, streams, true)?;
             let sum = &end["sum"];
             let sent = sum["packets"]
                 .as_f64()
@@ -189,14 +250,21 @@ pub fn load_with(
             let port = port.unwrap_or(80);
             report.port = port;
             let addr = SocketAddr::new(ip, port);
-            let netns = src.netns.clone();
             let crr = kind == LoadKind::Crr;
-            let mut samples = std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-                super::probe::enter_netns(&netns)?;
-                transactions(addr, crr, Duration::from_secs_f64(seconds))
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+            let length = Duration::from_secs_f64(seconds);
+            let mut samples = match ends {
+                // A thread of its own: entering the pod's netns must not move the caller.
+                Ends::Lab { client, .. } => {
+                    let netns = client.clone();
+                    std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+                        super::probe::enter_netns(&netns)?;
+                        transactions(addr, crr, length)
+                    })
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the load thread panicked"))??
+                }
+                Ends::Here => transactions(addr, crr, length)?,
+            };
             let n = samples.len() as u64;
             report.transactions = Some(n);
             report.transactions_per_sec = Some(n as f64 / seconds);
@@ -263,22 +331,71 @@ fn transactions(addr: SocketAddr, crr: bool, length: Duration) -> anyhow::Result
     Ok(samples)
 }
 
-/// iperf3 from `src` to a one-off server in `dst` (TCP, or UDP with 64-byte datagrams at
-/// no rate limit): the `end` object of its JSON report.
+/// iperf3 (TCP, or UDP with 64-byte datagrams at no rate limit) to `ip`: the `end`
+/// object of its JSON report. In the lab a one-off server is started in the target pod
+/// first; `Ends::Here` expects one listening already.
 fn iperf3(
-    src: &str,
-    dst: &str,
+    ends: &Ends,
     ip: IpAddr,
     port: u16,
     seconds: f64,
     streams: u32,
     udp: bool,
 ) -> anyhow::Result<serde_json::Value> {
+    let mut client = match ends {
+        Ends::Lab { client, .. } => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", client, "iperf3"]);
+            c
+        }
+        Ends::Here => Command::new("iperf3"),
+    };
+    client
+        .args(["-J", "-c"])
+        .arg(ip.to_string())
+        .args(["-p", &port.to_string(), "-t", &format!("{seconds}")])
+        .args(["-P", &streams.to_string()])
+        .args(["--connect-timeout", "2000"]);
+    if udp {
+        client.args(["-u", "-b", "0", "-l", "64"]);
+    }
+    let mut server = match ends {
+        Ends::Lab { server, .. } => Some(iperf3_server(server, port)?),
+        Ends::Here => None,
+    };
+    let result = (|| {
+        if let Some((_, listening)) = &server {
+            listening
+                .recv_timeout(Duration::from_secs(10))
+                .context("iperf3 server did not start listening")?;
+        }
+        let out = client
+            .output()
+            .context("running the iperf3 client (is iperf3 installed?)")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        if let Some(e) = v.get("error") {
+            bail!("iperf3: {e} (does a policy drop port {port}?)");
+        }
+        Ok(v["end"].clone())
+    })();
+    if let Some((child, _)) = server.as_mut() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+/// A one-off iperf3 server in lab netns `netns`, and a channel told once it listens.
+fn iperf3_server(
+    netns: &str,
+    port: u16,
+) -> anyhow::Result<(std::process::Child, std::sync::mpsc::Receiver<()>)> {
     let mut server = Command::new("ip")
         .args([
             "netns",
             "exec",
-            dst,
+            netns,
             "iperf3",
             "-s",
             "-1",
@@ -301,30 +418,7 @@ fn iperf3(
             }
         }
     });
-    let result = (|| {
-        rx.recv_timeout(Duration::from_secs(10))
-            .context("iperf3 server did not start listening")?;
-        let mut client = Command::new("ip");
-        client
-            .args(["netns", "exec", src, "iperf3", "-J", "-c"])
-            .arg(ip.to_string())
-            .args(["-p", &port.to_string(), "-t", &format!("{seconds}")])
-            .args(["-P", &streams.to_string()])
-            .args(["--connect-timeout", "2000"]);
-        if udp {
-            client.args(["-u", "-b", "0", "-l", "64"]);
-        }
-        let out = client.output().context("running the iperf3 client")?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        if let Some(e) = v.get("error") {
-            bail!("iperf3: {e} (does a policy drop port {port}?)");
-        }
-        Ok(v["end"].clone())
-    })();
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    Ok((server, rx))
 }
 
 #[cfg(test)]
@@ -340,5 +434,59 @@ mod tests {
             (50.0, 90.0, 99.0, 100.0)
         );
         assert_eq!(percentiles(&mut []), Latency::default());
+    }
+
+    #[test]
+    fn addresses_take_an_optional_port() {
+        let v4: IpAddr = "10.244.1.7".parse().unwrap();
+        assert_eq!(parse_address("10.244.1.7").unwrap(), (v4, None));
+        assert_eq!(parse_address("10.244.1.7:8080").unwrap(), (v4, Some(8080)));
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(parse_address("[fd00::1]:80").unwrap(), (v6, Some(80)));
+        assert_eq!(parse_address("fd00::1").unwrap(), (v6, None));
+        assert!(parse_address("server:80").is_err());
+    }
+
+    /// rr and crr from here against a stand-in for `netpol-lab serve` on loopback: the
+    /// address form measures without any lab.
+    #[test]
+    fn address_form_measures_against_a_greeting_echo_server() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { break };
+                std::thread::spawn(move || {
+                    let _ = s.write_all(format!("netpol-lab {port}\n").as_bytes());
+                    let mut buf = [0u8; 64];
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let address = format!("127.0.0.1:{port}");
+        let opts = LoadOptions::default();
+        let rr = load_address(&address, LoadKind::Rr, 0.2, &opts).unwrap();
+        assert_eq!(
+            (rr.port, rr.to.as_str(), rr.address.as_str()),
+            (port, address.as_str(), "127.0.0.1")
+        );
+        assert!(rr.transactions.unwrap() > 10, "{rr:?}");
+        assert!(rr.latency.unwrap().p50_us > 0.0);
+        let crr = load_address(&address, LoadKind::Crr, 0.2, &opts).unwrap();
+        assert!(crr.connections_per_sec.unwrap() > 10.0, "{crr:?}");
+        // Something that does not greet like the lab server is not measured.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = format!("127.0.0.1:{}", silent.local_addr().unwrap().port());
+        std::thread::spawn(move || {
+            for s in silent.incoming() {
+                let Ok(mut s) = s else { break };
+                let _ = s.write_all(b"hello\n");
+            }
+        });
+        assert!(load_address(&other, LoadKind::Rr, 0.2, &opts).is_err());
     }
 }

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use load::{load, load_with, LoadKind, LoadOptions, LoadReport};
+pub use load::{load, load_address, load_with, LoadKind, LoadOptions, LoadReport};
 
 pub use probe::{probe, ProbeOptions, Via};
 

@@ -24,6 +24,12 @@ impl Report {
             m.kernel,
             m.iptables
         );
+        for n in &self.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+        if !self.notes.is_empty() {
+            md.push('\n');
+        }
         if let Some(d) = &self.datapath {
             datapath_md(&mut md, d, &self.plan);
         }
