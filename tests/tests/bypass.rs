@@ -6,6 +6,7 @@
 mod support;
 
 use netpol_common::{reason, v4_mapped};
+use support::lab::{signal_and_wait, Lab};
 use support::packet::*;
 use support::rig::*;
 
@@ -116,4 +117,44 @@ fn an_ipv6_packet_with_an_ipv4_mapped_address_is_dropped() {
         judge(&mut rig, false, &mapped_dst),
         (SHOT, reason::MALFORMED)
     );
+}
+
+/// The post-DNAT hook (`to_remote` on `flannel.1`, where deferred Service egress meets
+/// the client's policy) used to go with the agent: a clean exit or a rolling update
+/// detached it, and DNATed packets to remote backends left unjudged until the next
+/// agent attached it again. It stays, and a new agent replaces its program in place.
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn the_post_dnat_hook_stays_when_the_agent_exits() {
+    let lab = Lab::cluster(
+        "hook",
+        2,
+        &[(
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
+        )],
+    );
+    let node = lab.status()["nodes"][0].clone();
+    let netns = node["netns"].as_str().unwrap().to_string();
+    let hooked = || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "tc",
+                "filter",
+                "show",
+                "dev",
+                "flannel.1",
+                "egress",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("to_remote")
+    };
+    assert!(hooked(), "the agent hooks flannel.1");
+    let pid = node["agent_pid"].as_i64().unwrap() as i32;
+    signal_and_wait(pid, libc::SIGTERM);
+    assert!(hooked(), "the hook outlives a clean exit of the agent");
 }

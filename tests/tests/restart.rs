@@ -131,20 +131,9 @@ fn try_connect(netns: &str, to: IpAddr, timeout: Duration) -> std::io::Result<Tc
     })
 }
 
-/// Kills the process and returns once it is gone (pidfd: no polling).
+/// Kills the process and returns once it is gone.
 fn kill9(pid: i32) {
-    unsafe {
-        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        assert!(fd >= 0, "pidfd_open {pid}");
-        assert_eq!(libc::kill(pid, libc::SIGKILL), 0);
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        assert_eq!(libc::poll(&mut p, 1, 10_000), 1, "agent {pid} did not die");
-        libc::close(fd);
-    }
+    support::lab::signal_and_wait(pid, libc::SIGKILL);
 }
 
 /// Traffic that runs through the restart: echoes on an allowed connection, connection

@@ -10,12 +10,14 @@ use std::net::IpAddr;
 
 use anyhow::{anyhow, Context};
 use aya::maps::{HashMap, MapData, MapError};
-use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
 use netpol_common::{map, program, Addr, ServiceEntry};
 
 use netpol_engine::objects::Object;
+
+use super::{FILTER_HANDLE, FILTER_PRIORITY};
 
 /// The VIPs of every Service with a ClusterIP (`None`/headless skipped), numbered in
 /// (namespace, name) order.
@@ -95,10 +97,13 @@ pub fn sync_vips(
 /// `to_remote` attached at TC egress of the devices a DNATed packet can leave the node
 /// by (`--service-hook`, e.g. `flannel.1` and the uplink). Devices that do not exist
 /// yet are tried again at the next sync (a device appearing is a link event that wakes
-/// the agent loop).
+/// the agent loop). Like the pods' filters, a hook outlives the agent (a netlink filter
+/// of a fixed handle, not the process's) and a new agent replaces its program in place:
+/// a clean exit or a rolling update never leaves DNATed packets unjudged.
 #[derive(Default)]
 pub struct ServiceHooks {
-    attached: BTreeMap<String, (u32, SchedClassifierLinkId)>,
+    /// Device → the ifindex this agent put its program on.
+    attached: BTreeMap<String, u32>,
 }
 
 impl ServiceHooks {
@@ -110,13 +115,13 @@ impl ServiceHooks {
                 missing.push(dev.clone());
                 continue;
             };
-            if self.attached.get(dev).is_some_and(|(i, _)| *i == ifindex) {
+            if self.attached.get(dev) == Some(&ifindex) {
                 continue;
             }
             match attach(prog, dev) {
-                Ok(id) => {
+                Ok(()) => {
                     tracing::info!(device = %dev, "service hook attached");
-                    self.attached.insert(dev.clone(), (ifindex, id));
+                    self.attached.insert(dev.clone(), ifindex);
                 }
                 Err(e) => {
                     tracing::warn!(device = %dev, error = %format!("{e:#}"), "attaching the service hook failed; will retry");
@@ -135,18 +140,38 @@ fn ifindex(dev: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-fn attach(prog: &mut SchedClassifier, dev: &str) -> anyhow::Result<SchedClassifierLinkId> {
+fn attach(prog: &mut SchedClassifier, dev: &str) -> anyhow::Result<()> {
     let _ = tc::qdisc_add_clsact(dev);
-    let _ = tc::qdisc_detach_program(dev, TcAttachType::Egress, program::TO_REMOTE);
-    prog.attach_with_options(
+    // A hook of ours already there (a previous agent's): its program is replaced in the
+    // same filter, atomically.
+    let existing = SchedClassifierLink::attached(
         dev,
         TcAttachType::Egress,
-        TcAttachOptions::Netlink(NlOptions {
-            priority: 1,
-            ..Default::default()
-        }),
-    )
-    .with_context(|| format!("attaching {} to {dev}", program::TO_REMOTE))
+        FILTER_PRIORITY,
+        FILTER_HANDLE,
+        None,
+    );
+    let id = match existing.map(|link| prog.attach_to_link(link)) {
+        Ok(Ok(id)) => id,
+        _ => {
+            // None yet, or one of an agent from before fixed handles: replaced (a short
+            // gap, once).
+            let _ = tc::qdisc_detach_program(dev, TcAttachType::Egress, program::TO_REMOTE);
+            prog.attach_with_options(
+                dev,
+                TcAttachType::Egress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: FILTER_PRIORITY,
+                    handle: FILTER_HANDLE,
+                    ..Default::default()
+                }),
+            )
+            .with_context(|| format!("attaching {} to {dev}", program::TO_REMOTE))?
+        }
+    };
+    // Not the process's: aya would detach it when the program is dropped (agent exit).
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -25,6 +25,28 @@ pub fn strings(v: &Value) -> Vec<String> {
 }
 
 /// Runs `f` on a thread inside network namespace `netns` (namespaces are per thread).
+/// Sends `signal` to `pid` and returns once the process is gone (pidfd: no polling).
+#[allow(dead_code)] // not every suite stops processes
+pub fn signal_and_wait(pid: i32, signal: i32) {
+    // SAFETY: plain syscalls on a pid and a descriptor this function owns.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        assert!(fd >= 0, "pidfd_open {pid}");
+        assert_eq!(libc::kill(pid, signal), 0);
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        assert_eq!(
+            libc::poll(&mut p, 1, 10_000),
+            1,
+            "process {pid} did not exit"
+        );
+        libc::close(fd);
+    }
+}
+
 pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{netns}");
     std::thread::spawn(move || {
