@@ -158,3 +158,50 @@ fn the_post_dnat_hook_stays_when_the_agent_exits() {
     signal_and_wait(pid, libc::SIGTERM);
     assert!(hooked(), "the hook outlives a clean exit of the agent");
 }
+
+/// A sync that fails half-way (here the policy map fills up) used to leave the epoch
+/// alone: connections judged against its partial entries kept current stamps for as
+/// long as the retries failed. It bumps the epoch, so they are judged again.
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn a_sync_that_fails_half_way_still_starts_a_new_epoch() {
+    let lab = Lab::up(
+        "hsync",
+        &[("pods.yaml", support::manifests::PODS)],
+        &["--agent-arg=--policy-capacity=8"],
+    );
+    lab.wait();
+    let epoch = || {
+        use aya::maps::{Array, Map, MapData};
+        let path = netpol_tests::lab::pin_root_of(&lab.name, 0)
+            .join(netpol_common::PIN_VERSION)
+            .join("maps/NP_CONFIG");
+        let map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
+        let config: Array<MapData, netpol_common::Config> = Array::try_from(map).unwrap();
+        config.get(&0, 0).unwrap().epoch
+    };
+    let before = epoch();
+    // 40 ports, 40 entries or more: more than the map holds.
+    let ports: Vec<String> = (1000..1040).map(|p| format!("{{port: {p}}}")).collect();
+    lab.write(
+        "many.yaml",
+        &format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: many, namespace: x}}\nspec: {{podSelector: {{}}, ingress: [{{ports: [{}]}}]}}\n",
+            ports.join(", ")
+        ),
+    );
+    // The agent's own account of the failure is the signal to look for.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !lab.logs().contains("datapath sync failed") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed sync:\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        epoch() > before,
+        "a new epoch after the failed sync (was {before})"
+    );
+}

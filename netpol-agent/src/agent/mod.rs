@@ -150,7 +150,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
             let watch_paths = paths.clone();
             tokio::spawn(async move {
                 if let Err(e) = dir::watch(watch_paths, state_tx).await {
-                    tracing::error!(error = %format!("{e:#}"), "watching the manifest directory failed");
+                    tracing::error!(error = ?e, "watching the manifest directory failed");
                 }
             });
             let snapshot = Arc::new(index.reset(&state_rx.borrow().clone()));

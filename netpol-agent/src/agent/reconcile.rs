@@ -146,7 +146,7 @@ impl Agent {
             self.view.host_addrs = ports.bridge_addrs.clone();
             let config = self.switches.config(&self.view.host_addrs);
             if let Err(e) = config.and_then(|c| dp.set_config(c)) {
-                tracing::error!(error = %format!("{e:#}"), "writing the node's addresses failed");
+                tracing::error!(error = ?e, "writing the node's addresses failed");
             }
         }
         let t = Instant::now();
@@ -173,13 +173,13 @@ impl Agent {
                 Some(stats)
             }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "datapath sync failed; isolated pods keep their last state");
+                tracing::error!(error = ?e, "datapath sync failed; isolated pods keep their last state");
                 None
             }
         };
         let sync_time = t.elapsed();
         if let Err(e) = dp.sync_services(services) {
-            tracing::error!(error = %format!("{e:#}"), "writing Service VIPs failed");
+            tracing::error!(error = ?e, "writing Service VIPs failed");
         }
         let hooks_missing = dp.sync_service_hooks(&self.service_hooks);
         if let Some(e) = dp.verifier_failed() {

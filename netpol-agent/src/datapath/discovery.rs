@@ -288,7 +288,7 @@ pub fn watch(
                 }
             })();
             if let Err(e) = result {
-                tracing::error!(error = %format!("{e:#}"), "pod discovery stopped");
+                tracing::error!(error = ?e, "pod discovery stopped");
             }
         })?;
     Ok(rx)

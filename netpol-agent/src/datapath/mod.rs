@@ -173,7 +173,7 @@ impl Datapath {
                             tracing::warn!(version = %v, "conntrack layout changed: connections are judged again")
                         }
                         Err(e) => {
-                            tracing::warn!(version = %v, error = %format!("{e:#}"), "conntrack not migrated")
+                            tracing::warn!(version = %v, error = ?e, "conntrack not migrated")
                         }
                     }
                 }
@@ -212,7 +212,7 @@ impl Datapath {
             return vec![];
         }
         if let Err(e) = self.programs_ready() {
-            tracing::error!(error = %format!("{e:#}"), "no program for the Service hooks");
+            tracing::error!(error = ?e, "no program for the Service hooks");
             return devices.to_vec();
         }
         let Programs::Ready(p) = &mut self.programs else {
@@ -302,6 +302,31 @@ impl Datapath {
         locations: &BTreeMap<PodKey, Location>,
     ) -> anyhow::Result<SyncStats> {
         let mut stats = SyncStats::default();
+        let written = self.write_maps(desired, locations, &mut stats);
+        // 4. Once the maps are complete: a new epoch, so that every tracked connection is
+        // judged again at its next packet against them (revocation). Endpoint revisions
+        // alone would miss a peer changing identity, and a packet that arrived between
+        // steps 2 and 3 was judged against old and new entries at once. A sync that
+        // failed half-way bumps it too: connections stamped against its partial state
+        // must not stay current while the retries fail.
+        if written.is_err() || stats.written + stats.removed > 0 {
+            let next = Config {
+                epoch: self.config.epoch.wrapping_add(1),
+                ..self.config
+            };
+            maps::write_config(&mut self.ebpf, next)?;
+            self.config = next;
+        }
+        written.map(|()| stats)
+    }
+
+    /// Steps 1 to 3 of [`Datapath::sync`], counted into `stats` as they go.
+    fn write_maps(
+        &mut self,
+        desired: &Desired,
+        locations: &BTreeMap<PodKey, Location>,
+        stats: &mut SyncStats,
+    ) -> anyhow::Result<()> {
         // 1. additions and updates of peer data and policy
         stats.written += maps::upsert_diff(
             &mut self.ebpf,
@@ -374,7 +399,7 @@ impl Datapath {
                     stats.attached += 1;
                 }
                 Err(e) => {
-                    tracing::warn!(pod = %pod, veth = %loc.ifname, error = %format!("{e:#}"), "attach failed; will retry")
+                    tracing::warn!(pod = %pod, veth = %loc.ifname, error = ?e, "attach failed; will retry")
                 }
             }
         }
@@ -417,20 +442,7 @@ impl Datapath {
             maps::cidr_key,
         )?;
         self.actual = desired.clone();
-
-        // 4. Once the maps are complete: a new epoch, so that every tracked connection is
-        // judged again at its next packet against them (revocation). Endpoint revisions
-        // alone would miss a peer changing identity, and a packet that arrived between
-        // steps 2 and 3 was judged against old and new entries at once.
-        if stats.written + stats.removed > 0 {
-            let next = Config {
-                epoch: self.config.epoch.wrapping_add(1),
-                ..self.config
-            };
-            maps::write_config(&mut self.ebpf, next)?;
-            self.config = next;
-        }
-        Ok(stats)
+        Ok(())
     }
 
     /// Attaches both programs to a veth. A filter already at our priority and handle

@@ -352,7 +352,7 @@ pub fn remove_versions(root: &Path, versions: &[String]) {
     for v in versions {
         let d = PinDir::with_version(root, v);
         if let Err(e) = d.remove() {
-            tracing::warn!(error = %format!("{e:#}"), "removing an old pinned version");
+            tracing::warn!(error = ?e, "removing an old pinned version");
         }
     }
 }

@@ -124,7 +124,7 @@ impl ServiceHooks {
                     self.attached.insert(dev.clone(), ifindex);
                 }
                 Err(e) => {
-                    tracing::warn!(device = %dev, error = %format!("{e:#}"), "attaching the service hook failed; will retry");
+                    tracing::warn!(device = %dev, error = ?e, "attaching the service hook failed; will retry");
                     missing.push(dev.clone());
                 }
             }
