@@ -406,6 +406,11 @@ fn a_killed_agent_is_replaced_without_a_gap_and_adopts_the_pinned_state() {
     );
     assert_eq!(r.status["adopted"], true, "{}", r.status);
     assert!(r.ready_outside < READY_BOUND, "{:?}", r.ready_outside);
+    // The adopted programs' verifier cost is still known (read back from the kernel).
+    for p in ["from_pod", "to_pod", "to_remote"] {
+        let n = r.status["verified_instructions"][p].as_u64().unwrap_or(0);
+        assert!(n > 1000, "{p}: {}", r.status);
+    }
 }
 
 #[test]

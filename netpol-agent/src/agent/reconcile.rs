@@ -40,6 +40,8 @@ pub trait NodeDatapath {
     fn retire_replaced_versions(&mut self);
     /// What the datapath took over from a previous agent.
     fn adoption(&self) -> Adoption;
+    /// The verifier's instruction count of each program.
+    fn verified_instructions(&self) -> BTreeMap<String, u32>;
 }
 
 impl NodeDatapath for Datapath {
@@ -73,6 +75,9 @@ impl NodeDatapath for Datapath {
     }
     fn adoption(&self) -> Adoption {
         Datapath::adoption(self).clone()
+    }
+    fn verified_instructions(&self) -> BTreeMap<String, u32> {
+        Datapath::verified_instructions(self)
     }
 }
 
@@ -229,6 +234,7 @@ impl Agent {
             ready_ms: self.ready_ms,
             adopted: adoption.adopted,
             migrated_conntrack: adoption.migrated_conntrack,
+            verified_instructions: dp.verified_instructions(),
             ..Status::default()
         };
         Ok(Reconciled {
@@ -311,6 +317,9 @@ mod tests {
         }
         fn adoption(&self) -> Adoption {
             Adoption::default()
+        }
+        fn verified_instructions(&self) -> BTreeMap<String, u32> {
+            BTreeMap::new()
         }
     }
 

@@ -103,6 +103,10 @@ pub struct Status {
     /// Conntrack entries copied or converted from another pin version's maps at start.
     #[serde(default)]
     pub migrated_conntrack: usize,
+    /// Program → instructions the kernel's verifier went through (its cost to load, and
+    /// how close it is to the 1M budget).
+    #[serde(default)]
+    pub verified_instructions: std::collections::BTreeMap<String, u32>,
     /// Where the agent serves `/metrics`, `/healthz` and `/readyz` (None: nowhere).
     #[serde(default)]
     pub metrics_addr: Option<String>,

@@ -315,6 +315,14 @@ fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) 
     for i in &agent.invalid {
         t.push_str(&format!("invalid: {i:?}\n"));
     }
+    if !agent.verified_instructions.is_empty() {
+        let programs: Vec<String> = agent
+            .verified_instructions
+            .iter()
+            .map(|(p, n)| format!("{p} {n}"))
+            .collect();
+        t.push_str(&format!("verified instructions: {}\n", programs.join(", ")));
+    }
     t.push_str(&format!(
         "\n{:<40} {:<8} {:>4} {:>12} {:>14}\n",
         "ALLOWED BY POLICY", "DIR", "RULE", "PACKETS", "BYTES"

@@ -281,6 +281,23 @@ impl Datapath {
         }
     }
 
+    /// Instructions the kernel's verifier went through for each of this build's programs
+    /// (empty until they are verified; a kernel before 5.16 does not say).
+    pub fn verified_instructions(&self) -> BTreeMap<String, u32> {
+        let Programs::Ready(p) = &self.programs else {
+            return BTreeMap::new();
+        };
+        p.hooks
+            .iter()
+            .map(|(name, _, prog)| (*name, prog))
+            .chain([(program::TO_REMOTE, &p.to_remote)])
+            .filter_map(|(name, prog)| {
+                let n = prog.info().ok()?.verified_instruction_count()?;
+                Some((name.to_string(), n))
+            })
+            .collect()
+    }
+
     /// The program of the Service hooks (after DNAT, on the overlay and the uplink).
     pub fn to_remote(&mut self) -> anyhow::Result<&mut SchedClassifier> {
         self.programs_ready()?;
