@@ -3,7 +3,7 @@
 //! and errors, and a drop reason for anything truncated or malformed.
 
 use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
-use netpol_common::{proto, reason, v4_mapped, Addr, CtKey};
+use netpol_common::{direction, proto, reason, v4_mapped, Addr, CtKey};
 
 /// `parse` result: the packet is not judged (not IP, neighbour discovery, MLD).
 pub const SKIP: u16 = u16::MAX;
@@ -100,6 +100,19 @@ macro_rules! read_or_drop {
             return reason::MALFORMED;
         }
     };
+}
+
+/// What becomes of an ND/MLD message: a drop for a pod's Router Advertisement or
+/// Redirect (a pod is no router: they would move its neighbours' routes to it), else
+/// [`SKIP`], the link's own traffic. (Which addresses ND may use between pods is not
+/// narrowed yet: Linux may solicit from a global address.) A call of its own, like
+/// `has_v4_mapped`, for the verifier's sake.
+#[inline(never)]
+fn neighbour_discovery(p: &Packet, kind: u8) -> u16 {
+    if p.dir == direction::EGRESS && (kind == 134 || kind == 137) {
+        return reason::SPOOFED_SOURCE;
+    }
+    SKIP
 }
 
 /// A call of its own: inlined, its compares moved the parser's stack slots and tripled
@@ -298,7 +311,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
                 if ((133..=137).contains(&kind) && hop_limit == 255)
                     || (((130..=132).contains(&kind) || kind == 143) && hop_limit == 1)
                 {
-                    return SKIP;
+                    return neighbour_discovery(p, kind);
                 }
             }
             let is_echo = if p.protocol == proto::ICMP {

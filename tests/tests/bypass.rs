@@ -205,3 +205,42 @@ fn a_sync_that_fails_half_way_still_starts_a_new_epoch() {
         "a new epoch after the failed sync (was {before})"
     );
 }
+
+/// A pod's Router Advertisement (or Redirect) would make its neighbours route through
+/// it: dropped; the rest of ND still passes (the link needs it).
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_pods_router_advertisements_and_redirects_are_dropped() {
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    let link_local = {
+        let mut a = [0u8; 16];
+        a[0] = 0xfe;
+        a[1] = 0x80;
+        a[15] = 7;
+        a
+    };
+    let all_nodes = {
+        let mut a = [0u8; 16];
+        a[0] = 0xff;
+        a[1] = 0x02;
+        a[15] = 1;
+        a
+    };
+    let nd = |src, dst, kind| {
+        let mut p = v6(src, dst, &[], icmp(true, kind, 0, 0, &[0; 16]));
+        p[14 + 7] = 255; // hop limit: ND's
+        p
+    };
+    // A neighbour solicitation between link-local addresses: the link's own business.
+    assert_eq!(rig.egress(&nd(link_local, all_nodes, 135)), OK);
+    assert!(rig.events().is_empty(), "not judged, not reported");
+    // Router advertisements and redirects from the pod drop.
+    for kind in [134u8, 137] {
+        assert_eq!(
+            judge(&mut rig, false, &nd(link_local, all_nodes, kind)),
+            (SHOT, reason::SPOOFED_SOURCE),
+            "type {kind}"
+        );
+    }
+}

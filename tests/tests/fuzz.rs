@@ -143,7 +143,7 @@ struct Parsed {
     bad_quote: bool,
 }
 
-fn reference(p: &[u8]) -> Expect {
+fn reference(p: &[u8], egress: bool) -> Expect {
     macro_rules! need {
         ($off:expr, $n:expr) => {
             match p.get($off..$off + $n) {
@@ -265,6 +265,10 @@ fn reference(p: &[u8]) -> Expect {
                 let nd = (133..=137).contains(&kind) && hop_limit == 255;
                 let mld = ((130..=132).contains(&kind) || kind == 143) && hop_limit == 1;
                 if nd || mld {
+                    // A pod's Router Advertisements and Redirects drop.
+                    if egress && (kind == 134 || kind == 137) {
+                        return Expect::Drop(reason::SPOOFED_SOURCE);
+                    }
                     return Expect::Skip;
                 }
             }
@@ -505,7 +509,7 @@ fn kernel_verdicts_match_the_reference_parse_and_the_userspace_lookup() {
         } else {
             direction::INGRESS
         };
-        let (want_reason, parsed) = match reference(&p) {
+        let (want_reason, parsed) = match reference(&p, egress) {
             Expect::Skip => {
                 assert_eq!((action, events.len()), (TC_ACT_OK, 0), "{}", ctx());
                 *tally.entry("SKIP").or_default() += 1;
