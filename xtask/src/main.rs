@@ -389,6 +389,10 @@ fn suite(what: &[String], quick: bool, testbed: &str) -> Result {
     if quick {
         cmd.arg("--quick");
     }
+    // Every scenario on the lab: the project's benchmark page is this run's.
+    if what.is_empty() && testbed == "lab" {
+        cmd.arg("--page").arg(root().join("docs/benchmarks.md"));
+    }
     if wants_control {
         cmd.arg("--compile-json").arg(&compile_json);
     }

@@ -12,7 +12,8 @@
 //!   packet:   BPF_PROG_TEST_RUN with repeat, N policy entries
 //! ```
 //! Usage: `suite [datapath|update|control|events|packet ...] [--quick] [--out DIR]
-//! [--compile-json FILE] [--testbed lab|kind]`. Progress goes to stderr.
+//! [--compile-json FILE] [--testbed lab|kind] [--page FILE]` (`--page`: also write the
+//! project's benchmark page from this run). Progress goes to stderr.
 
 mod control;
 mod datapath;
@@ -92,6 +93,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     let mut out = PathBuf::from("target/bench");
     let mut compile_json = None;
     let mut testbed = "lab".to_string();
+    let mut page = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -101,6 +103,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 compile_json = Some(PathBuf::from(it.next().context("--compile-json FILE")?))
             }
             "--testbed" => testbed = it.next().context("--testbed lab|kind")?.clone(),
+            "--page" => page = Some(PathBuf::from(it.next().context("--page FILE")?)),
             s => scenarios.push(Scenario::parse(s).with_context(|| {
                 format!("unknown scenario {s:?}: datapath, update, control, events or packet")
             })?),
@@ -152,6 +155,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     report.charts = charts;
     report.seconds = started.elapsed().as_secs_f64();
     report.write(&out)?;
+    if let Some(page) = &page {
+        report.write_document(&out, page)?;
+        eprintln!("bench: {} written from this run", page.display());
+    }
     eprintln!(
         "bench: done in {}; {} and {}",
         clock(report.seconds),

@@ -7,6 +7,7 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::plan::{Plan, Scenario};
@@ -59,7 +60,10 @@ impl Report {
             if std::mem::take(&mut skip) {
                 continue;
             }
-            if matches!(a.as_str(), "--out" | "--compile-json" | "--testbed") {
+            if matches!(
+                a.as_str(),
+                "--out" | "--compile-json" | "--testbed" | "--page"
+            ) {
                 skip = true;
                 continue;
             }
@@ -97,4 +101,40 @@ impl Report {
         std::fs::write(dir.join("report.md"), self.markdown())?;
         Ok(())
     }
+
+    /// The project's benchmark page (`docs/benchmarks.md`), whole: the method, then this
+    /// run's report, its charts copied from `dir` into a directory named after the page.
+    pub fn write_document(&self, dir: &Path, page: &Path) -> anyhow::Result<()> {
+        let stem = page
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .context("a page name")?;
+        let charts = page.with_file_name(stem);
+        std::fs::create_dir_all(&charts)?;
+        for c in &self.charts {
+            std::fs::copy(dir.join(c), charts.join(c))
+                .with_context(|| format!("copying the chart {c}"))?;
+        }
+        let report = self.markdown_with(&format!("{stem}/"));
+        // The report's own title gives way to the page's: it is a section here.
+        let report = report.replacen("# netpol benchmark report", "## This run", 1);
+        std::fs::write(page, format!("{METHOD}\n{}", demote(&report)))
+            .with_context(|| format!("writing {}", page.display()))
+    }
+}
+
+/// The page's fixed text: what is measured and how.
+const METHOD: &str = include_str!("report/method.md");
+
+/// Headings one level down (`## x` → `### x`), but for the first, already a section.
+fn demote(md: &str) -> String {
+    let mut out = String::new();
+    for (i, line) in md.lines().enumerate() {
+        if i > 0 && line.starts_with('#') {
+            out.push('#');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }

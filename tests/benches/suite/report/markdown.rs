@@ -7,6 +7,12 @@ use crate::plan::Plan;
 
 impl Report {
     pub fn markdown(&self) -> String {
+        self.markdown_with("")
+    }
+
+    /// The Markdown with the charts looked up under `charts` (a directory prefix, "" for
+    /// beside the file).
+    pub fn markdown_with(&self, charts: &str) -> String {
         let mut md = String::new();
         let m = &self.machine;
         let _ = writeln!(md, "# netpol benchmark report\n");
@@ -31,7 +37,7 @@ impl Report {
             md.push('\n');
         }
         if let Some(d) = &self.datapath {
-            datapath_md(&mut md, d, &self.plan);
+            datapath_md(&mut md, d, &self.plan, charts);
         }
         if let Some(u) = &self.update {
             let _ = writeln!(md, "## Policy update latency\n");
@@ -60,7 +66,7 @@ impl Report {
             }
             md.push('\n');
             if self.charts.iter().any(|c| c == "update.png") {
-                let _ = writeln!(md, "![update latency](update.png)\n");
+                let _ = writeln!(md, "![update latency]({charts}update.png)\n");
             }
         }
         if self.control.is_some() || !self.lab_agents.is_empty() {
@@ -199,7 +205,7 @@ impl Report {
             }
             md.push('\n');
             if self.charts.iter().any(|c| c == "packet.png") {
-                let _ = writeln!(md, "![per packet](packet.png)\n");
+                let _ = writeln!(md, "![per packet]({charts}packet.png)\n");
             }
         }
         md
@@ -218,7 +224,7 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
-fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan) {
+fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
     let _ = writeln!(md, "## Datapath\n");
     let _ = writeln!(
         md,
@@ -284,7 +290,7 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan) {
             md.push('\n');
         }
         md.push('\n');
-        let chart = format!("datapath-{}.png", pair.name());
+        let chart = format!("{charts}datapath-{}.png", pair.name());
         let _ = writeln!(md, "![cost against N, {}]({chart})\n", pair.name());
     }
     let floods: Vec<String> = d
