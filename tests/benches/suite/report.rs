@@ -111,6 +111,13 @@ impl Report {
             .context("a page name")?;
         let charts = page.with_file_name(stem);
         std::fs::create_dir_all(&charts)?;
+        // Charts of an earlier run that this one did not draw would pass for its own.
+        for old in std::fs::read_dir(&charts)?.flatten() {
+            let name = old.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".png") && !self.charts.contains(&name) {
+                std::fs::remove_file(old.path())?;
+            }
+        }
         for c in &self.charts {
             std::fs::copy(dir.join(c), charts.join(c))
                 .with_context(|| format!("copying the chart {c}"))?;
