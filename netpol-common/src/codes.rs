@@ -114,6 +114,7 @@ codes! {
         ServiceUnknownClient = reason::SERVICE_UNKNOWN_CLIENT, "SERVICE_UNKNOWN_CLIENT";
         PendingEndpoint = reason::PENDING_ENDPOINT, "PENDING_ENDPOINT";
         UnknownL3 = reason::UNKNOWN_L3, "UNKNOWN_L3";
+        Misdirected = reason::MISDIRECTED, "MISDIRECTED";
         AdminAllowed = reason::ADMIN_ALLOWED, "ADMIN_ALLOWED";
         AdminDenied = reason::ADMIN_DENIED, "ADMIN_DENIED";
         BaselineAllowed = reason::BASELINE_ALLOWED, "BASELINE_ALLOWED";

@@ -17,8 +17,12 @@ pub struct EndpointEntry {
     /// The pod's addresses (v4-mapped for IPv4; all zero when absent), for anti-spoofing.
     pub ipv4: Addr,
     pub ipv6: Addr,
+    /// The MAC of the pod's interface as discovery found it: the only source MAC its
+    /// frames and ARP messages may carry.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<EndpointEntry>() == 56);
 
 pub mod endpoint_flags {
     pub const ISOLATED_INGRESS: u32 = 1;

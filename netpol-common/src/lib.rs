@@ -13,7 +13,7 @@ pub mod codes;
 pub mod policy;
 
 /// Pinned objects live under `/sys/fs/bpf/netpol/<PIN_VERSION>/`; bump on any layout change.
-pub const PIN_VERSION: &str = "v5";
+pub const PIN_VERSION: &str = "v6";
 
 /// Map names, shared by both sides.
 pub mod map {
@@ -54,11 +54,14 @@ pub mod program {
 }
 
 /// The packet mark (`skb->mark`) with which `from_pod` hands a packet to a Service VIP
-/// over to the hook after kube-proxy's DNAT: bits 8..11 = [`svc_mark::TAG`], bits 16..31
-/// = ifindex of the client's host veth (whose egress policy is pending). Bits 0..7 and
-/// 12..15 are left alone (kube-proxy uses 0x4000 to masquerade, 0x8000 to drop).
+/// over to the hook after kube-proxy's DNAT: bits 8..11 = [`svc_mark::TAG`] (its verdict
+/// pending) or [`svc_mark::ESTABLISHED`] (a packet of an allowed connection, whose
+/// backend is checked against the one its verdict was made for), bits 16..31 = ifindex
+/// of the client's host veth. Bits 0..7 and 12..15 are left alone (kube-proxy uses
+/// 0x4000 to masquerade, 0x8000 to drop).
 pub mod svc_mark {
     pub const TAG: u32 = 0x0E00;
+    pub const ESTABLISHED: u32 = 0x0D00;
     pub const TAG_MASK: u32 = 0x0F00;
     pub const IFINDEX_SHIFT: u32 = 16;
     /// Bits the classifier owns.
@@ -69,6 +72,21 @@ pub mod svc_mark {
     /// `mark` with the pending tag for client `ifindex` (`ifindex <= MAX_IFINDEX`).
     pub const fn pending(mark: u32, ifindex: u32) -> u32 {
         (mark & !OURS) | TAG | (ifindex << IFINDEX_SHIFT)
+    }
+
+    /// `mark` with the established tag for client `ifindex` (`ifindex <= MAX_IFINDEX`).
+    pub const fn established(mark: u32, ifindex: u32) -> u32 {
+        (mark & !OURS) | ESTABLISHED | (ifindex << IFINDEX_SHIFT)
+    }
+
+    /// The client ifindex of a tagged mark and whether its connection is established;
+    /// `None` when the mark carries no tag.
+    pub const fn tagged(mark: u32) -> Option<(u32, bool)> {
+        match mark & TAG_MASK {
+            TAG => Some((mark >> IFINDEX_SHIFT, false)),
+            ESTABLISHED => Some((mark >> IFINDEX_SHIFT, true)),
+            _ => None,
+        }
     }
 
     /// The client ifindex of a pending mark, or `None` when the mark carries no tag.
@@ -181,6 +199,9 @@ pub mod reason {
     /// A frame that is neither IPv4, IPv6 nor ARP, or that carries a VLAN tag (in the
     /// frame or in the skb's metadata): never passed unjudged.
     pub const UNKNOWN_L3: u16 = 16;
+    /// A unicast frame delivered to the pod for an address that is not the pod's (sent
+    /// to its MAC for someone else's address).
+    pub const MISDIRECTED: u16 = 17;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 

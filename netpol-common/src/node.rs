@@ -113,16 +113,20 @@ pub struct PendingKey {
 }
 const _: () = assert!(core::mem::size_of::<PendingKey>() == 8);
 
-/// `NP_SVC_PENDING` value: the original (pre-DNAT) tuple's addresses and VIP port.
+/// `NP_SVC_PENDING` value: the original (pre-DNAT) tuple's addresses and VIP port, and
+/// the backend the client's egress was last judged against (all zero until then), so
+/// that a reply after a policy change can be judged again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingEntry {
     pub saddr: Addr,
     pub vip: Addr,
+    pub backend: Addr,
     pub vport: u16,
-    pub _pad: [u8; 6],
+    pub bport: u16,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<PendingEntry>() == 40);
+const _: () = assert!(core::mem::size_of::<PendingEntry>() == 56);
 
 /// `NP_RULE_COUNTERS` value (per CPU): what one policy rule allowed.
 #[repr(C)]

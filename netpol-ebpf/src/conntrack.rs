@@ -2,13 +2,14 @@
 //! the per-direction checks an entry records (flags, revision stamps, rule cookies),
 //! and the re-check of an established connection after a policy change.
 
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netpol_common::{
-    config_flags, ct_flags, ct_stamp, ct_timeout, direction, proto, reason, verdict, Config,
-    CtEntry, CtKey, EndpointEntry,
+    config_flags, ct_flags, ct_timeout, direction, proto, reason, verdict, Config, CtEntry, CtKey,
+    EndpointEntry,
 };
 
 use crate::emit::count_rule;
-use crate::maps::CONNTRACK;
+use crate::maps::{CONNTRACK, SCRATCH, SCRATCH_PACKET};
 use crate::parse::Packet;
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{opposite, service, Outcome, NS_PER_SEC};
@@ -45,15 +46,20 @@ pub(crate) fn established(
     e: *mut CtEntry,
     out: &mut Outcome,
     now: u64,
+    stamp: u64,
 ) {
     // The direction in which this endpoint's check of the connection was made.
     let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
     let audit = audit_mode(ep, config, jdir);
-    let stamp = ct_stamp(ep.revision, config.epoch);
     if service::is_service_reply(e, reply, jdir) {
         // SAFETY: `e` came from `ct_live` (a CONNTRACK lookup that returned Some); map
         // values stay valid for the whole program run.
         unsafe {
+            if !holds(e, ep, config, stamp, jdir) {
+                // The client's egress changed since: judged again against the backend.
+                service_reply_again(ep, config, pkt, e, out);
+                return;
+            }
             ct_touch(e, pkt, reply, now);
             count_rule(cookie_of(e, jdir), pkt.len);
         }
@@ -96,6 +102,69 @@ pub(crate) fn established(
             ct_touch(e, pkt, reply, now);
         }
     }
+}
+
+/// A Service reply whose client's egress check no longer holds: judged again as the
+/// client's packet to the backend the check was made for; allowed, the check is renewed;
+/// denied or the backend unknown, the reply drops as `POLICY_REVOKED`.
+///
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(never)]
+unsafe fn service_reply_again(
+    ep: &EndpointEntry,
+    config: &Config,
+    pkt: &Packet,
+    e: *mut CtEntry,
+    out: &mut Outcome,
+) {
+    *out = Outcome::drop(reason::POLICY_REVOKED);
+    out.reply = 1;
+    if service::reply_backend(pkt) == 0 {
+        return;
+    }
+    let (Some(forward), Some(scratch)) = (SCRATCH_PACKET.get_ptr(0), SCRATCH.get_ptr(0)) else {
+        return;
+    };
+    out.verdict = verdict_of(ep, config, &*forward, false, out);
+    out.reply = 1;
+    if out.verdict != verdict::ALLOWED {
+        out.reason = reason::POLICY_REVOKED;
+        return;
+    }
+    set_stamp(e, direction::EGRESS, (*scratch).stamp);
+    set_cookie(e, direction::EGRESS, out.cookie);
+    (*e).flags &= !ct_flags::EGRESS_AUDIT;
+    ct_touch(e, pkt, true, bpf_ktime_get_ns());
+    count_rule(out.cookie, pkt.len);
+    out.reason = reason::CONNTRACK;
+}
+
+/// Whether the check in `jdir` recorded in `e` passed and still holds: made under this
+/// run's stamp (or established connections are kept), and not by an audit mode that
+/// has ended since.
+///
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn holds(
+    e: *const CtEntry,
+    ep: &EndpointEntry,
+    config: &Config,
+    stamp: u64,
+    jdir: u8,
+) -> bool {
+    let flags = (*e).flags;
+    if flags & ok_flag(jdir) == 0 {
+        return false;
+    }
+    let stamped = if jdir == direction::EGRESS {
+        (*e).egress_stamp
+    } else {
+        (*e).ingress_stamp
+    };
+    let current = stamped == stamp || config.flags & config_flags::KEEP_ESTABLISHED != 0;
+    current && (flags & audit_flag(jdir) == 0 || audit_mode(ep, config, jdir))
 }
 
 /// # Safety

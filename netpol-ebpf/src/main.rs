@@ -39,6 +39,7 @@ mod conntrack;
 mod emit;
 mod fragments;
 mod maps;
+mod neighbour;
 mod parse;
 mod policy;
 mod service;
@@ -54,7 +55,7 @@ use aya_ebpf::{
 use netpol_common::{counter_index, ct_stamp, direction, reason, verdict, Config, EndpointEntry};
 use parse::{frag, Packet};
 
-use conntrack::{audit_flag, ct_live, established, ok_flag, opens, remember};
+use conntrack::{audit_flag, ct_live, established, holds, ok_flag, opens, remember};
 use emit::{count, count_rule, finish};
 use maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH};
 use policy::{audits, verdict_of};
@@ -175,10 +176,27 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
             trace!(parsed(ctx, &pkt, ifindex));
             out.verdict = pipeline(ctx, ep, config, &pkt, &mut out);
         }
-        parse::SKIP => return TC_ACT_OK, // ARP, or IPv6 neighbour discovery / MLD
+        // ARP, or IPv6 neighbour discovery / MLD: held to the pod's own addresses.
+        parse::SKIP => match neighbour::check(ctx, ep, &pkt) {
+            0 => return TC_ACT_OK,
+            code => out = Outcome::drop(code),
+        },
         code => out = Outcome::drop(code),
     }
     finish(ctx, ep, config, &pkt, out)
+}
+
+/// The stamp of a decision made now: the endpoint's revision and the node's epoch, each
+/// read once (the agent may rewrite either while the packet runs).
+#[inline(always)]
+pub(crate) fn stamp_now(ep: &EndpointEntry, config: &Config) -> u64 {
+    // SAFETY: both point at map values, valid for the whole program run.
+    unsafe {
+        ct_stamp(
+            core::ptr::read_volatile(&ep.revision),
+            core::ptr::read_volatile(&config.epoch),
+        )
+    }
 }
 
 #[inline(always)]
@@ -222,8 +240,13 @@ fn pipeline_steps(
     pkt: &Packet,
     out: &mut Outcome,
 ) {
-    if pkt.dir == direction::EGRESS && !source_is_own(ep, pkt) {
-        *out = Outcome::drop(reason::SPOOFED_SOURCE);
+    if pkt.dir == direction::EGRESS {
+        if !source_is_own(ep, pkt) {
+            *out = Outcome::drop(reason::SPOOFED_SOURCE);
+            return;
+        }
+    } else if !addressed_to_own(ep, pkt) {
+        *out = Outcome::drop(reason::MISDIRECTED);
         return;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -236,6 +259,8 @@ fn pipeline_steps(
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    scratch.ifindex = ifindex;
+    scratch.stamp = stamp_now(ep, config);
     if pkt.frag != frag::NONE {
         fragments::set_key(&mut scratch.frag, pkt, ifindex);
     }
@@ -265,33 +290,17 @@ fn stages(
     // This hook's check, and the one the other side of the connection performed.
     let (mine, theirs) = (ok_flag(dir), ok_flag(opposite(dir)));
 
-    // 3. An ICMP error travels against the packet it quotes: the quoted tuple as it is
-    // names the connection's original direction when that packet was the originator's.
-    if pkt.icmp == parse::icmp::ERROR {
-        match parse::parse_quoted(ctx, pkt, &mut scratch.ct) {
-            // The quoted packet was sent by whom the error is for.
-            parse::PARSED if scratch.ct.saddr == pkt.daddr => {
-                if let Some(e) = ct_live(&scratch.ct, config, now) {
-                    // SAFETY: pointer into the map value, valid for this run.
-                    if unsafe { (*e).flags } & theirs != 0 {
-                        trace!(related(ctx));
-                        *out = Outcome::allow(reason::RELATED);
-                        return;
-                    }
-                }
-                scratch.ct.reverse();
-                if let Some(e) = ct_live(&scratch.ct, config, now) {
-                    // SAFETY: pointer into the map value, valid for this run.
-                    if unsafe { (*e).flags } & mine != 0 {
-                        trace!(related(ctx));
-                        *out = Outcome::allow(reason::RELATED);
-                        return;
-                    }
-                }
+    // 3. An ICMP error about a tracked connection.
+    if pkt.icmp == parse::icmp::ERROR && error_sized(pkt) {
+        match related(ctx, ep, config, pkt, now) {
+            RELATED => {
+                trace!(related(ctx));
+                *out = Outcome::allow(reason::RELATED);
+                return;
             }
-            parse::PARSED | parse::SKIP => {}
+            0 => {}
             code => {
-                *out = Outcome::drop(code);
+                *out = Outcome::drop(code as u16);
                 return;
             }
         }
@@ -312,7 +321,7 @@ fn stages(
         // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
         if unsafe { (*e).flags } & mine != 0 {
             trace!(ct_hit(ctx, false));
-            established(ep, config, pkt, false, e, out, now);
+            established(ep, config, pkt, false, e, out, now, scratch.stamp);
             return;
         }
     }
@@ -321,7 +330,7 @@ fn stages(
         // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
         if unsafe { (*e).flags } & theirs != 0 {
             trace!(ct_hit(ctx, true));
-            established(ep, config, pkt, true, e, out, now);
+            established(ep, config, pkt, true, e, out, now, scratch.stamp);
             return;
         }
     }
@@ -335,14 +344,7 @@ fn stages(
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
         if opens(pkt) {
-            remember(
-                &scratch.ct,
-                dir,
-                ct_stamp(ep.revision, config.epoch),
-                0,
-                out.cookie,
-                now,
-            );
+            remember(&scratch.ct, dir, scratch.stamp, 0, out.cookie, now);
         }
         count_rule(out.cookie, pkt.len);
         // SAFETY: a helper without arguments or memory access.
@@ -356,23 +358,84 @@ fn stages(
     {
         // Audit lets the connection through; it is reported once, and enforced again as
         // soon as audit ends (the entry says the check passed by audit only).
-        remember(
-            &scratch.ct,
-            dir,
-            ct_stamp(ep.revision, config.epoch),
-            audit_flag(dir),
-            0,
-            now,
-        );
+        remember(&scratch.ct, dir, scratch.stamp, audit_flag(dir), 0, now);
     }
 }
 
+/// [`related`]: the error is about a connection whose check still holds.
+const RELATED: u32 = u32::MAX;
+
+/// Step 3: [`RELATED`], 0 (judge the error as any packet), or a drop reason. An ICMP
+/// error travels against the packet it quotes: the quoted tuple as it is names the
+/// connection's original direction when that packet was the originator's. Related only
+/// to its own flow: the quoted packet was sent by whom the error is for, a pod (no
+/// router) errs only about packets it received itself, and the connection's check
+/// still holds. A call of its own, for the verifier's sake (see parse.rs).
+#[inline(never)]
+fn related(ctx: &TcContext, ep: &EndpointEntry, config: &Config, pkt: &Packet, now: u64) -> u32 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch, used by this program run only.
+    let scratch = unsafe { &mut *scratch };
+    let dir = pkt.dir;
+    match parse::parse_quoted(ctx, pkt, &mut scratch.ct) {
+        parse::PARSED
+            if scratch.ct.saddr == pkt.daddr
+                && (dir == direction::INGRESS || scratch.ct.daddr == pkt.saddr) =>
+        {
+            if let Some(e) = ct_live(&scratch.ct, config, now) {
+                // SAFETY: pointer into the map value, valid for this run.
+                if unsafe { holds(e, ep, config, scratch.stamp, opposite(dir)) } {
+                    return RELATED;
+                }
+            }
+            scratch.ct.reverse();
+            if let Some(e) = ct_live(&scratch.ct, config, now) {
+                // SAFETY: pointer into the map value, valid for this run.
+                if unsafe { holds(e, ep, config, scratch.stamp, dir) } {
+                    return RELATED;
+                }
+            }
+            0
+        }
+        parse::PARSED | parse::SKIP => 0,
+        code => code as u32,
+    }
+}
+
+/// An ICMP error no longer than the senders make them (RFC 1812: 576 bytes of IPv4;
+/// RFC 4443: 1280 of IPv6): a longer one carries more than a quote.
+#[inline(always)]
+fn error_sized(pkt: &Packet) -> bool {
+    const ETH: u32 = 14;
+    pkt.len <= ETH + if pkt.family == 4 { 576 } else { 1280 }
+}
+
+/// The frame's source MAC and the packet's source address are the pod's.
 #[inline(always)]
 fn source_is_own(ep: &EndpointEntry, pkt: &Packet) -> bool {
+    if pkt.smac != ep.mac {
+        return false;
+    }
     if pkt.family == 4 {
         pkt.saddr == ep.ipv4
     } else {
         pkt.saddr == ep.ipv6 && ep.ipv6 != [0u8; 16]
+    }
+}
+
+/// A frame for the pod: a group (broadcast, multicast) MAC, or unicast to one of the
+/// pod's addresses. Anything else reached its MAC for someone else's address.
+#[inline(always)]
+fn addressed_to_own(ep: &EndpointEntry, pkt: &Packet) -> bool {
+    if pkt.l2_group != 0 {
+        return true;
+    }
+    if pkt.family == 4 {
+        pkt.daddr == ep.ipv4
+    } else {
+        pkt.daddr == ep.ipv6 && ep.ipv6 != [0u8; 16]
     }
 }
 

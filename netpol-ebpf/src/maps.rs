@@ -90,11 +90,26 @@ pub(crate) struct Scratch {
     /// Policy hits per tier: [0] Admin, [1] NetworkPolicy/Baseline.
     pub(crate) hits: [[PolicyEntry; 3]; 2],
     pub(crate) pending: PendingEntry,
+    /// The host veth the packet runs on.
+    pub(crate) ifindex: u32,
+    /// `ct_stamp(revision, epoch)` as they were when this packet's run began: read once,
+    /// so that a sync landing meanwhile cannot stamp the run's decision as current.
+    /// (Not a field of the parsed packet: there it moved the stack slots and added a
+    /// third to the verifier's work.)
+    pub(crate) stamp: u64,
 }
 
 /// Per-CPU array of one: index 0 → [`Scratch`] (never read by the agent).
 #[map(name = "NP_SCRATCH")]
 pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU array of one: index 0 → a packet rebuilt in its original direction (a Service
+/// reply judged again against its backend), too big for the stack of that call chain
+/// and kept apart from [`SCRATCH`], which the lookups it makes write (never read by the
+/// agent).
+#[map(name = "NP_SCRATCH_PACKET")]
+pub(crate) static SCRATCH_PACKET: PerCpuArray<crate::parse::Packet> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Hash: Service VIP ([`Addr`]) → [`ServiceEntry`] (the Service's index for the agent;
 /// the classifier only tests presence).

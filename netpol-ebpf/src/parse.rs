@@ -28,6 +28,14 @@ pub mod icmp {
     pub const UNTRACKED: u8 = 2;
 }
 
+/// Link-layer messages `parse` passes on as [`SKIP`], which `from_pod` still checks
+/// against the pod's own addresses (`neighbour.rs`); 0 for any other frame.
+pub mod link {
+    pub const ARP: u8 = 1;
+    /// IPv6 neighbour discovery or multicast listener message.
+    pub const ND: u8 = 2;
+}
+
 /// Where a packet stands in fragmentation.
 pub mod frag {
     /// Not fragmented (IPv6 atomic fragments included).
@@ -49,6 +57,14 @@ pub struct Packet {
     pub icmp: u8,
     /// The hook's direction (`direction::*`), set by the caller.
     pub dir: u8,
+    /// 1: the destination MAC is a group (broadcast or multicast) address.
+    pub l2_group: u8,
+    /// `link::*`: which link-layer message a [`SKIP`] was.
+    pub link: u8,
+    /// ICMPv6 type of an ND/MLD message.
+    pub nd_kind: u8,
+    /// The source MAC.
+    pub smac: [u8; 6],
     /// Offset of the upper-layer header from the start of the frame.
     pub l4: u16,
     /// Fragment identification; with `frag_proto`, keys the datagram.
@@ -104,9 +120,8 @@ macro_rules! read_or_drop {
 
 /// What becomes of an ND/MLD message: a drop for a pod's Router Advertisement or
 /// Redirect (a pod is no router: they would move its neighbours' routes to it), else
-/// [`SKIP`], the link's own traffic. (Which addresses ND may use between pods is not
-/// narrowed yet: Linux may solicit from a global address.) A call of its own, like
-/// `has_v4_mapped`, for the verifier's sake.
+/// [`SKIP`], the link's own traffic, whose addresses `neighbour::check` then holds to
+/// the pod's. A call of its own, like `has_v4_mapped`, for the verifier's sake.
 #[inline(never)]
 fn neighbour_discovery(p: &Packet, kind: u8) -> u16 {
     if p.dir == direction::EGRESS && (kind == 134 || kind == 137) {
@@ -149,11 +164,13 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
         // The kernel took a tag off before TC; the stack behind would deliver the rest.
         return reason::UNKNOWN_L3;
     }
-    let mut ethertype = [0u8; 2];
-    read_or_drop!(ctx, 12, &mut ethertype);
+    let mut eth = [0u8; 14];
+    read_or_drop!(ctx, 0, &mut eth);
+    p.l2_group = eth[0] & 1;
+    p.smac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     let l4: usize;
     let mut hop_limit: u8 = 0;
-    match u16::from_be_bytes(ethertype) {
+    match u16::from_be_bytes([eth[12], eth[13]]) {
         ETH_P_IP => {
             // version/IHL .. destination: the fixed 20 bytes
             let mut h = [0u8; 20];
@@ -265,7 +282,10 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
             l4 = off;
         }
         // ARP is the link's own business (not judged by policy).
-        ETH_P_ARP => return SKIP,
+        ETH_P_ARP => {
+            p.link = link::ARP;
+            return SKIP;
+        }
         // Tagged frames (802.1Q, 802.1ad, priority tags) and every other ethertype: a
         // channel policy could not see.
         _ => return reason::UNKNOWN_L3,
@@ -311,6 +331,8 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
                 if ((133..=137).contains(&kind) && hop_limit == 255)
                     || (((130..=132).contains(&kind) || kind == 143) && hop_limit == 1)
                 {
+                    p.link = link::ND;
+                    p.nd_kind = kind;
                     return neighbour_discovery(p, kind);
                 }
             }

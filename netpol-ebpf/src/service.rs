@@ -18,16 +18,16 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netpol_common::{
-    config_flags, ct_flags, ct_stamp, direction, reason, svc_mark, verdict, Addr, Config, CtEntry,
+    config_flags, ct_flags, direction, reason, svc_mark, verdict, Addr, Config, CtEntry,
     EndpointEntry, PendingEntry, PendingKey,
 };
 
 use crate::conntrack::{ct_live, ct_touch, opens, remember};
 use crate::emit::{count, count_rule, finish};
-use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SERVICES, SVC_PENDING};
+use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SCRATCH_PACKET, SERVICES, SVC_PENDING};
 use crate::parse::{self, Packet};
 use crate::policy::{audit_mode, audits, verdict_of};
-use crate::Outcome;
+use crate::{stamp_now, Outcome};
 
 #[inline(always)]
 pub(crate) fn is_vip(addr: &Addr) -> bool {
@@ -36,7 +36,9 @@ pub(crate) fn is_vip(addr: &Addr) -> bool {
 }
 
 /// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
-/// (`CONNTRACK`); anything else is passed on tagged, to be judged after DNAT.
+/// (`CONNTRACK`), tagged established: after DNAT its backend must still be the one the
+/// verdict was made for (nf_conntrack may have forgotten the flow and picked another).
+/// Anything else is passed on tagged pending, to be judged after DNAT.
 #[inline(always)]
 pub(crate) fn egress_to_vip(
     ctx: &TcContext,
@@ -48,15 +50,19 @@ pub(crate) fn egress_to_vip(
     out: &mut Outcome,
     now: u64,
 ) {
-    if let Some(e) = ct_live(&scratch.ct, config, now) {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if let Some(e) = ct_live(&scratch.ct, config, now).filter(|_| ifindex <= svc_mark::MAX_IFINDEX)
+    {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             let flags = (*e).flags;
-            let current = (*e).egress_stamp == ct_stamp(ep.revision, config.epoch)
+            let current = (*e).egress_stamp == scratch.stamp
                 || config.flags & config_flags::KEEP_ESTABLISHED != 0;
             let audit_ok =
                 flags & ct_flags::EGRESS_AUDIT == 0 || audit_mode(ep, config, direction::EGRESS);
             if flags & ct_flags::EGRESS_OK != 0 && current && audit_ok {
+                ctx.set_mark(svc_mark::established(mark, ifindex));
                 ct_touch(e, pkt, false, now);
                 *out = Outcome::allow(reason::CONNTRACK);
                 count_rule((*e).egress_cookie, pkt.len);
@@ -78,13 +84,14 @@ pub(crate) fn egress_to_vip(
         saddr: pkt.saddr,
         vip: pkt.daddr,
         vport: pkt.dport,
-        _pad: [0; 6],
+        // Known once judged after DNAT.
+        backend: [0; 16],
+        bport: 0,
+        _pad: [0; 4],
     };
     // A full table evicts the oldest entry: that connection's replies are then judged
     // as ingress (closed, not open).
     let _ = SVC_PENDING.insert(&key, &scratch.pending, 0);
-    // SAFETY: the context pointer is valid for the whole program run.
-    let mark = unsafe { (*ctx.skb.skb).mark };
     ctx.set_mark(svc_mark::pending(mark, ifindex));
     *out = Outcome::allow(reason::SERVICE_DEFERRED);
 }
@@ -96,18 +103,13 @@ pub(crate) fn egress_to_vip(
 pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    let Some(client) = svc_mark::client(mark) else {
+    let Some((client, established)) = svc_mark::tagged(mark) else {
         return TC_ACT_OK;
     };
     // Judged once: the mark must not follow the packet further.
     ctx.set_mark(svc_mark::clear(mark));
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_SHOT;
-    };
-    let mut pkt = Packet {
-        dir: direction::EGRESS,
-        len: ctx.len(),
-        ..Packet::default()
     };
     // SAFETY: map values stay valid for the whole program run.
     let Some(ep) = (unsafe { ENDPOINTS.get(&client) }) else {
@@ -118,13 +120,44 @@ pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
         ));
         return TC_ACT_SHOT;
     };
+    let mut pkt = Packet {
+        dir: direction::EGRESS,
+        len: ctx.len(),
+        ..Packet::default()
+    };
     let mut out = Outcome::drop(reason::NONE);
     match parse::parse(ctx, &mut pkt) {
-        parse::PARSED => judge_backend(ep, config, client, &pkt, &mut out),
+        parse::PARSED => {
+            if established && same_backend(client, &pkt) != 0 {
+                return TC_ACT_OK; // counted at `from_pod`, as CONNTRACK
+            }
+            // Pending, or established towards another backend than its verdict's (the
+            // flow DNATed anew, or the pending entry taken by another flow of the same
+            // source port): judged on this backend.
+            judge_backend(ep, config, client, &pkt, &mut out)
+        }
         parse::SKIP => return TC_ACT_OK,
         code => out = Outcome::drop(code),
     }
     finish(ctx, ep, config, &pkt, out)
+}
+
+/// 1 when `pkt` (after DNAT) goes to the backend its client's verdict was made for, as
+/// its pending entry recorded.
+#[inline(never)]
+fn same_backend(client: u32, pkt: &Packet) -> u32 {
+    let key = PendingKey {
+        ifindex: client,
+        sport: pkt.sport,
+        protocol: pkt.protocol,
+        _pad: 0,
+    };
+    // SAFETY: a lookup; the value is read at once.
+    let Some(p) = (unsafe { SVC_PENDING.get(&key) }) else {
+        return 0;
+    };
+    // (Not the source: the uplink hook sees it after kube-proxy's masquerade.)
+    (p.backend == pkt.daddr && p.bport == pkt.dport) as u32
 }
 
 /// The client's egress policy against the backend; an allowed (or audited) connection
@@ -137,6 +170,7 @@ fn judge_backend(
     pkt: &Packet,
     out: &mut Outcome,
 ) {
+    let stamp = stamp_now(ep, config);
     out.verdict = verdict_of(ep, config, pkt, false, out);
     let audited = if out.verdict == verdict::ALLOWED {
         0
@@ -153,7 +187,7 @@ fn judge_backend(
         protocol: pkt.protocol,
         _pad: 0,
     };
-    let Some(p) = SVC_PENDING.get_ptr(&key) else {
+    let Some(p) = SVC_PENDING.get_ptr_mut(&key) else {
         return; // evicted: the replies will be judged as ingress
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -168,6 +202,9 @@ fn judge_backend(
         scratch.ct.dport = (*p).vport;
         scratch.ct.protocol = pkt.protocol;
         scratch.ct._pad = [0; 3];
+        // What this verdict was made for, should a reply need it judged again.
+        (*p).backend = pkt.daddr;
+        (*p).bport = pkt.dport;
         let now = bpf_ktime_get_ns();
         if !opens(pkt) {
             // Passes untracked (see `opens`).
@@ -179,7 +216,7 @@ fn judge_backend(
         remember(
             &scratch.ct,
             direction::EGRESS,
-            ct_stamp(ep.revision, config.epoch),
+            stamp,
             audited | ct_flags::SERVICE,
             if audited == 0 { out.cookie } else { 0 },
             now,
@@ -191,10 +228,48 @@ fn judge_backend(
 }
 
 /// A reply (source = VIP) of a connection recorded by [`judge_backend`]: its egress
-/// check can only be renewed by the client's own packets (deferred again), so a stale
-/// stamp does not cut it here.
+/// check is renewed by the client's own packets (deferred again), or, when it no longer
+/// holds, by [`judge_reply`].
 #[inline(always)]
 pub(crate) fn is_service_reply(e: *mut CtEntry, reply: bool, jdir: u8) -> bool {
     // SAFETY: pointer into the map value, valid for this run.
     reply && jdir == direction::EGRESS && unsafe { (*e).flags } & ct_flags::SERVICE != 0
+}
+
+/// A Service reply (VIP → client) whose egress check no longer holds: the client's
+/// packet to the backend that check was made for, as [`judge_backend`] saw it, into
+/// `NP_SCRATCH_PACKET` for the caller to judge again. 0 when that backend is no longer
+/// known (its pending entry evicted or taken by another connection, or never judged):
+/// the reply then drops. (The caller judges, so that this frame is not under the
+/// policy lookups' on the stack.)
+#[inline(never)]
+pub(crate) fn reply_backend(pkt: &Packet) -> u32 {
+    let (Some(scratch), Some(forward)) = (SCRATCH.get_ptr(0), SCRATCH_PACKET.get_ptr_mut(0)) else {
+        return 0;
+    };
+    // SAFETY: per-CPU maps used by this run only; `p` points into a map value.
+    unsafe {
+        let key = PendingKey {
+            ifindex: (*scratch).ifindex,
+            sport: pkt.dport,
+            protocol: pkt.protocol,
+            _pad: 0,
+        };
+        let Some(p) = SVC_PENDING.get_ptr(&key) else {
+            return 0;
+        };
+        if (*p).vip != pkt.saddr || (*p).vport != pkt.sport || (*p).saddr != pkt.daddr {
+            return 0;
+        }
+        if (*p).bport == 0 && (*p).backend == [0u8; 16] {
+            return 0;
+        }
+        *forward = *pkt;
+        (*forward).dir = direction::EGRESS;
+        (*forward).saddr = pkt.daddr;
+        (*forward).sport = pkt.dport;
+        (*forward).daddr = (*p).backend;
+        (*forward).dport = (*p).bport;
+    }
+    1
 }

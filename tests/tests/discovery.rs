@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netpol_agent::datapath::discovery::{self, Ports, Published};
-use support::lab::ip;
+use support::lab::{ip, mac_of};
 use tokio::sync::watch;
 
 /// A network namespace, deleted on drop.
@@ -84,6 +84,15 @@ fn addrs(ports: &Ports, veth: &str) -> Option<Vec<IpAddr>> {
         .map(|p| p.addrs.iter().copied().collect())
 }
 
+/// The MAC discovery read for a port's pod (None: not yet).
+fn mac(ports: &Ports, veth: &str) -> Option<[u8; 6]> {
+    ports
+        .ports
+        .values()
+        .find(|p| p.name == veth)
+        .and_then(|p| p.mac)
+}
+
 fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
@@ -138,6 +147,8 @@ fn pod_ports_and_the_addresses_inside_their_namespaces_are_followed_by_events() 
             first.ports
         );
         assert!(first.ports.devices.contains("flannel.1"));
+        // The MAC of the pod's own interface, read from its namespace's first dump.
+        assert_eq!(mac(&first.ports, &veth_a), Some(mac_of(&a.0)));
         assert_eq!(*announced.lock().unwrap(), std::slice::from_ref(&veth_a));
     }
 
@@ -164,9 +175,14 @@ fn pod_ports_and_the_addresses_inside_their_namespaces_are_followed_by_events() 
         "eth0",
         "nodad",
     ]);
-    let seen = wait_for(&rt, &mut rx, "b's addresses", |p| {
-        addrs(p, &veth_b).is_some_and(|a| a.len() == 2)
+    let seen = wait_for(&rt, &mut rx, "b's addresses and MAC", |p| {
+        addrs(p, &veth_b).is_some_and(|a| a.len() == 2) && mac(p, &veth_b).is_some()
     });
+    assert_eq!(
+        mac(&seen.ports, &veth_b),
+        Some(mac_of(&b.0)),
+        "heard as an event"
+    );
     assert!(seen.changes >= 2, "{seen:?}");
     let pods: BTreeMap<String, Vec<IpAddr>> = [
         ("x/a".to_string(), ips(&["10.244.0.2"])),
@@ -174,7 +190,10 @@ fn pod_ports_and_the_addresses_inside_their_namespaces_are_followed_by_events() 
         ("x/c".to_string(), ips(&["10.244.0.9"])),
     ]
     .into();
-    let found = seen.ports.locate(&pods);
+    let found = seen
+        .ports
+        .locate(&pods, &BTreeMap::new(), &BTreeMap::new())
+        .found;
     assert_eq!(found["x/a"].ifname, veth_a);
     assert_eq!(found["x/b"].ifname, veth_b);
     assert!(!found.contains_key("x/c"));
@@ -194,7 +213,18 @@ fn pod_ports_and_the_addresses_inside_their_namespaces_are_followed_by_events() 
     let seen = wait_for(&rt, &mut rx, "c's port with its address", |p| {
         addrs(p, &veth_c).is_some_and(|a| a == ips(&["10.244.0.9"]))
     });
-    assert_eq!(seen.ports.locate(&pods)["x/c"].ifname, veth_c);
+    assert_eq!(
+        mac(&seen.ports, &veth_c),
+        Some(mac_of(&c.0)),
+        "dumped with the addresses"
+    );
+    assert_eq!(
+        seen.ports
+            .locate(&pods, &BTreeMap::new(), &BTreeMap::new())
+            .found["x/c"]
+            .ifname,
+        veth_c
+    );
 
     // An address removed, a port leaving the bridge, a pod deleted.
     ip(&["-n", &b.0, "addr", "del", "fd00::3/64", "dev", "eth0"]);

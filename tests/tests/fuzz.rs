@@ -235,7 +235,7 @@ fn reference(p: &[u8], egress: bool) -> Expect {
             r.protocol = next;
             l4 = off;
         }
-        0x0806 => return Expect::Skip,                // ARP
+        0x0806 => return arp(p, egress),
         _ => return Expect::Drop(reason::UNKNOWN_L3), // VLAN tags, other ethertypes
     }
     if r.later_fragment {
@@ -269,6 +269,19 @@ fn reference(p: &[u8], egress: bool) -> Expect {
                     if egress && (kind == 134 || kind == 137) {
                         return Expect::Drop(reason::SPOOFED_SOURCE);
                     }
+                    if !egress {
+                        return Expect::Skip;
+                    }
+                    // From the pod: its own address, a link-local one or `::`; a
+                    // Neighbour Advertisement names its address or a link-local one.
+                    let link_local = |a: &[u8]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+                    let ours = |a: &[u8]| a == SERVER6 || link_local(a);
+                    if !ours(&r.saddr) && r.saddr != [0; 16] {
+                        return Expect::Drop(reason::SPOOFED_SOURCE);
+                    }
+                    if kind == 136 && !ours(need!(l4 + 8, 16)) {
+                        return Expect::Drop(reason::SPOOFED_SOURCE);
+                    }
                     return Expect::Skip;
                 }
             }
@@ -292,6 +305,27 @@ fn reference(p: &[u8], egress: bool) -> Expect {
         _ => {}
     }
     Expect::Parsed(r)
+}
+
+/// ARP: passes towards the pod; from it, Ethernet/IPv4 ARP whose sender is the pod (its
+/// MAC, its address or 0.0.0.0).
+fn arp(p: &[u8], egress: bool) -> Expect {
+    if !egress {
+        return Expect::Skip;
+    }
+    if p[6..12] != POD_MAC {
+        return Expect::Drop(reason::SPOOFED_SOURCE);
+    }
+    let Some(a) = p.get(14..32) else {
+        return Expect::Drop(reason::MALFORMED);
+    };
+    if a[..6] != [0, 1, 8, 0, 6, 4] {
+        return Expect::Drop(reason::MALFORMED);
+    }
+    if a[8..14] != POD_MAC || (a[14..18] != SERVER && a[14..18] != [0; 4]) {
+        return Expect::Drop(reason::SPOOFED_SOURCE);
+    }
+    Expect::Skip
 }
 
 /// Whether the quote of an ICMP error is long enough where it must be.
@@ -520,6 +554,9 @@ fn kernel_verdicts_match_the_reference_parse_and_the_userspace_lookup() {
                 let own = if r.family == 4 { ep.ipv4 } else { ep.ipv6 };
                 let want = if egress && r.saddr != own {
                     Some((false, reason::SPOOFED_SOURCE, 0))
+                } else if !egress && r.daddr != own {
+                    // (the frames' destination MAC is unicast)
+                    Some((false, reason::MISDIRECTED, 0))
                 } else if r.later_fragment {
                     Some((false, reason::FRAGMENT_UNKNOWN, 0))
                 } else if r.bad_quote {
@@ -585,6 +622,7 @@ fn kernel_verdicts_match_the_reference_parse_and_the_userspace_lookup() {
         "POLICY_DENIED",
         "MALFORMED",
         "SPOOFED_SOURCE",
+        "MISDIRECTED",
         "UNKNOWN_L4",
         "FRAGMENT_UNKNOWN",
         "HOST_TRAFFIC",

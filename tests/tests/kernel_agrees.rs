@@ -127,6 +127,11 @@ impl Kernel {
     ) -> (u32, Option<Event>, u16) {
         let mut eps: HashMap<_, u32, EndpointEntry> =
             HashMap::try_from(self.ebpf.map_mut(map::ENDPOINTS).unwrap()).unwrap();
+        // The MAC is the agent's to fill in from discovery (the frames' source MAC).
+        let ep = EndpointEntry {
+            mac: support::rig::POD_MAC,
+            ..ep
+        };
         eps.insert(LO, ep, 0).unwrap();
         self.next_sport += 1;
         let pkt = packet(src, dst, protocol, self.next_sport, port);

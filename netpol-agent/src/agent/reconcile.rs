@@ -16,7 +16,7 @@ use netpol_engine::objects::Object;
 
 use crate::api::Status;
 use crate::datapath::discovery::Ports;
-use crate::datapath::{Adoption, Datapath, Location, Switches, SyncStats};
+use crate::datapath::{Adoption, Conflict, Datapath, Located, Location, Switches, SyncStats};
 
 /// What a reconcile step asks of the node's datapath.
 pub trait NodeDatapath {
@@ -27,8 +27,8 @@ pub trait NodeDatapath {
         desired: &Desired,
         located: &BTreeMap<PodKey, Location>,
     ) -> anyhow::Result<SyncStats>;
-    /// Pods with their entry written and their programs attached.
-    fn attached_pods(&self) -> Vec<PodKey>;
+    /// Pods with their entry written and their programs attached, and where.
+    fn attached_pods(&self) -> BTreeMap<PodKey, Location>;
     fn sync_services(&mut self, services: &[Object]) -> anyhow::Result<()>;
     /// Hooks the devices after DNAT; returns those not there (yet).
     fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String>;
@@ -55,8 +55,10 @@ impl NodeDatapath for Datapath {
     ) -> anyhow::Result<SyncStats> {
         Datapath::sync(self, desired, located)
     }
-    fn attached_pods(&self) -> Vec<PodKey> {
-        self.attached().map(|(k, _)| k.clone()).collect()
+    fn attached_pods(&self) -> BTreeMap<PodKey, Location> {
+        self.attached()
+            .map(|(k, l)| (k.clone(), l.clone()))
+            .collect()
     }
     fn sync_services(&mut self, services: &[Object]) -> anyhow::Result<()> {
         Datapath::sync_services(self, services)
@@ -94,6 +96,12 @@ pub struct Agent {
     compiler: Compiler,
     view: NodeView,
     syncs: u64,
+    /// The ports held for an address conflict as of the last step, and how many
+    /// conflicts have appeared in all.
+    conflicts: Vec<Conflict>,
+    conflicts_seen: u64,
+    /// Port → the pod it has been (see `Ports::locate`).
+    owners: BTreeMap<u32, PodKey>,
     ready_ms: Option<u64>,
     retry: Option<Duration>,
 }
@@ -132,6 +140,9 @@ impl Agent {
             started,
             compiler: Compiler::new(),
             syncs: 0,
+            conflicts: Vec::new(),
+            conflicts_seen: 0,
+            owners: BTreeMap::new(),
             ready_ms: None,
             retry: None,
         }
@@ -162,7 +173,17 @@ impl Agent {
             .keys()
             .map(|k| (k.clone(), snapshot.pods[k].ips.clone()))
             .collect();
-        let located = ports.locate(&wanted);
+        let Located {
+            found: located,
+            conflicts,
+            owners,
+        } = ports.locate(&wanted, &dp.attached_pods(), &self.owners);
+        self.owners = owners;
+        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+            self.conflicts_seen += 1;
+            tracing::warn!(port = %c.port, pods = ?c.pods, why = %c.why, "address conflict: the port stays held (drops) until it is resolved");
+        }
+        self.conflicts = conflicts;
         let t = Instant::now();
         let stats = match dp.sync(&desired, &located) {
             Ok(stats) => {
@@ -171,7 +192,7 @@ impl Agent {
                         written = stats.written,
                         removed = stats.removed,
                         attached = stats.attached,
-                        detached = stats.detached,
+                        held = stats.held,
                         "datapath synced"
                     );
                 }
@@ -196,12 +217,12 @@ impl Agent {
         // retry. A pod not located yet waits for its port or address event, a hook
         // device for its link event, a pod without an address for the source.
         let failed = stats.is_none()
-            || located.keys().any(|k| !attached.contains(k))
+            || located.keys().any(|k| !attached.contains_key(k))
             || hooks_missing.iter().any(|d| ports.devices.contains(d));
         self.retry = failed.then(|| self.retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX)));
         let pending: Vec<String> = wanted
             .keys()
-            .filter(|k| !attached.contains(k))
+            .filter(|k| !attached.contains_key(*k))
             .cloned()
             .collect();
         let converged = pending.is_empty() && hooks_missing.is_empty();
@@ -235,6 +256,8 @@ impl Agent {
             adopted: adoption.adopted,
             migrated_conntrack: adoption.migrated_conntrack,
             verified_instructions: dp.verified_instructions(),
+            conflicts: self.conflicts.clone(),
+            conflicts_seen: self.conflicts_seen,
             ..Status::default()
         };
         Ok(Reconciled {
@@ -293,8 +316,8 @@ mod tests {
                 ..SyncStats::default()
             })
         }
-        fn attached_pods(&self) -> Vec<PodKey> {
-            self.attached.keys().cloned().collect()
+        fn attached_pods(&self) -> BTreeMap<PodKey, Location> {
+            self.attached.clone()
         }
         fn sync_services(&mut self, _: &[Object]) -> anyhow::Result<()> {
             Ok(())
@@ -341,6 +364,7 @@ mod tests {
                         Port {
                             name: format!("veth{i}"),
                             addrs: [a.parse().unwrap()].into(),
+                            mac: Some([2, 0, 0, 0, 0, i as u8]),
                         },
                     )
                 })

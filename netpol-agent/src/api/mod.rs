@@ -107,6 +107,13 @@ pub struct Status {
     /// how close it is to the 1M budget).
     #[serde(default)]
     pub verified_instructions: std::collections::BTreeMap<String, u32>,
+    /// Ports left held because their pod's addresses cannot be trusted (two pods'
+    /// addresses on one port, a port claiming another pod's, several claiming one).
+    #[serde(default)]
+    pub conflicts: Vec<crate::datapath::Conflict>,
+    /// Address conflicts that appeared since the agent started.
+    #[serde(default)]
+    pub conflicts_seen: u64,
     /// Where the agent serves `/metrics`, `/healthz` and `/readyz` (None: nowhere).
     #[serde(default)]
     pub metrics_addr: Option<String>,

@@ -315,6 +315,14 @@ fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) 
     for i in &agent.invalid {
         t.push_str(&format!("invalid: {i:?}\n"));
     }
+    for c in &agent.conflicts {
+        t.push_str(&format!(
+            "held for an address conflict: {} ({}): {}\n",
+            c.port,
+            c.pods.join(", "),
+            c.why
+        ));
+    }
     if !agent.verified_instructions.is_empty() {
         let programs: Vec<String> = agent
             .verified_instructions

@@ -2,16 +2,18 @@
 //! the CNI bridge, matched to pods by the addresses inside each pod's network namespace.
 //!
 //! ```text
-//! rtnetlink events ──► Table (the node's links, addresses per namespace)
-//!                  ──► Ports (published on change) ──► agent loop: Ports::locate(pods)
+//! rtnetlink events ──► Table (the node's links, addresses and MACs per namespace)
+//!                  ──► Ports (published on change) ──► agent loop: Ports::locate
+//!                                                      (locate.rs: trusting no claim)
 //! ```
 //! One thread reads one rtnetlink subscription (`netlink.rs`): link events of the node's
-//! namespace (a veth joins or leaves the bridge, is renamed or deleted) and address
-//! events of every pod's namespace, tagged with the namespace's id, which the bridge
-//! port's `IFLA_LINK_NETNSID` names too. So a pod is matched without entering its
-//! namespace, whatever created it (`/var/run/netns/*`, a container runtime's
-//! `/proc/<pid>/ns/net`), and without polling. A port whose namespace was never heard
-//! from gets its addresses dumped once, when it appears.
+//! namespace (a veth joins or leaves the bridge, is renamed or deleted), and address and
+//! link events of every pod's namespace (its addresses, its interface's MAC), tagged
+//! with the namespace's id, which the bridge port's `IFLA_LINK_NETNSID` names too. So a
+//! pod is matched without entering its namespace, whatever created it
+//! (`/var/run/netns/*`, a container runtime's `/proc/<pid>/ns/net`), and without
+//! polling. A port whose namespace was never heard from gets its addresses and links
+//! dumped once, when it appears.
 //!
 //! No periodic resync: rtnetlink multicast loses events only when the socket's buffer
 //! overflows, which the kernel reports (`ENOBUFS`); the table is then dumped afresh.
@@ -23,13 +25,21 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use super::netlink::{Link, Message, Peer, Received, Socket};
-use netpol_engine::index::PodKey;
 
 /// Where a local pod's traffic enters and leaves the node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
     pub ifindex: u32,
     pub ifname: String,
+    /// The MAC of the pod's own interface (what its frames and ARP may carry).
+    pub mac: [u8; 6],
+}
+
+impl Location {
+    /// The same bridge port (the MAC behind it may have changed).
+    pub fn same_port(&self, other: &Location) -> bool {
+        self.ifindex == other.ifindex && self.ifname == other.ifname
+    }
 }
 
 /// A bridge port whose other end is in a pod's namespace.
@@ -39,6 +49,8 @@ pub struct Port {
     /// The addresses on the other end, inside the pod's namespace (IPv6 link-local
     /// left out).
     pub addrs: BTreeSet<IpAddr>,
+    /// The MAC of the other end; a port is not located before it is known.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// What the agent needs of the node's links.
@@ -51,31 +63,6 @@ pub struct Ports {
     pub ports: BTreeMap<u32, Port>,
     /// Names of the node's links (devices the service hooks wait for).
     pub devices: BTreeSet<String>,
-}
-
-impl Ports {
-    /// Locates every pod in `pods` (key → addresses) among the bridge's ports. Should two
-    /// ports hold one address (a deleted pod's veth not yet destroyed), the newer one
-    /// (higher ifindex) wins.
-    pub fn locate(&self, pods: &BTreeMap<PodKey, Vec<IpAddr>>) -> BTreeMap<PodKey, Location> {
-        let by_ip: BTreeMap<IpAddr, &PodKey> = pods
-            .iter()
-            .flat_map(|(k, ips)| ips.iter().map(move |ip| (*ip, k)))
-            .collect();
-        let mut found = BTreeMap::new();
-        for (ifindex, port) in &self.ports {
-            if let Some(pod) = port.addrs.iter().find_map(|ip| by_ip.get(ip)) {
-                found.insert(
-                    (*pod).clone(),
-                    Location {
-                        ifindex: *ifindex,
-                        ifname: port.name.clone(),
-                    },
-                );
-            }
-        }
-        found
-    }
 }
 
 /// The latest [`Ports`] and how many times they have changed since the agent started.
@@ -92,6 +79,8 @@ struct Table {
     links: BTreeMap<u32, Link>,
     /// (namespace id, None: the node's; ifindex there) → addresses.
     addrs: BTreeMap<(Option<i32>, u32), BTreeSet<IpAddr>>,
+    /// (pod namespace id, ifindex there) → MAC.
+    macs: BTreeMap<(i32, u32), [u8; 6]>,
     /// Pod namespaces whose addresses were dumped since their port appeared.
     dumped: BTreeSet<i32>,
 }
@@ -138,12 +127,21 @@ impl Table {
                     }
                 }
             }
+            Message::PodLink { nsid, ifindex, mac } => match mac {
+                Some(mac) => {
+                    self.macs.insert((nsid, ifindex), mac);
+                }
+                None => {
+                    self.macs.remove(&(nsid, ifindex));
+                }
+            },
             Message::NsidGone(nsid) => self.forget(nsid),
         }
     }
 
     fn forget(&mut self, nsid: i32) {
         self.addrs.retain(|(n, _), _| *n != Some(nsid));
+        self.macs.retain(|(n, _), _| *n != nsid);
         self.dumped.remove(&nsid);
     }
 
@@ -189,6 +187,7 @@ impl Table {
                     Port {
                         name: l.name.clone(),
                         addrs,
+                        mac: self.macs.get(&(peer.nsid, peer.ifindex)).copied(),
                     },
                 )
             })
@@ -204,6 +203,7 @@ impl Table {
     fn load(&mut self, requests: &Socket) -> anyhow::Result<()> {
         self.links.clear();
         self.addrs.clear();
+        self.macs.clear();
         self.dumped.clear();
         for m in requests.dump_links().context("dumping links")? {
             self.apply(m);
@@ -215,8 +215,8 @@ impl Table {
         Ok(())
     }
 
-    /// Dumps the addresses of pod namespaces not heard from since their port appeared
-    /// (they may have been given before the namespace had an id here).
+    /// Dumps the addresses and links (MACs) of pod namespaces not heard from since their
+    /// port appeared (they may have been set before the namespace had an id here).
     fn dump_new_namespaces(&mut self, requests: &Socket) {
         let new: BTreeSet<i32> = self
             .pod_ports()
@@ -224,7 +224,12 @@ impl Table {
             .filter(|n| !self.dumped.contains(n))
             .collect();
         for nsid in new {
-            match requests.dump_addrs(Some(nsid)) {
+            match requests.dump_addrs(Some(nsid)).and_then(|mut m| {
+                requests.dump_pod_links(nsid).map(|l| {
+                    m.extend(l);
+                    m
+                })
+            }) {
                 Ok(msgs) => msgs.into_iter().for_each(|m| self.apply(m)),
                 // The namespace went away meanwhile: its port goes too.
                 Err(e) => tracing::debug!(nsid, error = %e, "dumping a pod namespace's addresses"),
@@ -313,6 +318,7 @@ fn announce(table: &Table, known: &mut BTreeSet<u32>, on_new_port: &mut Option<O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netpol_engine::index::PodKey;
 
     fn link(ifindex: u32, name: &str, master: u32, peer: Option<(i32, u32)>) -> Message {
         Message::Link(Link {
@@ -332,6 +338,14 @@ mod tests {
         }
     }
 
+    fn mac(nsid: i32, ifindex: u32, last: u8) -> Message {
+        Message::PodLink {
+            nsid,
+            ifindex,
+            mac: Some([2, 0, 0, 0, 0, last]),
+        }
+    }
+
     fn pods(list: &[(&str, &str)]) -> BTreeMap<PodKey, Vec<IpAddr>> {
         list.iter()
             .map(|(k, ip)| (k.to_string(), vec![ip.parse().unwrap()]))
@@ -347,6 +361,7 @@ mod tests {
             addr(None, 4, "fe80::1", true),
             link(5, "flannel.1", 0, None),
             link(7, "veth7", 4, Some((3, 2))),
+            mac(3, 2, 7),
         ] {
             t.apply(m);
         }
@@ -357,7 +372,13 @@ mod tests {
     fn a_pod_is_found_by_the_address_in_its_namespace() {
         let mut t = node();
         let wanted = pods(&[("x/a", "10.244.0.5")]);
-        assert!(t.ports().locate(&wanted).is_empty(), "no address yet");
+        assert!(
+            t.ports()
+                .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+                .found
+                .is_empty(),
+            "no address yet"
+        );
         t.apply(addr(Some(3), 2, "10.244.0.5", true));
         let ports = t.ports();
         assert_eq!(
@@ -365,17 +386,24 @@ mod tests {
             vec!["10.244.0.1".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(
-            ports.locate(&wanted)["x/a"],
+            ports
+                .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+                .found["x/a"],
             Location {
                 ifindex: 7,
-                ifname: "veth7".into()
+                ifname: "veth7".into(),
+                mac: [2, 0, 0, 0, 0, 7],
             }
         );
         // The same address in another namespace, or on the wrong interface, is not it.
         let mut t = node();
         t.apply(addr(Some(4), 2, "10.244.0.5", true));
         t.apply(addr(Some(3), 9, "10.244.0.5", true));
-        assert!(t.ports().locate(&wanted).is_empty());
+        assert!(t
+            .ports()
+            .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+            .found
+            .is_empty());
     }
 
     #[test]
@@ -423,14 +451,56 @@ mod tests {
         assert!(!t.addrs.contains_key(&(Some(3), 2)));
     }
 
+    /// The endpoint holds the pod's MAC (the only source its frames may carry): until
+    /// discovery knows it, the port stays unlocated (held); a new MAC is the same port.
     #[test]
-    fn a_recreated_pod_is_found_on_its_newest_port() {
-        let mut t = node();
+    fn a_port_is_located_once_its_pods_mac_is_known() {
+        let mut t = Table::new("cni0");
+        t.apply(link(4, "cni0", 0, None));
+        t.apply(link(7, "veth7", 4, Some((3, 2))));
         t.apply(addr(Some(3), 2, "10.244.0.5", true));
-        t.apply(link(12, "veth12", 4, Some((6, 2))));
-        t.apply(addr(Some(6), 2, "10.244.0.5", true));
         let wanted = pods(&[("x/a", "10.244.0.5")]);
-        assert_eq!(t.ports().locate(&wanted)["x/a"].ifindex, 12);
+        assert!(
+            t.ports()
+                .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+                .found
+                .is_empty(),
+            "no MAC yet"
+        );
+        t.apply(mac(3, 2, 1));
+        let first = t
+            .ports()
+            .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+            .found["x/a"]
+            .clone();
+        assert_eq!(first.mac, [2, 0, 0, 0, 0, 1]);
+        t.apply(mac(3, 2, 9));
+        let moved = t
+            .ports()
+            .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+            .found["x/a"]
+            .clone();
+        assert_eq!(moved.mac, [2, 0, 0, 0, 0, 9]);
+        assert!(moved.same_port(&first));
+        // Another interface of the namespace (its loopback) says nothing of eth0.
+        t.apply(Message::PodLink {
+            nsid: 3,
+            ifindex: 1,
+            mac: None,
+        });
+        assert_eq!(
+            t.ports()
+                .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+                .found["x/a"]
+                .mac,
+            [2, 0, 0, 0, 0, 9]
+        );
+        t.apply(Message::NsidGone(3));
+        assert!(t
+            .ports()
+            .locate(&wanted, &BTreeMap::new(), &BTreeMap::new())
+            .found
+            .is_empty());
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //!
 //! Sync order keeps isolated pods closed at every instant: entries are added before
 //! anything is deleted, an endpoint's entry is written before its programs are
-//! attached, and its programs are detached before its entry is removed.
+//! attached, and its port is put back on the pod-start hold (never left without a
+//! filter) before its entry is removed.
 
 pub mod discovery;
 pub mod hold;
 pub mod live;
+pub mod locate;
 pub mod maps;
 pub mod netlink;
 mod options;
@@ -21,7 +23,6 @@ pub mod tally;
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
-use aya::programs::links::Link;
 use aya::programs::tc::{
     self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle,
 };
@@ -30,6 +31,7 @@ use aya::Ebpf;
 use netpol_common::{map, program, Config};
 
 pub use discovery::Location;
+pub use locate::{Conflict, Located};
 use netpol_engine::compile::Desired;
 use netpol_engine::index::PodKey;
 pub use options::{Capacities, Switches, DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE};
@@ -42,7 +44,8 @@ pub struct SyncStats {
     pub written: usize,
     pub removed: usize,
     pub attached: usize,
-    pub detached: usize,
+    /// Ports put back on the pod-start hold (their pod gone from them).
+    pub held: usize,
 }
 
 /// Filters are attached at this priority and handle, so that a later agent can replace
@@ -371,22 +374,27 @@ impl Datapath {
         let mut wanted: BTreeMap<u32, netpol_common::EndpointEntry> = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             if let Some(loc) = locations.get(pod) {
-                wanted.insert(loc.ifindex, *ep);
+                let mac = loc.mac;
+                wanted.insert(loc.ifindex, netpol_common::EndpointEntry { mac, ..*ep });
             }
         }
-        // Pods that moved to another veth (recreated) or went away: detach first.
+        // Pods that moved to another veth (recreated), went away or can no longer be
+        // trusted to be behind their port: their ports go back on the hold first.
         let stale: Vec<PodKey> = self
             .attached
             .iter()
             .filter(|(pod, a)| {
-                locations.get(*pod) != Some(&a.location) || !desired.endpoints.contains_key(*pod)
+                !locations
+                    .get(*pod)
+                    .is_some_and(|l| l.same_port(&a.location))
+                    || !desired.endpoints.contains_key(*pod)
             })
             .map(|(pod, _)| pod.clone())
             .collect();
         for pod in stale {
             let a = self.attached.remove(&pod).expect("listed above");
-            self.detach(a);
-            stats.detached += 1;
+            self.hold(&a);
+            stats.held += 1;
         }
         for (ifindex, ep) in &wanted {
             if self.endpoint_entries.get(ifindex) != Some(ep) {
@@ -508,17 +516,35 @@ impl Datapath {
         Ok(())
     }
 
-    fn detach(&mut self, a: Attachment) {
-        for (_, hook) in HOOKS {
-            // The veth may be gone already (pod deleted): nothing left to detach then.
-            if let Ok(link) = SchedClassifierLink::attached(
+    /// Puts a port back on the pod-start hold, in place: never detached, since a port
+    /// that is still there (its pod's address gone from it, an impostor's claim) would
+    /// pass everything unjudged. A port already gone has nothing to hold.
+    fn hold(&mut self, a: &Attachment) {
+        let programs = match self.hold_programs() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(veth = %a.location.ifname, error = ?e, "no hold programs; the port keeps its last programs");
+                return;
+            }
+        };
+        for (hook, mut prog) in programs {
+            let Ok(existing) = SchedClassifierLink::attached(
                 &a.location.ifname,
                 hook,
                 FILTER_PRIORITY,
                 FILTER_HANDLE,
                 None,
-            ) {
-                let _ = link.detach();
+            ) else {
+                continue; // the veth is gone (pod deleted)
+            };
+            match prog.attach_to_link(existing) {
+                Ok(id) => match prog.take_link(id) {
+                    Ok(link) => std::mem::forget(link),
+                    Err(e) => tracing::warn!(veth = %a.location.ifname, error = %e, "hold link"),
+                },
+                Err(e) => {
+                    tracing::warn!(veth = %a.location.ifname, error = %e, "putting the port back on hold")
+                }
             }
         }
     }

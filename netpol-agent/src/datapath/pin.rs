@@ -28,7 +28,7 @@ use netpol_common::{map, CtEntry, CtKey, PIN_VERSION};
 /// Default root of pinned state in bpffs.
 pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/netpol";
 
-/// Every map that is pinned (all but `NP_SCRATCH`, which holds nothing between packets).
+/// Every map that is pinned (all but the scratch maps, which hold nothing between packets).
 /// A map added to the classifier must be added here; a test checks it.
 pub const PINNED_MAPS: &[&str] = &[
     map::ENDPOINTS,
@@ -57,7 +57,7 @@ const PINNED_PROGRAMS: &[&str] = &[
 ];
 
 /// Maps that hold nothing worth pinning.
-pub const UNPINNED_MAPS: &[&str] = &["NP_SCRATCH"];
+pub const UNPINNED_MAPS: &[&str] = &["NP_SCRATCH", "NP_SCRATCH_PACKET"];
 
 /// Where one version's pinned objects live.
 #[derive(Clone, Debug)]

@@ -295,6 +295,16 @@ impl Collector for Metrics {
             count(status.pending.len()),
         )?;
         f.one_gauge(
+            "netpol_address_conflicts",
+            "Pod ports held because their addresses cannot be trusted (see netpol status)",
+            count(status.conflicts.len()),
+        )?;
+        f.one_counter(
+            "netpol_address_conflicts_seen",
+            "Address conflicts that appeared since the agent started",
+            status.conflicts_seen,
+        )?;
+        f.one_gauge(
             "netpol_policies",
             "NetworkPolicies in force",
             count(status.policies),

@@ -9,7 +9,7 @@ use netpol_agent::datapath::{load, Capacities};
 use netpol_common::{
     config_flags, counter_index, direction, endpoint_flags, map, policy_action, v4_mapped, Addr,
     Config, CtEntry, CtKey, EndpointCounters, EndpointEntry, Event, EventBucket, FragEntry,
-    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, RuleCounter,
+    FragKey, IpcacheEntry, PolicyEntry, PolicyKey, RuleCounter, ServiceEntry,
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -23,6 +23,8 @@ pub const HOST: [u8; 4] = [10, 244, 0, 1];
 pub const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 pub const SERVER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3];
 pub const ROUTER6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// The MAC of the pod under test: the source MAC of every frame `packet::eth` builds.
+pub const POD_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0];
 pub const CLIENT_ID: u32 = 300;
 pub const SERVER_ID: u32 = 301;
 /// The endpoint's revision in a fresh rig.
@@ -83,6 +85,8 @@ impl Rig {
             identity: SERVER_ID,
             ipv4: v4_mapped(SERVER),
             ipv6: SERVER6,
+            mac: POD_MAC,
+            _pad: [0; 2],
         };
         let mut rig = Rig {
             ebpf,
@@ -221,6 +225,36 @@ impl Rig {
             Ok(r) => r.return_value,
             Err(e) => panic!("BPF_PROG_TEST_RUN of {} bytes: {e:?}", packet.len()),
         }
+    }
+
+    /// Like `run`, with `skb->mark` set to `mark` (a packet handed over to the hook
+    /// after DNAT); the action and the mark the program left.
+    pub fn run_marked(&self, program: &str, packet: &[u8], mark: u32) -> (u32, u32) {
+        let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct __sk_buff: `mark` at offset 8; the kernel takes only fields it allows.
+        let mut ctx = vec![0u8; 192];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = vec![0u8; 192];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
+            ..Default::default()
+        };
+        let ret = prog
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN with mark {mark:#x}: {e:?}"))
+            .return_value;
+        (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
+    }
+
+    /// Makes `vip` a Service VIP (egress to it is judged after DNAT).
+    pub fn service(&mut self, vip: Addr) {
+        let mut m: HashMap<_, Addr, ServiceEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::SERVICES).unwrap()).unwrap();
+        m.insert(vip, ServiceEntry { id: 1 }, 0).unwrap();
     }
 
     /// Runs `packet` `repeat` times in the kernel; the kernel's mean time per run.

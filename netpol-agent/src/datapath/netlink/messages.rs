@@ -22,9 +22,12 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::{Link, Message, Peer};
 
-/// A dump request of every link of the socket's namespace (`RTM_GETLINK`).
-pub(super) fn get_links() -> Vec<u8> {
-    request(RouteNetlinkMessage::GetLink(LinkMessage::default()))
+/// A dump request of every link of namespace `nsid` (None: the socket's),
+/// `RTM_GETLINK` with `IFLA_TARGET_NETNSID`.
+pub(super) fn get_links(nsid: Option<i32>) -> Vec<u8> {
+    let mut msg = LinkMessage::default();
+    msg.attributes.extend(nsid.map(LinkAttribute::IfNetnsId));
+    request(RouteNetlinkMessage::GetLink(msg))
 }
 
 /// A dump request of every address of namespace `nsid` (None: the socket's),
@@ -114,14 +117,28 @@ pub(super) fn parse(kind: u16, body: &[u8], nsid: Option<i32>) -> Option<Message
 }
 
 fn link(added: bool, body: &[u8], nsid: Option<i32>) -> Option<Message> {
-    // Links of pods' namespaces are theirs, not ports; the bridge's own (AF_BRIDGE)
-    // notifications repeat what the link's say.
-    if nsid.is_some() {
-        return None;
-    }
     let header = LinkHeader::parse(body).ok()?;
+    // The bridge's own (AF_BRIDGE) notifications repeat what the link's say.
     if header.interface_family != AddressFamily::Unspec {
         return None;
+    }
+    if let Some(nsid) = nsid {
+        // A link of a pod's namespace is no port: only its MAC matters (what the pod's
+        // frames may carry as their source).
+        if !added {
+            return None;
+        }
+        let family = header.interface_family;
+        let parse = move |nla: &NlaBuffer<&[u8]>| LinkAttribute::parse_with_param(nla, family);
+        let mac = attributes(&body[header.buffer_len()..], parse).find_map(|a| match a {
+            LinkAttribute::Address(bytes) => <[u8; 6]>::try_from(bytes.as_slice()).ok(),
+            _ => None,
+        });
+        return Some(Message::PodLink {
+            nsid,
+            ifindex: header.index,
+            mac,
+        });
     }
     if !added {
         return Some(Message::LinkGone(header.index));
@@ -259,8 +276,26 @@ mod tests {
                 Message::LinkGone(7),
             ]
         );
-        // The same link as a pod's namespace sees it.
-        assert_eq!(read(&dgram, Some(3)), []);
+        // A link of a pod's namespace: its MAC, nothing of ports (a deletion, nothing).
+        assert_eq!(
+            read(&dgram, Some(3)),
+            [Message::PodLink {
+                nsid: 3,
+                ifindex: 7,
+                mac: None
+            }]
+        );
+        let mut eth0 = link_msg(2, AddressFamily::Unspec, veth(0, peer));
+        eth0.attributes
+            .push(LinkAttribute::Address(vec![2, 0, 0, 0, 0, 9]));
+        assert_eq!(
+            read(&datagram(vec![RouteNetlinkMessage::NewLink(eth0)]), Some(3)),
+            [Message::PodLink {
+                nsid: 3,
+                ifindex: 2,
+                mac: Some([2, 0, 0, 0, 0, 9])
+            }]
+        );
         // A link with no peer elsewhere, not a port.
         let lo = link_msg(
             1,
@@ -423,7 +458,16 @@ mod tests {
         links.extend(flags.to_ne_bytes());
         links.extend(1u32.to_ne_bytes());
         links.extend([0; 4 + 16]); // port; ifinfomsg (AF_UNSPEC, all zero)
-        assert_eq!(get_links(), links);
+        assert_eq!(get_links(None), links);
+        let mut of_pod = get_links(Some(5));
+        assert_eq!(of_pod.len(), 40);
+        // IFLA_TARGET_NETNSID (46), 5
+        let attr: Vec<u8> = [8u16.to_ne_bytes(), 46u16.to_ne_bytes()]
+            .concat()
+            .into_iter()
+            .chain(5i32.to_ne_bytes())
+            .collect();
+        assert_eq!(of_pod.split_off(32), attr);
 
         assert_eq!(get_addrs(None).len(), 16 + 8);
         let addrs = get_addrs(Some(5));

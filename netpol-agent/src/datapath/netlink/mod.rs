@@ -7,7 +7,8 @@
 //! tagged with that id. A pod's namespace gets one as soon as its veth's host side is in
 //! the node (the veth's `IFLA_LINK_NETNSID` is that id), so the addresses a pod is given
 //! are seen as they are added, without entering its namespace. Dumps of a pod
-//! namespace's addresses name it by the same id (`IFA_TARGET_NETNSID`, strict checking).
+//! namespace's addresses and links name it by the same id (`IFA_TARGET_NETNSID`,
+//! `IFLA_TARGET_NETNSID`, strict checking).
 //!
 //! `socket.rs` is the socket (kept hand-written: it must read the namespace id from each
 //! datagram's control message); `messages.rs` builds the requests and reads the messages
@@ -51,6 +52,12 @@ pub enum Message {
         ifindex: u32,
         ip: IpAddr,
         added: bool,
+    },
+    /// A link of pod namespace `nsid` appeared or changed: its MAC (None: it has none).
+    PodLink {
+        nsid: i32,
+        ifindex: u32,
+        mac: Option<[u8; 6]>,
     },
     /// A namespace id was released: what was heard from that namespace is stale.
     NsidGone(i32),

@@ -144,7 +144,12 @@ impl Socket {
 
     /// Every link of the node's namespace.
     pub fn dump_links(&self) -> io::Result<Vec<Message>> {
-        self.dump(&messages::get_links(), None)
+        self.dump(&messages::get_links(None), None)
+    }
+
+    /// Every link of pod namespace `nsid` (their MACs).
+    pub fn dump_pod_links(&self, nsid: i32) -> io::Result<Vec<Message>> {
+        self.dump(&messages::get_links(Some(nsid)), Some(nsid))
     }
 
     /// Every address of namespace `nsid` (None: the node's).
