@@ -1,12 +1,12 @@
 //! Attacks on the classifier, each named after what it tries: crafted frames through
-//! `BPF_PROG_TEST_RUN` where the kernel's own handling of the frame does not matter (the
-//! lab's real-frame attacks follow in this file as the threat model's paths are closed).
-//! A pod has raw sockets (NET_RAW is a default), so it can send any frame. Needs root.
+//! `BPF_PROG_TEST_RUN`, where the kernel's own handling of the frame does not matter
+//! (the attacks that need real frames, a real agent or the kernel's answer run in a lab:
+//! `bypass_lab.rs`). A pod has raw sockets (NET_RAW is a default), so it can send any
+//! frame. Each test failed on the code before its fix. Needs root.
 
 mod support;
 
 use netpol_common::{reason, v4_mapped};
-use support::lab::{signal_and_wait, Lab};
 use support::packet::*;
 use support::rig::*;
 
@@ -119,93 +119,6 @@ fn an_ipv6_packet_with_an_ipv4_mapped_address_is_dropped() {
     );
 }
 
-/// The post-DNAT hook (`to_remote` on `flannel.1`, where deferred Service egress meets
-/// the client's policy) used to go with the agent: a clean exit or a rolling update
-/// detached it, and DNATed packets to remote backends left unjudged until the next
-/// agent attached it again. It stays, and a new agent replaces its program in place.
-#[test]
-#[ignore = "needs root: builds a lab of network namespaces"]
-fn the_post_dnat_hook_stays_when_the_agent_exits() {
-    let lab = Lab::cluster(
-        "hook",
-        2,
-        &[(
-            "ns.yaml",
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n",
-        )],
-    );
-    let node = lab.status()["nodes"][0].clone();
-    let netns = node["netns"].as_str().unwrap().to_string();
-    let hooked = || {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &netns,
-                "tc",
-                "filter",
-                "show",
-                "dev",
-                "flannel.1",
-                "egress",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains("to_remote")
-    };
-    assert!(hooked(), "the agent hooks flannel.1");
-    let pid = node["agent_pid"].as_i64().unwrap() as i32;
-    signal_and_wait(pid, libc::SIGTERM);
-    assert!(hooked(), "the hook outlives a clean exit of the agent");
-}
-
-/// A sync that fails half-way (here the policy map fills up) used to leave the epoch
-/// alone: connections judged against its partial entries kept current stamps for as
-/// long as the retries failed. It bumps the epoch, so they are judged again.
-#[test]
-#[ignore = "needs root: builds a lab of network namespaces"]
-fn a_sync_that_fails_half_way_still_starts_a_new_epoch() {
-    let lab = Lab::up(
-        "hsync",
-        &[("pods.yaml", support::manifests::PODS)],
-        &["--agent-arg=--policy-capacity=8"],
-    );
-    lab.wait();
-    let epoch = || {
-        use aya::maps::{Array, Map, MapData};
-        let path = netpol_tests::lab::pin_root_of(&lab.name, 0)
-            .join(netpol_common::PIN_VERSION)
-            .join("maps/NP_CONFIG");
-        let map = Map::from_map_data(MapData::from_pin(path).unwrap()).unwrap();
-        let config: Array<MapData, netpol_common::Config> = Array::try_from(map).unwrap();
-        config.get(&0, 0).unwrap().epoch
-    };
-    let before = epoch();
-    // 40 ports, 40 entries or more: more than the map holds.
-    let ports: Vec<String> = (1000..1040).map(|p| format!("{{port: {p}}}")).collect();
-    lab.write(
-        "many.yaml",
-        &format!(
-            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: many, namespace: x}}\nspec: {{podSelector: {{}}, ingress: [{{ports: [{}]}}]}}\n",
-            ports.join(", ")
-        ),
-    );
-    // The agent's own account of the failure is the signal to look for.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !lab.logs().contains("datapath sync failed") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no failed sync:\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert!(
-        epoch() > before,
-        "a new epoch after the failed sync (was {before})"
-    );
-}
-
 /// A pod's Router Advertisement (or Redirect) would make its neighbours route through
 /// it: dropped; the rest of ND still passes (the link needs it).
 #[test]
@@ -245,24 +158,8 @@ fn a_pods_router_advertisements_and_redirects_are_dropped() {
     }
 }
 
-/// ARP for `sender` (MAC, IPv4) to `target` (MAC, IPv4): `op` 1 a request, 2 a reply.
-fn arp(op: u8, sender: ([u8; 6], [u8; 4]), target: ([u8; 6], [u8; 4])) -> Vec<u8> {
-    [
-        &[0, 1, 8, 0, 6, 4, 0, op][..],
-        &sender.0,
-        &sender.1,
-        &target.0,
-        &target.1,
-    ]
-    .concat()
-}
-
-/// A frame from `src` to `dst` (MACs) of `ethertype`.
-fn frame_between(dst: [u8; 6], src: [u8; 6], ethertype: u16, body: Vec<u8>) -> Vec<u8> {
-    [&dst[..], &src, &ethertype.to_be_bytes(), &body].concat()
-}
-
 const OTHER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x66];
+
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x02];
 
 /// ARP from a pod used to pass unjudged whatever it claimed: a reply naming another
@@ -589,147 +486,4 @@ fn a_service_verdict_does_not_carry_a_packet_to_another_backend() {
     // ...and to the allowed backend on another port, likewise.
     let (action, _) = rig.run_marked("to_remote", &to(CLIENT, 9999), mark);
     assert_eq!(action, SHOT);
-}
-
-/// The attack as a pod runs it, on a lab node: pod x/a sends pod y/c a gratuitous ARP
-/// (its raw socket, unicast to c's MAC) saying that x/b's address is at a's MAC. c used
-/// to take it, and its traffic for b then went to a. Dropped at a's veth; c's entry
-/// stays.
-#[test]
-#[ignore = "needs root: builds a lab of network namespaces"]
-fn a_gratuitous_arp_claiming_another_pods_address_moves_no_neighbour_entry() {
-    use support::lab::{ip, mac_of, send_frame};
-    let lab = Lab::up("harp", &[("pods.yaml", support::manifests::PODS)], &[]);
-    lab.wait();
-    let (attacker, _) = lab.pod("x/a");
-    let (victim, victim_ip) = lab.pod("x/b");
-    let (third, _) = lab.pod("y/c");
-    let v4 = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(v) => v.octets(),
-        _ => unreachable!(),
-    };
-    let (a_mac, b_mac, c_mac) = (mac_of(&attacker), mac_of(&victim), mac_of(&third));
-    let hex = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
-    // c knows b (a gratuitous ARP updates a known entry, whatever its lock time).
-    let b = victim_ip.to_string();
-    ip(&[
-        "-n",
-        &third,
-        "neigh",
-        "replace",
-        &b,
-        "lladdr",
-        &hex(b_mac),
-        "dev",
-        "eth0",
-        "nud",
-        "stale",
-    ]);
-    let entry = || {
-        let v: serde_json::Value = serde_json::from_str(&ip(&[
-            "-n", &third, "-j", "neigh", "show", &b, "dev", "eth0",
-        ]))
-        .unwrap();
-        v[0]["lladdr"].as_str().unwrap_or_default().to_string()
-    };
-    let dropped = || lab.agent_count("dropped", "SPOOFED_SOURCE", "egress");
-    let before = dropped();
-    let spoof = arp(1, (a_mac, v4(victim_ip)), ([0; 6], v4(victim_ip)));
-    send_frame(&attacker, frame_between(c_mac, a_mac, 0x0806, spoof));
-    // Whichever comes first: the drop counted, or c's entry moved.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while dropped() == before {
-        assert_ne!(entry(), hex(a_mac), "c's entry for b moved to the attacker");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the spoofed reply was never judged"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    assert_eq!(entry(), hex(b_mac), "c's entry for b is b's");
-}
-
-/// A pod (NET_ADMIN in its own namespace) adds another pod's address to its interface.
-/// Discovery used to move that pod's endpoint onto the newer port and detach the
-/// programs of both: the victim, default-denied, was open to everyone. Now the victim
-/// stays enforced on its own port, the impostor's port is held (drops), and the
-/// conflict shows in `netpol status`.
-#[test]
-#[ignore = "needs root: builds a lab of network namespaces"]
-fn a_pod_claiming_another_pods_address_moves_no_endpoint() {
-    use support::lab::ip;
-    use support::manifests::{ALLOW_B_TO_A, DENY_X, PODS};
-    let lab = Lab::up(
-        "hclaim",
-        &[
-            ("pods.yaml", PODS),
-            ("deny.yaml", DENY_X),
-            ("allow.yaml", ALLOW_B_TO_A),
-        ],
-        &[],
-    );
-    lab.wait();
-    // b knows a's MAC (the impostor will answer ARP for a's address too).
-    assert_eq!(lab.probe("x/b", "x/a", 80, "TCP"), "connected");
-    assert_eq!(
-        lab.probe("x/b", "x/a", 53, "UDP"),
-        "timeout",
-        "a allows b on 80 only"
-    );
-    let (impostor, _) = lab.pod("y/c");
-    let (_, victim_ip) = lab.pod("x/a");
-    ip(&[
-        "-n",
-        &impostor,
-        "addr",
-        "add",
-        &format!("{victim_ip}/32"),
-        "dev",
-        "eth0",
-    ]);
-    // Whichever comes first: the conflict reported, or a open to b beyond its policy.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let conflicts = loop {
-        let s: serde_json::Value = serde_json::from_str(&lab.agent_request("status")).unwrap();
-        if let Some(c) = s["conflicts"].as_array().filter(|c| !c.is_empty()) {
-            break c.clone();
-        }
-        assert_eq!(
-            lab.probe("x/b", "x/a", 53, "UDP"),
-            "timeout",
-            "a lost its filters to c's claim"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no conflict reported:\n{}",
-            lab.logs()
-        );
-    };
-    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
-    assert_eq!(conflicts[0]["pods"], serde_json::json!(["x/a", "y/c"]));
-    // a is still itself, enforced; c's port drops what c sends.
-    assert_eq!(lab.probe("x/b", "x/a", 80, "TCP"), "connected");
-    assert_eq!(lab.probe("x/b", "x/a", 53, "UDP"), "timeout");
-    let held = || lab.agent_count("dropped", "PENDING_ENDPOINT", "egress");
-    let before = held();
-    assert_eq!(lab.probe("y/c", "x/b", 80, "TCP"), "timeout");
-    assert!(held() > before, "c's SYN dropped by the hold");
-    // The claim withdrawn, c is c again.
-    ip(&[
-        "-n",
-        &impostor,
-        "addr",
-        "del",
-        &format!("{victim_ip}/32"),
-        "dev",
-        "eth0",
-    ]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while lab.probe("x/a", "y/c", 80, "TCP") != "connected" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "c not back:\n{}",
-            lab.logs()
-        );
-    }
 }

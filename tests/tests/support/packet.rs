@@ -213,3 +213,20 @@ pub fn frame(src: IpAddr, dst: IpAddr, l4: (u8, Vec<u8>)) -> Vec<u8> {
         _ => unreachable!("same family"),
     }
 }
+
+/// ARP for `sender` (MAC, IPv4) to `target` (MAC, IPv4): `op` 1 a request, 2 a reply.
+pub fn arp(op: u8, sender: ([u8; 6], [u8; 4]), target: ([u8; 6], [u8; 4])) -> Vec<u8> {
+    [
+        &[0, 1, 8, 0, 6, 4, 0, op][..],
+        &sender.0,
+        &sender.1,
+        &target.0,
+        &target.1,
+    ]
+    .concat()
+}
+
+/// A frame from `src` to `dst` (MACs) of `ethertype`.
+pub fn frame_between(dst: [u8; 6], src: [u8; 6], ethertype: u16, body: Vec<u8>) -> Vec<u8> {
+    [&dst[..], &src, &ethertype.to_be_bytes(), &body].concat()
+}
