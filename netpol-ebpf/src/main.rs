@@ -78,9 +78,12 @@ pub fn to_pod(ctx: TcContext) -> i32 {
 }
 
 /// The pod-start hold: attached by the agent to a new pod's bridge port as soon as the
-/// port appears, replaced in place (same priority and handle) by `from_pod`/`to_pod`
-/// once the endpoint is written. Drops every IP packet (counted as `PENDING_ENDPOINT`);
-/// ARP, IPv6 neighbour discovery and MLD pass, so the link comes up meanwhile.
+/// port appears (and put back in place when a port's pod cannot be trusted), replaced
+/// in place (same priority and handle) by `from_pod`/`to_pod` once the endpoint is
+/// written. Drops every IP packet (counted as `PENDING_ENDPOINT`), and from the pod its
+/// ARP, neighbour discovery and MLD too: with no endpoint to hold them to the pod's
+/// addresses, they could speak for anyone (the pod's neighbours learn it once it is
+/// located; its kernel asks again). Towards the pod they pass.
 #[classifier]
 pub fn hold_from_pod(ctx: TcContext) -> i32 {
     hold(&ctx, direction::EGRESS)
@@ -97,7 +100,7 @@ fn hold(ctx: &TcContext, dir: u8) -> i32 {
         dir,
         ..Packet::default()
     };
-    if parse::parse(ctx, &mut pkt) == parse::SKIP {
+    if parse::parse(ctx, &mut pkt) == parse::SKIP && dir == direction::INGRESS {
         return TC_ACT_OK;
     }
     count(counter_index(

@@ -487,3 +487,41 @@ fn a_service_verdict_does_not_carry_a_packet_to_another_backend() {
     let (action, _) = rig.run_marked("to_remote", &to(CLIENT, 9999), mark);
     assert_eq!(action, SHOT);
 }
+
+/// A port on the pod-start hold (a new pod not located yet, which can last as long as
+/// the API server takes to publish its address, or a port held for an address conflict)
+/// used to pass the pod's ARP and neighbour discovery unchecked: a new pod could answer
+/// for any address before it was ever judged. The hold drops them from the pod (and
+/// counts them as `PENDING_ENDPOINT`); towards the pod they pass.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_held_pods_arp_and_neighbour_discovery_are_dropped() {
+    use netpol_common::{counter_index, direction, verdict};
+    let mut rig = Rig::new(isolated());
+    for name in ["hold_from_pod", "hold_to_pod"] {
+        let prog: &mut aya::programs::SchedClassifier =
+            rig.ebpf.program_mut(name).unwrap().try_into().unwrap();
+        prog.load().unwrap();
+    }
+    let spoof = frame_between(
+        [0xff; 6],
+        POD_MAC,
+        0x0806,
+        arp(2, (POD_MAC, CLIENT), (CLIENT_MAC, HOST)),
+    );
+    let mut na = v6(SERVER6, ROUTER6, &[], icmp(true, 136, 0, 0, &CLIENT6));
+    na[14 + 7] = 255;
+    let held = || {
+        rig.slot(counter_index(
+            verdict::DROPPED,
+            reason::PENDING_ENDPOINT,
+            direction::EGRESS,
+        ))
+    };
+    for frame in [&spoof, &na] {
+        let before = held();
+        assert_eq!(rig.run("hold_from_pod", frame), SHOT);
+        assert_eq!(held(), before + 1);
+        assert_eq!(rig.run("hold_to_pod", frame), OK, "towards the pod");
+    }
+}

@@ -143,7 +143,13 @@ fn pod_start_race(tag: &str, agent_args: &[&str]) -> Race {
         "-qw",
         "net.ipv4.neigh.eth0.retrans_time_ms=10",
     ]);
-    let held_before = lab.agent_count("dropped", "PENDING_ENDPOINT", "ingress");
+    // Held either way: y/c's packets for n, or n's own ARP and neighbour discovery
+    // (its answers to y/c's ARP), which the hold drops too.
+    let held_count = || {
+        lab.agent_count("dropped", "PENDING_ENDPOINT", "ingress")
+            + lab.agent_count("dropped", "PENDING_ENDPOINT", "egress")
+    };
+    let held_before = held_count();
     let hammer = Hammer::start(&c.netns, n_ip);
 
     // The pod's namespace and its server, bound before the pod has a link.
@@ -218,7 +224,7 @@ fn pod_start_race(tag: &str, agent_args: &[&str]) -> Race {
     ]);
 
     // The window is open: wait for the signal that the race has been run.
-    let held_now = || lab.agent_count("dropped", "PENDING_ENDPOINT", "ingress") - held_before;
+    let held_now = || held_count() - held_before;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         if held_now() >= HELD {
@@ -256,7 +262,7 @@ fn pod_start_race(tag: &str, agent_args: &[&str]) -> Race {
     let after = agent_wait(&lab, &digest);
     assert_eq!(after["pending"], serde_json::json!([]), "{after}");
     assert_eq!(after["endpoints"], 4, "{after}");
-    // The allowed peer connects (and ARP went through the hold and the programs).
+    // The allowed peer connects (ARP answered now that n's programs hold it to n).
     connect(&lab.pod_net("x/b").netns, n_ip);
     assert!(try_connect(&c.netns, n_ip).is_err(), "y/c is denied");
     drop(plugged);

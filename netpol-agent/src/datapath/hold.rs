@@ -2,8 +2,9 @@
 //! and written its endpoint; without a filter its traffic would pass unjudged. The
 //! moment discovery (`discovery.rs`, on the link event) sees a veth whose peer lives in
 //! another network namespace join the bridge, it attaches the hold programs
-//! (`hold_from_pod`, `hold_to_pod`: every IP packet dropped as `PENDING_ENDPOINT`, ARP
-//! and neighbour discovery pass) at our priority and handle, before it tells the agent
+//! (`hold_from_pod`, `hold_to_pod`: every IP packet dropped as `PENDING_ENDPOINT`, and
+//! the pod's own ARP and neighbour discovery, which nothing yet holds to its addresses;
+//! towards the pod they pass) at our priority and handle, before it tells the agent
 //! loop about the port. The sync later replaces them in place with `from_pod`/`to_pod`
 //! (a netlink change: the port is never without a filter). The hold only *creates*
 //! filters (`NLM_F_EXCL`), so it can never replace a real program that got there first.
