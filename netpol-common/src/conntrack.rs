@@ -43,7 +43,10 @@ pub struct CtEntry {
     pub egress_cookie: u32,
     /// Cookie of the rule that allowed the destination's ingress.
     pub ingress_cookie: u32,
-    pub _pad: u32,
+    /// The endpoint id whose conntrack share the entry counts against (the endpoint at
+    /// whose hook the connection was first tracked); 0: none (an entry migrated from a
+    /// layout without it).
+    pub owner: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
 
@@ -122,6 +125,35 @@ const _: () = assert!(core::mem::size_of::<FragEntry>() == 24);
 /// What a conntrack entry records for a passed check: the endpoint's policy revision
 /// beside the node's map epoch, each in its own half (two different pairs never make
 /// the same stamp, which a fold of one into the other could).
+/// Idle timeout of a connection whose entry has `flags`, in nanoseconds: the
+/// configured one, or the default of [`ct_timeout`]. One definition for the classifier
+/// (a live entry) and the agent's sweep (an expired one).
+#[inline(always)]
+pub fn ct_timeout_ns(config: &Config, protocol: u8, flags: u32) -> u64 {
+    const NS_PER_SEC: u64 = 1_000_000_000;
+    let (configured, default) = match protocol {
+        proto::TCP => {
+            if flags & ct_flags::RST != 0
+                || flags & (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
+                    == ct_flags::FIN_ORIG | ct_flags::FIN_REPLY
+            {
+                (config.ct_tcp_close_ns, ct_timeout::TCP_CLOSE)
+            } else if flags & ct_flags::SEEN_REPLY != 0 {
+                (config.ct_tcp_established_ns, ct_timeout::TCP_ESTABLISHED)
+            } else {
+                (config.ct_tcp_syn_ns, ct_timeout::TCP_SYN)
+            }
+        }
+        proto::ICMP | proto::ICMPV6 => (config.ct_icmp_ns, ct_timeout::ICMP),
+        _ => (config.ct_udp_ns, ct_timeout::UDP),
+    };
+    if configured != 0 {
+        configured
+    } else {
+        default * NS_PER_SEC
+    }
+}
+
 #[inline(always)]
 pub const fn ct_stamp(revision: u32, epoch: u32) -> u64 {
     ((epoch as u64) << 32) | revision as u64

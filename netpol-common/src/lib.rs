@@ -37,6 +37,9 @@ pub mod map {
     /// Packets and bytes dropped and audited per endpoint id (per-CPU hash; entries
     /// created by the agent).
     pub const ENDPOINT_COUNTERS: &str = "NP_EP_COUNTERS";
+    /// Conntrack entries each endpoint holds (hash: endpoint id → u64), against
+    /// `Config::ct_share`; counted by the classifier, corrected by the agent's sweep.
+    pub const CT_HELD: &str = "NP_CT_HELD";
 }
 
 /// Program names (the functions in netpol-ebpf).
@@ -231,9 +234,12 @@ pub mod event_counter {
     pub const RULE_UNCOUNTED: u32 = COUNTERS_LEN + 3;
     /// Dropped or audited packets of an endpoint without an `NP_EP_COUNTERS` entry.
     pub const ENDPOINT_UNCOUNTED: u32 = COUNTERS_LEN + 4;
+    /// New connections not tracked because their endpoint held its whole conntrack
+    /// share (`Config::ct_share`).
+    pub const CT_SHARE_FULL: u32 = COUNTERS_LEN + 5;
 }
 /// Entries of the `NP_COUNTERS` per-CPU array.
-pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 5;
+pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 6;
 
 /// IP protocol numbers the classifier knows.
 pub mod proto {

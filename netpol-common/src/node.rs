@@ -76,7 +76,10 @@ pub struct Config {
     /// ipcache, say, which no endpoint revision covers) has every connection judged again
     /// at its next packet, against the maps as they are once the sync is complete.
     pub epoch: u32,
-    pub _pad: u32,
+    /// Conntrack entries one endpoint may hold (its share of the table); 0: no bound.
+    /// Beyond it the endpoint's new connections pass untracked when allowed (their
+    /// replies are judged by policy), so one pod cannot turn the table over for all.
+    pub ct_share: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 96);
 

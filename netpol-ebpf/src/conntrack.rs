@@ -2,17 +2,18 @@
 //! the per-direction checks an entry records (flags, revision stamps, rule cookies),
 //! and the re-check of an established connection after a policy change.
 
+use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use netpol_common::{
-    config_flags, ct_flags, ct_timeout, direction, proto, reason, verdict, Config, CtEntry, CtKey,
-    EndpointEntry,
+    config_flags, ct_flags, ct_timeout_ns, direction, event_counter, proto, reason, verdict,
+    Config, CtEntry, CtKey, EndpointEntry,
 };
 
-use crate::emit::count_rule;
-use crate::maps::{CONNTRACK, SCRATCH, SCRATCH_PACKET};
+use crate::emit::{count, count_rule};
+use crate::maps::{CONNTRACK, CT_HELD, SCRATCH, SCRATCH_PACKET};
 use crate::parse::Packet;
 use crate::policy::{audit_mode, audits, verdict_of};
-use crate::{opposite, service, Outcome, NS_PER_SEC};
+use crate::{opposite, service, Outcome};
 
 /// The conntrack flag recording that the check in direction `jdir` passed.
 #[inline(always)]
@@ -200,32 +201,6 @@ pub(crate) unsafe fn set_stamp(e: *mut CtEntry, jdir: u8, stamp: u64) {
     }
 }
 
-/// Idle timeout of a connection in its current state.
-#[inline(always)]
-fn timeout_ns(config: &Config, protocol: u8, flags: u32) -> u64 {
-    let (configured, default) = match protocol {
-        proto::TCP => {
-            if flags & ct_flags::RST != 0
-                || flags & (ct_flags::FIN_ORIG | ct_flags::FIN_REPLY)
-                    == ct_flags::FIN_ORIG | ct_flags::FIN_REPLY
-            {
-                (config.ct_tcp_close_ns, ct_timeout::TCP_CLOSE)
-            } else if flags & ct_flags::SEEN_REPLY != 0 {
-                (config.ct_tcp_established_ns, ct_timeout::TCP_ESTABLISHED)
-            } else {
-                (config.ct_tcp_syn_ns, ct_timeout::TCP_SYN)
-            }
-        }
-        proto::ICMP | proto::ICMPV6 => (config.ct_icmp_ns, ct_timeout::ICMP),
-        _ => (config.ct_udp_ns, ct_timeout::UDP),
-    };
-    if configured != 0 {
-        configured
-    } else {
-        default * NS_PER_SEC
-    }
-}
-
 /// The conntrack entry for `key` unless it has timed out (an expired entry is removed
 /// and is a miss).
 #[inline(always)]
@@ -233,7 +208,9 @@ pub(crate) fn ct_live(key: &CtKey, config: &Config, now: u64) -> Option<*mut CtE
     let e = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: pointer into the map value, valid for this run.
     let (last, flags) = unsafe { ((*e).last_seen_ns, (*e).flags) };
-    if now.saturating_sub(last) > timeout_ns(config, key.protocol, flags) {
+    if now.saturating_sub(last) > ct_timeout_ns(config, key.protocol, flags) {
+        // Its owner's share is given back by the agent's sweep (which counts what each
+        // endpoint really holds), not here: most entries expire unseen anyway.
         let _ = CONNTRACK.remove(key);
         return None;
     }
@@ -287,10 +264,64 @@ pub(crate) unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u
     (*e).last_seen_ns = now;
 }
 
-/// Records that the check in direction `jdir` passed for the connection `key` names
-/// (`audited`: by audit mode only), and the rule that allowed it (`cookie`).
+/// `*n += delta`, atomically (BPF_ATOMIC_ADD: other CPUs add to the same value). The
+/// BPF target has no atomic read-modify-write in `core`, hence the instruction itself.
+///
+/// # Safety
+/// `n` must point at a `u64` in a map value.
 #[inline(always)]
-pub(crate) fn remember(key: &CtKey, jdir: u8, stamp: u64, audited: u32, cookie: u32, now: u64) {
+unsafe fn atomic_add(n: *mut u64, delta: u64) {
+    core::arch::asm!(
+        "lock *(u64 *)({n} + 0) += {delta}",
+        n = in(reg) n,
+        delta = in(reg) delta,
+    );
+}
+
+/// Adds `delta` to the entries endpoint `owner` holds. (A call of its own: its frame
+/// stays off the deepest chain.)
+#[inline(never)]
+fn held_add(owner: u32, delta: u64) {
+    if owner == 0 {
+        return; // a migrated entry, counted by no one
+    }
+    if let Some(n) = CT_HELD.get_ptr_mut(&owner) {
+        // SAFETY: pointer into the map value, valid for this run.
+        unsafe { atomic_add(n, delta) };
+    } else if delta == 1 && CT_HELD.insert(&owner, &1, BPF_NOEXIST as u64).is_err() {
+        // Created meanwhile on another CPU: count into it.
+        if let Some(n) = CT_HELD.get_ptr_mut(&owner) {
+            // SAFETY: as above.
+            unsafe { atomic_add(n, 1) };
+        }
+    }
+}
+
+/// 1 when endpoint `owner` holds `share` entries or more.
+#[inline(never)]
+fn share_used(owner: u32, share: u32) -> u32 {
+    // SAFETY: a lookup; the value is read at once.
+    let held = unsafe { CT_HELD.get(&owner) }.copied().unwrap_or(0);
+    (held >= share as u64) as u32
+}
+
+/// Records that the check in direction `jdir` passed for the connection `key` names
+/// (`audited`: by audit mode only), and the rule that allowed it (`cookie`). A new
+/// entry counts against the share of endpoint `owner` (`share`: `Config::ct_share`);
+/// one that held its whole share tracks nothing new, so that it cannot turn the table
+/// over for all (its allowed packets still pass, untracked).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn remember(
+    key: &CtKey,
+    jdir: u8,
+    stamp: u64,
+    audited: u32,
+    cookie: u32,
+    now: u64,
+    owner: u32,
+    share: u32,
+) {
     let ok = ok_flag(jdir);
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: pointer into the map value, valid for this run.
@@ -302,9 +333,14 @@ pub(crate) fn remember(key: &CtKey, jdir: u8, stamp: u64, audited: u32, cookie: 
         }
         return;
     }
+    if share != 0 && share_used(owner, share) != 0 {
+        count(event_counter::CT_SHARE_FULL);
+        return;
+    }
     let mut entry = CtEntry {
         last_seen_ns: now,
         flags: ok | audited,
+        owner,
         ..CtEntry::default()
     };
     if jdir == direction::EGRESS {
@@ -314,7 +350,10 @@ pub(crate) fn remember(key: &CtKey, jdir: u8, stamp: u64, audited: u32, cookie: 
         entry.ingress_stamp = stamp;
         entry.ingress_cookie = cookie;
     }
-    // A full table evicts the least recently used entry; a failed insert only means
+    // A full table evicts the least recently used entry (uncounted until the agent's
+    // sweep); a failed insert (another CPU's entry for the key came first) only means
     // the next packet is judged by policy again.
-    let _ = CONNTRACK.insert(key, &entry, 0);
+    if CONNTRACK.insert(key, &entry, BPF_NOEXIST as u64).is_ok() {
+        held_add(owner, 1);
+    }
 }

@@ -11,6 +11,8 @@
 //!
 //! Needs Linux 5.8 (BPF ring buffer); see docs/architecture.md for why not less.
 #![no_std]
+// The classifier's one atomic: an add into a map value other CPUs add to as well.
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 // `trace!(f(args))`: with the `trace` feature (see netpol-ebpf/Cargo.toml), calls the
@@ -347,7 +349,16 @@ fn stages(
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
         if opens(pkt) {
-            remember(&scratch.ct, dir, scratch.stamp, 0, out.cookie, now);
+            remember(
+                &scratch.ct,
+                dir,
+                scratch.stamp,
+                0,
+                out.cookie,
+                now,
+                ep.id,
+                config.ct_share,
+            );
         }
         count_rule(out.cookie, pkt.len);
         // SAFETY: a helper without arguments or memory access.
@@ -361,7 +372,16 @@ fn stages(
     {
         // Audit lets the connection through; it is reported once, and enforced again as
         // soon as audit ends (the entry says the check passed by audit only).
-        remember(&scratch.ct, dir, scratch.stamp, audit_flag(dir), 0, now);
+        remember(
+            &scratch.ct,
+            dir,
+            scratch.stamp,
+            audit_flag(dir),
+            0,
+            now,
+            ep.id,
+            config.ct_share,
+        );
     }
 }
 

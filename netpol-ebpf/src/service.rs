@@ -220,6 +220,8 @@ fn judge_backend(
             audited | ct_flags::SERVICE,
             if audited == 0 { out.cookie } else { 0 },
             now,
+            ep.id,
+            config.ct_share,
         );
         if audited == 0 {
             count_rule(out.cookie, pkt.len);

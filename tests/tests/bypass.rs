@@ -525,3 +525,58 @@ fn a_held_pods_arp_and_neighbour_discovery_are_dropped() {
         assert_eq!(rig.run("hold_to_pod", frame), OK, "towards the pod");
     }
 }
+
+/// One pod used to be able to turn the node's whole conntrack table over: every allowed
+/// new flow inserted into one LRU, and a flood of them evicted other pods' quiet
+/// connections (whose replies then dropped). Each endpoint now holds at most its share
+/// (`Config::ct_share`); beyond it its allowed flows pass untracked and are counted as
+/// `CT_SHARE_FULL`. The agent's sweep gives back what expired.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn one_pod_holds_no_more_conntrack_than_its_share() {
+    use aya::maps::HashMap;
+    use netpol_agent::datapath::sweep;
+    use netpol_common::{event_counter, map, Config, CtEntry, CtKey};
+    let mut rig = Rig::new(isolated());
+    let config = Config {
+        ct_share: 3,
+        ..trace()
+    };
+    rig.config(config);
+    rig.allow_all(EGRESS, CLIENT_ID, 1);
+    let flow = |sport| v4(SERVER, CLIENT, udp(sport, 53));
+    for sport in 40000..40005 {
+        assert_eq!(
+            judge(&mut rig, false, &flow(sport)),
+            (OK, reason::POLICY_ALLOWED)
+        );
+    }
+    assert_eq!(
+        rig.conntrack_len(),
+        3,
+        "three flows tracked, two passed untracked"
+    );
+    assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
+    let mut held: HashMap<_, u32, u64> =
+        HashMap::try_from(rig.ebpf.take_map(map::CT_HELD).unwrap()).unwrap();
+    assert_eq!(held.get(&SERVER_ID, 0).unwrap(), 3);
+    // A flow ends (its entry expires unseen): the sweep deletes it and gives it back.
+    let old = key4(SERVER, CLIENT, UDP, 40000, 53);
+    let mut e = rig.conntrack(&old).unwrap();
+    e.last_seen_ns -= 120 * 1_000_000_000;
+    rig.put_conntrack(&old, e);
+    let mut ct: HashMap<_, CtKey, CtEntry> =
+        HashMap::try_from(rig.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
+    let swept = sweep::sweep(&mut ct, &mut held, &config, monotonic_ns()).unwrap();
+    assert_eq!((swept.expired, swept.live), (1, 2));
+    assert_eq!(held.get(&SERVER_ID, 0).unwrap(), 2);
+    // Room again for one.
+    assert_eq!(
+        judge(&mut rig, false, &flow(40010)),
+        (OK, reason::POLICY_ALLOWED)
+    );
+    assert!(rig
+        .conntrack(&key4(SERVER, CLIENT, UDP, 40010, 53))
+        .is_some());
+    assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
+}

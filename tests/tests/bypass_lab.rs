@@ -237,3 +237,118 @@ fn a_pod_claiming_another_pods_address_moves_no_endpoint() {
         );
     }
 }
+
+const SHARE_CLUSTER: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v, namespace: x, labels: {app: v}}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: w, namespace: x, labels: {app: w}}
+spec: {containers: [{name: c, image: i, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: f, namespace: y, labels: {app: f}}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: s, namespace: y, labels: {app: s}}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: w-from-v, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: w}}
+  policyTypes: [Ingress, Egress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: v}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: f-udp-out, namespace: y}
+spec:
+  podSelector: {matchLabels: {app: f}}
+  policyTypes: [Egress]
+  egress: [{ports: [{protocol: UDP}]}]
+"#;
+
+/// One pod opening flows without end (300,000 UDP flows) used to turn the node's whole
+/// conntrack table over, and a quiet allowed connection of two other pods lost its
+/// state: its server (egress default-denied) could no longer answer. The flooder holds
+/// its share and no more (here a quarter of a table of 65,536); the quiet connection,
+/// idle for 10 s across the flood, still answers.
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn a_flood_of_new_flows_from_one_pod_leaves_other_pods_connections_their_state() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    use support::lab::{in_netns, udp_recverr};
+    const FLOWS: u32 = 300_000;
+    let lab = Lab::up(
+        "hshare",
+        &[("cluster.yaml", SHARE_CLUSTER)],
+        &["--agent-arg=--conntrack-capacity=65536"],
+    );
+    lab.wait();
+    let (v_ns, _) = lab.pod("x/v");
+    let (_, w) = lab.pod("x/w");
+    let (f_ns, _) = lab.pod("y/f");
+    let (_, s) = lab.pod("y/s");
+    // v's connection to w: the greeting read, then quiet.
+    let mut conn = in_netns(&v_ns, move || {
+        let mut c = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::new(w, 80),
+            Duration::from_secs(2),
+        )
+        .expect("v connects to w");
+        c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut greeting = [0u8; 64];
+        assert!(c.read(&mut greeting).unwrap() > 0, "w's greeting");
+        c
+    });
+    let quiet_since = Instant::now();
+    // f: 300,000 new flows (five source ports, every destination port of s), each
+    // datagram sent until the veth took it.
+    let sent = in_netns(&f_ns, move || {
+        let sockets: Vec<_> = (0..5).map(|_| udp_recverr()).collect();
+        let mut n = 0u32;
+        'all: for sock in &sockets {
+            for port in 1..=u16::MAX {
+                if n == FLOWS {
+                    break 'all;
+                }
+                while sock.send_to(b"f", (s, port)).is_err() {}
+                n += 1;
+            }
+        }
+        n
+    });
+    assert_eq!(sent, FLOWS);
+    let counters: serde_json::Value = serde_json::from_str(&lab.agent_request("counters")).unwrap();
+    let untracked = counters["events"]["conntrack_share_full"].as_u64().unwrap();
+    assert!(
+        untracked >= (FLOWS - 65_536 / 4) as u64,
+        "f held no more than its share: {untracked} flows untracked"
+    );
+    // The idle time of the scenario, not a wait for readiness.
+    if let Some(rest) = Duration::from_secs(10).checked_sub(quiet_since.elapsed()) {
+        std::thread::sleep(rest);
+    }
+    conn.write_all(b"still there?").unwrap();
+    let mut echo = [0u8; 12];
+    conn.read_exact(&mut echo)
+        .expect("w answers on its quiet connection after the flood");
+    assert_eq!(&echo, b"still there?");
+}

@@ -122,6 +122,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // creates the bridge with the node's first pod), which the loop follows.
     let host_addrs = ports_rx.borrow().ports.bridge_addrs.clone();
     datapath.set_config(opts.switches.config(&host_addrs)?)?;
+    crate::datapath::sweep::start(pins.clone()).context("starting the conntrack sweep")?;
     let counters = datapath.take_counters()?;
     let ring = RingBuf::try_from(
         datapath

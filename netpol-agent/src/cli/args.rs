@@ -142,6 +142,11 @@ pub struct AgentArgs {
     pub policy_capacity: u32,
     #[arg(long, default_value_t = netpol_common::capacity::CONNTRACK)]
     pub conntrack_capacity: u32,
+    /// Conntrack entries one pod may hold; beyond it its new connections pass
+    /// untracked when allowed (replies judged by policy), so that one pod cannot turn
+    /// the table over for all. Default: a quarter of --conntrack-capacity; 0: no bound.
+    #[arg(long)]
+    pub conntrack_share: Option<u32>,
     /// Datagrams whose first fragment's verdict is kept for their later fragments.
     #[arg(long, default_value_t = netpol_common::capacity::FRAGMENTS)]
     pub fragments_capacity: u32,

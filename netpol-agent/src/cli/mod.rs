@@ -81,6 +81,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     ct_tcp_close_timeout: a.ct_tcp_close_timeout,
                     ct_udp_timeout: a.ct_udp_timeout,
                     ct_icmp_timeout: a.ct_icmp_timeout,
+                    ct_share: a
+                        .conntrack_share
+                        .unwrap_or(crate::datapath::default_ct_share(a.conntrack_capacity)),
                 },
                 pin_root: a.pin_root,
                 pin_version: a.pin_version,
@@ -112,6 +115,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     "events: {} sent, {} rate-limited, {} lost (ring full)\n",
                     e.sent, e.rate_limited, e.ring_full
                 ));
+                if e.conntrack_share_full != 0 {
+                    t.push_str(&format!(
+                        "conntrack: {} new connections untracked (their pod held its whole share)\n",
+                        e.conntrack_share_full
+                    ));
+                }
                 t
             })?;
             Ok(0)

@@ -214,6 +214,9 @@ pub struct EventCounters {
     pub rate_limited: u64,
     /// Not written: the ring buffer was full.
     pub ring_full: u64,
+    /// New connections left untracked: their endpoint held its whole conntrack share.
+    #[serde(default)]
+    pub conntrack_share_full: u64,
 }
 
 pub fn read_event_counters<T: std::borrow::Borrow<MapData>>(
@@ -224,5 +227,6 @@ pub fn read_event_counters<T: std::borrow::Borrow<MapData>>(
         sent: sum(event_counter::SENT)?,
         rate_limited: sum(event_counter::RATE_LIMITED)?,
         ring_full: sum(event_counter::RING_FULL)?,
+        conntrack_share_full: sum(event_counter::CT_SHARE_FULL)?,
     })
 }

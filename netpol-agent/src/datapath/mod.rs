@@ -18,6 +18,7 @@ mod options;
 pub mod pin;
 mod programs;
 pub mod services;
+pub mod sweep;
 pub mod tally;
 
 use std::collections::BTreeMap;
@@ -34,7 +35,9 @@ pub use discovery::Location;
 pub use locate::{Conflict, Located};
 use netpol_engine::compile::Desired;
 use netpol_engine::index::PodKey;
-pub use options::{Capacities, Switches, DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE};
+pub use options::{
+    default_ct_share, Capacities, Switches, DEFAULT_EVENT_BURST, DEFAULT_EVENT_RATE,
+};
 pub use programs::{build_id, load, load_with, CLASSIFIER};
 use programs::{pin_program, verify_in_background, Programs};
 

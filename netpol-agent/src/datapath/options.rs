@@ -49,6 +49,8 @@ pub struct Switches {
     pub ct_tcp_close_timeout: Duration,
     pub ct_udp_timeout: Duration,
     pub ct_icmp_timeout: Duration,
+    /// Conntrack entries one endpoint may hold (0: no bound).
+    pub ct_share: u32,
 }
 
 impl Default for Switches {
@@ -65,8 +67,15 @@ impl Default for Switches {
             ct_tcp_close_timeout: Duration::from_secs(ct_timeout::TCP_CLOSE),
             ct_udp_timeout: Duration::from_secs(ct_timeout::UDP),
             ct_icmp_timeout: Duration::from_secs(ct_timeout::ICMP),
+            ct_share: default_ct_share(capacity::CONNTRACK),
         }
     }
+}
+
+/// An endpoint's conntrack share by default: a quarter of the table, so that a pod
+/// that opens flows without end leaves three quarters to the others.
+pub const fn default_ct_share(conntrack_capacity: u32) -> u32 {
+    conntrack_capacity / 4
 }
 
 /// Events per second an endpoint may cause by default, and its burst.
@@ -98,6 +107,7 @@ impl Switches {
             ct_tcp_close_ns: ns("--ct-tcp-close-timeout", self.ct_tcp_close_timeout)?,
             ct_udp_ns: ns("--ct-udp-timeout", self.ct_udp_timeout)?,
             ct_icmp_ns: ns("--ct-icmp-timeout", self.ct_icmp_timeout)?,
+            ct_share: self.ct_share,
             ..Config::default()
         };
         if self.allow_host {

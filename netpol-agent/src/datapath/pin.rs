@@ -45,6 +45,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::SVC_PENDING,
     map::RULE_COUNTERS,
     map::ENDPOINT_COUNTERS,
+    map::CT_HELD,
 ];
 
 /// Every program that is pinned; a build is adopted only when all of them are there.
@@ -118,6 +119,7 @@ impl Layout {
         put(map::CONFIG, 4, size_of::<Config>());
         put(map::RULE_COUNTERS, 4, size_of::<RuleCounter>());
         put(map::ENDPOINT_COUNTERS, 4, size_of::<EndpointCounters>());
+        put(map::CT_HELD, 4, 8);
         put(map::COUNTERS, 4, 8);
         put(map::EVENTS, 0, size_of::<Event>());
         Layout {
@@ -341,7 +343,7 @@ pub mod v4 {
                 flags: self.flags,
                 egress_cookie: self.egress_cookie,
                 ingress_cookie: self.ingress_cookie,
-                _pad: 0,
+                owner: 0, // counted by no one: v4 knew no shares
             }
         }
     }

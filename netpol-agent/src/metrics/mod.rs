@@ -282,6 +282,11 @@ impl Collector for Metrics {
             "Verdict events not sent because the pod's token bucket was empty",
             ev.rate_limited,
         )?;
+        f.one_counter(
+            "netpol_conntrack_share_full",
+            "New connections left untracked because their pod held its whole conntrack share",
+            ev.conntrack_share_full,
+        )?;
 
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         f.one_gauge(

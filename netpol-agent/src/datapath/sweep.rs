@@ -1,0 +1,133 @@
+//! The conntrack sweep: what the classifier cannot do for itself. It counts each new
+//! entry into its owner's share (`NP_CT_HELD`), but never sees most entries go: they
+//! expire without another packet, or the LRU evicts them silently. Every [`EVERY`] the
+//! agent walks the table, deletes the expired entries and sets each endpoint's count to
+//! the entries it really holds, so that a share is not eaten by dead flows for longer.
+//!
+//! The classifier counts on while the walk runs; what it added or gave back meanwhile
+//! is kept on top of the count (an entry both counted by the walk and added meanwhile
+//! counts twice until the next sweep: a share errs towards closed).
+
+use std::borrow::{Borrow, BorrowMut};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use aya::maps::{Array, HashMap, Map, MapData};
+use netpol_common::{ct_timeout_ns, map, Config, CtEntry, CtKey};
+
+use super::pin::PinDir;
+
+/// How often the agent sweeps.
+pub const EVERY: Duration = Duration::from_secs(10);
+
+/// What one sweep did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    pub expired: usize,
+    pub live: usize,
+    /// Endpoint id → entries it holds, as set.
+    pub held: BTreeMap<u32, u64>,
+}
+
+fn snapshot<H: Borrow<MapData>>(held: &HashMap<H, u32, u64>) -> BTreeMap<u32, u64> {
+    held.iter().filter_map(Result::ok).collect()
+}
+
+/// One sweep at `now` (CLOCK_MONOTONIC ns, the classifier's clock).
+pub fn sweep<C, H>(
+    conntrack: &mut HashMap<C, CtKey, CtEntry>,
+    held: &mut HashMap<H, u32, u64>,
+    config: &Config,
+    now: u64,
+) -> anyhow::Result<Swept>
+where
+    C: BorrowMut<MapData>,
+    H: BorrowMut<MapData>,
+{
+    let before = snapshot(held);
+    let mut swept = Swept::default();
+    let mut live: BTreeMap<u32, u64> = BTreeMap::new();
+    let entries: Vec<(CtKey, CtEntry)> = conntrack.iter().filter_map(Result::ok).collect();
+    for (key, e) in entries {
+        if now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(config, key.protocol, e.flags) {
+            // Gone meanwhile (the classifier found it expired first): not ours to count.
+            if conntrack.remove(&key).is_ok() {
+                swept.expired += 1;
+            }
+        } else {
+            swept.live += 1;
+            if e.owner != 0 {
+                *live.entry(e.owner).or_default() += 1;
+            }
+        }
+    }
+    let after = snapshot(held);
+    let owners: BTreeSet<u32> = after.keys().chain(live.keys()).copied().collect();
+    for owner in owners {
+        // What the classifier added (or gave back) while the walk ran.
+        let meanwhile = after.get(&owner).copied().unwrap_or(0) as i128
+            - before.get(&owner).copied().unwrap_or(0) as i128;
+        let n = (live.get(&owner).copied().unwrap_or(0) as i128 + meanwhile).max(0) as u64;
+        if n == 0 && !live.contains_key(&owner) {
+            // An endpoint that holds nothing (gone, maybe): its slot is freed.
+            let _ = held.remove(&owner);
+        } else {
+            held.insert(owner, n, 0)?;
+            swept.held.insert(owner, n);
+        }
+    }
+    Ok(swept)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: what `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into the struct we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Sweeps the pinned maps of `pins` every [`EVERY`], for the process's life, on a
+/// thread of its own. An endpoint that reaches its share is logged once (until it
+/// falls below again).
+pub fn start(pins: PinDir) -> anyhow::Result<()> {
+    let open = |name: &str| -> anyhow::Result<Map> {
+        let path = pins.map_path(name);
+        let data =
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Map::from_map_data(data)?)
+    };
+    let mut conntrack: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(open(map::CONNTRACK)?)?;
+    let mut held: HashMap<MapData, u32, u64> = HashMap::try_from(open(map::CT_HELD)?)?;
+    let config: Array<MapData, Config> = Array::try_from(open(map::CONFIG)?)?;
+    std::thread::Builder::new()
+        .name("conntrack-sweep".into())
+        .spawn(move || {
+            let mut full: BTreeSet<u32> = BTreeSet::new();
+            loop {
+                std::thread::sleep(EVERY);
+                let Ok(c) = config.get(&0, 0) else { continue };
+                match sweep(&mut conntrack, &mut held, &c, monotonic_ns()) {
+                    Ok(s) => {
+                        let at_share: BTreeSet<u32> = s
+                            .held
+                            .iter()
+                            .filter(|(_, n)| c.ct_share != 0 && **n >= c.ct_share as u64)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for id in at_share.difference(&full) {
+                            tracing::warn!(endpoint = id, share = c.ct_share, "an endpoint holds its whole conntrack share: its new connections pass untracked (replies judged by policy)");
+                        }
+                        full = at_share;
+                        tracing::debug!(expired = s.expired, live = s.live, "conntrack swept");
+                    }
+                    Err(e) => tracing::warn!(error = ?e, "conntrack sweep failed"),
+                }
+            }
+        })?;
+    Ok(())
+}
