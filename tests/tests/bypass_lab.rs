@@ -352,3 +352,80 @@ fn a_flood_of_new_flows_from_one_pod_leaves_other_pods_connections_their_state()
         .expect("w answers on its quiet connection after the flood");
     assert_eq!(&echo, b"still there?");
 }
+
+const SERVICE_GONE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: node0, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: x, labels: {app: api}}
+spec: {nodeName: node0, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-to-api, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: api}}}], ports: [{port: 8080}]}]
+"#;
+
+const API_SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: x}
+spec: {selector: {app: api}, ports: [{port: 80, targetPort: http}]}
+"#;
+
+/// A Service removed (or added) changes how a connection to its address is judged, but
+/// used to leave every connection's stamp current: a client's connection to a VIP that
+/// is no longer one went on passing on its old verdict, its packets now leaving
+/// un-NATed for wherever the address routes. A change of the Service set starts a new
+/// epoch: the next packet is judged again (here: egress to an address the client may
+/// not reach, revoked).
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn a_connection_to_a_removed_services_address_is_judged_again() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    use support::lab::in_netns;
+    let lab = Lab::cluster(
+        "hsvc",
+        1,
+        &[("x.yaml", SERVICE_GONE), ("svc.yaml", API_SERVICE)],
+    );
+    let rows = lab.probe_rows(&["--via", "service", "--to", "x/api", "--port", "8080"]);
+    let row = rows
+        .iter()
+        .find(|r| r[0] == "x/client")
+        .expect("client's probe");
+    assert_eq!(row[2], "connected", "{rows:?}");
+    let vip = std::net::SocketAddr::new(row[3].parse().expect("the VIP"), 80);
+    let (client, _) = lab.pod("x/client");
+    let mut conn = in_netns(&client, move || {
+        let mut c = std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+        let mut greeting = [0u8; 64];
+        assert!(c.read(&mut greeting).unwrap() > 0);
+        c
+    });
+    lab.apply(&[("svc.yaml", None)]);
+    let revoked = || lab.agent_count("dropped", "POLICY_REVOKED", "egress");
+    let before = revoked();
+    conn.write_all(b"anyone?").unwrap();
+    // The signal: the client's next segment (or its retransmission) judged and dropped.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while revoked() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the connection to the removed Service's address passed on its old verdict"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

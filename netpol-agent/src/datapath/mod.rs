@@ -208,7 +208,24 @@ impl Datapath {
         services: &[netpol_engine::objects::Object],
     ) -> anyhow::Result<()> {
         let desired = services::vips(services);
-        services::sync_vips(&mut self.ebpf, &mut self.vips, &desired).map(|_| ())
+        let changed = services::sync_vips(&mut self.ebpf, &mut self.vips, &desired);
+        // A VIP that came or went changes how a connection to it is judged (after DNAT
+        // or not at all): every connection is judged again, as after a policy change.
+        if !matches!(changed, Ok(0)) {
+            self.new_epoch()?;
+        }
+        changed.map(|_| ())
+    }
+
+    /// A new map epoch: every tracked connection is judged again at its next packet.
+    fn new_epoch(&mut self) -> anyhow::Result<()> {
+        let next = Config {
+            epoch: self.config.epoch.wrapping_add(1),
+            ..self.config
+        };
+        maps::write_config(&mut self.ebpf, next)?;
+        self.config = next;
+        Ok(())
     }
 
     /// Attaches the after-DNAT program to every device of `devices` that exists; the
@@ -333,12 +350,7 @@ impl Datapath {
         // failed half-way bumps it too: connections stamped against its partial state
         // must not stay current while the retries fail.
         if written.is_err() || stats.written + stats.removed > 0 {
-            let next = Config {
-                epoch: self.config.epoch.wrapping_add(1),
-                ..self.config
-            };
-            maps::write_config(&mut self.ebpf, next)?;
-            self.config = next;
+            self.new_epoch()?;
         }
         written.map(|()| stats)
     }
