@@ -429,3 +429,80 @@ fn a_connection_to_a_removed_services_address_is_judged_again() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Ones' complement sum of 16-bit words (the IP and TCP checksums).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let bytes: Vec<u8> = parts.concat();
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The first attack, with real frames: pod x/a, default-denied like x/b, sends
+/// x/b a TCP SYN inside two priority tags (802.1Q, VID 0) from its raw socket. The veth
+/// moves the outer tag into the skb's metadata before TC; the classifier used to see an
+/// unknown ethertype and pass it, the bridge forwarded it, b's stack stripped the tags
+/// and answered (a half-open connection from a on b's port 80). Dropped at a's veth as
+/// `UNKNOWN_L3`.
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn a_syn_in_two_vlan_tags_from_a_pods_raw_socket_reaches_no_pod() {
+    use std::time::{Duration, Instant};
+    use support::lab::{ip, mac_of, send_frame};
+    use support::manifests::{DENY_X, PODS};
+    let lab = Lab::up("hvlan", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
+    lab.wait();
+    let (a_ns, a) = lab.pod("x/a");
+    let (b_ns, b) = lab.pod("x/b");
+    let v4 = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v) => v.octets(),
+        _ => unreachable!(),
+    };
+    let (src, dst) = (v4(a), v4(b));
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&4242u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let pseudo = [&src[..], &dst, &[0, 6], &20u16.to_be_bytes()].concat();
+    let c = checksum(&[&pseudo, &tcp]);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut ip4 = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip4.extend_from_slice(&src);
+    ip4.extend_from_slice(&dst);
+    let c = checksum(&[&ip4]);
+    ip4[10..12].copy_from_slice(&c.to_be_bytes());
+    let tags = [0x81, 0x00, 0, 0, 0x81, 0x00, 0, 0];
+    let frame = [
+        &mac_of(&b_ns)[..],
+        &mac_of(&a_ns),
+        &tags,
+        &[0x08, 0x00],
+        &ip4,
+        &tcp,
+    ]
+    .concat();
+    let dropped = || lab.agent_count("dropped", "UNKNOWN_L3", "egress");
+    let before = dropped();
+    send_frame(&a_ns, frame);
+    // (b's server socket is dual-stack: a shows as [::ffff:a]:4242.)
+    let half_open = || {
+        let ss = ip(&["netns", "exec", &b_ns, "ss", "-Htn", "state", "syn-recv"]);
+        ss.contains(&format!("{a}:4242")) || ss.contains(&format!("{a}]:4242"))
+    };
+    // Whichever comes first: the drop counted at a's veth, or b answering.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while dropped() == before {
+        assert!(!half_open(), "b answered a SYN in VLAN tags");
+        assert!(Instant::now() < deadline, "the tagged SYN was never judged");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!half_open());
+}
