@@ -118,7 +118,8 @@ pub struct FragEntry {
     pub reason: u16,
     pub cookie: u32,
     pub peer_identity: u32,
-    pub _pad2: u32,
+    /// The endpoint whose fragments share the entry counts against (see `CtEntry::owner`).
+    pub owner: u32,
 }
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 24);
 

@@ -40,6 +40,9 @@ pub mod map {
     /// Conntrack entries each endpoint holds (hash: endpoint id → u64), against
     /// `Config::ct_share`; counted by the classifier, corrected by the agent's sweep.
     pub const CT_HELD: &str = "NP_CT_HELD";
+    /// Datagrams each endpoint has in `NP_FRAGMENTS` (hash: endpoint id → u64), against
+    /// `Config::frag_share`; like [`CT_HELD`].
+    pub const FRAG_HELD: &str = "NP_FRAG_HELD";
 }
 
 /// Program names (the functions in netpol-ebpf).
@@ -237,9 +240,12 @@ pub mod event_counter {
     /// New connections not tracked because their endpoint held its whole conntrack
     /// share (`Config::ct_share`).
     pub const CT_SHARE_FULL: u32 = COUNTERS_LEN + 5;
+    /// First fragments not remembered because their endpoint held its whole fragments
+    /// share (`Config::frag_share`): their later fragments drop.
+    pub const FRAG_SHARE_FULL: u32 = COUNTERS_LEN + 6;
 }
 /// Entries of the `NP_COUNTERS` per-CPU array.
-pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 6;
+pub const COUNTERS_MAP_LEN: u32 = COUNTERS_LEN + 7;
 
 /// IP protocol numbers the classifier knows.
 pub mod proto {

@@ -80,8 +80,12 @@ pub struct Config {
     /// Beyond it the endpoint's new connections pass untracked when allowed (their
     /// replies are judged by policy), so one pod cannot turn the table over for all.
     pub ct_share: u32,
+    /// Datagrams one endpoint may have in `NP_FRAGMENTS` at once; 0: no bound. Beyond
+    /// it a first fragment is judged but not remembered (its later fragments drop).
+    pub frag_share: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 96);
+const _: () = assert!(core::mem::size_of::<Config>() == 104);
 
 pub mod config_flags {
     /// Allow traffic from the node's own addresses to local pods (kubelet probes).

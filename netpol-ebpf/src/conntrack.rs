@@ -4,13 +4,14 @@
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::maps::HashMap;
 use netpol_common::{
     config_flags, ct_flags, ct_timeout_ns, direction, event_counter, proto, reason, verdict,
     Config, CtEntry, CtKey, EndpointEntry,
 };
 
 use crate::emit::{count, count_rule};
-use crate::maps::{CONNTRACK, CT_HELD, SCRATCH, SCRATCH_PACKET};
+use crate::maps::{CONNTRACK, CT_HELD, FRAG_HELD, SCRATCH, SCRATCH_PACKET};
 use crate::parse::Packet;
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{opposite, service, Outcome};
@@ -278,31 +279,47 @@ unsafe fn atomic_add(n: *mut u64, delta: u64) {
     );
 }
 
-/// Adds `delta` to the entries endpoint `owner` holds. (A call of its own: its frame
-/// stays off the deepest chain.)
-#[inline(never)]
-fn held_add(owner: u32, delta: u64) {
+/// One more entry held by endpoint `owner` in a table whose counts are `held`.
+#[inline(always)]
+fn held_one(held: &HashMap<u32, u64>, owner: u32) {
     if owner == 0 {
         return; // a migrated entry, counted by no one
     }
-    if let Some(n) = CT_HELD.get_ptr_mut(&owner) {
+    if let Some(n) = held.get_ptr_mut(&owner) {
         // SAFETY: pointer into the map value, valid for this run.
-        unsafe { atomic_add(n, delta) };
-    } else if delta == 1 && CT_HELD.insert(&owner, &1, BPF_NOEXIST as u64).is_err() {
+        unsafe { atomic_add(n, 1) };
+    } else if held.insert(&owner, &1, BPF_NOEXIST as u64).is_err() {
         // Created meanwhile on another CPU: count into it.
-        if let Some(n) = CT_HELD.get_ptr_mut(&owner) {
+        if let Some(n) = held.get_ptr_mut(&owner) {
             // SAFETY: as above.
             unsafe { atomic_add(n, 1) };
         }
     }
 }
 
-/// 1 when endpoint `owner` holds `share` entries or more.
-#[inline(never)]
-fn share_used(owner: u32, share: u32) -> u32 {
+/// Whether endpoint `owner` holds `share` entries or more in the table counted by `held`.
+#[inline(always)]
+fn at_share(held: &HashMap<u32, u64>, owner: u32, share: u32) -> bool {
     // SAFETY: a lookup; the value is read at once.
-    let held = unsafe { CT_HELD.get(&owner) }.copied().unwrap_or(0);
-    (held >= share as u64) as u32
+    unsafe { held.get(&owner) }.copied().unwrap_or(0) >= share as u64
+}
+
+// Calls of their own, one per table: their frames stay off the deepest chain.
+#[inline(never)]
+pub(crate) fn ct_held_one(owner: u32) {
+    held_one(&CT_HELD, owner)
+}
+#[inline(never)]
+pub(crate) fn ct_at_share(owner: u32, share: u32) -> u32 {
+    at_share(&CT_HELD, owner, share) as u32
+}
+#[inline(never)]
+pub(crate) fn frag_held_one(owner: u32) {
+    held_one(&FRAG_HELD, owner)
+}
+#[inline(never)]
+pub(crate) fn frag_at_share(owner: u32, share: u32) -> u32 {
+    at_share(&FRAG_HELD, owner, share) as u32
 }
 
 /// Records that the check in direction `jdir` passed for the connection `key` names
@@ -333,7 +350,7 @@ pub(crate) fn remember(
         }
         return;
     }
-    if share != 0 && share_used(owner, share) != 0 {
+    if share != 0 && ct_at_share(owner, share) != 0 {
         count(event_counter::CT_SHARE_FULL);
         return;
     }
@@ -354,6 +371,6 @@ pub(crate) fn remember(
     // sweep); a failed insert (another CPU's entry for the key came first) only means
     // the next packet is judged by policy again.
     if CONNTRACK.insert(key, &entry, BPF_NOEXIST as u64).is_ok() {
-        held_add(owner, 1);
+        ct_held_one(owner);
     }
 }

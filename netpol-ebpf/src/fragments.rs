@@ -2,8 +2,11 @@
 //! verdict is remembered per datagram (`NP_FRAGMENTS`); later fragments, which carry no
 //! upper-layer header, follow it (or drop when it is unknown or too old).
 
-use netpol_common::{ct_timeout, reason, verdict, FragEntry, FragKey};
+use aya_ebpf::bindings::BPF_NOEXIST;
+use netpol_common::{ct_timeout, event_counter, reason, verdict, FragEntry, FragKey};
 
+use crate::conntrack::{frag_at_share, frag_held_one};
+use crate::emit::count;
 use crate::maps::FRAGMENTS;
 use crate::parse::Packet;
 use crate::{Outcome, NS_PER_SEC};
@@ -51,9 +54,27 @@ pub(crate) fn follow_first(key: &FragKey, now: u64) -> Outcome {
     }
 }
 
-/// Remembers a first fragment's outcome for the rest of its datagram.
+/// Remembers a first fragment's outcome for the rest of its datagram, unless endpoint
+/// `owner` has its whole share of datagrams (`share`: `Config::frag_share`) in the table
+/// already: then its later fragments drop, and no one else's datagram is evicted for it.
 #[inline(always)]
-pub(crate) fn remember_first(key: &FragKey, out: &Outcome, now: u64) {
+pub(crate) fn remember_first(key: &FragKey, out: &Outcome, now: u64, owner: u32, share: u32) {
+    if let Some(f) = FRAGMENTS.get_ptr_mut(key) {
+        // The same datagram's first fragment again (a retransmission): its verdict now.
+        // SAFETY: pointer into the map value, valid for this run.
+        unsafe {
+            (*f).last_seen_ns = now;
+            (*f).verdict = out.verdict;
+            (*f).reason = out.reason;
+            (*f).cookie = out.cookie;
+            (*f).peer_identity = out.peer_identity;
+        }
+        return;
+    }
+    if share != 0 && frag_at_share(owner, share) != 0 {
+        count(event_counter::FRAG_SHARE_FULL);
+        return;
+    }
     let entry = FragEntry {
         last_seen_ns: now,
         verdict: out.verdict,
@@ -61,8 +82,11 @@ pub(crate) fn remember_first(key: &FragKey, out: &Outcome, now: u64) {
         reason: out.reason,
         cookie: out.cookie,
         peer_identity: out.peer_identity,
-        _pad2: 0,
+        owner,
     };
-    // A full table evicts the oldest datagram; its later fragments then drop.
-    let _ = FRAGMENTS.insert(key, &entry, 0);
+    // A full table evicts the oldest datagram (its later fragments then drop), counted
+    // again by the agent's sweep.
+    if FRAGMENTS.insert(key, &entry, BPF_NOEXIST as u64).is_ok() {
+        frag_held_one(owner);
+    }
 }

@@ -276,7 +276,7 @@ fn pipeline_steps(
     }
     stages(ctx, scratch, ep, config, pkt, out, now);
     if pkt.frag == frag::FIRST {
-        fragments::remember_first(&scratch.frag, out, now);
+        fragments::remember_first(&scratch.frag, out, now, ep.id, config.frag_share);
     }
 }
 

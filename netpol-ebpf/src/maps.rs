@@ -75,6 +75,11 @@ pub(crate) static RULE_COUNTERS: PerCpuHashMap<u32, RuleCounter> =
 #[map(name = "NP_CT_HELD")]
 pub(crate) static CT_HELD: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
+/// Hash: endpoint id (`u32`) → the datagrams it has in `NP_FRAGMENTS` (`u64`), against
+/// `Config::frag_share`.
+#[map(name = "NP_FRAG_HELD")]
+pub(crate) static FRAG_HELD: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
+
 /// Per-CPU hash: endpoint id (`u32`) → [`EndpointCounters`] (dropped and audited
 /// packets and bytes per direction).
 #[map(name = "NP_EP_COUNTERS")]

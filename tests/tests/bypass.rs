@@ -580,3 +580,59 @@ fn one_pod_holds_no_more_conntrack_than_its_share() {
         .is_some());
     assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
 }
+
+/// The fragments table likewise: one pod sending first fragments without end used to
+/// evict every other pod's datagrams in flight (their later fragments then dropped as
+/// FRAGMENT_UNKNOWN). Each endpoint has at most its share of datagrams remembered
+/// (`Config::frag_share`); beyond it its own later fragments drop, counted as
+/// `FRAG_SHARE_FULL`.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn one_pod_has_no_more_datagrams_remembered_than_its_share() {
+    use netpol_common::{event_counter, Config};
+    let mut rig = Rig::new(isolated());
+    rig.config(Config {
+        frag_share: 2,
+        ..trace()
+    });
+    rig.allow_all(EGRESS, CLIENT_ID, 1);
+    let fragment = |id: u16, offset: u16| {
+        let l4 = if offset == 0 {
+            udp(1000 + id, 53)
+        } else {
+            (UDP, vec![0xab; 16])
+        };
+        let o = V4 {
+            id,
+            offset,
+            more: offset == 0,
+            ..V4::default()
+        };
+        v4o(SERVER, CLIENT, l4, &o)
+    };
+    for id in 1..=3 {
+        assert_eq!(
+            judge(&mut rig, false, &fragment(id, 0)),
+            (OK, reason::POLICY_ALLOWED)
+        );
+    }
+    assert_eq!(rig.slot(event_counter::FRAG_SHARE_FULL), 1);
+    // The two remembered datagrams go on; the third's later fragment drops.
+    for id in 1..=2 {
+        assert_eq!(
+            judge(&mut rig, false, &fragment(id, 100)),
+            (OK, reason::FRAGMENT)
+        );
+    }
+    assert_eq!(
+        judge(&mut rig, false, &fragment(3, 100)),
+        (SHOT, reason::FRAGMENT_UNKNOWN)
+    );
+    // A first fragment sent again is the same datagram (its flow tracked now): no
+    // second share.
+    assert_eq!(
+        judge(&mut rig, false, &fragment(1, 0)),
+        (OK, reason::CONNTRACK)
+    );
+    assert_eq!(rig.slot(event_counter::FRAG_SHARE_FULL), 1);
+}

@@ -150,6 +150,11 @@ pub struct AgentArgs {
     /// Datagrams whose first fragment's verdict is kept for their later fragments.
     #[arg(long, default_value_t = netpol_common::capacity::FRAGMENTS)]
     pub fragments_capacity: u32,
+    /// Datagrams of one pod whose first fragment's verdict is kept at once; beyond it
+    /// the later fragments of its new datagrams drop. Default: a quarter of
+    /// --fragments-capacity; 0: no bound.
+    #[arg(long)]
+    pub fragments_share: Option<u32>,
     /// A device DNATed packets leave the node by (repeat: e.g. flannel.1 and the
     /// uplink); egress of local pods to Service VIPs with remote backends is judged at
     /// its TC egress.

@@ -84,6 +84,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                     ct_share: a
                         .conntrack_share
                         .unwrap_or(crate::datapath::default_ct_share(a.conntrack_capacity)),
+                    frag_share: a
+                        .fragments_share
+                        .unwrap_or(crate::datapath::default_ct_share(a.fragments_capacity)),
                 },
                 pin_root: a.pin_root,
                 pin_version: a.pin_version,

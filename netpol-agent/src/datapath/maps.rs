@@ -217,6 +217,9 @@ pub struct EventCounters {
     /// New connections left untracked: their endpoint held its whole conntrack share.
     #[serde(default)]
     pub conntrack_share_full: u64,
+    /// First fragments not remembered: their endpoint had its whole share of datagrams.
+    #[serde(default)]
+    pub fragments_share_full: u64,
 }
 
 pub fn read_event_counters<T: std::borrow::Borrow<MapData>>(
@@ -228,5 +231,6 @@ pub fn read_event_counters<T: std::borrow::Borrow<MapData>>(
         rate_limited: sum(event_counter::RATE_LIMITED)?,
         ring_full: sum(event_counter::RING_FULL)?,
         conntrack_share_full: sum(event_counter::CT_SHARE_FULL)?,
+        fragments_share_full: sum(event_counter::FRAG_SHARE_FULL)?,
     })
 }

@@ -51,6 +51,8 @@ pub struct Switches {
     pub ct_icmp_timeout: Duration,
     /// Conntrack entries one endpoint may hold (0: no bound).
     pub ct_share: u32,
+    /// Fragmented datagrams one endpoint may have remembered at once (0: no bound).
+    pub frag_share: u32,
 }
 
 impl Default for Switches {
@@ -68,12 +70,14 @@ impl Default for Switches {
             ct_udp_timeout: Duration::from_secs(ct_timeout::UDP),
             ct_icmp_timeout: Duration::from_secs(ct_timeout::ICMP),
             ct_share: default_ct_share(capacity::CONNTRACK),
+            frag_share: default_ct_share(capacity::FRAGMENTS),
         }
     }
 }
 
-/// An endpoint's conntrack share by default: a quarter of the table, so that a pod
-/// that opens flows without end leaves three quarters to the others.
+/// An endpoint's share of a table (conntrack, fragments) by default: a quarter, so that
+/// a pod that opens flows (or fragments datagrams) without end leaves three quarters to
+/// the others.
 pub const fn default_ct_share(conntrack_capacity: u32) -> u32 {
     conntrack_capacity / 4
 }
@@ -108,6 +112,7 @@ impl Switches {
             ct_udp_ns: ns("--ct-udp-timeout", self.ct_udp_timeout)?,
             ct_icmp_ns: ns("--ct-icmp-timeout", self.ct_icmp_timeout)?,
             ct_share: self.ct_share,
+            frag_share: self.frag_share,
             ..Config::default()
         };
         if self.allow_host {

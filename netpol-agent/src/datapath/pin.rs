@@ -46,6 +46,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::RULE_COUNTERS,
     map::ENDPOINT_COUNTERS,
     map::CT_HELD,
+    map::FRAG_HELD,
 ];
 
 /// Every program that is pinned; a build is adopted only when all of them are there.
@@ -120,6 +121,7 @@ impl Layout {
         put(map::RULE_COUNTERS, 4, size_of::<RuleCounter>());
         put(map::ENDPOINT_COUNTERS, 4, size_of::<EndpointCounters>());
         put(map::CT_HELD, 4, 8);
+        put(map::FRAG_HELD, 4, 8);
         put(map::COUNTERS, 4, 8);
         put(map::EVENTS, 0, size_of::<Event>());
         Layout {

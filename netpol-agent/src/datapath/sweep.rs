@@ -3,6 +3,7 @@
 //! expire without another packet, or the LRU evicts them silently. Every [`EVERY`] the
 //! agent walks the table, deletes the expired entries and sets each endpoint's count to
 //! the entries it really holds, so that a share is not eaten by dead flows for longer.
+//! The fragments table (`NP_FRAGMENTS`, `NP_FRAG_HELD`) likewise.
 //!
 //! The classifier counts on while the walk runs; what it added or gave back meanwhile
 //! is kept on top of the count (an entry both counted by the walk and added meanwhile
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData};
-use netpol_common::{ct_timeout_ns, map, Config, CtEntry, CtKey};
+use netpol_common::{ct_timeout, ct_timeout_ns, map, Config, CtEntry, CtKey, FragEntry, FragKey};
 
 use super::pin::PinDir;
 
@@ -34,7 +35,7 @@ fn snapshot<H: Borrow<MapData>>(held: &HashMap<H, u32, u64>) -> BTreeMap<u32, u6
     held.iter().filter_map(Result::ok).collect()
 }
 
-/// One sweep at `now` (CLOCK_MONOTONIC ns, the classifier's clock).
+/// One sweep of the conntrack table at `now` (CLOCK_MONOTONIC ns, the classifier's clock).
 pub fn sweep<C, H>(
     conntrack: &mut HashMap<C, CtKey, CtEntry>,
     held: &mut HashMap<H, u32, u64>,
@@ -45,27 +46,64 @@ where
     C: BorrowMut<MapData>,
     H: BorrowMut<MapData>,
 {
+    sweep_table(conntrack, held, |k: &CtKey, e: &CtEntry| {
+        let expired =
+            now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(config, k.protocol, e.flags);
+        (expired, e.owner)
+    })
+}
+
+/// One sweep of the fragments table at `now`.
+pub fn sweep_fragments<F, H>(
+    fragments: &mut HashMap<F, FragKey, FragEntry>,
+    held: &mut HashMap<H, u32, u64>,
+    now: u64,
+) -> anyhow::Result<Swept>
+where
+    F: BorrowMut<MapData>,
+    H: BorrowMut<MapData>,
+{
+    let timeout = ct_timeout::FRAGMENT * 1_000_000_000;
+    sweep_table(fragments, held, |_: &FragKey, e: &FragEntry| {
+        (now.saturating_sub(e.last_seen_ns) > timeout, e.owner)
+    })
+}
+
+/// Deletes the entries `judge` says are expired and sets each owner's count in `held`
+/// to the live entries it has (`judge`: entry → (expired, owner)).
+fn sweep_table<T, H, K, V>(
+    table: &mut HashMap<T, K, V>,
+    held: &mut HashMap<H, u32, u64>,
+    judge: impl Fn(&K, &V) -> (bool, u32),
+) -> anyhow::Result<Swept>
+where
+    T: BorrowMut<MapData>,
+    H: BorrowMut<MapData>,
+    K: aya::Pod,
+    V: aya::Pod,
+{
     let before = snapshot(held);
     let mut swept = Swept::default();
     let mut live: BTreeMap<u32, u64> = BTreeMap::new();
-    let entries: Vec<(CtKey, CtEntry)> = conntrack.iter().filter_map(Result::ok).collect();
+    let entries: Vec<(K, V)> = table.iter().filter_map(Result::ok).collect();
     for (key, e) in entries {
-        if now.saturating_sub(e.last_seen_ns) > ct_timeout_ns(config, key.protocol, e.flags) {
+        let (expired, owner) = judge(&key, &e);
+        if expired {
             // Gone meanwhile (the classifier found it expired first): not ours to count.
-            if conntrack.remove(&key).is_ok() {
+            if table.remove(&key).is_ok() {
                 swept.expired += 1;
             }
         } else {
             swept.live += 1;
-            if e.owner != 0 {
-                *live.entry(e.owner).or_default() += 1;
+            if owner != 0 {
+                *live.entry(owner).or_default() += 1;
             }
         }
     }
     let after = snapshot(held);
     let owners: BTreeSet<u32> = after.keys().chain(live.keys()).copied().collect();
     for owner in owners {
-        // What the classifier added (or gave back) while the walk ran.
+        // What the classifier added while the walk ran.
         let meanwhile = after.get(&owner).copied().unwrap_or(0) as i128
             - before.get(&owner).copied().unwrap_or(0) as i128;
         let n = (live.get(&owner).copied().unwrap_or(0) as i128 + meanwhile).max(0) as u64;
@@ -103,6 +141,9 @@ pub fn start(pins: PinDir) -> anyhow::Result<()> {
     };
     let mut conntrack: HashMap<MapData, CtKey, CtEntry> = HashMap::try_from(open(map::CONNTRACK)?)?;
     let mut held: HashMap<MapData, u32, u64> = HashMap::try_from(open(map::CT_HELD)?)?;
+    let mut fragments: HashMap<MapData, FragKey, FragEntry> =
+        HashMap::try_from(open(map::FRAGMENTS)?)?;
+    let mut frag_held: HashMap<MapData, u32, u64> = HashMap::try_from(open(map::FRAG_HELD)?)?;
     let config: Array<MapData, Config> = Array::try_from(open(map::CONFIG)?)?;
     std::thread::Builder::new()
         .name("conntrack-sweep".into())
@@ -111,6 +152,9 @@ pub fn start(pins: PinDir) -> anyhow::Result<()> {
             loop {
                 std::thread::sleep(EVERY);
                 let Ok(c) = config.get(&0, 0) else { continue };
+                if let Err(e) = sweep_fragments(&mut fragments, &mut frag_held, monotonic_ns()) {
+                    tracing::warn!(error = ?e, "fragments sweep failed");
+                }
                 match sweep(&mut conntrack, &mut held, &c, monotonic_ns()) {
                     Ok(s) => {
                         let at_share: BTreeSet<u32> = s

@@ -287,6 +287,11 @@ impl Collector for Metrics {
             "New connections left untracked because their pod held its whole conntrack share",
             ev.conntrack_share_full,
         )?;
+        f.one_counter(
+            "netpol_fragments_share_full",
+            "First fragments not remembered because their pod had its whole share of datagrams",
+            ev.fragments_share_full,
+        )?;
 
         let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         f.one_gauge(
