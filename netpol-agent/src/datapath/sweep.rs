@@ -17,6 +17,7 @@ use anyhow::Context;
 use aya::maps::{Array, HashMap, Map, MapData};
 use netpol_common::{ct_timeout, ct_timeout_ns, map, Config, CtEntry, CtKey, FragEntry, FragKey};
 
+use super::live::monotonic_ns;
 use super::pin::PinDir;
 
 /// How often the agent sweeps.
@@ -116,17 +117,6 @@ where
         }
     }
     Ok(swept)
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: what `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes into the struct we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Sweeps the pinned maps of `pins` every [`EVERY`], for the process's life, on a

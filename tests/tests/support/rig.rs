@@ -53,14 +53,7 @@ pub fn key6(src: [u8; 16], dst: [u8; 16], protocol: u8, sport: u16, dport: u16) 
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub use netpol_agent::datapath::live::monotonic_ns;
 
 // ---- the rig --------------------------------------------------------------------------
 
