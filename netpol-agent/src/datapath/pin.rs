@@ -265,9 +265,14 @@ fn is_bpffs(path: &Path) -> bool {
     }
 }
 
-/// Copies the conntrack entries of another version's pinned map into `to`: as they are
-/// when the layout is unchanged, converted when it is a layout this build knows
-/// ([`v4`]). Returns how many were copied (None: not copied, an unknown layout).
+/// Copies the conntrack entries of another version's pinned map into `to`: field for
+/// field when the layout is unchanged, converted when it is a layout this build knows
+/// ([`v4`]). Either way the stamps become 0: they were made against the other
+/// version's revisions and epochs, which this agent's own numbering may meet again
+/// (and take for current), and a stamp of epoch 0 is never current once this agent has
+/// synced, so every migrated connection is judged again at its next packet and goes on
+/// if policy still allows it. Returns how many were copied (None: not copied, an
+/// unknown layout).
 pub fn migrate_conntrack(
     old: &PinDir,
     to: &mut HashMap<&mut MapData, CtKey, CtEntry>,
@@ -278,7 +283,12 @@ pub fn migrate_conntrack(
     };
     let theirs = theirs.maps.get(map::CONNTRACK).copied();
     if theirs == ours.maps.get(map::CONNTRACK).copied() {
-        return copy_conntrack(old, to, |e: CtEntry| e).map(Some);
+        let judged_again = |e: CtEntry| CtEntry {
+            egress_stamp: 0,
+            ingress_stamp: 0,
+            ..e
+        };
+        return copy_conntrack(old, to, judged_again).map(Some);
     }
     if theirs == Some(v4::CONNTRACK) {
         return copy_conntrack(old, to, v4::CtEntry::upgrade).map(Some);
