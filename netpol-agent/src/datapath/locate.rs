@@ -9,7 +9,9 @@
 //! - a port that was one pod's and now claims another is no one's (ports do not change
 //!   hands; a recreated pod gets a new port);
 //! - a pod claimed by several ports stays on the one it was on; when it was on none of
-//!   them, it is on none until one is left.
+//!   them, it is on none until one is left;
+//! - a port whose pod's interface has another port's MAC is no one's, unless it is the
+//!   one already located with that MAC (the bridge forwards by MAC).
 //!
 //! A port that is no one's keeps (or gets back) the pod-start hold: it drops. Each such
 //! port is a [`Conflict`], logged, counted and shown in `netpol status`.
@@ -80,10 +82,40 @@ impl Ports {
                 why,
             })
         };
+        // MAC → the ports whose pod interface has it (the bridge forwards by MAC: two
+        // ports of one MAC take each other's traffic).
+        let mut by_mac: BTreeMap<[u8; 6], Vec<u32>> = BTreeMap::new();
+        for (ifindex, port) in &self.ports {
+            if let Some(mac) = port.mac {
+                by_mac.entry(mac).or_default().push(*ifindex);
+            }
+        }
         // pod → the ports claiming only it
         let mut claims: BTreeMap<&PodKey, Vec<Location>> = BTreeMap::new();
         for (ifindex, port) in &self.ports {
             let Some(mac) = port.mac else { continue };
+            let twins: Vec<u32> = by_mac[&mac]
+                .iter()
+                .copied()
+                .filter(|i| i != ifindex)
+                .collect();
+            // A MAC another port has: only the port already located with it keeps it.
+            if !twins.is_empty()
+                && !before
+                    .values()
+                    .any(|l| l.ifindex == *ifindex && l.mac == mac)
+            {
+                let pods = port
+                    .addrs
+                    .iter()
+                    .filter_map(|ip| by_ip.get(ip).map(|k| (*k).clone()))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let other = &self.ports[&twins[0]].name;
+                conflict(&port.name, pods, format!("has the MAC of port {other}"));
+                continue;
+            }
             let pods: BTreeSet<&PodKey> = port
                 .addrs
                 .iter()
@@ -268,6 +300,25 @@ mod tests {
         // Also in the step that puts b's port on hold (b still attached).
         let l = ports(&[&["10.0.0.2"]]).locate(&now, &before.found, &before.owners);
         assert_eq!(at(&l), [("x/b2", 10)].into());
+    }
+
+    /// A pod that sets its interface's MAC to another pod's (the bridge would then
+    /// forward that pod's traffic to it): its port is no one's; the other stays.
+    #[test]
+    fn a_port_with_another_ports_mac_is_no_ones() {
+        let wanted = pods(&[("x/a", "10.0.0.1"), ("x/b", "10.0.0.2")]);
+        let p = ports(&[&["10.0.0.1"], &["10.0.0.2"]]);
+        let before = p.locate(&wanted, &BTreeMap::new(), &BTreeMap::new());
+        let mut copied = p.clone();
+        copied.ports.get_mut(&11).unwrap().mac = p.ports[&10].mac;
+        let after = copied.locate(&wanted, &before.found, &before.owners);
+        assert_eq!(at(&after), [("x/a", 10)].into());
+        assert_eq!(held(&after), ["veth11"]);
+        assert_eq!(after.conflicts[0].pods, ["x/b"]);
+        // Two new ports of one MAC: neither.
+        let l = copied.locate(&wanted, &BTreeMap::new(), &BTreeMap::new());
+        assert!(l.found.is_empty());
+        assert_eq!(held(&l), ["veth10", "veth11"]);
     }
 
     /// Two new ports claiming one pod (a recreated pod whose old veth lingers, seen by an
