@@ -43,9 +43,9 @@ pub struct CtEntry {
     pub egress_cookie: u32,
     /// Cookie of the rule that allowed the destination's ingress.
     pub ingress_cookie: u32,
-    /// The endpoint id whose conntrack share the entry counts against (the endpoint at
-    /// whose hook the connection was first tracked); 0: none (an entry migrated from a
-    /// layout without it).
+    /// The pod whose conntrack share the entry counts against: the host veth ifindex of
+    /// the pod at whose hook the connection was first tracked (each pod has its own
+    /// share, replicas of one identity too); 0: none (migrated from a layout without it).
     pub owner: u32,
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 40);
@@ -118,7 +118,8 @@ pub struct FragEntry {
     pub reason: u16,
     pub cookie: u32,
     pub peer_identity: u32,
-    /// The endpoint whose fragments share the entry counts against (see `CtEntry::owner`).
+    /// The pod (host veth ifindex) whose fragments share the entry counts against (see
+    /// `CtEntry::owner`).
     pub owner: u32,
 }
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 24);

@@ -37,10 +37,10 @@ pub mod map {
     /// Packets and bytes dropped and audited per endpoint id (per-CPU hash; entries
     /// created by the agent).
     pub const ENDPOINT_COUNTERS: &str = "NP_EP_COUNTERS";
-    /// Conntrack entries each endpoint holds (hash: endpoint id → u64), against
+    /// Conntrack entries each pod holds (hash: host veth ifindex → u64), against
     /// `Config::ct_share`; counted by the classifier, corrected by the agent's sweep.
     pub const CT_HELD: &str = "NP_CT_HELD";
-    /// Datagrams each endpoint has in `NP_FRAGMENTS` (hash: endpoint id → u64), against
+    /// Datagrams each pod has in `NP_FRAGMENTS` (hash: host veth ifindex → u64), against
     /// `Config::frag_share`; like [`CT_HELD`].
     pub const FRAG_HELD: &str = "NP_FRAG_HELD";
 }

@@ -76,11 +76,11 @@ pub struct Config {
     /// ipcache, say, which no endpoint revision covers) has every connection judged again
     /// at its next packet, against the maps as they are once the sync is complete.
     pub epoch: u32,
-    /// Conntrack entries one endpoint may hold (its share of the table); 0: no bound.
-    /// Beyond it the endpoint's new connections pass untracked when allowed (their
+    /// Conntrack entries one pod may hold (its share of the table); 0: no bound.
+    /// Beyond it the pod's new connections pass untracked when allowed (their
     /// replies are judged by policy), so one pod cannot turn the table over for all.
     pub ct_share: u32,
-    /// Datagrams one endpoint may have in `NP_FRAGMENTS` at once; 0: no bound. Beyond
+    /// Datagrams one pod may have in `NP_FRAGMENTS` at once; 0: no bound. Beyond
     /// it a first fragment is judged but not remembered (its later fragments drop).
     pub frag_share: u32,
     pub _pad: u32,

@@ -276,7 +276,7 @@ fn pipeline_steps(
     }
     stages(ctx, scratch, ep, config, pkt, out, now);
     if pkt.frag == frag::FIRST {
-        fragments::remember_first(&scratch.frag, out, now, ep.id, config.frag_share);
+        fragments::remember_first(&scratch.frag, out, now, ifindex, config.frag_share);
     }
 }
 
@@ -356,7 +356,7 @@ fn stages(
                 0,
                 out.cookie,
                 now,
-                ep.id,
+                scratch.ifindex,
                 config.ct_share,
             );
         }
@@ -379,7 +379,7 @@ fn stages(
             audit_flag(dir),
             0,
             now,
-            ep.id,
+            scratch.ifindex,
             config.ct_share,
         );
     }

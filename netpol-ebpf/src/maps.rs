@@ -70,12 +70,13 @@ pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COU
 pub(crate) static RULE_COUNTERS: PerCpuHashMap<u32, RuleCounter> =
     PerCpuHashMap::with_max_entries(capacity::RULE_COUNTERS, 0);
 
-/// Hash: endpoint id (`u32`) → the conntrack entries it holds (`u64`, added to
-/// atomically), against `Config::ct_share`.
+/// Hash: a pod's host veth ifindex (`u32`) → the conntrack entries it holds (`u64`,
+/// added to atomically), against `Config::ct_share`.
 #[map(name = "NP_CT_HELD")]
 pub(crate) static CT_HELD: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);
 
-/// Hash: endpoint id (`u32`) → the datagrams it has in `NP_FRAGMENTS` (`u64`), against
+/// Hash: a pod's host veth ifindex (`u32`) → the datagrams it has in `NP_FRAGMENTS`
+/// (`u64`), against
 /// `Config::frag_share`.
 #[map(name = "NP_FRAG_HELD")]
 pub(crate) static FRAG_HELD: HashMap<u32, u64> = HashMap::with_max_entries(capacity::ENDPOINTS, 0);

@@ -220,7 +220,7 @@ fn judge_backend(
             audited | ct_flags::SERVICE,
             if audited == 0 { out.cookie } else { 0 },
             now,
-            ep.id,
+            client,
             config.ct_share,
         );
         if audited == 0 {

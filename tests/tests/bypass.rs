@@ -559,7 +559,7 @@ fn one_pod_holds_no_more_conntrack_than_its_share() {
     assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
     let mut held: HashMap<_, u32, u64> =
         HashMap::try_from(rig.ebpf.take_map(map::CT_HELD).unwrap()).unwrap();
-    assert_eq!(held.get(&SERVER_ID, 0).unwrap(), 3);
+    assert_eq!(held.get(&LO, 0).unwrap(), 3, "counted for the pod's veth");
     // A flow ends (its entry expires unseen): the sweep deletes it and gives it back.
     let old = key4(SERVER, CLIENT, UDP, 40000, 53);
     let mut e = rig.conntrack(&old).unwrap();
@@ -569,7 +569,7 @@ fn one_pod_holds_no_more_conntrack_than_its_share() {
         HashMap::try_from(rig.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
     let swept = sweep::sweep(&mut ct, &mut held, &config, monotonic_ns()).unwrap();
     assert_eq!((swept.expired, swept.live), (1, 2));
-    assert_eq!(held.get(&SERVER_ID, 0).unwrap(), 2);
+    assert_eq!(held.get(&LO, 0).unwrap(), 2);
     // Room again for one.
     assert_eq!(
         judge(&mut rig, false, &flow(40010)),
@@ -668,7 +668,7 @@ fn connections_migrated_across_versions_are_judged_again() {
         flags: ct_flags::INGRESS_OK | ct_flags::SEEN_REPLY,
         ingress_stamp: ct_stamp(REVISION, 3),
         ingress_cookie: 9,
-        owner: SERVER_ID,
+        owner: LO,
         ..CtEntry::default()
     };
     let mut theirs: HashMap<MapData, CtKey, CtEntry> = HashMap::create(16, 0).unwrap();
@@ -686,7 +686,7 @@ fn connections_migrated_across_versions_are_judged_again() {
     );
     assert_eq!(
         (migrated.flags, migrated.ingress_cookie, migrated.owner),
-        (entry.flags, 9, SERVER_ID),
+        (entry.flags, 9, LO),
         "the connection's state is"
     );
 }

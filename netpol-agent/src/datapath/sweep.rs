@@ -28,7 +28,7 @@ pub const EVERY: Duration = Duration::from_secs(10);
 pub struct Swept {
     pub expired: usize,
     pub live: usize,
-    /// Endpoint id → entries it holds, as set.
+    /// Pod (host veth ifindex) → entries it holds, as set.
     pub held: BTreeMap<u32, u64>,
 }
 
@@ -119,8 +119,22 @@ where
     Ok(swept)
 }
 
+/// The name of the host veth `ifindex` (the pod's port), or the index when it is gone.
+fn veth_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return format!("ifindex {ifindex}");
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Sweeps the pinned maps of `pins` every [`EVERY`], for the process's life, on a
-/// thread of its own. An endpoint that reaches its share is logged once (until it
+/// thread of its own. A pod that reaches its share is logged once (until it
 /// falls below again).
 pub fn start(pins: PinDir) -> anyhow::Result<()> {
     let open = |name: &str| -> anyhow::Result<Map> {
@@ -153,8 +167,8 @@ pub fn start(pins: PinDir) -> anyhow::Result<()> {
                             .filter(|(_, n)| c.ct_share != 0 && **n >= c.ct_share as u64)
                             .map(|(id, _)| *id)
                             .collect();
-                        for id in at_share.difference(&full) {
-                            tracing::warn!(endpoint = id, share = c.ct_share, "an endpoint holds its whole conntrack share: its new connections pass untracked (replies judged by policy)");
+                        for ifindex in at_share.difference(&full) {
+                            tracing::warn!(veth = %veth_name(*ifindex), share = c.ct_share, "a pod holds its whole conntrack share: its new connections pass untracked (replies judged by policy)");
                         }
                         full = at_share;
                         tracing::debug!(expired = s.expired, live = s.live, "conntrack swept");
