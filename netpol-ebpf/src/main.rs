@@ -316,9 +316,8 @@ fn stages(
     pkt.fill_ct_key(&mut scratch.ct);
     if dir == direction::EGRESS && service::is_vip(&pkt.daddr) {
         // 4s. To a Service VIP: judged after DNAT unless established (service.rs).
-        // SAFETY: the context pointer is valid for the whole program run.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         trace!(to_vip(ctx));
+        let ifindex = scratch.ifindex;
         service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);
         return;
     }

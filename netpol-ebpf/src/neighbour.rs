@@ -2,10 +2,10 @@
 //! policy does not judge but which must not speak for anyone else: a pod that answers
 //! ARP or ND for another pod's address moves its neighbours' traffic to itself.
 
-use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use netpol_common::{direction, reason, EndpointEntry};
 
-use crate::parse::{link, Packet};
+use crate::parse::{link, read, Packet};
 
 /// Whether `a` is an IPv6 link-local unicast address (fe80::/10).
 #[inline(always)]
@@ -66,17 +66,4 @@ pub(crate) fn check(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet) -> u16 {
         }
     }
     0
-}
-
-#[inline(always)]
-fn read<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> bool {
-    // SAFETY: `dst` is valid for writes of N bytes; the helper bounds-checks the packet.
-    unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            off as u32,
-            dst as *mut [u8; N] as *mut c_void,
-            N as u32,
-        ) == 0
-    }
 }

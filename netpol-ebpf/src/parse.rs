@@ -97,7 +97,7 @@ impl Packet {
 /// codes, not `Result<T, _>`: LLVM leaves the payload of an `Err` undefined, and the
 /// verifier rejects a read of the undefined register on merged paths.
 #[inline(always)]
-fn read<T>(ctx: &TcContext, off: usize, dst: &mut T) -> bool {
+pub(crate) fn read<T>(ctx: &TcContext, off: usize, dst: &mut T) -> bool {
     // SAFETY: `dst` is valid for writes of its size; the helper bounds-checks the packet.
     unsafe {
         bpf_skb_load_bytes(

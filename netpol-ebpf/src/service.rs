@@ -29,6 +29,17 @@ use crate::parse::{self, Packet};
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{stamp_now, Outcome};
 
+/// The `NP_SVC_PENDING` key of a client's connection: its veth, source port, protocol.
+#[inline(always)]
+fn pending_key(ifindex: u32, sport: u16, protocol: u8) -> PendingKey {
+    PendingKey {
+        ifindex,
+        sport,
+        protocol,
+        _pad: 0,
+    }
+}
+
 #[inline(always)]
 pub(crate) fn is_vip(addr: &Addr) -> bool {
     // SAFETY: a lookup; the value is not kept.
@@ -74,12 +85,7 @@ pub(crate) fn egress_to_vip(
         *out = Outcome::drop(reason::SERVICE_UNKNOWN_CLIENT);
         return;
     }
-    let key = PendingKey {
-        ifindex,
-        sport: pkt.sport,
-        protocol: pkt.protocol,
-        _pad: 0,
-    };
+    let key = pending_key(ifindex, pkt.sport, pkt.protocol);
     scratch.pending = PendingEntry {
         saddr: pkt.saddr,
         vip: pkt.daddr,
@@ -146,12 +152,7 @@ pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
 /// its pending entry recorded.
 #[inline(never)]
 fn same_backend(client: u32, pkt: &Packet) -> u32 {
-    let key = PendingKey {
-        ifindex: client,
-        sport: pkt.sport,
-        protocol: pkt.protocol,
-        _pad: 0,
-    };
+    let key = pending_key(client, pkt.sport, pkt.protocol);
     // SAFETY: a lookup; the value is read at once.
     let Some(p) = (unsafe { SVC_PENDING.get(&key) }) else {
         return 0;
@@ -181,12 +182,7 @@ fn judge_backend(
     } else {
         return;
     };
-    let key = PendingKey {
-        ifindex: client,
-        sport: pkt.sport,
-        protocol: pkt.protocol,
-        _pad: 0,
-    };
+    let key = pending_key(client, pkt.sport, pkt.protocol);
     let Some(p) = SVC_PENDING.get_ptr_mut(&key) else {
         return; // evicted: the replies will be judged as ingress
     };
@@ -251,12 +247,8 @@ pub(crate) fn reply_backend(pkt: &Packet) -> u32 {
     };
     // SAFETY: per-CPU maps used by this run only; `p` points into a map value.
     unsafe {
-        let key = PendingKey {
-            ifindex: (*scratch).ifindex,
-            sport: pkt.dport,
-            protocol: pkt.protocol,
-            _pad: 0,
-        };
+        // A reply: the client's source port is its destination port.
+        let key = pending_key((*scratch).ifindex, pkt.dport, pkt.protocol);
         let Some(p) = SVC_PENDING.get_ptr(&key) else {
             return 0;
         };

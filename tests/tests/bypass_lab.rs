@@ -102,7 +102,8 @@ fn a_sync_that_fails_half_way_still_starts_a_new_epoch() {
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_gratuitous_arp_claiming_another_pods_address_moves_no_neighbour_entry() {
-    use support::lab::{ip, mac_of, send_frame};
+    use support::lab::ip;
+    use support::raw::{mac_of, send_frame};
     let lab = Lab::up("harp", &[("pods.yaml", support::manifests::PODS)], &[]);
     lab.wait();
     let (attacker, _) = lab.pod("x/a");
@@ -453,8 +454,9 @@ fn checksum(parts: &[&[u8]]) -> u16 {
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn a_syn_in_two_vlan_tags_from_a_pods_raw_socket_reaches_no_pod() {
     use std::time::{Duration, Instant};
-    use support::lab::{ip, mac_of, send_frame};
+    use support::lab::ip;
     use support::manifests::{DENY_X, PODS};
+    use support::raw::{mac_of, send_frame};
     let lab = Lab::up("hvlan", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
     lab.wait();
     let (a_ns, a) = lab.pod("x/a");

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use netpol_agent::datapath::discovery::{self, Ports, Published};
-use support::lab::{ip, mac_of};
+use support::lab::ip;
+use support::raw::mac_of;
 use tokio::sync::watch;
 
 /// A network namespace, deleted on drop.

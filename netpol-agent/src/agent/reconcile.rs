@@ -275,7 +275,6 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::discovery::Port;
     use netpol_engine::index::Index;
     use netpol_engine::objects::ClusterState;
 
@@ -352,25 +351,10 @@ mod tests {
         Index::new().reset(&ClusterState::from_text(CLUSTER).unwrap())
     }
 
-    /// The bridge's ports holding the given addresses, ifindex 10, 11, ...
+    /// The bridge's ports holding one address each, ifindex 10, 11, ...
     fn ports(addrs: &[&str]) -> Ports {
-        Ports {
-            ports: addrs
-                .iter()
-                .enumerate()
-                .map(|(i, a)| {
-                    (
-                        10 + i as u32,
-                        Port {
-                            name: format!("veth{i}"),
-                            addrs: [a.parse().unwrap()].into(),
-                            mac: Some([2, 0, 0, 0, 0, i as u8]),
-                        },
-                    )
-                })
-                .collect(),
-            ..Ports::default()
-        }
+        let one: Vec<&[&str]> = addrs.iter().map(std::slice::from_ref).collect();
+        crate::datapath::locate::tests::ports(&one)
     }
 
     fn agent(hooks: &[&str]) -> Agent {

@@ -172,12 +172,12 @@ impl Ports {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::discovery::Port;
     use super::*;
 
     /// Ports 10, 11, ... holding the given addresses (MACs known).
-    fn ports(addrs: &[&[&str]]) -> Ports {
+    pub(crate) fn ports(addrs: &[&[&str]]) -> Ports {
         Ports {
             ports: addrs
                 .iter()

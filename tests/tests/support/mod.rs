@@ -5,6 +5,7 @@
 //! - `manifests`: the pods and policies most lab suites start from;
 //! - `traffic`: ping, connections and echoes between a lab's pods;
 //! - `packet`: the packet builder (headers, IPv4/IPv6 packets, Ethernet frames);
+//! - `raw`: frames sent from a pod's raw socket, and its interface's MAC;
 //! - `rig`: the classifier loaded alone, under `BPF_PROG_TEST_RUN`;
 //! - `model`: the compiled model next to the reference evaluator.
 #![allow(dead_code)] // each suite uses a different part
@@ -13,6 +14,7 @@ pub mod lab;
 pub mod manifests;
 pub mod model;
 pub mod packet;
+pub mod raw;
 pub mod rig;
 pub mod traffic;
 

@@ -166,13 +166,11 @@ pub fn ip6_hop(
     p
 }
 
+/// A frame between the two MACs every crafted frame uses (02:00:00:00:00:00 both ways:
+/// the rig's pod, `rig::POD_MAC`, and its peer).
 pub fn eth(ethertype: u16, ip: Vec<u8>) -> Vec<u8> {
-    let mut p = vec![0u8; 12];
-    p[0] = 0x02;
-    p[6] = 0x02;
-    p.extend_from_slice(&ethertype.to_be_bytes());
-    p.extend(ip);
-    p
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0];
+    frame_between(MAC, MAC, ethertype, ip)
 }
 
 pub fn v4(src: [u8; 4], dst: [u8; 4], l4: (u8, Vec<u8>)) -> Vec<u8> {

@@ -53,6 +53,7 @@ pub fn key6(src: [u8; 16], dst: [u8; 16], protocol: u8, sport: u16, dport: u16) 
 }
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
+#[allow(unused_imports)] // not every suite reads the clock
 pub use netpol_agent::datapath::live::monotonic_ns;
 
 // ---- the rig --------------------------------------------------------------------------

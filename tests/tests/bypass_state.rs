@@ -1,0 +1,267 @@
+//! Attacks on what the classifier remembers (crafted frames through
+//! `BPF_PROG_TEST_RUN`, like `bypass.rs`): Service verdicts reused for another backend
+//! or after revocation, one pod filling the conntrack or fragments table for all, stamps
+//! carried across an upgrade. Each test failed on the code before its fix. Needs root.
+
+mod support;
+
+use netpol_common::{reason, v4_mapped};
+use support::packet::*;
+use support::rig::*;
+
+/// A Service connection's replies (from the VIP, after the reverse NAT) used to pass on
+/// the strength of the client's egress check whatever became of it: after the policy
+/// allowing the backend was removed, the server could go on sending. A reply whose check
+/// no longer holds is judged again against the backend the check was made for.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_revoked_service_connections_replies_stop() {
+    use netpol_common::svc_mark;
+    let vip = [10, 96, 0, 10];
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    rig.service(v4_mapped(vip));
+    // The pod under test is the client; the backend is CLIENT's address, port 8080.
+    rig.allow(EGRESS, CLIENT_ID, TCP, 8080, 5);
+    assert_eq!(
+        judge(&mut rig, false, &v4(SERVER, vip, tcp(40000, 80, SYN))),
+        (OK, reason::SERVICE_DEFERRED)
+    );
+    // After DNAT, on the way to the backend: judged, recorded.
+    let to_backend = v4(SERVER, CLIENT, tcp(40000, 8080, SYN));
+    assert_eq!(
+        rig.run_marked("to_remote", &to_backend, svc_mark::pending(0, LO))
+            .0,
+        OK
+    );
+    rig.events();
+    let reply = v4(vip, SERVER, tcp(80, 40000, ACK));
+    assert_eq!(judge(&mut rig, true, &reply), (OK, reason::CONNTRACK));
+    // Policy changes, the backend still allowed: the reply passes, its check renewed.
+    rig.update_endpoint(|e| e.revision += 1);
+    assert_eq!(judge(&mut rig, true, &reply), (OK, reason::CONNTRACK));
+    let stamp = rig
+        .conntrack(&key4(SERVER, vip, TCP, 40000, 80))
+        .unwrap()
+        .egress_stamp;
+    assert_eq!(stamp, netpol_common::ct_stamp(REVISION + 1, 0));
+    // The backend no longer allowed: the replies stop.
+    rig.revoke(EGRESS, CLIENT_ID, TCP, 8080);
+    rig.update_endpoint(|e| e.revision += 1);
+    assert_eq!(
+        judge(&mut rig, true, &reply),
+        (SHOT, reason::POLICY_REVOKED)
+    );
+    assert_eq!(
+        judge(&mut rig, true, &reply),
+        (SHOT, reason::POLICY_REVOKED)
+    );
+}
+
+/// A Service verdict belongs to the backend it was made for. A packet of an allowed
+/// Service connection used to pass on its conntrack entry (client → VIP) whatever
+/// backend kube-proxy then picked: after nf_conntrack forgets a UDP flow (30 s
+/// unreplied) or an endpoint change flushes it, the next packet is DNATed anew, maybe to
+/// a backend the client may not reach; and two flows from one source port to two
+/// Services could trade verdicts. Such a packet leaves `from_pod` tagged established,
+/// and after DNAT its backend must be its verdict's, or it is judged on the new one.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_service_verdict_does_not_carry_a_packet_to_another_backend() {
+    use netpol_common::{identity, svc_mark};
+    let (vip, denied) = ([10, 96, 0, 10], [10, 244, 0, 9]);
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    rig.service(v4_mapped(vip));
+    rig.ipcache(v4_mapped(denied), identity::WORLD, 0);
+    rig.allow(EGRESS, CLIENT_ID, UDP, 5353, 5);
+    let out = v4(SERVER, vip, udp(40000, 53));
+    assert_eq!(judge(&mut rig, false, &out), (OK, reason::SERVICE_DEFERRED));
+    let to = |backend: [u8; 4], port| v4(SERVER, backend, udp(40000, port));
+    let (action, _) = rig.run_marked("to_remote", &to(CLIENT, 5353), svc_mark::pending(0, LO));
+    assert_eq!(action, OK);
+    rig.events();
+    // The next packet passes on the connection, tagged for the check after DNAT.
+    let (action, mark) = rig.run_marked("from_pod", &out, 0);
+    assert_eq!(action, OK);
+    assert_eq!(rig.events()[0].reason, reason::CONNTRACK);
+    assert_eq!(mark, svc_mark::established(0, LO), "tagged established");
+    // DNATed to the backend its verdict was made for: on, not judged again.
+    assert_eq!(
+        rig.run_marked("to_remote", &to(CLIENT, 5353), mark),
+        (OK, 0)
+    );
+    assert!(rig.events().is_empty());
+    // DNATed anew, to a backend the client may not reach: judged there, dropped.
+    let (action, _) = rig.run_marked("to_remote", &to(denied, 5353), mark);
+    assert_eq!(action, SHOT, "carried to another backend");
+    assert_eq!(rig.events()[0].reason, reason::POLICY_DENIED);
+    // ...and to the allowed backend on another port, likewise.
+    let (action, _) = rig.run_marked("to_remote", &to(CLIENT, 9999), mark);
+    assert_eq!(action, SHOT);
+}
+
+/// One pod used to be able to turn the node's whole conntrack table over: every allowed
+/// new flow inserted into one LRU, and a flood of them evicted other pods' quiet
+/// connections (whose replies then dropped). Each endpoint now holds at most its share
+/// (`Config::ct_share`); beyond it its allowed flows pass untracked and are counted as
+/// `CT_SHARE_FULL`. The agent's sweep gives back what expired.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn one_pod_holds_no_more_conntrack_than_its_share() {
+    use aya::maps::HashMap;
+    use netpol_agent::datapath::sweep;
+    use netpol_common::{event_counter, map, Config, CtEntry, CtKey};
+    let mut rig = Rig::new(isolated());
+    let config = Config {
+        ct_share: 3,
+        ..trace()
+    };
+    rig.config(config);
+    rig.allow_all(EGRESS, CLIENT_ID, 1);
+    let flow = |sport| v4(SERVER, CLIENT, udp(sport, 53));
+    for sport in 40000..40005 {
+        assert_eq!(
+            judge(&mut rig, false, &flow(sport)),
+            (OK, reason::POLICY_ALLOWED)
+        );
+    }
+    assert_eq!(
+        rig.conntrack_len(),
+        3,
+        "three flows tracked, two passed untracked"
+    );
+    assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
+    let mut held: HashMap<_, u32, u64> =
+        HashMap::try_from(rig.ebpf.take_map(map::CT_HELD).unwrap()).unwrap();
+    assert_eq!(held.get(&LO, 0).unwrap(), 3, "counted for the pod's veth");
+    // A flow ends (its entry expires unseen): the sweep deletes it and gives it back.
+    let old = key4(SERVER, CLIENT, UDP, 40000, 53);
+    let mut e = rig.conntrack(&old).unwrap();
+    e.last_seen_ns -= 120 * 1_000_000_000;
+    rig.put_conntrack(&old, e);
+    let mut ct: HashMap<_, CtKey, CtEntry> =
+        HashMap::try_from(rig.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
+    let swept = sweep::sweep(&mut ct, &mut held, &config, monotonic_ns()).unwrap();
+    assert_eq!((swept.expired, swept.live), (1, 2));
+    assert_eq!(held.get(&LO, 0).unwrap(), 2);
+    // Room again for one.
+    assert_eq!(
+        judge(&mut rig, false, &flow(40010)),
+        (OK, reason::POLICY_ALLOWED)
+    );
+    assert!(rig
+        .conntrack(&key4(SERVER, CLIENT, UDP, 40010, 53))
+        .is_some());
+    assert_eq!(rig.slot(event_counter::CT_SHARE_FULL), 2);
+}
+
+/// The fragments table likewise: one pod sending first fragments without end used to
+/// evict every other pod's datagrams in flight (their later fragments then dropped as
+/// FRAGMENT_UNKNOWN). Each endpoint has at most its share of datagrams remembered
+/// (`Config::frag_share`); beyond it its own later fragments drop, counted as
+/// `FRAG_SHARE_FULL`.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn one_pod_has_no_more_datagrams_remembered_than_its_share() {
+    use netpol_common::{event_counter, Config};
+    let mut rig = Rig::new(isolated());
+    rig.config(Config {
+        frag_share: 2,
+        ..trace()
+    });
+    rig.allow_all(EGRESS, CLIENT_ID, 1);
+    let fragment = |id: u16, offset: u16| {
+        let l4 = if offset == 0 {
+            udp(1000 + id, 53)
+        } else {
+            (UDP, vec![0xab; 16])
+        };
+        let o = V4 {
+            id,
+            offset,
+            more: offset == 0,
+            ..V4::default()
+        };
+        v4o(SERVER, CLIENT, l4, &o)
+    };
+    for id in 1..=3 {
+        assert_eq!(
+            judge(&mut rig, false, &fragment(id, 0)),
+            (OK, reason::POLICY_ALLOWED)
+        );
+    }
+    assert_eq!(rig.slot(event_counter::FRAG_SHARE_FULL), 1);
+    // The two remembered datagrams go on; the third's later fragment drops.
+    for id in 1..=2 {
+        assert_eq!(
+            judge(&mut rig, false, &fragment(id, 100)),
+            (OK, reason::FRAGMENT)
+        );
+    }
+    assert_eq!(
+        judge(&mut rig, false, &fragment(3, 100)),
+        (SHOT, reason::FRAGMENT_UNKNOWN)
+    );
+    // A first fragment sent again is the same datagram (its flow tracked now): no
+    // second share.
+    assert_eq!(
+        judge(&mut rig, false, &fragment(1, 0)),
+        (OK, reason::CONNTRACK)
+    );
+    assert_eq!(rig.slot(event_counter::FRAG_SHARE_FULL), 1);
+}
+
+/// An upgrade across pin versions whose conntrack layout is unchanged used to copy the
+/// entries with their stamps: made against the old agent's revisions and epochs, which
+/// the new agent's own numbering can meet again and take for current (a connection the
+/// new policy denies then passes unjudged). Migrated entries keep their state and rule
+/// cookies, and their stamps become 0: judged again at the next packet.
+#[test]
+#[ignore = "needs root: pins maps in bpffs"]
+fn connections_migrated_across_versions_are_judged_again() {
+    use aya::maps::{HashMap, MapData};
+    use netpol_agent::datapath::pin::{migrate_conntrack, PinDir};
+    use netpol_common::{ct_flags, ct_stamp, map, CtEntry, CtKey};
+    support::need_root("pins maps in bpffs");
+    let root = std::path::PathBuf::from(format!("/sys/fs/bpf/np-migrate-{}", std::process::id()));
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(root.clone());
+    // The other version's pins: its layout (the same as ours) and one live connection.
+    let old = PinDir::with_version(&root, "v0-test");
+    let (k, v) = (std::mem::size_of::<CtKey>(), std::mem::size_of::<CtEntry>());
+    std::fs::create_dir_all(old.dir().join(format!("layout/{}:{k}:{v}", map::CONNTRACK))).unwrap();
+    std::fs::create_dir_all(old.dir().join("maps")).unwrap();
+    let key = key4(CLIENT, SERVER, TCP, 40000, 80);
+    let entry = CtEntry {
+        last_seen_ns: monotonic_ns(),
+        flags: ct_flags::INGRESS_OK | ct_flags::SEEN_REPLY,
+        ingress_stamp: ct_stamp(REVISION, 3),
+        ingress_cookie: 9,
+        owner: LO,
+        ..CtEntry::default()
+    };
+    let mut theirs: HashMap<MapData, CtKey, CtEntry> = HashMap::create(16, 0).unwrap();
+    theirs.insert(key, entry, 0).unwrap();
+    theirs.pin(old.map_path(map::CONNTRACK)).unwrap();
+    let mut rig = Rig::new(isolated());
+    let mut ours: HashMap<&mut MapData, CtKey, CtEntry> =
+        HashMap::try_from(rig.ebpf.map_mut(map::CONNTRACK).unwrap()).unwrap();
+    assert_eq!(migrate_conntrack(&old, &mut ours).unwrap(), Some(1));
+    let migrated = ours.get(&key, 0).unwrap();
+    assert_eq!(
+        (migrated.ingress_stamp, migrated.egress_stamp),
+        (0, 0),
+        "stamps of another agent's numbering are not carried over"
+    );
+    assert_eq!(
+        (migrated.flags, migrated.ingress_cookie, migrated.owner),
+        (entry.flags, 9, LO),
+        "the connection's state is"
+    );
+}
