@@ -115,6 +115,7 @@ codes! {
         PendingEndpoint = reason::PENDING_ENDPOINT, "PENDING_ENDPOINT";
         UnknownL3 = reason::UNKNOWN_L3, "UNKNOWN_L3";
         Misdirected = reason::MISDIRECTED, "MISDIRECTED";
+        ServiceUnhooked = reason::SERVICE_UNHOOKED, "SERVICE_UNHOOKED";
         AdminAllowed = reason::ADMIN_ALLOWED, "ADMIN_ALLOWED";
         AdminDenied = reason::ADMIN_DENIED, "ADMIN_DENIED";
         BaselineAllowed = reason::BASELINE_ALLOWED, "BASELINE_ALLOWED";

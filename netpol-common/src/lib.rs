@@ -57,6 +57,9 @@ pub mod program {
     /// The pod-start hold on a new pod port, until `from_pod`/`to_pod` replace it.
     pub const HOLD_FROM_POD: &str = "hold_from_pod";
     pub const HOLD_TO_POD: &str = "hold_to_pod";
+    /// cgroup_skb ingress of the node's cgroup tree: the same judgment as `to_remote`
+    /// for packets DNATed to the node itself (a hostNetwork backend), on local delivery.
+    pub const LOCAL_IN: &str = "local_in";
 }
 
 /// The packet mark (`skb->mark`) with which `from_pod` hands a packet to a Service VIP
@@ -208,6 +211,9 @@ pub mod reason {
     /// A unicast frame delivered to the pod for an address that is not the pod's (sent
     /// to its MAC for someone else's address).
     pub const MISDIRECTED: u16 = 17;
+    /// Egress to a Service VIP while the hook on local delivery is not attached
+    /// (`config_flags::LOCAL_UNHOOKED`): dropped, as nothing might judge it after DNAT.
+    pub const SERVICE_UNHOOKED: u16 = 18;
     /// Upper bound (exclusive) of reason codes, for the counter array.
     pub const COUNT: u16 = 32;
 

@@ -83,7 +83,10 @@ pub struct Config {
     /// Datagrams one pod may have in `NP_FRAGMENTS` at once; 0: no bound. Beyond
     /// it a first fragment is judged but not remembered (its later fragments drop).
     pub frag_share: u32,
-    pub _pad: u32,
+    /// The low 32 bits of the cookie of the node's network namespace (cookies count up
+    /// from 1 and are never reused): the cgroup hook on local delivery, which sees every
+    /// namespace's sockets, judges only this one's packets. 0: judges none.
+    pub netns_cookie: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 104);
 
@@ -96,6 +99,9 @@ pub mod config_flags {
     pub const KEEP_ESTABLISHED: u32 = 4;
     /// Report every verdict, allowed ones included (tests and debugging; heavy).
     pub const TRACE: u32 = 8;
+    /// The hook on local delivery is wanted and not attached: egress to a VIP, whose
+    /// backend may be this node where nothing would judge it, drops.
+    pub const LOCAL_UNHOOKED: u32 = 16;
 }
 
 /// `NP_SERVICES` value (hash keyed by the VIP as an [`Addr`]).

@@ -6,7 +6,6 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
-    programs::TcContext,
 };
 use netpol_common::{
     config_flags, counter_index, direction, event_counter, verdict, Config, EndpointCounters,
@@ -14,7 +13,7 @@ use netpol_common::{
 };
 
 use crate::maps::{CONFIG, COUNTERS, ENDPOINT_COUNTERS, EVENTS, EVENT_BUCKETS, RULE_COUNTERS};
-use crate::parse::Packet;
+use crate::parse::{Frame, Packet};
 use crate::policy::audits;
 use crate::{opposite, Outcome, NS_PER_SEC};
 
@@ -58,8 +57,8 @@ fn count_endpoint(id: u32, verdict: u8, dir: u8, len: u32) {
 }
 
 #[inline(always)]
-pub(crate) fn finish(
-    ctx: &TcContext,
+pub(crate) fn finish<C: Frame>(
+    ctx: &C,
     ep: &EndpointEntry,
     config: &Config,
     pkt: &Packet,
@@ -79,7 +78,7 @@ pub(crate) fn finish(
     }
     if out.verdict != verdict::ALLOWED || out.report != 0 || config.flags & config_flags::TRACE != 0
     {
-        report(ctx, ep, pkt, &out);
+        report(ctx.event_ifindex(), ep, pkt, &out);
     }
     trace!(action(ctx, &out));
     if out.verdict == verdict::DROPPED {
@@ -148,11 +147,9 @@ fn take_token(ifindex: u32, now: u64) -> Option<u32> {
 }
 
 #[inline(never)]
-fn report(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
+fn report(ifindex: u32, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
     // SAFETY: a helper without arguments or memory access.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(suppressed) = take_token(ifindex, now) else {
         count(event_counter::RATE_LIMITED);
         return;
@@ -179,7 +176,7 @@ fn report(ctx: &TcContext, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
         (*ev).dst_identity = dst_identity;
         (*ev).policy_cookie = out.cookie;
         (*ev).revision = ep.revision;
-        (*ev).len = ctx.len();
+        (*ev).len = pkt.len;
         (*ev).reason = out.reason;
         (*ev).sport = pkt.sport;
         (*ev).dport = pkt.dport;

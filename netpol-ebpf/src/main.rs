@@ -51,8 +51,8 @@ mod trace;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_skb, classifier},
+    programs::{SkBuffContext, TcContext},
 };
 use netpol_common::{counter_index, ct_stamp, direction, reason, verdict, Config, EndpointEntry};
 use parse::{frag, Packet};
@@ -118,6 +118,13 @@ fn hold(ctx: &TcContext, dir: u8) -> i32 {
 #[classifier]
 pub fn to_remote(ctx: TcContext) -> i32 {
     service::after_dnat(&ctx)
+}
+
+/// cgroup_skb ingress of the node's cgroup tree: deferred egress of packets to a VIP
+/// whose backend is the node itself, on local delivery.
+#[cgroup_skb(ingress)]
+pub fn local_in(ctx: SkBuffContext) -> i32 {
+    service::local_in(ctx)
 }
 
 /// What the pipeline decided, before it is turned into a TC action.

@@ -2,7 +2,12 @@
 //! walk of the IPv6 extension-header chain, TCP/UDP/SCTP ports, ICMP/ICMPv6 echo ids
 //! and errors, and a drop reason for anything truncated or malformed.
 
-use aya_ebpf::{cty::c_void, helpers::bpf_skb_load_bytes, programs::TcContext};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::bpf_skb_load_bytes,
+    programs::{sk_buff::SkBuff, SkBuffContext, TcContext},
+    EbpfContext,
+};
 use netpol_common::{direction, proto, reason, v4_mapped, Addr, CtKey};
 
 /// `parse` result: the packet is not judged (not IP, neighbour discovery, MLD).
@@ -92,16 +97,76 @@ impl Packet {
     }
 }
 
+/// What packets are read from: a TC hook's frame (from the Ethernet header) or the
+/// cgroup hook's on local delivery (from the IP header, see `service::local_in`).
+pub(crate) trait Frame: EbpfContext {
+    fn buf(&self) -> &SkBuff;
+    /// The interface whose event bucket a verdict's event draws on.
+    fn event_ifindex(&self) -> u32;
+    /// [`parse`] for a frame, [`parse_ip`] for a packet.
+    fn parse_into(&self, p: &mut Packet) -> u16;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn buf(&self) -> &SkBuff {
+        &self.skb
+    }
+    #[inline(always)]
+    fn event_ifindex(&self) -> u32 {
+        // SAFETY: the context pointer is valid for the whole program run.
+        unsafe { (*self.skb.skb).ifindex }
+    }
+    #[inline(always)]
+    fn parse_into(&self, p: &mut Packet) -> u16 {
+        parse(self, p)
+    }
+}
+
+/// A packet delivered to a local socket, judged as the egress of the client pod whose
+/// host veth is `client` (its events are that pod's).
+pub(crate) struct LocalIn {
+    pub ctx: SkBuffContext,
+    pub client: u32,
+}
+
+impl EbpfContext for LocalIn {
+    fn as_ptr(&self) -> *mut c_void {
+        self.ctx.as_ptr()
+    }
+}
+
+impl Frame for LocalIn {
+    #[inline(always)]
+    fn buf(&self) -> &SkBuff {
+        &self.ctx.skb
+    }
+    #[inline(always)]
+    fn event_ifindex(&self) -> u32 {
+        self.client
+    }
+    #[inline(always)]
+    fn parse_into(&self, p: &mut Packet) -> u16 {
+        // SAFETY: the context pointer is valid for the whole program run.
+        let ethertype = u16::from_be(unsafe { (*self.ctx.skb.skb).protocol } as u16);
+        match ethertype {
+            ETH_P_IP => parse_ip(self, p, 4, 0),
+            ETH_P_IPV6 => parse_ip(self, p, 6, 0),
+            _ => SKIP, // not IP: no Service packet
+        }
+    }
+}
+
 /// Copies `size_of::<T>()` packet bytes at `off` into `dst`; `false` when the packet is
 /// too short. Results are written into initialised memory and parsing returns plain
 /// codes, not `Result<T, _>`: LLVM leaves the payload of an `Err` undefined, and the
 /// verifier rejects a read of the undefined register on merged paths.
 #[inline(always)]
-pub(crate) fn read<T>(ctx: &TcContext, off: usize, dst: &mut T) -> bool {
+pub(crate) fn read<C: Frame, T>(ctx: &C, off: usize, dst: &mut T) -> bool {
     // SAFETY: `dst` is valid for writes of its size; the helper bounds-checks the packet.
     unsafe {
         bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
+            ctx.buf().skb as *const c_void,
             off as u32,
             dst as *mut T as *mut c_void,
             core::mem::size_of::<T>() as u32,
@@ -158,9 +223,9 @@ fn is_icmp_error(protocol: u8, kind: u8) -> bool {
 /// does not judge: ARP, or IPv6 neighbour discovery / multicast listener messages,
 /// which the link needs to work at all), or a drop reason.
 #[inline(always)]
-pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
+pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> u16 {
     // SAFETY: the context pointer is valid for the whole program run.
-    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+    if unsafe { (*ctx.buf().skb).vlan_present } != 0 {
         // The kernel took a tag off before TC; the stack behind would deliver the rest.
         return reason::UNKNOWN_L3;
     }
@@ -168,13 +233,30 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
     read_or_drop!(ctx, 0, &mut eth);
     p.l2_group = eth[0] & 1;
     p.smac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
+    match u16::from_be_bytes([eth[12], eth[13]]) {
+        ETH_P_IP => parse_ip(ctx, p, 4, ETH_HLEN),
+        ETH_P_IPV6 => parse_ip(ctx, p, 6, ETH_HLEN),
+        // ARP is the link's own business (not judged by policy).
+        ETH_P_ARP => {
+            p.link = link::ARP;
+            SKIP
+        }
+        // Tagged frames (802.1Q, 802.1ad, priority tags) and every other ethertype: a
+        // channel policy could not see.
+        _ => reason::UNKNOWN_L3,
+    }
+}
+
+/// Parses an IP packet of version `family` at `base` into `p` (results as [`parse`]).
+#[inline(always)]
+pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u16 {
     let l4: usize;
     let mut hop_limit: u8 = 0;
-    match u16::from_be_bytes([eth[12], eth[13]]) {
-        ETH_P_IP => {
+    match family {
+        4 => {
             // version/IHL .. destination: the fixed 20 bytes
             let mut h = [0u8; 20];
-            read_or_drop!(ctx, ETH_HLEN, &mut h);
+            read_or_drop!(ctx, base, &mut h);
             let ihl = ((h[0] & 0x0f) as usize) * 4;
             if h[0] >> 4 != 4 || ihl < 20 {
                 return reason::MALFORMED;
@@ -182,7 +264,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
             p.family = 4;
             // The whole header, options included, must be there.
             let mut last = 0u8;
-            read_or_drop!(ctx, ETH_HLEN + ihl - 1, &mut last);
+            read_or_drop!(ctx, base + ihl - 1, &mut last);
             let frag_word = u16::from_be_bytes([h[6], h[7]]);
             let offset = frag_word & 0x1fff;
             let more = frag_word & 0x2000 != 0;
@@ -203,25 +285,25 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
                     return reason::MALFORMED;
                 }
             }
-            l4 = ETH_HLEN + ihl;
+            l4 = base + ihl;
         }
-        ETH_P_IPV6 => {
+        _ => {
             let mut h = [0u8; 8];
-            read_or_drop!(ctx, ETH_HLEN, &mut h);
+            read_or_drop!(ctx, base, &mut h);
             if h[0] >> 4 != 6 {
                 return reason::MALFORMED;
             }
             p.family = 6;
             hop_limit = h[7];
-            read_or_drop!(ctx, ETH_HLEN + 8, &mut p.saddr);
-            read_or_drop!(ctx, ETH_HLEN + 24, &mut p.daddr);
+            read_or_drop!(ctx, base + 8, &mut p.saddr);
+            read_or_drop!(ctx, base + 24, &mut p.daddr);
             // IPv4-mapped addresses (::ffff:0:0/96) have no business on the wire (Linux
             // drops them on input), and in the maps' form they would read as IPv4.
             if has_v4_mapped(p) != 0 {
                 return reason::MALFORMED;
             }
             let mut next: u8 = h[6];
-            let mut off = ETH_HLEN + 40;
+            let mut off = base + 40;
             let mut found = false;
             for _ in 0..MAX_IPV6_EXT {
                 match next {
@@ -281,14 +363,6 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
             p.protocol = next;
             l4 = off;
         }
-        // ARP is the link's own business (not judged by policy).
-        ETH_P_ARP => {
-            p.link = link::ARP;
-            return SKIP;
-        }
-        // Tagged frames (802.1Q, 802.1ad, priority tags) and every other ethertype: a
-        // channel policy could not see.
-        _ => return reason::UNKNOWN_L3,
     }
     p.l4 = l4 as u16;
     if p.frag == frag::LATER {
@@ -360,7 +434,7 @@ pub fn parse(ctx: &TcContext, p: &mut Packet) -> u16 {
 /// [`PARSED`]; [`SKIP`] when the quote is not a first fragment of a TCP/UDP/SCTP/echo
 /// packet (the error is then judged as any other packet); `MALFORMED` when cut short.
 #[inline(always)]
-pub fn parse_quoted(ctx: &TcContext, p: &Packet, k: &mut CtKey) -> u16 {
+pub fn parse_quoted<C: Frame>(ctx: &C, p: &Packet, k: &mut CtKey) -> u16 {
     let off = p.l4 as usize + 8;
     let l4: usize;
     if p.family == 4 {

@@ -14,8 +14,9 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
-    programs::TcContext,
+    cty::c_void,
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    programs::{SkBuffContext, TcContext},
 };
 use netpol_common::{
     config_flags, ct_flags, direction, reason, svc_mark, verdict, Addr, Config, CtEntry,
@@ -25,7 +26,7 @@ use netpol_common::{
 use crate::conntrack::{ct_live, ct_touch, opens, remember};
 use crate::emit::{count, count_rule, finish};
 use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SCRATCH_PACKET, SERVICES, SVC_PENDING};
-use crate::parse::{self, Packet};
+use crate::parse::{self, Frame, LocalIn, Packet};
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{stamp_now, Outcome};
 
@@ -61,6 +62,11 @@ pub(crate) fn egress_to_vip(
     out: &mut Outcome,
     now: u64,
 ) {
+    if config.flags & config_flags::LOCAL_UNHOOKED != 0 {
+        // The backend may be this node, where nothing would judge the packet.
+        *out = Outcome::drop(reason::SERVICE_UNHOOKED);
+        return;
+    }
     // SAFETY: the context pointer is valid for the whole program run.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if let Some(e) = ct_live(&scratch.ct, config, now).filter(|_| ifindex <= svc_mark::MAX_IFINDEX)
@@ -106,14 +112,14 @@ pub(crate) fn egress_to_vip(
 /// client's egress judged against its (now real) destination. `TC_ACT_OK` lets the hook
 /// go on, `TC_ACT_SHOT` drops.
 #[inline(never)]
-pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
+pub(crate) fn after_dnat<C: Frame>(ctx: &C) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
-    let mark = unsafe { (*ctx.skb.skb).mark };
+    let mark = unsafe { (*ctx.buf().skb).mark };
     let Some((client, established)) = svc_mark::tagged(mark) else {
         return TC_ACT_OK;
     };
     // Judged once: the mark must not follow the packet further.
-    ctx.set_mark(svc_mark::clear(mark));
+    ctx.buf().set_mark(svc_mark::clear(mark));
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_SHOT;
     };
@@ -128,11 +134,11 @@ pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
     };
     let mut pkt = Packet {
         dir: direction::EGRESS,
-        len: ctx.len(),
+        len: ctx.buf().len(),
         ..Packet::default()
     };
     let mut out = Outcome::drop(reason::NONE);
-    match parse::parse(ctx, &mut pkt) {
+    match ctx.parse_into(&mut pkt) {
         parse::PARSED => {
             if established && same_backend(client, &pkt) != 0 {
                 return TC_ACT_OK; // counted at `from_pod`, as CONNTRACK
@@ -146,6 +152,34 @@ pub(crate) fn after_dnat(ctx: &TcContext) -> i32 {
         code => out = Outcome::drop(code),
     }
     finish(ctx, ep, config, &pkt, out)
+}
+
+/// The cgroup hook on local delivery (`local_in`, on the node's sockets' receive
+/// path): a packet DNATed to the node itself (a hostNetwork backend on this node) meets
+/// no TC hook after DNAT, so it is judged here like at `to_remote`. 1 lets it on to the
+/// socket, 0 drops it.
+#[inline(always)]
+pub(crate) fn local_in(ctx: SkBuffContext) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    let Some((client, _)) = svc_mark::tagged(mark) else {
+        return 1; // the node's own traffic, or a reply
+    };
+    let Some(config) = CONFIG.get(0) else {
+        return 0;
+    };
+    // SAFETY: the helper reads the namespace of the packet's socket or device.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) };
+    if config.netns_cookie == 0 || cookie as u32 != config.netns_cookie {
+        // Another node's (the lab runs several under one cgroup tree): its own hook's.
+        return 1;
+    }
+    let local = LocalIn { ctx, client };
+    if after_dnat(&local) == TC_ACT_SHOT {
+        0
+    } else {
+        1
+    }
 }
 
 /// 1 when `pkt` (after DNAT) goes to the backend its client's verdict was made for, as

@@ -85,7 +85,7 @@ pub(crate) fn policy(ctx: &TcContext, out: &Outcome) {
 
 /// The final outcome (after audit mode), which `finish` turns into the TC action.
 #[inline(never)]
-pub(crate) fn action(ctx: &TcContext, out: &Outcome) {
+pub(crate) fn action<C: aya_ebpf::EbpfContext>(ctx: &C, out: &Outcome) {
     aya_log_ebpf::debug!(
         ctx,
         "netpol: final verdict {} (0 allow, 1 drop, 2 audit) reason {} cookie {}",

@@ -5,7 +5,7 @@
 
 mod support;
 
-use netpol_common::{reason, v4_mapped};
+use netpol_common::{reason, v4_mapped, Config};
 use support::packet::*;
 use support::rig::*;
 
@@ -99,6 +99,82 @@ fn a_service_verdict_does_not_carry_a_packet_to_another_backend() {
     // ...and to the allowed backend on another port, likewise.
     let (action, _) = rig.run_marked("to_remote", &to(CLIENT, 9999), mark);
     assert_eq!(action, SHOT);
+}
+
+/// A packet a pod sent to a VIP that kube-proxy DNATed to the node itself (a
+/// hostNetwork backend on this node) met no hook after DNAT: delivered to the local
+/// socket unjudged, whatever the client's egress said of the backend. `local_in`, on
+/// local delivery, judges it like `to_remote` does a remote backend's. (The lab's
+/// `bypass_lab` test proves it end to end; this one each branch of the hook.)
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_service_packet_dnated_to_the_node_itself_is_judged_on_local_delivery() {
+    use netpol_common::{identity, svc_mark};
+    let (vip, node) = ([10, 96, 0, 10], [192, 168, 0, 7]);
+    let mut rig = Rig::new(isolated());
+    let cookie = netpol_agent::datapath::local_in::netns_cookie().unwrap() as u32;
+    rig.config(Config {
+        netns_cookie: cookie,
+        ..trace()
+    });
+    rig.service(v4_mapped(vip));
+    rig.ipcache(v4_mapped(node), identity::WORLD, 0);
+    rig.allow(EGRESS, CLIENT_ID, TCP, 8080, 5);
+    // Each case its own connection (source port).
+    let to = |sport, backend: [u8; 4]| v4(SERVER, backend, tcp(sport, 8080, SYN));
+    let deferred = |rig: &mut Rig, sport| {
+        assert_eq!(
+            judge(rig, false, &v4(SERVER, vip, tcp(sport, 80, SYN))),
+            (OK, reason::SERVICE_DEFERRED)
+        );
+        svc_mark::pending(0, LO)
+    };
+    // To the node (its address not allowed): dropped on delivery, as POLICY_DENIED.
+    let mark = deferred(&mut rig, 40000);
+    assert_eq!(rig.deliver_locally(&to(40000, node), mark), 0, "unjudged");
+    let events = rig.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, reason::POLICY_DENIED);
+    // To an allowed backend: delivered, as POLICY_ALLOWED.
+    let mark = deferred(&mut rig, 40001);
+    assert_eq!(rig.deliver_locally(&to(40001, CLIENT), mark), 1);
+    assert_eq!(rig.events()[0].reason, reason::POLICY_ALLOWED);
+    // Untagged (the node's own traffic, replies): delivered, not judged.
+    assert_eq!(rig.deliver_locally(&to(40002, node), 0), 1);
+    assert!(rig.events().is_empty());
+    // Tagged in another namespace (another lab node under the same cgroup tree):
+    // that node's hook judges it, not this one.
+    rig.config(Config {
+        netns_cookie: cookie.wrapping_add(1),
+        ..trace()
+    });
+    let mark = deferred(&mut rig, 40003);
+    assert_eq!(rig.deliver_locally(&to(40003, node), mark), 1);
+    assert!(rig.events().is_empty());
+}
+
+/// Until the hook on local delivery is attached (cgroup v2 missing, the attach
+/// failing), a packet to a VIP might be DNATed to this node and judged nowhere: it drops
+/// instead, as `SERVICE_UNHOOKED`, and the agent says so in its log.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn egress_to_a_vip_drops_while_the_local_delivery_hook_is_missing() {
+    let vip = [10, 96, 0, 10];
+    let mut rig = Rig::new(isolated());
+    let mut config = trace();
+    config.flags |= netpol_common::config_flags::LOCAL_UNHOOKED;
+    rig.config(config);
+    rig.service(v4_mapped(vip));
+    rig.allow(EGRESS, CLIENT_ID, TCP, 8080, 5);
+    assert_eq!(
+        judge(&mut rig, false, &v4(SERVER, vip, tcp(40000, 80, SYN))),
+        (SHOT, reason::SERVICE_UNHOOKED)
+    );
+    rig.config(trace());
+    assert_eq!(
+        judge(&mut rig, false, &v4(SERVER, vip, tcp(40000, 80, SYN))),
+        (OK, reason::SERVICE_DEFERRED)
+    );
 }
 
 /// One pod used to be able to turn the node's whole conntrack table over: every allowed

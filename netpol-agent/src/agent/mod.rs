@@ -81,6 +81,9 @@ pub struct AgentOptions {
     /// Devices a DNATed packet may leave the node by (overlay, uplink): the egress of
     /// local pods to Service VIPs with a remote backend is judged there.
     pub service_hooks: Vec<String>,
+    /// The cgroup tree whose sockets get the hook on local delivery (packets DNATed to
+    /// the node itself); None: none.
+    pub local_cgroup: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: nowhere).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Readiness drops once a watch has been failing for longer than this.
@@ -98,6 +101,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         None => PinDir::new(&opts.pin_root),
     };
     let mut datapath = Datapath::open(&opts.capacities, pins.clone())?;
+    if opts.local_cgroup.is_none() {
+        tracing::warn!("--cgroup off: packets to Services DNATed to this node (hostNetwork backends) are not judged");
+    }
+    datapath.set_local_cgroup(opts.local_cgroup.clone());
     let hold = match opts.pod_start_hold {
         true => Some(crate::datapath::hold::on_new_port(
             datapath.hold_programs()?,

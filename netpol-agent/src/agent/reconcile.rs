@@ -16,6 +16,7 @@ use netpol_engine::objects::Object;
 
 use crate::api::Status;
 use crate::datapath::discovery::Ports;
+use crate::datapath::local_in;
 use crate::datapath::{Adoption, Conflict, Datapath, Located, Location, Switches, SyncStats};
 
 /// What a reconcile step asks of the node's datapath.
@@ -207,7 +208,16 @@ impl Agent {
         if let Err(e) = dp.sync_services(services) {
             tracing::error!(error = ?e, "writing Service VIPs failed");
         }
-        let hooks_missing = dp.sync_service_hooks(&self.service_hooks);
+        // The named devices and every way off the node there is now.
+        let hook_devices: Vec<String> = self
+            .service_hooks
+            .iter()
+            .chain(&ports.exits)
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let hooks_missing = dp.sync_service_hooks(&hook_devices);
         if let Some(e) = dp.verifier_failed() {
             anyhow::bail!("{e}");
         }
@@ -218,7 +228,9 @@ impl Agent {
         // device for its link event, a pod without an address for the source.
         let failed = stats.is_none()
             || located.keys().any(|k| !attached.contains_key(k))
-            || hooks_missing.iter().any(|d| ports.devices.contains(d));
+            || hooks_missing
+                .iter()
+                .any(|d| ports.devices.contains(d) || d == local_in::MISSING);
         self.retry = failed.then(|| self.retry.map_or(RETRY_MIN, |r| (r * 2).min(RETRY_MAX)));
         let pending: Vec<String> = wanted
             .keys()

@@ -31,7 +31,7 @@ pub enum Output {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the node agent: watch the cluster, compile policy, enforce it on local pods.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Tail verdicts from the local agent.
     Observe(ObserveArgs),
     /// The classifier's exact packet counters per verdict, reason and direction.
@@ -160,6 +160,12 @@ pub struct AgentArgs {
     /// its TC egress.
     #[arg(long = "service-hook", value_name = "DEVICE")]
     pub service_hooks: Vec<String>,
+    /// The cgroup v2 directory whose tree's sockets get the hook on local delivery
+    /// (egress of local pods to Services whose backend is the node itself). Until it is
+    /// attached, egress of isolated pods to Services drops. `off`: no hook, such packets
+    /// go unjudged. Default: the root of the first cgroup v2 mount.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `--metrics-addr`: an address, or none.

@@ -40,6 +40,7 @@ fn agent_socket(lab: &Option<String>, socket: &std::path::Path) -> PathBuf {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Agent(a) => {
+            let a = *a;
             let node = match a.node {
                 Some(n) => n,
                 None => std::fs::read_to_string("/etc/hostname")
@@ -61,6 +62,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 bridge: a.bridge,
                 api_socket: a.api_socket,
                 service_hooks: a.service_hooks,
+                local_cgroup: match a.cgroup {
+                    Some(p) if p.as_os_str() == "off" => None,
+                    Some(p) => Some(p),
+                    // None found: the usual place, whose attach then fails (and the
+                    // egress to VIPs fails closed) with an error that names it.
+                    None => Some(
+                        crate::datapath::local_in::cgroup2_mount()
+                            .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                    ),
+                },
                 capacities: Capacities {
                     endpoints: a.endpoints_capacity,
                     ipcache: a.ipcache_capacity,

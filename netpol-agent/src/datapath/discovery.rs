@@ -63,6 +63,11 @@ pub struct Ports {
     pub ports: BTreeMap<u32, Port>,
     /// Names of the node's links (devices the service hooks wait for).
     pub devices: BTreeSet<String>,
+    /// The links a packet can leave the node by: all but the bridge, the links enslaved
+    /// to a master (the bridge's ports; a bond's are reached through the bond) and the
+    /// loopback (the overlays, `flannel-v6.1` included, the uplinks). Each gets the hook
+    /// after DNAT as soon as it appears.
+    pub exits: BTreeSet<String>,
 }
 
 /// The latest [`Ports`] and how many times they have changed since the agent started.
@@ -192,10 +197,18 @@ impl Table {
                 )
             })
             .collect();
+        let bridge = self.bridge_index();
+        let exits = self
+            .links
+            .values()
+            .filter(|l| l.master == 0 && Some(l.ifindex) != bridge && l.name != "lo")
+            .map(|l| l.name.clone())
+            .collect();
         Ports {
             bridge_addrs,
             ports,
             devices: self.links.values().map(|l| l.name.clone()).collect(),
+            exits,
         }
     }
 
@@ -411,7 +424,14 @@ mod tests {
         let mut t = node();
         t.apply(link(8, "host-veth", 4, None));
         t.apply(link(9, "loose", 0, Some((5, 2))));
+        t.apply(link(1, "lo", 0, None));
+        t.apply(link(2, "flannel-v6.1", 0, None));
         assert_eq!(t.ports().ports.keys().collect::<Vec<_>>(), [&7]);
+        // Every link not enslaved but the bridge and the loopback: a way off the node.
+        assert_eq!(
+            t.ports().exits.into_iter().collect::<Vec<_>>(),
+            ["flannel-v6.1", "flannel.1", "loose"]
+        );
         // Leaving the bridge (no master any more) ends it.
         t.apply(link(7, "veth7", 0, Some((3, 2))));
         assert!(t.ports().ports.is_empty());

@@ -11,6 +11,7 @@
 pub mod discovery;
 pub mod hold;
 pub mod live;
+pub mod local_in;
 pub mod locate;
 pub mod maps;
 pub mod netlink;
@@ -29,7 +30,7 @@ use aya::programs::tc::{
 };
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
-use netpol_common::{map, program, Config};
+use netpol_common::{config_flags, map, program, Config};
 
 pub use discovery::Location;
 pub use locate::{Conflict, Located};
@@ -104,6 +105,8 @@ pub struct Datapath {
     vips: BTreeMap<netpol_common::Addr, netpol_common::ServiceEntry>,
     /// The after-DNAT program's attachments (overlay, uplink).
     service_hooks: services::ServiceHooks,
+    /// The hook on local delivery (`local_in`).
+    local: local_in::LocalHook,
 }
 
 impl Datapath {
@@ -140,11 +143,9 @@ impl Datapath {
             // The hold's programs are a few instructions: verified here, so that new
             // pods are held from the start.
             for (name, _) in HOLD_HOOKS {
-                let prog: &mut SchedClassifier = ebpf
-                    .program_mut(name)
-                    .context("program missing")?
-                    .try_into()?;
-                prog.load()
+                let prog = ebpf.program_mut(name).context("program missing")?;
+                <&mut SchedClassifier>::try_from(&mut *prog)?
+                    .load()
                     .with_context(|| format!("the verifier rejected {name}"))?;
                 pin_program(prog, &pins, name)?;
             }
@@ -199,6 +200,7 @@ impl Datapath {
             programs,
             vips: BTreeMap::new(),
             service_hooks: services::ServiceHooks::default(),
+            local: local_in::LocalHook::default(),
         })
     }
 
@@ -228,20 +230,44 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attaches the after-DNAT program to every device of `devices` that exists; the
-    /// ones missing are returned (their link event brings the agent back).
+    /// The cgroup tree whose sockets' packets `local_in` judges (see `local_in.rs`);
+    /// takes effect in the config with the next [`Datapath::set_config`].
+    pub fn set_local_cgroup(&mut self, cgroup: Option<std::path::PathBuf>) {
+        self.local = local_in::LocalHook::new(cgroup);
+    }
+
+    fn local_link(&self) -> Option<std::path::PathBuf> {
+        self.pins.as_ref().map(|p| p.root.join(local_in::LINK_PIN))
+    }
+
+    /// Attaches the after-DNAT program to every device of `devices` that exists, and
+    /// `local_in` to the cgroup; the ones missing are returned (a device's link event
+    /// brings the agent back; a cgroup, named by its path, is retried).
     pub fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String> {
-        if devices.is_empty() {
+        if devices.is_empty() && !self.local.pending() {
             return vec![];
         }
+        let mut wanted: Vec<String> = devices.to_vec();
+        wanted.extend(self.local.pending().then(|| local_in::MISSING.to_string()));
         if let Err(e) = self.programs_ready() {
             tracing::error!(error = ?e, "no program for the Service hooks");
-            return devices.to_vec();
+            return wanted;
         }
+        let link = self.local_link();
         let Programs::Ready(p) = &mut self.programs else {
             unreachable!("ready above")
         };
-        self.service_hooks.sync(&mut p.to_remote, devices)
+        let mut missing = self.service_hooks.sync(&mut p.to_remote, devices);
+        if let Some(link) = link.filter(|_| self.local.pending()) {
+            missing.extend(self.local.sync(&mut p.local_in, &link));
+            if !self.local.pending() {
+                // Egress to VIPs is judged after DNAT again (LOCAL_UNHOOKED off).
+                if let Err(e) = self.set_config(self.config) {
+                    tracing::error!(error = ?e, "writing the node's config failed");
+                }
+            }
+        }
+        missing
     }
 
     /// The pinned hold programs, opened anew (for the hold's own thread).
@@ -280,8 +306,16 @@ impl Datapath {
     }
 
     pub fn set_config(&mut self, config: Config) -> anyhow::Result<()> {
+        // The namespace the agent runs in is the node's (see `local_in.rs`).
+        let cookie = local_in::netns_cookie().context("reading the node's namespace cookie")?;
+        let unhooked = self.local.unhooked(self.local_link().as_deref());
         let config = Config {
             epoch: self.config.epoch,
+            netns_cookie: cookie as u32,
+            flags: match unhooked {
+                true => config.flags | config_flags::LOCAL_UNHOOKED,
+                false => config.flags & !config_flags::LOCAL_UNHOOKED,
+            },
             ..config
         };
         maps::write_config(&mut self.ebpf, config)?;
@@ -298,36 +332,13 @@ impl Datapath {
 
     /// Why the verifier rejected this build's programs, once it has (without waiting).
     pub fn verifier_failed(&self) -> Option<&str> {
-        match &self.programs {
-            Programs::Failed(e) => Some(e),
-            _ => None,
-        }
+        self.programs.failed()
     }
 
     /// Instructions the kernel's verifier went through for each of this build's programs
     /// (empty until they are verified; a kernel before 5.16 does not say).
     pub fn verified_instructions(&self) -> BTreeMap<String, u32> {
-        let Programs::Ready(p) = &self.programs else {
-            return BTreeMap::new();
-        };
-        p.hooks
-            .iter()
-            .map(|(name, _, prog)| (*name, prog))
-            .chain([(program::TO_REMOTE, &p.to_remote)])
-            .filter_map(|(name, prog)| {
-                let n = prog.info().ok()?.verified_instruction_count()?;
-                Some((name.to_string(), n))
-            })
-            .collect()
-    }
-
-    /// The program of the Service hooks (after DNAT, on the overlay and the uplink).
-    pub fn to_remote(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        self.programs_ready()?;
-        match &mut self.programs {
-            Programs::Ready(p) => Ok(&mut p.to_remote),
-            _ => unreachable!("ready above"),
-        }
+        self.programs.verified_instructions()
     }
 
     /// Pods that have an entry and attached programs.

@@ -56,6 +56,7 @@ const PINNED_PROGRAMS: &[&str] = &[
     netpol_common::program::TO_REMOTE,
     netpol_common::program::HOLD_FROM_POD,
     netpol_common::program::HOLD_TO_POD,
+    netpol_common::program::LOCAL_IN,
 ];
 
 /// Maps that hold nothing worth pinning.

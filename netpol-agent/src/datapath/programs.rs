@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 use aya::programs::tc::TcAttachType;
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupSkb, CgroupSkbAttachType, Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use netpol_common::{map, program};
 
@@ -56,21 +56,27 @@ pub fn load_with(
         return Ok(ebpf);
     }
     for name in VERIFIED_IN_BACKGROUND.concat() {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .context("program missing")?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the verifier rejected {name}"))?;
+        verify(ebpf.program_mut(name).context("program missing")?, name)?;
     }
     Ok(ebpf)
+}
+
+/// Loads (verifies) a program of the object: the TC classifiers and the cgroup hook.
+fn verify(prog: &mut Program, name: &str) -> anyhow::Result<()> {
+    let loaded = match prog {
+        Program::CgroupSkb(p) => p.load(),
+        p => <&mut SchedClassifier>::try_from(p)?.load(),
+    };
+    loaded.with_context(|| format!("the verifier rejected {name}"))
 }
 
 /// The programs a new build must pass through the verifier before it can attach them:
 /// most of an upgrade's time (see [`Datapath::open`]). One thread per group: `from_pod`
 /// alone takes about as long as the others together, and these machines have 2 cores.
-const VERIFIED_IN_BACKGROUND: [&[&str]; 2] =
-    [&[program::FROM_POD], &[program::TO_POD, program::TO_REMOTE]];
+const VERIFIED_IN_BACKGROUND: [&[&str]; 2] = [
+    &[program::FROM_POD],
+    &[program::TO_POD, program::TO_REMOTE, program::LOCAL_IN],
+];
 
 /// Loads the object with its maps pinned under `pins` (created there if missing),
 /// reports that on `maps_pinned`, then verifies the programs of a new build and pins
@@ -106,9 +112,7 @@ pub(super) fn verify_in_background(
                         s.spawn(move || -> anyhow::Result<()> {
                             for (name, prog) in group {
                                 let t = std::time::Instant::now();
-                                let prog: &mut SchedClassifier = prog.try_into()?;
-                                prog.load()
-                                    .with_context(|| format!("the verifier rejected {name}"))?;
+                                verify(prog, name)?;
                                 let ms = t.elapsed().as_millis() as u64;
                                 tracing::debug!(program = name, ms, "program verified");
                                 pin_program(prog, pins, name)?;
@@ -131,7 +135,7 @@ pub(super) fn verify_in_background(
 }
 
 pub(super) fn pin_program(
-    prog: &mut SchedClassifier,
+    prog: &mut Program,
     pins: &pin::PinDir,
     name: &str,
 ) -> anyhow::Result<()> {
@@ -156,9 +160,38 @@ pub(super) struct Verified {
     pub(super) hooks: Vec<(&'static str, TcAttachType, SchedClassifier)>,
     /// The Service hooks' (after DNAT).
     pub(super) to_remote: SchedClassifier,
+    /// The node cgroup tree's, on local delivery (after DNAT to the node itself).
+    pub(super) local_in: CgroupSkb,
 }
 
 impl Programs {
+    /// Why the verifier rejected this build's programs, once it has.
+    pub(super) fn failed(&self) -> Option<&str> {
+        match self {
+            Programs::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Instructions the verifier went through for each program (empty until verified).
+    pub(super) fn verified_instructions(&self) -> BTreeMap<String, u32> {
+        let Programs::Ready(p) = self else {
+            return BTreeMap::new();
+        };
+        p.hooks
+            .iter()
+            .map(|(name, _, prog)| (*name, prog.info()))
+            .chain([
+                (program::TO_REMOTE, p.to_remote.info()),
+                (program::LOCAL_IN, p.local_in.info()),
+            ])
+            .filter_map(|(name, info)| {
+                let n = info.ok()?.verified_instruction_count()?;
+                Some((name.to_string(), n))
+            })
+            .collect()
+    }
+
     pub(super) fn open(pins: &pin::PinDir) -> anyhow::Result<Programs> {
         let open = |name: &str| {
             let path = pins.program_path(name);
@@ -169,9 +202,13 @@ impl Programs {
         for (name, hook) in HOOKS {
             hooks.push((name, hook, open(name)?));
         }
+        let path = pins.program_path(program::LOCAL_IN);
+        let local_in = CgroupSkb::from_pin(&path, CgroupSkbAttachType::Ingress)
+            .with_context(|| format!("opening the pinned {}", path.display()))?;
         Ok(Programs::Ready(Box::new(Verified {
             hooks,
             to_remote: open(program::TO_REMOTE)?,
+            local_in,
         })))
     }
 

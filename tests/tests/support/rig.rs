@@ -3,7 +3,7 @@
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{CgroupSkb, SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use netpol_agent::datapath::{load, Capacities};
 use netpol_common::{
@@ -242,6 +242,30 @@ impl Rig {
             .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN with mark {mark:#x}: {e:?}"))
             .return_value;
         (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
+    }
+
+    /// Runs `local_in` (the cgroup hook on local delivery) on `frame` with `skb->mark`
+    /// set to `mark`: 1 delivers, 0 drops. The kernel strips the Ethernet header first,
+    /// as local delivery sees the packet.
+    pub fn deliver_locally(&self, frame: &[u8], mark: u32) -> u32 {
+        let prog: &CgroupSkb = self
+            .ebpf
+            .program(netpol_common::program::LOCAL_IN)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut ctx = vec![0u8; 192];
+        ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        };
+        prog.test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of local_in, mark {mark:#x}: {e:?}"))
+            .return_value
     }
 
     /// Makes `vip` a Service VIP (egress to it is judged after DNAT).
