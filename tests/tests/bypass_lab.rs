@@ -11,7 +11,8 @@ use support::packet::{arp, frame_between};
 /// The post-DNAT hook (`to_remote` on `flannel.1`, where deferred Service egress meets
 /// the client's policy) used to go with the agent: a clean exit or a rolling update
 /// detached it, and DNATed packets to remote backends left unjudged until the next
-/// agent attached it again. It stays, and a new agent replaces its program in place.
+/// agent attached it again. It stays, and a new agent replaces its program in place;
+/// so does the hook on local delivery (`local_in`).
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn the_post_dnat_hook_stays_when_the_agent_exits() {
@@ -42,10 +43,14 @@ fn the_post_dnat_hook_stays_when_the_agent_exits() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).contains("to_remote")
     };
+    // The hook on local delivery: a link on the cgroup, held by its pin.
+    let link = netpol_tests::lab::pin_root_of(&lab.name, 0).join("local_in_link");
     assert!(hooked(), "the agent hooks flannel.1");
+    assert!(link.exists(), "the agent hooks local delivery");
     let pid = node["agent_pid"].as_i64().unwrap() as i32;
     signal_and_wait(pid, libc::SIGTERM);
     assert!(hooked(), "the hook outlives a clean exit of the agent");
+    assert!(link.exists(), "so does the one on local delivery");
 }
 
 /// A sync that fails half-way (here the policy map fills up) used to leave the epoch
@@ -507,4 +512,124 @@ fn a_syn_in_two_vlan_tags_from_a_pods_raw_socket_reaches_no_pod() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!half_open());
+}
+
+/// Two hostNetwork backends of one Service: on the client's node (a packet DNATed to it
+/// is delivered to a local socket and meets no TC hook after DNAT) and on the other
+/// node (reached through the node's uplink, not the overlay).
+const HOST_BACKENDS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: node0, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host0, namespace: x, labels: {app: host}}
+spec:
+  nodeName: node0
+  hostNetwork: true
+  containers: [{name: s, ports: [{containerPort: 9100}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: host1, namespace: x, labels: {app: host}}
+spec:
+  nodeName: node1
+  hostNetwork: true
+  containers: [{name: s, ports: [{containerPort: 9100}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: host, namespace: x}
+spec:
+  selector: {app: host}
+  ports: [{port: 80, targetPort: 9100}]
+"#;
+
+/// The client's egress allowed to these addresses on 9100 (none: denied everywhere).
+fn egress_to_addresses(addrs: &[&str]) -> String {
+    let to: Vec<String> = addrs
+        .iter()
+        .map(|a| format!("{{ipBlock: {{cidr: {a}/32}}}}"))
+        .collect();
+    let rules = match to.is_empty() {
+        true => String::new(),
+        false => format!(
+            "  egress: [{{to: [{}], ports: [{{port: 9100}}]}}]\n",
+            to.join(", ")
+        ),
+    };
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: client-egress, namespace: x}}\nspec:\n  podSelector: {{matchLabels: {{app: client}}}}\n  policyTypes: [Egress]\n{rules}"
+    )
+}
+
+/// A pod's connection to a Service whose backend is a hostNetwork endpoint used to
+/// pass unjudged: DNATed to this node's own address, it was delivered to the local
+/// socket with no hook after DNAT; DNATed to another node's, it left by the uplink,
+/// where no post-DNAT check sat unless named by `--service-hook`. The first is judged
+/// on local delivery (`local_in`), the second at `to_remote` on every way off the node.
+/// 20 connections land on either backend at random: each backend's verdict is seen.
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn a_service_connection_to_a_host_network_backend_is_judged_on_this_node_and_the_other() {
+    let lab = Lab::cluster(
+        "hostbe",
+        2,
+        &[
+            ("host.yaml", HOST_BACKENDS),
+            ("policy.yaml", &egress_to_addresses(&[])),
+        ],
+    );
+    lab.wait();
+    let nodes = lab.status()["nodes"].clone();
+    let underlay = |n: usize| nodes[n]["underlay_ip"].as_str().unwrap().to_string();
+    let (here, there) = (underlay(0), underlay(1));
+    let tally = |lab: &Lab| {
+        let mut t = std::collections::BTreeMap::<String, usize>::new();
+        let rows = lab.probe_rows(&[
+            "--service",
+            "x/host",
+            "--from",
+            "x/client",
+            "--port",
+            "80",
+            "--repeat",
+            "20",
+        ]);
+        for [_, _, result, _, backend] in rows {
+            let k = if result == "connected" {
+                backend
+            } else {
+                result
+            };
+            *t.entry(k).or_default() += 1;
+        }
+        t
+    };
+    // Denied egress: no backend answers, on this node or the other.
+    let t = tally(&lab);
+    assert_eq!(t.get("timeout"), Some(&20), "egress denied, yet: {t:?}");
+    // Allowed to both: both answer (the hooks judge, they do not just drop).
+    lab.write("policy.yaml", &egress_to_addresses(&[&here, &there]));
+    lab.wait();
+    let t = tally(&lab);
+    assert!(
+        t.contains_key("x/host0") && t.contains_key("x/host1") && !t.contains_key("timeout"),
+        "egress allowed to both backends: {t:?}"
+    );
+    // Allowed to the other node's only: this node's backend no longer answers.
+    lab.write("policy.yaml", &egress_to_addresses(&[&there]));
+    lab.wait();
+    let t = tally(&lab);
+    assert!(
+        !t.contains_key("x/host0") && t.contains_key("x/host1"),
+        "egress allowed only to {there}: {t:?}"
+    );
+    lab.remove("policy.yaml");
 }

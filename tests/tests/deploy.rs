@@ -98,6 +98,13 @@ fn every_manifest_is_listed_and_parses_into_its_type() {
                 // Pins live in the host's bpffs; pods are found through netlink, so no
                 // namespace directory is mounted.
                 assert!(mounts.contains(&"/sys/fs/bpf".into()));
+                // The hook on local delivery goes on the host's cgroup tree, mounted.
+                let args = c.args.clone().unwrap();
+                let cgroup = args
+                    .iter()
+                    .find_map(|a| a.strip_prefix("--cgroup="))
+                    .expect("--cgroup names the host's cgroup tree");
+                assert!(mounts.contains(&cgroup.to_string()), "{cgroup} is mounted");
                 assert!(!mounts.contains(&"/var/run/netns".into()));
             }
             "ServiceAccount" => drop(typed::<ServiceAccount>(rel, &v)),

@@ -172,6 +172,11 @@ fn the_image_enforces_on_a_lab_node_with_the_daemonset_capabilities() {
     let bpffs = "/sys/fs/bpf:/sys/fs/bpf".to_string();
     let run_mount = format!("{}:/run/netpol", run_dir.display());
     let kube_mount = format!("{}:/etc/netpol/kubeconfig:ro", kubeconfig.display());
+    // The lab's cgroup v2 tree, where the DaemonSet mounts the host's.
+    let cgroup_mount = format!(
+        "{}:/host/cgroup:ro",
+        netpol_tests::lab::cgroup_root(&lab.name).display()
+    );
     let pin_root = format!("--pin-root={}", container.pins.display());
     let out = podman(&[
         "run",
@@ -201,6 +206,8 @@ fn the_image_enforces_on_a_lab_node_with_the_daemonset_capabilities() {
         &run_mount,
         "--volume",
         &kube_mount,
+        "--volume",
+        &cgroup_mount,
         "--env",
         "KUBECONFIG=/etc/netpol/kubeconfig",
         "--env",
@@ -211,6 +218,7 @@ fn the_image_enforces_on_a_lab_node_with_the_daemonset_capabilities() {
         "--metrics-addr=:9965",
         &pin_root,
         "--api-socket=/run/netpol/agent.sock",
+        "--cgroup=/host/cgroup",
     ]);
     assert!(
         out.status.success(),

@@ -45,6 +45,8 @@ impl Lab {
             .arg(self.state_dir().join("agent.sock"))
             .arg("--pin-root")
             .arg(netpol_tests::lab::pin_root_of(&self.name, 0))
+            .arg("--cgroup")
+            .arg(netpol_tests::lab::cgroup_root(&self.name))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

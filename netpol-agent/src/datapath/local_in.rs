@@ -127,7 +127,9 @@ pub fn attach(prog: &mut CgroupSkb, cgroup: &Path, link_pin: &Path) -> anyhow::R
         .attach(
             &dir,
             CgroupSkbAttachType::Ingress,
-            CgroupAttachMode::AllowMultiple,
+            // A BPF link (Linux 5.7+, as aya uses there) always sits beside others;
+            // `BPF_F_ALLOW_MULTI` is for the older attach and makes link_create fail.
+            CgroupAttachMode::Single,
         )
         .with_context(|| format!("attaching local_in to the cgroup {}", cgroup.display()))?;
     let link: FdLink = prog.take_link(id)?.try_into()?;
@@ -155,7 +157,7 @@ fn bpf(cmd: libc::c_long, attr: &mut [u64; 3]) -> std::io::Result<libc::c_long> 
 
 fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
-    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET: libc::c_long = 7; // enum bpf_cmd
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     // { pathname: u64, bpf_fd: u32, file_flags: u32, ... }
     let mut attr = [name.as_ptr() as u64, 0, 0];
@@ -165,8 +167,8 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
 }
 
 fn link_update(link: &OwnedFd, prog_fd: i32) -> std::io::Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 30;
-    // { link_fd: u32, new_prog_fd: u32, flags: u32, old_prog_fd: u32 }
+    const BPF_LINK_UPDATE: libc::c_long = 29; // enum bpf_cmd
+                                              // { link_fd: u32, new_prog_fd: u32, flags: u32, old_prog_fd: u32 }
     let mut attr = [
         link.as_raw_fd() as u32 as u64 | (prog_fd as u32 as u64) << 32,
         0,

@@ -91,6 +91,12 @@ pub fn pin_root(lab: &str) -> PathBuf {
     state_dir(lab).join("bpffs")
 }
 
+/// The lab's own mount of the cgroup v2 hierarchy, where its agents hook local delivery
+/// (`--cgroup`; `ip netns exec` hides /sys/fs/cgroup behind a fresh sysfs too).
+pub fn cgroup_root(lab: &str) -> PathBuf {
+    state_dir(lab).join("cgroup")
+}
+
 /// The pin root of node `index`'s agent: a directory of its own in the lab's bpffs.
 pub fn pin_root_of(lab: &str, index: u32) -> PathBuf {
     pin_root(lab).join(format!("node{index}"))

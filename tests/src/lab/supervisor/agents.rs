@@ -1,6 +1,5 @@
 //! The lab's agents: started per node, and waited for until they enforce a digest.
 
-use crate::lab::netns;
 use crate::lab::{Enforcer, Paths, BRIDGE};
 use anyhow::bail;
 use anyhow::Context;
@@ -107,16 +106,6 @@ impl Lab {
         let _ = std::fs::remove_file(&sock);
         let log_file = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let hooks: Vec<&str> = if self.multi_node() {
-            vec![
-                "--service-hook",
-                netns::OVERLAY,
-                "--service-hook",
-                netns::UPLINK,
-            ]
-        } else {
-            vec![]
-        };
         if self.enforcer == Enforcer::Iptables {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &self.nodes[index as usize].net.netns])
@@ -146,7 +135,10 @@ impl Lab {
             .arg(&sock)
             .arg("--pin-root")
             .arg(crate::lab::pin_root_of(&self.name, index))
-            .args(hooks)
+            // The Service hooks: to_remote on every way off the node (found by the
+            // agent itself), local_in on the lab's cgroup tree.
+            .arg("--cgroup")
+            .arg(crate::lab::cgroup_root(&self.name))
             .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -75,11 +75,25 @@ impl Ports {
 
 struct LabPod {
     node: u32,
+    /// A hostNetwork pod: its server runs in the node's namespace, on the node's
+    /// address, with no veth of its own.
+    host_network: bool,
     netns: String,
     veth: String,
     ip: Ipv4Addr,
     ports: Ports,
     server: Option<Child>,
+}
+
+impl LabPod {
+    /// Its addresses as the kubelet reports them: a pod network address and its IPv6
+    /// twin, or the node's (IPv4) address.
+    fn ips(&self) -> Vec<std::net::IpAddr> {
+        match self.host_network {
+            true => vec![self.ip.into()],
+            false => vec![self.ip.into(), super::netns::ipv6_of(self.ip).into()],
+        }
+    }
 }
 
 /// The agent process; a thread reaps it so its exit is logged when it happens.

@@ -75,7 +75,7 @@ impl Lab {
                     namespace: ns.clone(),
                     name: name.clone(),
                     node: crate::lab::node_name(p.node),
-                    ips: vec![p.ip.to_string(), netns::ipv6_of(p.ip).to_string()],
+                    ips: p.ips().iter().map(ToString::to_string).collect(),
                     netns: p.netns.clone(),
                     veth: p.veth.clone(),
                 })
@@ -106,6 +106,16 @@ impl Lab {
             .context("running mount")?;
         if !status.success() {
             bail!("mounting a bpffs at {} failed", pins.display());
+        }
+        let cgroup = crate::lab::cgroup_root(&self.name);
+        std::fs::create_dir_all(&cgroup)?;
+        let status = Command::new("mount")
+            .args(["-t", "cgroup2", "cgroup2"])
+            .arg(&cgroup)
+            .status()
+            .context("running mount")?;
+        if !status.success() {
+            bail!("mounting the cgroup v2 hierarchy at {} failed (the agents hook local delivery there)", cgroup.display());
         }
         netns::raise_neighbour_limits()?;
         for n in &self.nodes {
@@ -152,7 +162,9 @@ impl Lab {
         if let Err(e) = netns::delete(&crate::lab::underlay_netns(&self.name)) {
             tracing::error!(error = ?e, "deleting the underlay failed");
         }
-        // The agent leaves its pins for the next one; the lab is gone, so are they.
+        // The agent leaves its pins (and its link on the cgroup, which the pin holds)
+        // for the next one; the lab is gone, so are they.
         crate::lab::unmount(&crate::lab::pin_root(&self.name));
+        crate::lab::unmount(&crate::lab::cgroup_root(&self.name));
     }
 }

@@ -55,16 +55,18 @@ pub(super) fn is_dns_pod(pod: &Pod) -> bool {
             == Some("kube-dns")
 }
 
-/// Pods the lab gives a namespace to: running-ish pods on the pod network, except
-/// virtual ones (pods of a node the lab only pretends to have).
-pub(super) fn wants_netns(pod: &Pod) -> bool {
-    let host_network = pod
-        .spec
+/// Pods the lab runs: running-ish pods, except virtual ones (pods of a node the lab
+/// only pretends to have).
+pub(super) fn runs_in_lab(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    !matches!(phase, Some("Succeeded") | Some("Failed")) && !is_virtual(pod)
+}
+
+pub(super) fn is_host_network(pod: &Pod) -> bool {
+    pod.spec
         .as_ref()
         .and_then(|s| s.host_network)
-        .unwrap_or(false);
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    !host_network && !matches!(phase, Some("Succeeded") | Some("Failed")) && !is_virtual(pod)
+        .unwrap_or(false)
 }
 
 pub(super) fn is_virtual(pod: &Pod) -> bool {
@@ -94,19 +96,15 @@ pub(super) fn ns_or_default(ns: &str) -> &str {
     }
 }
 
-/// The pod as the agent should see it: on its node, running, with the lab's address.
-pub(super) fn place(pod: &Pod, ip: Ipv4Addr, node: u32) -> Pod {
+/// The pod as the agent should see it: on its node, running, with the lab's addresses
+/// (`ips`, the first the primary).
+pub(super) fn place(pod: &Pod, ips: &[std::net::IpAddr], node: u32) -> Pod {
     let mut pod = pod.clone();
     pod.spec.get_or_insert_with(Default::default).node_name = Some(crate::lab::node_name(node));
     let status = pod.status.get_or_insert_with(K8sPodStatus::default);
     status.phase = Some("Running".into());
-    status.pod_ip = Some(ip.to_string());
-    status.pod_ips = Some(vec![
-        PodIP { ip: ip.to_string() },
-        PodIP {
-            ip: netns::ipv6_of(ip).to_string(),
-        },
-    ]);
+    status.pod_ip = ips.first().map(|ip| ip.to_string());
+    status.pod_ips = Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect());
     pod
 }
 
@@ -168,12 +166,40 @@ pub(super) fn stop_child(child: &mut Option<Child>) {
 }
 
 impl Lab {
+    /// The address of node `index` that hostNetwork pods take: its underlay address,
+    /// or on a lab of one node (no underlay), its address on the bridge.
+    pub(super) fn node_address(&self, index: u32) -> Ipv4Addr {
+        let node = &self.nodes[index as usize];
+        match self.multi_node() {
+            true => node.net.underlay_ip,
+            false => node.cidr.gateway(),
+        }
+    }
+
     pub(super) fn ensure_pod(&mut self, key: &PodKey, pod: &Pod) -> anyhow::Result<()> {
         let who = format!("pod {}/{}", key.0, key.1);
         let node = placement(pod, key, self.nodes.len() as u32);
-        if self.pods.get(key).is_some_and(|p| p.node != node) {
+        let moved = |p: &LabPod| p.node != node || p.host_network != is_host_network(pod);
+        if self.pods.get(key).is_some_and(moved) {
             tracing::info!(pod = %who, node, "pod moves to another node");
             self.remove_pod(key)?;
+        }
+        if !self.pods.contains_key(key) && is_host_network(pod) {
+            let lab_node = &self.nodes[node as usize];
+            let ip = self.node_address(node);
+            tracing::info!(pod = %who, %ip, node, "hostNetwork pod is up");
+            self.pods.insert(
+                key.clone(),
+                LabPod {
+                    node,
+                    host_network: true,
+                    netns: lab_node.net.netns.clone(),
+                    veth: String::new(),
+                    ip,
+                    ports: Ports::default(),
+                    server: None,
+                },
+            );
         }
         if !self.pods.contains_key(key) {
             let wanted = pod
@@ -206,6 +232,7 @@ impl Lab {
                 key.clone(),
                 LabPod {
                     node,
+                    host_network: false,
                     netns,
                     veth,
                     ip,
@@ -245,6 +272,11 @@ impl Lab {
             return Ok(());
         };
         stop_child(&mut pod.server);
+        if pod.host_network {
+            // The node's namespace and address: nothing of the pod's own to delete.
+            tracing::info!(pod = %format_args!("{}/{}", key.0, key.1), "hostNetwork pod removed");
+            return Ok(());
+        }
         let node = &mut self.nodes[pod.node as usize];
         node.pool.release(key);
         dns::remove_resolv_conf(&pod.netns);

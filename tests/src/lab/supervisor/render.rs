@@ -2,7 +2,6 @@
 //! agent's view of the cluster rendered from them.
 
 use crate::lab::kubeproxy::{self, Candidate};
-use crate::lab::netns;
 use crate::lab::{dns, Enforcer, ServiceStatus};
 use anyhow::bail;
 use anyhow::Context;
@@ -96,7 +95,7 @@ impl Lab {
         let mut desired: BTreeMap<PodKey, &Pod> = BTreeMap::new();
         for object in &state.objects {
             if let Object::Pod(pod) = object {
-                if let Some(key) = pod_key(pod).filter(|_| wants_netns(pod)) {
+                if let Some(key) = pod_key(pod).filter(|_| runs_in_lab(pod)) {
                     desired.insert(key, pod);
                 }
             }
@@ -202,10 +201,9 @@ impl Lab {
                 }
             }
             for ((ns, name), p) in &self.pods {
-                records.names.insert(
-                    format!("{name}.{ns}.pod.{}", dns::DOMAIN),
-                    vec![p.ip.into(), netns::ipv6_of(p.ip).into()],
-                );
+                records
+                    .names
+                    .insert(format!("{name}.{ns}.pod.{}", dns::DOMAIN), p.ips());
             }
             let text = serde_json::to_vec_pretty(&records)?;
             if std::fs::read(&self.paths.dns_records).ok() != Some(text.clone()) {
@@ -247,7 +245,7 @@ impl Lab {
                 Object::Pod(pod) => {
                     let placed = pod_key(pod)
                         .and_then(|k| self.pods.get(&k))
-                        .map(|lab_pod| place(pod, lab_pod.ip, lab_pod.node));
+                        .map(|lab_pod| place(pod, &lab_pod.ips(), lab_pod.node));
                     serde_yaml::to_string(placed.as_ref().unwrap_or(pod))
                 }
             };

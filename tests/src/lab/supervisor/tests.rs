@@ -112,7 +112,8 @@ spec:
 #[test]
 fn placed_pods_are_running_on_node0_with_the_lab_address() {
     let pod: Pod = serde_yaml::from_str("metadata: {name: a}\nstatus: {phase: Pending}").unwrap();
-    let placed = place(&pod, Ipv4Addr::new(10, 244, 0, 4), 0);
+    let ip = Ipv4Addr::new(10, 244, 0, 4);
+    let placed = place(&pod, &[ip.into(), crate::lab::netns::ipv6_of(ip).into()], 0);
     assert_eq!(placed.spec.unwrap().node_name.as_deref(), Some("node0"));
     let status = placed.status.unwrap();
     assert_eq!(status.phase.as_deref(), Some("Running"));
@@ -122,16 +123,15 @@ fn placed_pods_are_running_on_node0_with_the_lab_address() {
 }
 
 #[test]
-fn finished_and_host_network_pods_get_no_netns() {
+fn finished_pods_do_not_run_and_host_network_pods_run_on_the_node() {
     let parse = |y: &str| serde_yaml::from_str::<Pod>(y).unwrap();
-    assert!(wants_netns(&parse("metadata: {name: a}")));
-    assert!(!wants_netns(&parse(
+    assert!(runs_in_lab(&parse("metadata: {name: a}")));
+    assert!(!runs_in_lab(&parse(
         "metadata: {name: a}\nstatus: {phase: Succeeded}"
     )));
-    assert!(!wants_netns(&parse(
+    assert!(!runs_in_lab(&parse(
         "metadata: {name: a}\nstatus: {phase: Failed}"
     )));
-    assert!(!wants_netns(&parse(
-        "metadata: {name: a}\nspec: {hostNetwork: true, containers: []}"
-    )));
+    let host = parse("metadata: {name: a}\nspec: {hostNetwork: true, containers: []}");
+    assert!(runs_in_lab(&host) && is_host_network(&host));
 }
