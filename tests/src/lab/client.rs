@@ -252,8 +252,10 @@ pub fn down(name: &str) -> anyhow::Result<()> {
             }
         }
     }
-    // The lab's bpffs (and the pins in it) go with it, even after a crashed supervisor.
+    // The lab's bpffs (and the pins in it) and its cgroup2 mount (whose files cannot be
+    // removed) go with it, even after a crashed supervisor.
     unmount(&pin_root(name));
+    unmount(&cgroup_root(name));
     match std::fs::remove_dir_all(&paths.dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
