@@ -29,6 +29,9 @@ pub mod map {
     pub const EVENT_BUCKETS: &str = "NP_EVENT_BUCKETS";
     /// Service VIPs (ClusterIPs): egress to them is judged after kube-proxy's DNAT.
     pub const SERVICES: &str = "NP_SERVICES";
+    /// NodePorts (hash: [`nodeport_key`] → u32, the Service's index for the agent): a
+    /// pod's packet to one of the node's addresses on one of them is deferred too.
+    pub const NODEPORTS: &str = "NP_NODEPORTS";
     /// Deferred connections to a VIP, by client veth and source port (see [`PendingKey`]).
     pub const SVC_PENDING: &str = "NP_SVC_PENDING";
     /// Packets and bytes allowed per policy rule (per-CPU hash keyed by cookie; the
@@ -126,6 +129,8 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 22;
     /// Service VIPs.
     pub const SERVICES: u32 = 16384;
+    /// NodePorts (protocol and port).
+    pub const NODEPORTS: u32 = 16384;
     /// Connections to a VIP between `from_pod` and the hook after DNAT.
     pub const SVC_PENDING: u32 = 65536;
     /// Policy rules counted on one node (distinct cookies in its policy map).

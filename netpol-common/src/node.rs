@@ -108,10 +108,21 @@ pub mod config_flags {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ServiceEntry {
-    /// Names the Service for the agent (index in its list); never read by the kernel.
+    /// Names the Service for the agent (index in its list), or [`ServiceEntry::NODE`]:
+    /// an address of the node itself, where only packets to a NodePort are the
+    /// Services' (kube-proxy DNATs a NodePort on every local address).
     pub id: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 4);
+
+impl ServiceEntry {
+    pub const NODE: u32 = u32::MAX;
+}
+
+/// `NP_NODEPORTS` key: protocol in bits 16..23, port in bits 0..15.
+pub const fn nodeport_key(protocol: u8, port: u16) -> u32 {
+    (protocol as u32) << 16 | port as u32
+}
 
 /// `NP_SVC_PENDING` key: a connection to a VIP seen at `from_pod`, as the hook after
 /// DNAT finds it again (client veth from the mark; the source port survives DNAT and,

@@ -73,6 +73,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 pub fn to_pod(ctx: TcContext) -> i32 {
     // A packet a local pod sent to a Service VIP, DNATed to this pod: the sender's
     // egress first (before anything else, even if this veth is not an endpoint yet).
+    service::begin_to_pod(&ctx);
     if service::after_dnat(&ctx) == TC_ACT_SHOT {
         return TC_ACT_SHOT;
     }
@@ -321,8 +322,8 @@ fn stages(
     // 4. Conntrack. A packet in the original direction needs this hook's check; a
     // reply needs the check that was made on this endpoint's side of the original.
     pkt.fill_ct_key(&mut scratch.ct);
-    if dir == direction::EGRESS && service::is_vip(&pkt.daddr) {
-        // 4s. To a Service VIP: judged after DNAT unless established (service.rs).
+    if dir == direction::EGRESS && service::defers(pkt) != 0 {
+        // 4s. To a Service: judged after DNAT unless established (service.rs).
         trace!(to_vip(ctx));
         let ifindex = scratch.ifindex;
         service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);

@@ -108,6 +108,12 @@ pub(crate) struct Scratch {
     /// (Not a field of the parsed packet: there it moved the stack slots and added a
     /// third to the verifier's work.)
     pub(crate) stamp: u64,
+    /// At `to_pod`, a Service packet's client as it was before kube-proxy's masquerade
+    /// (0: none): the peer its ingress is judged against.
+    pub(crate) svc_client: Addr,
+    /// 1: the packet has a socket of the node's own (the node sent it); a masqueraded,
+    /// forwarded packet from the node's address has none and is no host traffic.
+    pub(crate) node_sent: u8,
 }
 
 /// Per-CPU array of one: index 0 → [`Scratch`] (never read by the agent).
@@ -122,8 +128,8 @@ pub(crate) static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(
 pub(crate) static SCRATCH_PACKET: PerCpuArray<crate::parse::Packet> =
     PerCpuArray::with_max_entries(1, 0);
 
-/// Hash: Service VIP ([`Addr`]) → [`ServiceEntry`] (the Service's index for the agent;
-/// the classifier only tests presence).
+/// Hash: Service address ([`Addr`]: ClusterIPs, externalIPs, LoadBalancer addresses,
+/// and the node's own with `ServiceEntry::NODE`) → [`ServiceEntry`].
 #[map(name = "NP_SERVICES")]
 pub(crate) static SERVICES: HashMap<Addr, ServiceEntry> =
     HashMap::with_max_entries(capacity::SERVICES, 0);
@@ -133,3 +139,8 @@ pub(crate) static SERVICES: HashMap<Addr, ServiceEntry> =
 #[map(name = "NP_SVC_PENDING")]
 pub(crate) static SVC_PENDING: LruHashMap<PendingKey, PendingEntry> =
     LruHashMap::with_max_entries(capacity::SVC_PENDING, 0);
+
+/// Hash: `nodeport_key(protocol, port)` → the Service's index for the agent (the
+/// classifier only tests presence).
+#[map(name = "NP_NODEPORTS")]
+pub(crate) static NODEPORTS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::NODEPORTS, 0);

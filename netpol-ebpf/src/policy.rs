@@ -61,15 +61,23 @@ fn judge_connection(
     // SAFETY: per-CPU scratch; the caller's conntrack key is not touched here.
     let scratch = unsafe { &mut *scratch };
     let jdir = if reply { opposite(pkt.dir) } else { pkt.dir };
-    let peer = if pkt.dir == direction::EGRESS {
-        &pkt.daddr
+    let arriving = pkt.dir == direction::INGRESS && !reply;
+    scratch.addr.prefix_len = 128;
+    scratch.addr.data = if pkt.dir == direction::EGRESS {
+        pkt.daddr
+    } else if arriving && scratch.svc_client != [0u8; 16] {
+        // A Service packet: its client before the masquerade (`service::note_client`).
+        scratch.svc_client
     } else {
-        &pkt.saddr
+        pkt.saddr
     };
     let port = if reply { pkt.sport } else { pkt.dport };
+    // Host traffic is what the node sends itself: a packet forwarded from outside and
+    // masqueraded to the node's address (a NodePort) is not.
     if jdir == direction::INGRESS
         && config.flags & config_flags::ALLOW_HOST != 0
-        && is_host(config, peer)
+        && (!arriving || scratch.node_sent != 0)
+        && is_host(config, &scratch.addr.data)
     {
         *out = Outcome {
             peer_identity: identity::HOST,
@@ -77,7 +85,7 @@ fn judge_connection(
         };
         return;
     }
-    policy(scratch, ep, jdir, peer, pkt.protocol, port, out);
+    policy(scratch, ep, jdir, pkt.protocol, port, out);
 }
 
 #[inline(always)]
@@ -85,12 +93,11 @@ fn policy(
     scratch: &mut Scratch,
     ep: &EndpointEntry,
     dir: u8,
-    peer: &Addr,
     protocol: u8,
     port: u16,
     out: &mut Outcome,
 ) {
-    scratch.addr = Key::new(128, *peer);
+    // The peer is in `scratch.addr`.
     let peer_identity = match IPCACHE.get(&scratch.addr) {
         Some(e) => e.identity,
         None => identity::WORLD,

@@ -19,13 +19,15 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use netpol_common::{
-    config_flags, ct_flags, direction, reason, svc_mark, verdict, Addr, Config, CtEntry,
-    EndpointEntry, PendingEntry, PendingKey,
+    config_flags, ct_flags, direction, nodeport_key, reason, svc_mark, verdict, Config, CtEntry,
+    EndpointEntry, PendingEntry, PendingKey, ServiceEntry,
 };
 
 use crate::conntrack::{ct_live, ct_touch, opens, remember};
 use crate::emit::{count, count_rule, finish};
-use crate::maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH, SCRATCH_PACKET, SERVICES, SVC_PENDING};
+use crate::maps::{
+    Scratch, CONFIG, ENDPOINTS, NODEPORTS, SCRATCH, SCRATCH_PACKET, SERVICES, SVC_PENDING,
+};
 use crate::parse::{self, Frame, LocalIn, Packet};
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{stamp_now, Outcome};
@@ -41,10 +43,51 @@ fn pending_key(ifindex: u32, sport: u16, protocol: u8) -> PendingKey {
     }
 }
 
-#[inline(always)]
-pub(crate) fn is_vip(addr: &Addr) -> bool {
-    // SAFETY: a lookup; the value is not kept.
-    unsafe { SERVICES.get(addr) }.is_some()
+/// `pkt` (a pod's egress) is for kube-proxy to DNAT, so judged after DNAT: to a
+/// Service's address (ClusterIP, externalIP, LoadBalancer), or to one of the node's
+/// own addresses on a NodePort. 1 or 0; a call of its own, so that the NodePort key is
+/// not on the stack of the pipeline's deepest chain.
+#[inline(never)]
+pub(crate) fn defers(pkt: &Packet) -> u32 {
+    // SAFETY: lookups; the values are read at once.
+    match unsafe { SERVICES.get(&pkt.daddr) } {
+        None => 0,
+        Some(e) if e.id != ServiceEntry::NODE => 1,
+        Some(_) => {
+            let key = nodeport_key(pkt.protocol, pkt.dport);
+            unsafe { NODEPORTS.get(&key) }.is_some() as u32
+        }
+    }
+}
+
+/// `to_pod`, first thing: no Service client known yet for this run, and whether the
+/// node itself sent the packet (it has one of the node's sockets; a forwarded one has
+/// none, `ip_forward` drops those that do).
+#[inline(never)]
+pub(crate) fn begin_to_pod(ctx: &TcContext) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch used by this run only; the context pointer is valid.
+    unsafe {
+        (*scratch).svc_client = [0; 16];
+        (*scratch).node_sent = !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() as u8;
+    }
+}
+
+/// A Service packet at `to_pod`: its client's address as `from_pod` saw it, before
+/// kube-proxy masqueraded it (NodePorts, externalIPs, the hairpin), is the peer of the
+/// backend's ingress.
+#[inline(never)]
+fn note_client(client: u32, pkt: &Packet) -> u32 {
+    let key = pending_key(client, pkt.sport, pkt.protocol);
+    let (Some(scratch), Some(p)) = (SCRATCH.get_ptr_mut(0), unsafe { SVC_PENDING.get(&key) })
+    else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch used by this run only; `p` is a map value.
+    unsafe { (*scratch).svc_client = p.saddr };
+    1
 }
 
 /// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
@@ -140,6 +183,8 @@ pub(crate) fn after_dnat<C: Frame>(ctx: &C) -> i32 {
     let mut out = Outcome::drop(reason::NONE);
     match ctx.parse_into(&mut pkt) {
         parse::PARSED => {
+            // (Read by `to_pod` only; the next `to_pod` run starts afresh.)
+            note_client(client, &pkt);
             if established && same_backend(client, &pkt) != 0 {
                 return TC_ACT_OK; // counted at `from_pod`, as CONNTRACK
             }

@@ -177,6 +177,70 @@ fn egress_to_a_vip_drops_while_the_local_delivery_hook_is_missing() {
     );
 }
 
+/// A pod's packet to the node's address on a NodePort used to be judged as egress to
+/// the node (allowed wherever the node's address was), and kube-proxy then DNATed it to
+/// any backend; at a local backend the masquerade made it host traffic, so no ingress
+/// policy judged it either. It is deferred like a packet to a ClusterIP and judged on
+/// the backend, whose ingress judges the client as `from_pod` saw it, not the node.
+/// (A packet forwarded from outside and masqueraded is no host traffic either; the
+/// test runner gives every packet a socket, so `bypass_lab` proves that one.)
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_pods_packet_to_a_node_port_is_judged_on_the_backend_as_its_clients() {
+    use netpol_common::{config_flags, identity, svc_mark};
+    let node = [172, 30, 0, 2];
+    let mut rig = Rig::new(isolated());
+    rig.config(Config {
+        flags: config_flags::TRACE | config_flags::ALLOW_HOST,
+        host_ipv4: v4_mapped(HOST),
+        ..Config::default()
+    });
+    rig.ipcache(v4_mapped(node), identity::WORLD, 0);
+    rig.node_port(v4_mapped(node), TCP, 30080);
+    // The pod may reach the outside world (an ipBlock 0.0.0.0/0) on that port.
+    rig.allow(EGRESS, identity::WORLD, TCP, 30080, 3);
+    let to_node = |sport, port| v4(SERVER, node, tcp(sport, port, SYN));
+    assert_eq!(
+        judge(&mut rig, false, &to_node(40000, 30080)),
+        (OK, reason::SERVICE_DEFERRED),
+        "judged as egress to the node"
+    );
+    // Another port of the node's is no Service's: judged at once.
+    assert_eq!(
+        judge(&mut rig, false, &to_node(40001, 22)),
+        (SHOT, reason::POLICY_DENIED)
+    );
+    // DNATed to a backend the pod may not reach: dropped.
+    let pending = svc_mark::pending(0, LO);
+    let to_backend = |src, sport, backend| v4(src, backend, tcp(sport, 8080, SYN));
+    let (action, _) = rig.run_marked("to_remote", &to_backend(SERVER, 40000, CLIENT), pending);
+    assert_eq!(action, SHOT);
+    assert_eq!(rig.events().last().unwrap().reason, reason::POLICY_DENIED);
+    // DNATed to this pod itself (a local backend) and masqueraded to the bridge's
+    // address: the backend's ingress judges its client (default deny), not the node.
+    rig.allow(EGRESS, SERVER_ID, TCP, 8080, 4);
+    for sport in [40002, 40003] {
+        assert_eq!(
+            judge(&mut rig, false, &to_node(sport, 30080)),
+            (OK, reason::SERVICE_DEFERRED)
+        );
+    }
+    let (action, _) = rig.run_marked("to_pod", &to_backend(HOST, 40002, SERVER), pending);
+    let last = rig.events().last().copied().unwrap();
+    assert_eq!(action, SHOT, "taken for host traffic");
+    assert_eq!(last.reason, reason::POLICY_DENIED);
+    // Allowed from the client: on.
+    rig.allow(INGRESS, SERVER_ID, TCP, 8080, 5);
+    let (action, _) = rig.run_marked("to_pod", &to_backend(HOST, 40003, SERVER), pending);
+    assert_eq!(action, OK);
+    assert_eq!(rig.events().last().unwrap().reason, reason::POLICY_ALLOWED);
+    // Untagged from the node's address (the node's own, with a socket): host traffic.
+    rig.events();
+    let (action, _) = rig.run_marked("to_pod", &to_backend(HOST, 40004, SERVER), 0);
+    assert_eq!(action, OK);
+    assert_eq!(rig.events().last().unwrap().reason, reason::HOST_TRAFFIC);
+}
+
 /// One pod used to be able to turn the node's whole conntrack table over: every allowed
 /// new flow inserted into one LRU, and a flood of them evicted other pods' quiet
 /// connections (whose replies then dropped). Each endpoint now holds at most its share

@@ -30,7 +30,7 @@ pub trait NodeDatapath {
     ) -> anyhow::Result<SyncStats>;
     /// Pods with their entry written and their programs attached, and where.
     fn attached_pods(&self) -> BTreeMap<PodKey, Location>;
-    fn sync_services(&mut self, services: &[Object]) -> anyhow::Result<()>;
+    fn sync_services(&mut self, services: &[Object], node: &[IpAddr]) -> anyhow::Result<()>;
     /// Hooks the devices after DNAT; returns those not there (yet).
     fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String>;
     /// Why the verifier refused this build's programs, if it has.
@@ -61,8 +61,8 @@ impl NodeDatapath for Datapath {
             .map(|(k, l)| (k.clone(), l.clone()))
             .collect()
     }
-    fn sync_services(&mut self, services: &[Object]) -> anyhow::Result<()> {
-        Datapath::sync_services(self, services)
+    fn sync_services(&mut self, services: &[Object], node: &[IpAddr]) -> anyhow::Result<()> {
+        Datapath::sync_services(self, services, node)
     }
     fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String> {
         Datapath::sync_service_hooks(self, devices)
@@ -205,8 +205,8 @@ impl Agent {
             }
         };
         let sync_time = t.elapsed();
-        if let Err(e) = dp.sync_services(services) {
-            tracing::error!(error = ?e, "writing Service VIPs failed");
+        if let Err(e) = dp.sync_services(services, &ports.node_addrs) {
+            tracing::error!(error = ?e, "writing Service addresses failed");
         }
         // The named devices and every way off the node there is now.
         let hook_devices: Vec<String> = self
@@ -330,7 +330,7 @@ mod tests {
         fn attached_pods(&self) -> BTreeMap<PodKey, Location> {
             self.attached.clone()
         }
-        fn sync_services(&mut self, _: &[Object]) -> anyhow::Result<()> {
+        fn sync_services(&mut self, _: &[Object], _: &[IpAddr]) -> anyhow::Result<()> {
             Ok(())
         }
         fn sync_service_hooks(&mut self, devices: &[String]) -> Vec<String> {

@@ -59,6 +59,9 @@ pub struct Ports {
     /// The bridge's own addresses: the node's address on the pod network (IPv6
     /// link-local left out). Empty while the bridge does not exist.
     pub bridge_addrs: Vec<IpAddr>,
+    /// Every address of the node's own namespace but the loopback's (kube-proxy takes
+    /// a NodePort on each: a pod reaches it there).
+    pub node_addrs: Vec<IpAddr>,
     /// The bridge's pod ports, by ifindex.
     pub ports: BTreeMap<u32, Port>,
     /// Names of the node's links (devices the service hooks wait for).
@@ -204,8 +207,18 @@ impl Table {
             .filter(|l| l.master == 0 && Some(l.ifindex) != bridge && l.name != "lo")
             .map(|l| l.name.clone())
             .collect();
+        let node_addrs = self
+            .addrs
+            .keys()
+            .filter(|(nsid, _)| nsid.is_none())
+            .flat_map(|(_, ifindex)| self.addrs_of(None, *ifindex))
+            .filter(|ip| !ip.is_loopback())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         Ports {
             bridge_addrs,
+            node_addrs,
             ports,
             devices: self.links.values().map(|l| l.name.clone()).collect(),
             exits,

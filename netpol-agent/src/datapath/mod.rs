@@ -101,8 +101,8 @@ pub struct Datapath {
     adoption: Adoption,
     /// The programs the filters run.
     programs: Programs,
-    /// `NP_SERVICES` as written.
-    vips: BTreeMap<netpol_common::Addr, netpol_common::ServiceEntry>,
+    /// `NP_SERVICES` and `NP_NODEPORTS` as written.
+    services: services::ServiceAddresses,
     /// The after-DNAT program's attachments (overlay, uplink).
     service_hooks: services::ServiceHooks,
     /// The hook on local delivery (`local_in`).
@@ -198,19 +198,35 @@ impl Datapath {
             pins: Some(pins),
             adoption,
             programs,
-            vips: BTreeMap::new(),
+            services: services::ServiceAddresses::default(),
             service_hooks: services::ServiceHooks::default(),
             local: local_in::LocalHook::default(),
         })
     }
 
-    /// Writes the ClusterIPs of `services` (`NP_SERVICES`), only what changed.
+    /// Writes the addresses of `services` (`NP_SERVICES`, `NP_NODEPORTS`; `node`: the
+    /// node's own addresses, for NodePorts), only what changed.
     pub fn sync_services(
         &mut self,
         services: &[netpol_engine::objects::Object],
+        node: &[std::net::IpAddr],
     ) -> anyhow::Result<()> {
-        let desired = services::vips(services);
-        let changed = services::sync_vips(&mut self.ebpf, &mut self.vips, &desired);
+        let desired = services::addresses(services, node);
+        // NodePorts first: a node address is only deferred on one.
+        let changed = services::sync_map(
+            &mut self.ebpf,
+            map::NODEPORTS,
+            &mut self.services.nodeports,
+            &desired.nodeports,
+        )
+        .and_then(|n| {
+            Ok(n + services::sync_map(
+                &mut self.ebpf,
+                map::SERVICES,
+                &mut self.services.vips,
+                &desired.vips,
+            )?)
+        });
         // A VIP that came or went changes how a connection to it is judged (after DNAT
         // or not at all): every connection is judged again, as after a policy change.
         if !matches!(changed, Ok(0)) {

@@ -42,6 +42,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map::FRAGMENTS,
     map::EVENT_BUCKETS,
     map::SERVICES,
+    map::NODEPORTS,
     map::SVC_PENDING,
     map::RULE_COUNTERS,
     map::ENDPOINT_COUNTERS,
@@ -113,6 +114,7 @@ impl Layout {
         put(map::FRAGMENTS, size_of::<FragKey>(), size_of::<FragEntry>());
         put(map::EVENT_BUCKETS, 4, size_of::<EventBucket>());
         put(map::SERVICES, size_of::<Addr>(), size_of::<ServiceEntry>());
+        put(map::NODEPORTS, 4, 4);
         put(
             map::SVC_PENDING,
             size_of::<PendingKey>(),

@@ -1,11 +1,12 @@
 //! Service VIPs and the hooks after DNAT.
 //!
-//! source (Service objects) ──► [`vips`] ──► `NP_SERVICES` ──► from_pod defers egress
-//! to a VIP; `to_remote` on the overlay/uplink devices ([`ServiceHooks`]) and `to_pod`
-//! judge it after kube-proxy's DNAT. Each VIP (every ClusterIP of a Service, IPv4 and
-//! IPv6) is one entry; ports do not matter: any packet to a VIP is deferred.
+//! source (Service objects) ──► [`addresses`] ──► `NP_SERVICES`, `NP_NODEPORTS` ──►
+//! from_pod defers egress to them; `to_remote` on the node's exits ([`ServiceHooks`]),
+//! `local_in` and `to_pod` judge it after kube-proxy's DNAT. Each Service address
+//! (ClusterIPs, externalIPs, LoadBalancer ingress, IPv4 and IPv6) is one entry, and any
+//! packet to it is deferred; the node's own addresses are deferred only on a NodePort.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use anyhow::{anyhow, Context};
@@ -13,80 +14,123 @@ use aya::maps::{HashMap, MapData, MapError};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
-use netpol_common::{map, program, Addr, ServiceEntry};
+use netpol_common::{nodeport_key, program, Addr, ServiceEntry};
 
 use netpol_engine::objects::Object;
 
 use super::{FILTER_HANDLE, FILTER_PRIORITY};
 
-/// The VIPs of every Service with a ClusterIP (`None`/headless skipped), numbered in
-/// (namespace, name) order.
-pub fn vips(objects: &[Object]) -> BTreeMap<Addr, ServiceEntry> {
-    let mut named: Vec<(String, String, Vec<IpAddr>)> = Vec::new();
-    for object in objects {
-        let Object::Service(svc) = object else {
-            continue;
-        };
+/// What `from_pod` defers to the hook after DNAT (see `service::defers` in the
+/// classifier): the Services' own addresses and the NodePorts on the node's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAddresses {
+    /// ClusterIPs, externalIPs and LoadBalancer ingress addresses, each with its
+    /// Service's number; the node's own addresses as `ServiceEntry::NODE` while any
+    /// Service has a NodePort.
+    pub vips: BTreeMap<Addr, ServiceEntry>,
+    /// `nodeport_key(protocol, nodePort)` → the Service's number.
+    pub nodeports: BTreeMap<u32, u32>,
+}
+
+/// The addresses of every Service (numbered in (namespace, name) order from 1;
+/// headless ClusterIPs skipped) and, when there are NodePorts, `node`'s addresses.
+pub fn addresses(objects: &[Object], node: &[IpAddr]) -> ServiceAddresses {
+    let mut named: Vec<(String, String, &k8s_openapi::api::core::v1::Service)> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(svc) => Some((
+                svc.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                svc.metadata.name.clone().unwrap_or_default(),
+                svc,
+            )),
+            _ => None,
+        })
+        .collect();
+    named.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let mut out = ServiceAddresses::default();
+    for (i, (_, _, svc)) in named.iter().enumerate() {
+        let id = i as u32 + 1;
         let Some(spec) = &svc.spec else { continue };
-        let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
-        for text in spec
+        let ingress = svc
+            .status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter_map(|i| i.ip.as_ref());
+        let texts = spec
             .cluster_ips
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter())
-        {
-            if let Ok(ip) = text.parse() {
-                ips.insert(ip);
-            }
+            .chain(spec.external_ips.iter().flatten())
+            .chain(ingress);
+        for ip in texts.filter_map(|t| t.parse::<IpAddr>().ok()) {
+            out.vips
+                .insert(netpol_engine::index::net::addr_of(ip), ServiceEntry { id });
         }
-        named.push((
-            svc.metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into()),
-            svc.metadata.name.clone().unwrap_or_default(),
-            ips.into_iter().collect(),
-        ));
+        for p in spec.ports.iter().flatten() {
+            let (Some(port), Some(protocol)) = (
+                p.node_port.and_then(|n| u16::try_from(n).ok()),
+                protocol_number(p.protocol.as_deref()),
+            ) else {
+                continue;
+            };
+            out.nodeports.insert(nodeport_key(protocol, port), id);
+        }
     }
-    named.sort();
-    let mut out = BTreeMap::new();
-    for (i, (_, _, ips)) in named.iter().enumerate() {
-        for ip in ips {
-            out.insert(
-                netpol_engine::index::net::addr_of(*ip),
-                ServiceEntry { id: i as u32 + 1 },
-            );
+    if !out.nodeports.is_empty() {
+        for ip in node {
+            // A Service's own address wins: it is DNATed on any port it serves.
+            out.vips
+                .entry(netpol_engine::index::net::addr_of(*ip))
+                .or_insert(ServiceEntry {
+                    id: ServiceEntry::NODE,
+                });
         }
     }
     out
 }
 
-/// Writes the difference between the VIPs written and `desired` (adds first).
-pub fn sync_vips(
+fn protocol_number(name: Option<&str>) -> Option<u8> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        "SCTP" => Some(132),
+        _ => None,
+    }
+}
+
+/// Writes the difference between `actual` and `desired` into map `name` (adds first);
+/// how many entries changed.
+pub fn sync_map<K, V>(
     ebpf: &mut Ebpf,
-    actual: &mut BTreeMap<Addr, ServiceEntry>,
-    desired: &BTreeMap<Addr, ServiceEntry>,
-) -> anyhow::Result<usize> {
-    let mut m: HashMap<&mut MapData, Addr, ServiceEntry> = HashMap::try_from(
-        ebpf.map_mut(map::SERVICES)
-            .ok_or_else(|| anyhow!("map {} missing", map::SERVICES))?,
+    name: &str,
+    actual: &mut BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+) -> anyhow::Result<usize>
+where
+    K: aya::Pod + Ord + Clone,
+    V: aya::Pod + PartialEq + Clone,
+{
+    let mut m: HashMap<&mut MapData, K, V> = HashMap::try_from(
+        ebpf.map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing"))?,
     )?;
     let mut n = 0;
     for (k, v) in desired {
         if actual.get(k) != Some(v) {
-            m.insert(k, v, 0).map_err(|e| {
-                anyhow!(
-                    "writing map {}: {e} (too many Service VIPs?)",
-                    map::SERVICES
-                )
-            })?;
+            m.insert(k, v, 0)
+                .map_err(|e| anyhow!("writing map {name}: {e} (too many Service addresses?)"))?;
             n += 1;
         }
     }
     for k in actual.keys().filter(|k| !desired.contains_key(*k)) {
         match m.remove(k) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing a Service VIP"),
+            Err(e) => return Err(e).with_context(|| format!("removing from map {name}")),
         }
         n += 1;
     }
@@ -201,7 +245,10 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
 "#,
         );
         assert!(errors.is_empty());
-        let v = vips(&objects);
+        let v = addresses(&objects, &["10.244.0.1".parse().unwrap()]);
+        assert!(v.nodeports.is_empty());
+        // No NodePort: the node's address is no Service's.
+        let v = v.vips;
         assert_eq!(v.len(), 3, "{v:?}");
         assert_eq!(
             v[&v4_mapped([10, 96, 0, 10])].id,
@@ -212,5 +259,37 @@ spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
         assert_eq!(v[&v4_mapped([10, 96, 0, 20])].id, 3);
         let v6 = netpol_engine::index::net::addr_of("fd00:96::20".parse().unwrap());
         assert_eq!(v[&v6].id, 3);
+    }
+
+    #[test]
+    fn external_and_load_balancer_addresses_are_vips_and_node_ports_defer_the_nodes_own() {
+        let (objects, errors) = netpol_engine::objects::parse_manifests(
+            std::path::Path::new("svc.yaml"),
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: [192.0.2.7]
+  ports: [{port: 80, nodePort: 30080}, {port: 53, protocol: UDP, nodePort: 30053}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.9}, {hostname: lb.example}]}}
+"#,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        let node: Vec<IpAddr> = vec!["10.244.0.1".parse().unwrap(), "172.30.0.2".parse().unwrap()];
+        let a = addresses(&objects, &node);
+        for ip in [[10, 96, 0, 20], [192, 0, 2, 7], [198, 51, 100, 9]] {
+            assert_eq!(a.vips[&v4_mapped(ip)].id, 1, "{ip:?}");
+        }
+        for ip in [[10, 244, 0, 1], [172, 30, 0, 2]] {
+            assert_eq!(a.vips[&v4_mapped(ip)].id, ServiceEntry::NODE, "{ip:?}");
+        }
+        assert_eq!(a.vips.len(), 5);
+        assert_eq!(
+            a.nodeports,
+            BTreeMap::from([(nodeport_key(6, 30080), 1), (nodeport_key(17, 30053), 1)])
+        );
     }
 }

@@ -8,8 +8,10 @@
 //! Chains: PREROUTING/OUTPUT → KUBE-SERVICES → KUBE-SVC-<hash> (one per service port:
 //! traffic from outside the cluster CIDR is marked for masquerade, then a backend at
 //! random with `statistic` probabilities 1/n, 1/(n-1), ...) → KUBE-SEP-<hash> (hairpin
-//! marked for masquerade, DNAT). POSTROUTING → KUBE-POSTROUTING masquerades marked
-//! packets (mark 0x4000).
+//! marked for masquerade, DNAT). A `nodePort`: KUBE-SERVICES, last, sends packets to
+//! any local address to KUBE-NODEPORTS → KUBE-EXT-<hash> (marked for masquerade, then
+//! the Service's chain). POSTROUTING → KUBE-POSTROUTING masquerades marked packets
+//! (mark 0x4000).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -100,6 +102,7 @@ pub fn endpoints(svc: &Service, cluster_ip: Ipv4Addr, pods: &[Candidate]) -> Ser
             name: p.name.clone(),
             port,
             protocol,
+            node_port: p.node_port.and_then(|n| u16::try_from(n).ok()),
             endpoints,
         });
     }
@@ -130,9 +133,11 @@ fn chain(kind: &str, parts: &[&str]) -> String {
 pub fn rules(services: &[ServiceStatus], cluster_cidr: &str) -> String {
     let mut chains = vec![
         "KUBE-SERVICES".to_string(),
+        "KUBE-NODEPORTS".into(),
         "KUBE-POSTROUTING".into(),
         "KUBE-MARK-MASQ".into(),
     ];
+    let mut nodeports = Vec::new();
     let mut body = String::new();
     let mut add = |line: String| {
         body.push_str(&line);
@@ -171,6 +176,17 @@ pub fn rules(services: &[ServiceStatus], cluster_cidr: &str) -> String {
             add(format!(
                 "-A {svc_chain} ! -s {cluster_cidr} -d {vip} -j KUBE-MARK-MASQ"
             ));
+            if let Some(node_port) = p.node_port {
+                // Traffic to a NodePort is masqueraded whoever sends it (the Service's
+                // externalTrafficPolicy: Cluster), as kube-proxy does.
+                let ext = chain("EXT", &[&svc.namespace, &svc.name, &port_name, proto]);
+                chains.push(ext.clone());
+                nodeports.push(format!(
+                    "-A KUBE-NODEPORTS -p {proto} -m {proto} --dport {node_port} -j {ext}"
+                ));
+                nodeports.push(format!("-A {ext} -j KUBE-MARK-MASQ"));
+                nodeports.push(format!("-A {ext} -j {svc_chain}"));
+            }
             let n = p.endpoints.len();
             for (i, ep) in p.endpoints.iter().enumerate() {
                 let sep = chain("SEP", &[&svc_chain, &ep.ip, &ep.port.to_string()]);
@@ -192,6 +208,10 @@ pub fn rules(services: &[ServiceStatus], cluster_cidr: &str) -> String {
                 ));
             }
         }
+    }
+    add("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS".into());
+    for line in nodeports {
+        add(line);
     }
     let mut out = String::from("*nat\n");
     for builtin in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
@@ -279,7 +299,7 @@ mod tests {
 metadata: {name: web, namespace: x}
 spec:
   selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: http}, {name: alt, port: 81, targetPort: 9000, protocol: UDP}]
+  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}, {name: alt, port: 81, targetPort: 9000, protocol: UDP}]
 "#,
         )
         .unwrap();
@@ -327,6 +347,19 @@ spec:
         assert!(table.contains(
             "! -s 10.244.0.0/16 -d 10.96.1.0/32 -p tcp -m tcp --dport 80 -j KUBE-MARK-MASQ"
         ));
+        // The NodePort: on any local address, masqueraded, into the Service's chain;
+        // after every Service's own rules.
+        let local = "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS";
+        let at = table.find(local).expect("the NodePort jump");
+        assert!(table.rfind("-A KUBE-SERVICES -d").unwrap() < at);
+        let ext = table
+            .lines()
+            .find_map(|l| l.strip_prefix("-A KUBE-NODEPORTS -p tcp -m tcp --dport 30080 -j "))
+            .expect("the NodePort rule");
+        assert!(table.contains(&format!(
+            "-A {ext} -j KUBE-MARK-MASQ\n-A {ext} -j KUBE-SVC-"
+        )));
+        assert_eq!(table.matches("KUBE-NODEPORTS -p").count(), 1, "{table}");
     }
 
     #[test]

@@ -173,6 +173,10 @@ pub struct ServicePortStatus {
     pub name: Option<String>,
     pub port: u16,
     pub protocol: Protocol,
+    /// The port kube-proxy takes on every address of every node (`nodePort`, as
+    /// given: the lab assigns none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
     pub endpoints: Vec<EndpointStatus>,
 }
 

@@ -275,6 +275,21 @@ impl Rig {
         m.insert(vip, ServiceEntry { id: 1 }, 0).unwrap();
     }
 
+    /// Makes `node` one of the node's addresses and `port` a NodePort (egress to that
+    /// address on that port is judged after DNAT).
+    pub fn node_port(&mut self, node: Addr, protocol: u8, port: u16) {
+        let mut m: HashMap<_, Addr, ServiceEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map::SERVICES).unwrap()).unwrap();
+        let node_entry = ServiceEntry {
+            id: ServiceEntry::NODE,
+        };
+        m.insert(node, node_entry, 0).unwrap();
+        let mut m: HashMap<_, u32, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map::NODEPORTS).unwrap()).unwrap();
+        m.insert(netpol_common::nodeport_key(protocol, port), 1, 0)
+            .unwrap();
+    }
+
     /// Runs `packet` `repeat` times in the kernel; the kernel's mean time per run.
     pub fn bench(&self, program: &str, packet: &[u8], repeat: u32) -> (u32, std::time::Duration) {
         let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
