@@ -111,8 +111,8 @@ pub(crate) struct Scratch {
     /// At `to_pod`, a Service packet's client as it was before kube-proxy's masquerade
     /// (0: none): the peer its ingress is judged against.
     pub(crate) svc_client: Addr,
-    /// 1: the packet has a socket of the node's own (the node sent it); a masqueraded,
-    /// forwarded packet from the node's address has none and is no host traffic.
+    /// 1: the node sent the packet itself (it came in by no interface); a masqueraded,
+    /// forwarded packet from the node's address is no host traffic.
     pub(crate) node_sent: u8,
 }
 

@@ -61,8 +61,9 @@ pub(crate) fn defers(pkt: &Packet) -> u32 {
 }
 
 /// `to_pod`, first thing: no Service client known yet for this run, and whether the
-/// node itself sent the packet (it has one of the node's sockets; a forwarded one has
-/// none, `ip_forward` drops those that do).
+/// node itself sent the packet: it was received on no interface (a forwarded one was,
+/// on the uplink, the overlay or a pod's veth). Not the socket: the bridge's clones of
+/// a flooded frame have none.
 #[inline(never)]
 pub(crate) fn begin_to_pod(ctx: &TcContext) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -71,7 +72,7 @@ pub(crate) fn begin_to_pod(ctx: &TcContext) {
     // SAFETY: per-CPU scratch used by this run only; the context pointer is valid.
     unsafe {
         (*scratch).svc_client = [0; 16];
-        (*scratch).node_sent = !(*ctx.skb.skb).__bindgen_anon_2.sk.is_null() as u8;
+        (*scratch).node_sent = ((*ctx.skb.skb).ingress_ifindex == 0) as u8;
     }
 }
 

@@ -182,8 +182,8 @@ fn egress_to_a_vip_drops_while_the_local_delivery_hook_is_missing() {
 /// any backend; at a local backend the masquerade made it host traffic, so no ingress
 /// policy judged it either. It is deferred like a packet to a ClusterIP and judged on
 /// the backend, whose ingress judges the client as `from_pod` saw it, not the node.
-/// (A packet forwarded from outside and masqueraded is no host traffic either; the
-/// test runner gives every packet a socket, so `bypass_lab` proves that one.)
+/// A packet forwarded from outside and masqueraded to the node's address is no host
+/// traffic either (`bypass_services` proves it with real traffic).
 #[test]
 #[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
 fn a_pods_packet_to_a_node_port_is_judged_on_the_backend_as_its_clients() {
@@ -234,11 +234,15 @@ fn a_pods_packet_to_a_node_port_is_judged_on_the_backend_as_its_clients() {
     let (action, _) = rig.run_marked("to_pod", &to_backend(HOST, 40003, SERVER), pending);
     assert_eq!(action, OK);
     assert_eq!(rig.events().last().unwrap().reason, reason::POLICY_ALLOWED);
-    // Untagged from the node's address (the node's own, with a socket): host traffic.
+    // Untagged from the node's address: host traffic when the node sent it, judged by
+    // policy when it was forwarded (received on the uplink, say) and masqueraded.
     rig.events();
     let (action, _) = rig.run_marked("to_pod", &to_backend(HOST, 40004, SERVER), 0);
     assert_eq!(action, OK);
     assert_eq!(rig.events().last().unwrap().reason, reason::HOST_TRAFFIC);
+    let (action, _) = rig.run_received("to_pod", &to_backend(HOST, 40005, SERVER), 0, 7);
+    assert_eq!(action, SHOT, "a forwarded packet taken for the node's");
+    assert_eq!(rig.events().last().unwrap().reason, reason::POLICY_DENIED);
 }
 
 /// One pod used to be able to turn the node's whole conntrack table over: every allowed

@@ -224,11 +224,25 @@ impl Rig {
     /// Like `run`, with `skb->mark` set to `mark` (a packet handed over to the hook
     /// after DNAT); the action and the mark the program left.
     pub fn run_marked(&self, program: &str, packet: &[u8], mark: u32) -> (u32, u32) {
+        self.run_received(program, packet, mark, 0)
+    }
+
+    /// [`Rig::run_marked`] for a packet received on interface `ingress_ifindex` (0: sent
+    /// by the node itself), as one the node forwards is.
+    pub fn run_received(
+        &self,
+        program: &str,
+        packet: &[u8],
+        mark: u32,
+        ingress_ifindex: u32,
+    ) -> (u32, u32) {
         let prog: &SchedClassifier = self.ebpf.program(program).unwrap().try_into().unwrap();
         let mut out = vec![0u8; packet.len() + 256];
-        // struct __sk_buff: `mark` at offset 8; the kernel takes only fields it allows.
+        // struct __sk_buff: `mark` at offset 8, `ingress_ifindex` at 36; the kernel takes
+        // only fields it allows.
         let mut ctx = vec![0u8; 192];
         ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
         let mut ctx_out = vec![0u8; 192];
         let opts = TestRunOptions {
             data_in: Some(packet),
