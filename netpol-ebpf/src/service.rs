@@ -76,9 +76,12 @@ pub(crate) fn begin_to_pod(ctx: &TcContext) {
     }
 }
 
-/// A Service packet at `to_pod`: its client's address as `from_pod` saw it, before
-/// kube-proxy masqueraded it (NodePorts, externalIPs, the hairpin), is the peer of the
-/// backend's ingress.
+/// The pending entry of a Service packet (after DNAT), looked up once: its client's
+/// address as `from_pod` saw it, before kube-proxy masqueraded it (NodePorts,
+/// externalIPs, the hairpin), becomes the peer of the backend's ingress at `to_pod`
+/// (the next `to_pod` run starts afresh, so `to_remote` and `local_in` may write it
+/// too). Returns 1 when the packet goes to the backend its client's verdict was made
+/// for (not the source: the uplink hook sees it after the masquerade).
 #[inline(never)]
 fn note_client(client: u32, pkt: &Packet) -> u32 {
     let key = pending_key(client, pkt.sport, pkt.protocol);
@@ -88,7 +91,7 @@ fn note_client(client: u32, pkt: &Packet) -> u32 {
     };
     // SAFETY: per-CPU scratch used by this run only; `p` is a map value.
     unsafe { (*scratch).svc_client = p.saddr };
-    1
+    (p.backend == pkt.daddr && p.bport == pkt.dport) as u32
 }
 
 /// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
@@ -184,10 +187,11 @@ pub(crate) fn after_dnat<C: Frame>(ctx: &C) -> i32 {
     let mut out = Outcome::drop(reason::NONE);
     match ctx.parse_into(&mut pkt) {
         parse::PARSED => {
-            // (Read by `to_pod` only; the next `to_pod` run starts afresh.)
-            note_client(client, &pkt);
-            if established && same_backend(client, &pkt) != 0 {
+            if established && note_client(client, &pkt) != 0 {
                 return TC_ACT_OK; // counted at `from_pod`, as CONNTRACK
+            }
+            if !established {
+                note_client(client, &pkt);
             }
             // Pending, or established towards another backend than its verdict's (the
             // flow DNATed anew, or the pending entry taken by another flow of the same
@@ -226,19 +230,6 @@ pub(crate) fn local_in(ctx: SkBuffContext) -> i32 {
     } else {
         1
     }
-}
-
-/// 1 when `pkt` (after DNAT) goes to the backend its client's verdict was made for, as
-/// its pending entry recorded.
-#[inline(never)]
-fn same_backend(client: u32, pkt: &Packet) -> u32 {
-    let key = pending_key(client, pkt.sport, pkt.protocol);
-    // SAFETY: a lookup; the value is read at once.
-    let Some(p) = (unsafe { SVC_PENDING.get(&key) }) else {
-        return 0;
-    };
-    // (Not the source: the uplink hook sees it after kube-proxy's masquerade.)
-    (p.backend == pkt.daddr && p.bport == pkt.dport) as u32
 }
 
 /// The client's egress policy against the backend; an allowed (or audited) connection

@@ -212,21 +212,7 @@ impl Datapath {
         node: &[std::net::IpAddr],
     ) -> anyhow::Result<()> {
         let desired = services::addresses(services, node);
-        // NodePorts first: a node address is only deferred on one.
-        let changed = services::sync_map(
-            &mut self.ebpf,
-            map::NODEPORTS,
-            &mut self.services.nodeports,
-            &desired.nodeports,
-        )
-        .and_then(|n| {
-            Ok(n + services::sync_map(
-                &mut self.ebpf,
-                map::SERVICES,
-                &mut self.services.vips,
-                &desired.vips,
-            )?)
-        });
+        let changed = self.services.sync(&mut self.ebpf, &desired);
         // A VIP that came or went changes how a connection to it is judged (after DNAT
         // or not at all): every connection is judged again, as after a policy change.
         if !matches!(changed, Ok(0)) {

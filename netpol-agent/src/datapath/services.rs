@@ -14,7 +14,7 @@ use aya::maps::{HashMap, MapData, MapError};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType};
 use aya::programs::SchedClassifier;
 use aya::Ebpf;
-use netpol_common::{nodeport_key, program, Addr, ServiceEntry};
+use netpol_common::{map, nodeport_key, program, Addr, ServiceEntry};
 
 use netpol_engine::objects::Object;
 
@@ -30,6 +30,20 @@ pub struct ServiceAddresses {
     pub vips: BTreeMap<Addr, ServiceEntry>,
     /// `nodeport_key(protocol, nodePort)` → the Service's number.
     pub nodeports: BTreeMap<u32, u32>,
+}
+
+impl ServiceAddresses {
+    /// Writes what differs from `desired` into `NP_NODEPORTS` and `NP_SERVICES`
+    /// (NodePorts first: a node address is only deferred on one); how many entries.
+    pub fn sync(&mut self, ebpf: &mut Ebpf, desired: &ServiceAddresses) -> anyhow::Result<usize> {
+        let ports = sync_map(
+            ebpf,
+            map::NODEPORTS,
+            &mut self.nodeports,
+            &desired.nodeports,
+        )?;
+        Ok(ports + sync_map(ebpf, map::SERVICES, &mut self.vips, &desired.vips)?)
+    }
 }
 
 /// The addresses of every Service (numbered in (namespace, name) order from 1;
@@ -105,7 +119,7 @@ fn protocol_number(name: Option<&str>) -> Option<u8> {
 
 /// Writes the difference between `actual` and `desired` into map `name` (adds first);
 /// how many entries changed.
-pub fn sync_map<K, V>(
+fn sync_map<K, V>(
     ebpf: &mut Ebpf,
     name: &str,
     actual: &mut BTreeMap<K, V>,

@@ -97,26 +97,9 @@ impl Lab {
     pub(super) fn setup_nodes(&self) -> anyhow::Result<()> {
         // One bpffs for the lab (`ip netns exec` hides /sys/fs/bpf behind a fresh
         // sysfs); each node's agent pins under its own directory in it.
-        let pins = crate::lab::pin_root(&self.name);
-        std::fs::create_dir_all(&pins)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&pins)
-            .status()
-            .context("running mount")?;
-        if !status.success() {
-            bail!("mounting a bpffs at {} failed", pins.display());
-        }
-        let cgroup = crate::lab::cgroup_root(&self.name);
-        std::fs::create_dir_all(&cgroup)?;
-        let status = Command::new("mount")
-            .args(["-t", "cgroup2", "cgroup2"])
-            .arg(&cgroup)
-            .status()
-            .context("running mount")?;
-        if !status.success() {
-            bail!("mounting the cgroup v2 hierarchy at {} failed (the agents hook local delivery there)", cgroup.display());
-        }
+        mount("bpf", &crate::lab::pin_root(&self.name))?;
+        // The agents hook local delivery on its root.
+        mount("cgroup2", &crate::lab::cgroup_root(&self.name))?;
         netns::raise_neighbour_limits()?;
         for n in &self.nodes {
             netns::setup_node(&n.net.netns, BRIDGE, n.cidr.gateway(), n.cidr.prefix())
@@ -167,4 +150,18 @@ impl Lab {
         crate::lab::unmount(&crate::lab::pin_root(&self.name));
         crate::lab::unmount(&crate::lab::cgroup_root(&self.name));
     }
+}
+
+/// Mounts a filesystem of type `fs` at `at` (created if missing).
+fn mount(fs: &str, at: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(at)?;
+    let status = Command::new("mount")
+        .args(["-t", fs, fs])
+        .arg(at)
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mounting a {fs} filesystem at {} failed", at.display());
+    }
+    Ok(())
 }
