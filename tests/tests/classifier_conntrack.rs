@@ -385,3 +385,42 @@ fn tcp_state_starts_at_a_syn_only() {
         (OK, reason::CONNTRACK)
     );
 }
+
+/// A pod isolated in neither direction is still tracked, so that the first policy to
+/// isolate it (a namespace's default deny of ingress, the usual first step) does not cut
+/// the connections it already has: their replies ride on the check made when they were
+/// opened, judged again under the new revision, while new connections in are denied.
+/// Without the entry the reply would meet the new ingress policy as a stranger, and a
+/// mid-stream segment cannot open state again (SYN only).
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn connections_opened_before_the_first_isolating_policy_keep_their_replies() {
+    use netpol_common::endpoint_flags::ISOLATED_INGRESS;
+    let mut rig = Rig::new(0);
+    rig.config(trace());
+    let out = v4(SERVER, CLIENT, tcp(40000, 5432, SYN));
+    let reply = v4(CLIENT, SERVER, tcp(5432, 40000, SYN | ACK));
+    assert_eq!(judge(&mut rig, false, &out), (OK, reason::NOT_ISOLATED));
+    assert!(
+        rig.conntrack(&key4(SERVER, CLIENT, TCP, 40000, 5432)).is_some(),
+        "tracked while isolated in neither direction"
+    );
+    assert_eq!(judge(&mut rig, true, &reply), (OK, reason::CONNTRACK));
+
+    rig.update_endpoint(|ep| {
+        ep.flags = ISOLATED_INGRESS;
+        ep.revision = 2;
+    });
+    let data = v4(CLIENT, SERVER, tcp(5432, 40000, ACK | PSH));
+    assert_eq!(
+        judge(&mut rig, true, &data).0,
+        OK,
+        "the reply of a connection opened before isolation passes"
+    );
+    assert_eq!(judge(&mut rig, true, &data), (OK, reason::CONNTRACK));
+    assert_eq!(
+        judge(&mut rig, true, &v4(CLIENT, SERVER, tcp(40001, 80, SYN))),
+        (SHOT, reason::POLICY_DENIED),
+        "a new connection in is denied"
+    );
+}
