@@ -109,8 +109,10 @@ pub(crate) struct Scratch {
     /// third to the verifier's work.)
     pub(crate) stamp: u64,
     /// At `to_pod`, a Service packet's client as it was before kube-proxy's masquerade
-    /// (0: none): the peer its ingress is judged against.
+    /// (when `svc_client_known` is 1): the peer its ingress is judged against.
     pub(crate) svc_client: Addr,
+    /// A flag, not a cleared address: 16 bytes of zeroes are a call of `memset`.
+    pub(crate) svc_client_known: u8,
     /// 1: the node sent the packet itself (it came in by no interface); a masqueraded,
     /// forwarded packet from the node's address is no host traffic.
     pub(crate) node_sent: u8,

@@ -65,7 +65,7 @@ fn judge_connection(
     scratch.addr.prefix_len = 128;
     scratch.addr.data = if pkt.dir == direction::EGRESS {
         pkt.daddr
-    } else if arriving && scratch.svc_client != [0u8; 16] {
+    } else if arriving && scratch.svc_client_known != 0 {
         // A Service packet: its client before the masquerade (`service::note_client`).
         scratch.svc_client
     } else {

@@ -71,7 +71,7 @@ pub(crate) fn begin_to_pod(ctx: &TcContext) {
     };
     // SAFETY: per-CPU scratch used by this run only; the context pointer is valid.
     unsafe {
-        (*scratch).svc_client = [0; 16];
+        (*scratch).svc_client_known = 0;
         (*scratch).node_sent = ((*ctx.skb.skb).ingress_ifindex == 0) as u8;
     }
 }
@@ -90,7 +90,10 @@ fn note_client(client: u32, pkt: &Packet) -> u32 {
         return 0;
     };
     // SAFETY: per-CPU scratch used by this run only; `p` is a map value.
-    unsafe { (*scratch).svc_client = p.saddr };
+    unsafe {
+        (*scratch).svc_client = p.saddr;
+        (*scratch).svc_client_known = 1;
+    }
     (p.backend == pkt.daddr && p.bport == pkt.dport) as u32
 }
 
