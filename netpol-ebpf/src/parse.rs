@@ -52,8 +52,11 @@ pub mod frag {
     pub const LATER: u8 = 2;
 }
 
+#[repr(align(8))]
 #[derive(Clone, Copy, Default)]
 pub struct Packet {
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub family: u8,
     pub protocol: u8,
     pub tcp_flags: u8,
@@ -79,8 +82,6 @@ pub struct Packet {
     pub len: u32,
     /// IPv4 protocol, or the next header of the IPv6 fragment header.
     pub frag_proto: u8,
-    pub saddr: Addr,
-    pub daddr: Addr,
     /// Host order. ICMP echo: the identifier, in both ports (so replies reverse onto it).
     pub sport: u16,
     pub dport: u16,
@@ -210,6 +211,16 @@ macro_rules! load_or_drop {
     };
 }
 
+/// `dst = v4_mapped(a)` in byte stores that LLVM cannot merge into a call of `memset`.
+#[inline(always)]
+fn set_v4_mapped(dst: &mut Addr, a: [u8; 4]) {
+    let mapped = v4_mapped(a);
+    for (i, b) in mapped.iter().enumerate() {
+        // SAFETY: within the array.
+        unsafe { dst.as_mut_ptr().add(i).write_volatile(*b) };
+    }
+}
+
 /// Reads into `$dst` or returns `MALFORMED` from the enclosing function.
 macro_rules! read_or_drop {
     ($ctx:expr, $off:expr, $dst:expr) => {
@@ -303,8 +314,8 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
             let offset = frag_word & 0x1fff;
             let more = frag_word & 0x2000 != 0;
             p.protocol = h[9];
-            p.saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
-            p.daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+            set_v4_mapped(&mut p.saddr, [h[12], h[13], h[14], h[15]]);
+            set_v4_mapped(&mut p.daddr, [h[16], h[17], h[18], h[19]]);
             if offset != 0 || more {
                 p.frag = if offset != 0 {
                     frag::LATER
