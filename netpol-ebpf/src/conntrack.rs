@@ -3,7 +3,7 @@
 //! and the re-check of an established connection after a policy change.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::maps::HashMap;
 use netpol_common::{
     config_flags, ct_flags, ct_timeout_ns, direction, event_counter, proto, reason, verdict,
@@ -137,7 +137,7 @@ unsafe fn service_reply_again(
     set_stamp(e, direction::EGRESS, (*scratch).stamp);
     set_cookie(e, direction::EGRESS, out.cookie);
     (*e).flags &= !ct_flags::EGRESS_AUDIT;
-    ct_touch(e, pkt, true, bpf_ktime_get_ns());
+    ct_touch(e, pkt, true, bpf_ktime_get_coarse_ns());
     count_rule(out.cookie, pkt.len);
     out.reason = reason::CONNTRACK;
 }
@@ -261,9 +261,19 @@ pub(crate) unsafe fn ct_touch(e: *mut CtEntry, pkt: &Packet, reply: bool, now: u
     if reply {
         flags |= ct_flags::SEEN_REPLY;
     }
-    (*e).flags = flags;
-    (*e).last_seen_ns = now;
+    // Written only when they change: a store on every packet bounces the entry's cache
+    // line between the CPUs of a busy connection. The idle clock moves in steps of
+    // `TOUCH_STEP_NS`, so an entry may expire up to that much early.
+    if (*e).flags != flags {
+        (*e).flags = flags;
+    }
+    if now.saturating_sub((*e).last_seen_ns) >= TOUCH_STEP_NS {
+        (*e).last_seen_ns = now;
+    }
 }
+
+/// How stale an entry's idle clock may get before a packet moves it: a quarter second.
+const TOUCH_STEP_NS: u64 = crate::NS_PER_SEC / 4;
 
 /// `*n += delta`, atomically (BPF_ATOMIC_ADD: other CPUs add to the same value). The
 /// BPF target has no atomic read-modify-write in `core`, hence the instruction itself.

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use netpol_common::{
     config_flags, counter_index, direction, event_counter, verdict, Config, EndpointCounters,
@@ -148,8 +148,10 @@ fn take_token(ifindex: u32, now: u64) -> Option<u32> {
 
 #[inline(never)]
 fn report(ifindex: u32, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
+    // The bucket on the coarse clock (a tick is fine for a rate per second); the event's
+    // own time, only for an event sent, on the precise one.
     // SAFETY: a helper without arguments or memory access.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(suppressed) = take_token(ifindex, now) else {
         count(event_counter::RATE_LIMITED);
         return;
@@ -169,7 +171,7 @@ fn report(ifindex: u32, ep: &EndpointEntry, pkt: &Packet, out: &Outcome) {
     let ev = slot.as_mut_ptr();
     // SAFETY: `ev` points at a reserved, exclusively owned record of the right size.
     unsafe {
-        (*ev).timestamp_ns = now;
+        (*ev).timestamp_ns = bpf_ktime_get_ns();
         (*ev).ifindex = ifindex;
         (*ev).endpoint = ep.id;
         (*ev).src_identity = src_identity;

@@ -50,7 +50,7 @@ mod trace;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     macros::{cgroup_skb, classifier},
     programs::{SkBuffContext, TcContext},
 };
@@ -268,8 +268,10 @@ fn pipeline_steps(
     };
     // SAFETY: per-CPU scratch, used by this program run only.
     let scratch = unsafe { &mut *scratch };
+    // The coarse clock (CLOCK_MONOTONIC_COARSE, a tick behind at most): idle timeouts are
+    // seconds, and reading the TSC was an eighth of a conntrack hit.
     // SAFETY: a helper without arguments or memory access.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     scratch.ifindex = ifindex;

@@ -15,7 +15,7 @@
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns},
     programs::{SkBuffContext, TcContext},
 };
 use netpol_common::{
@@ -275,7 +275,7 @@ fn judge_backend(
         // What this verdict was made for, should a reply need it judged again.
         (*p).backend = pkt.daddr;
         (*p).bport = pkt.dport;
-        let now = bpf_ktime_get_ns();
+        let now = bpf_ktime_get_coarse_ns();
         if !opens(pkt) {
             // Passes untracked (see `opens`).
             if audited == 0 {
