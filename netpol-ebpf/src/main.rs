@@ -48,6 +48,8 @@ mod service;
 #[cfg(feature = "trace")]
 mod trace;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
@@ -99,11 +101,9 @@ pub fn hold_to_pod(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn hold(ctx: &TcContext, dir: u8) -> i32 {
-    let mut pkt = Packet {
-        dir,
-        ..Packet::default()
-    };
-    if parse::parse(ctx, &mut pkt) == parse::SKIP && dir == direction::INGRESS {
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::init(&mut slot, dir, 0);
+    if parse::parse(ctx, pkt) == parse::SKIP && dir == direction::INGRESS {
         return TC_ACT_OK;
     }
     count(counter_index(
@@ -178,25 +178,22 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
     let Some(config) = CONFIG.get(0) else {
         return TC_ACT_SHOT; // cannot happen for an array; never fail open
     };
-    let mut pkt = Packet {
-        dir,
-        len: ctx.len(),
-        ..Packet::default()
-    };
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::init(&mut slot, dir, ctx.len());
     let mut out = Outcome::drop(reason::NONE);
-    match parse::parse(ctx, &mut pkt) {
+    match parse::parse(ctx, pkt) {
         parse::PARSED => {
-            trace!(parsed(ctx, &pkt, ifindex));
-            out.verdict = pipeline(ctx, ep, config, &pkt, &mut out);
+            trace!(parsed(ctx, pkt, ifindex));
+            out.verdict = pipeline(ctx, ep, config, pkt, &mut out);
         }
         // ARP, or IPv6 neighbour discovery / MLD: held to the pod's own addresses.
-        parse::SKIP => match neighbour::check(ctx, ep, &pkt) {
+        parse::SKIP => match neighbour::check(ctx, ep, pkt) {
             0 => return TC_ACT_OK,
             code => out = Outcome::drop(code),
         },
         code => out = Outcome::drop(code),
     }
-    finish(ctx, ep, config, &pkt, out)
+    finish(ctx, ep, config, pkt, out)
 }
 
 /// The stamp of a decision made now: the endpoint's revision and the node's epoch, each

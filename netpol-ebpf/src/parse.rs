@@ -88,6 +88,24 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// A packet of zeroes but for its direction and length, made in place (a value
+    /// returned would be copied, and LLVM makes a copy of known zeroes a `memset`).
+    #[inline(always)]
+    pub fn init(slot: &mut MaybeUninit<Packet>, dir: u8, len: u32) -> &mut Packet {
+        let words = slot.as_mut_ptr() as *mut u64;
+        // Volatile 8-byte stores: plain ones LLVM merges into a call of aya's
+        // byte-at-a-time `memset`.
+        for i in 0..core::mem::size_of::<Packet>() / 8 {
+            // SAFETY: within the value; `Packet` is 8-aligned, so a multiple of 8 long.
+            unsafe { words.add(i).write_volatile(0) };
+        }
+        // SAFETY: every byte written; all zeroes is a valid `Packet`.
+        let p = unsafe { slot.assume_init_mut() };
+        p.dir = dir;
+        p.len = len;
+        p
+    }
+
     #[inline(always)]
     pub fn fill_ct_key(&self, k: &mut CtKey) {
         k.saddr = self.saddr;

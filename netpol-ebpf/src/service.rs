@@ -12,6 +12,8 @@
 //! source after the reverse NAT, match it. A tagged packet whose client is unknown is
 //! dropped: a packet to a VIP is never let through unjudged past the hook after DNAT.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     cty::c_void,
@@ -182,29 +184,26 @@ pub(crate) fn after_dnat<C: Frame>(ctx: &C) -> i32 {
         ));
         return TC_ACT_SHOT;
     };
-    let mut pkt = Packet {
-        dir: direction::EGRESS,
-        len: ctx.buf().len(),
-        ..Packet::default()
-    };
+    let mut slot = MaybeUninit::uninit();
+    let pkt = Packet::init(&mut slot, direction::EGRESS, ctx.buf().len());
     let mut out = Outcome::drop(reason::NONE);
-    match ctx.parse_into(&mut pkt) {
+    match ctx.parse_into(pkt) {
         parse::PARSED => {
-            if established && note_client(client, &pkt) != 0 {
+            if established && note_client(client, pkt) != 0 {
                 return TC_ACT_OK; // counted at `from_pod`, as CONNTRACK
             }
             if !established {
-                note_client(client, &pkt);
+                note_client(client, pkt);
             }
             // Pending, or established towards another backend than its verdict's (the
             // flow DNATed anew, or the pending entry taken by another flow of the same
             // source port): judged on this backend.
-            judge_backend(ep, config, client, &pkt, &mut out)
+            judge_backend(ep, config, client, pkt, &mut out)
         }
         parse::SKIP => return TC_ACT_OK,
         code => out = Outcome::drop(code),
     }
-    finish(ctx, ep, config, &pkt, out)
+    finish(ctx, ep, config, pkt, out)
 }
 
 /// The cgroup hook on local delivery (`local_in`, on the node's sockets' receive
