@@ -215,10 +215,43 @@ pub(crate) fn read_uninit<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUnini
     }
 }
 
+/// [`read_uninit`], in place where the bytes are in the packet's linear part (nearly
+/// always for the headers up to L4): a helper call and its return cost more than the
+/// copy. Not in loops: each read has two paths for the verifier to walk.
+#[inline(always)]
+pub(crate) fn read_direct<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUninit<T>) -> bool {
+    let size = core::mem::size_of::<T>();
+    let skb = ctx.buf().skb;
+    // SAFETY: the context pointer is valid for the whole program run.
+    let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // Headers in the linear part (nearly always) are read in place: a helper call and
+    // its return cost more than the copy. The bound on `off` is for the verifier.
+    if off < 256 {
+        let at = start + off;
+        if at + size <= end {
+            // SAFETY: `at..at + size` lies within the packet's linear data (checked
+            // above, as the verifier requires); `dst` is valid for writes of `size`.
+            unsafe {
+                core::ptr::copy_nonoverlapping(at as *const u8, dst.as_mut_ptr() as *mut u8, size)
+            };
+            return true;
+        }
+    }
+    read_uninit(ctx, off, dst)
+}
+
 /// `let $name: &$t` (plain bytes) read at `$off`, or returns `MALFORMED` from the
 /// enclosing function. A reference into the buffer, not a copy: a copy is a second
 /// stack slot, and the whole call chain has 512 bytes.
 macro_rules! load_or_drop {
+    (direct $ctx:expr, $off:expr, $name:ident: $t:ty) => {
+        let mut $name = MaybeUninit::<$t>::uninit();
+        if !read_direct($ctx, $off, &mut $name) {
+            return reason::MALFORMED;
+        }
+        // SAFETY: all of it was written; any bytes are a valid `$t`.
+        let $name = unsafe { $name.assume_init_ref() };
+    };
     ($ctx:expr, $off:expr, $name:ident: $t:ty) => {
         let mut $name = MaybeUninit::<$t>::uninit();
         if !read_uninit($ctx, $off, &mut $name) {
@@ -294,7 +327,7 @@ pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> u16 {
         // The kernel took a tag off before TC; the stack behind would deliver the rest.
         return reason::UNKNOWN_L3;
     }
-    load_or_drop!(ctx, 0, eth: [u8; 14]);
+    load_or_drop!(direct ctx, 0, eth: [u8; 14]);
     p.l2_group = eth[0] & 1;
     p.smac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     match u16::from_be_bytes([eth[12], eth[13]]) {
@@ -319,7 +352,7 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
     match family {
         4 => {
             // version/IHL .. destination: the fixed 20 bytes
-            load_or_drop!(ctx, base, h: [u8; 20]);
+            load_or_drop!(direct ctx, base, h: [u8; 20]);
             let ihl = ((h[0] & 0x0f) as usize) * 4;
             if h[0] >> 4 != 4 || ihl < 20 {
                 return reason::MALFORMED;
@@ -353,7 +386,7 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
             l4 = base + ihl;
         }
         _ => {
-            load_or_drop!(ctx, base, h: [u8; 8]);
+            load_or_drop!(direct ctx, base, h: [u8; 8]);
             if h[0] >> 4 != 6 {
                 return reason::MALFORMED;
             }
@@ -432,7 +465,7 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
     }
     match p.protocol {
         proto::TCP => {
-            load_or_drop!(ctx, l4, hdr: [u8; 20]);
+            load_or_drop!(direct ctx, l4, hdr: [u8; 20]);
             p.sport = u16::from_be_bytes([hdr[0], hdr[1]]);
             p.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
             let doff = (hdr[12] >> 4) as usize * 4;
@@ -447,7 +480,7 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
         }
         proto::UDP | proto::SCTP => {
             // UDP's header is 8 bytes, SCTP's common header 12: both must be there.
-            load_or_drop!(ctx, l4, hdr: [u8; 8]);
+            load_or_drop!(direct ctx, l4, hdr: [u8; 8]);
             if p.protocol == proto::SCTP {
                 load_or_drop!(ctx, l4 + 8, _tag: [u8; 4]);
             }
@@ -455,7 +488,7 @@ pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u
             p.dport = u16::from_be_bytes([hdr[2], hdr[3]]);
         }
         proto::ICMP | proto::ICMPV6 => {
-            load_or_drop!(ctx, l4, hdr: [u8; 8]);
+            load_or_drop!(direct ctx, l4, hdr: [u8; 8]);
             let kind = hdr[0];
             if p.protocol == proto::ICMPV6 && p.family == 6 {
                 // Neighbour discovery (RFC 4861: hop limit 255, never routed) and
