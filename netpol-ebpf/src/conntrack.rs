@@ -3,6 +3,8 @@
 //! and the re-check of an established connection after a policy change.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use aya_ebpf::maps::HashMap;
 use netpol_common::{
@@ -12,7 +14,7 @@ use netpol_common::{
 
 use crate::emit::{count, count_rule};
 use crate::maps::{CONNTRACK, CT_HELD, FRAG_HELD, SCRATCH, SCRATCH_PACKET};
-use crate::parse::Packet;
+use crate::parse::{zeroed_in, Packet};
 use crate::policy::{audit_mode, audits, verdict_of};
 use crate::{opposite, service, Outcome};
 
@@ -364,12 +366,12 @@ pub(crate) fn remember(
         count(event_counter::CT_SHARE_FULL);
         return;
     }
-    let mut entry = CtEntry {
-        last_seen_ns: now,
-        flags: ok | audited,
-        owner,
-        ..CtEntry::default()
-    };
+    let mut slot = MaybeUninit::uninit();
+    // SAFETY: all zeroes is a valid entry (integers only).
+    let entry = unsafe { zeroed_in::<CtEntry>(&mut slot) };
+    entry.last_seen_ns = now;
+    entry.flags = ok | audited;
+    entry.owner = owner;
     if jdir == direction::EGRESS {
         entry.egress_stamp = stamp;
         entry.egress_cookie = cookie;
@@ -380,7 +382,7 @@ pub(crate) fn remember(
     // A full table evicts the least recently used entry (uncounted until the agent's
     // sweep); a failed insert (another CPU's entry for the key came first) only means
     // the next packet is judged by policy again.
-    if CONNTRACK.insert(key, &entry, BPF_NOEXIST as u64).is_ok() {
+    if CONNTRACK.insert(key, entry, BPF_NOEXIST as u64).is_ok() {
         ct_held_one(owner);
     }
 }
