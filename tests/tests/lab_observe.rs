@@ -372,3 +372,30 @@ fn per_policy_counters_name_the_rule_and_the_isolating_policies() {
         "{metrics}"
     );
 }
+
+/// Issue 16: with the kernel's program statistics on, `netpol status` shows what each
+/// program costs per packet (the kernel's own count of runs and nanoseconds).
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn status_shows_the_kernels_cost_per_packet_while_bpf_stats_are_on() {
+    let lab = Lab::up("stats", &[("pods.yaml", PODS), ("deny.yaml", DENY_X)], &[]);
+    lab.wait();
+    // Counting lasts while this descriptor is open (BPF_ENABLE_STATS).
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
+    assert_eq!(lab.result(80, "TCP", "x/b", "y/c"), "connected");
+    let status: Value = serde_json::from_str(&lab.netpol(&["status", "-o", "json"])).unwrap();
+    for p in ["from_pod", "to_pod"] {
+        let runs = &status["agent"]["program_runs"][p];
+        let (n, ns) = (
+            runs["runs"].as_u64().unwrap_or(0),
+            runs["run_time_ns"].as_u64().unwrap_or(0),
+        );
+        assert!(n >= 3, "{p} counted the connection's packets: {status}");
+        assert!(ns > 0 && ns / n < 100_000, "{p}: {ns} ns over {n} runs");
+    }
+    let table = lab.netpol(&["status"]);
+    assert!(
+        table.contains("cost per packet (bpf_stats): from_pod"),
+        "{table}"
+    );
+}

@@ -107,6 +107,10 @@ pub struct Status {
     /// how close it is to the 1M budget).
     #[serde(default)]
     pub verified_instructions: std::collections::BTreeMap<String, u32>,
+    /// Program → runs and their nanoseconds as the kernel counted them (only while
+    /// `kernel.bpf_stats_enabled` is 1; empty otherwise). Read when asked.
+    #[serde(default)]
+    pub program_runs: std::collections::BTreeMap<String, crate::datapath::programs::ProgramRuns>,
     /// Ports left held because their pod's addresses cannot be trusted (two pods'
     /// addresses on one port, a port claiming another pod's, several claiming one).
     #[serde(default)]

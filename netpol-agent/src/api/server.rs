@@ -103,7 +103,10 @@ async fn handle(
     let kernel = || kernel.as_ref().expect("checked above");
     match req {
         Request::Status => {
-            let s = shared.status.borrow().clone();
+            let mut s = shared.status.borrow().clone();
+            if let Some(k) = &shared.kernel {
+                s.program_runs = crate::datapath::programs::program_runs(&k.pins);
+            }
             line(&mut write, &s).await?;
         }
         Request::Wait { digest } => {

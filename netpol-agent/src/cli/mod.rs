@@ -354,6 +354,17 @@ fn status_table(agent: &crate::api::Status, tally: &crate::events::TallyReport) 
             .collect();
         t.push_str(&format!("verified instructions: {}\n", programs.join(", ")));
     }
+    let costs: Vec<String> = agent
+        .program_runs
+        .iter()
+        .filter_map(|(p, r)| Some(format!("{p} {:.0} ns ({} runs)", r.ns_per_run()?, r.runs)))
+        .collect();
+    if !costs.is_empty() {
+        t.push_str(&format!(
+            "cost per packet (bpf_stats): {}\n",
+            costs.join(", ")
+        ));
+    }
     t.push_str(&format!(
         "\n{:<40} {:<8} {:>4} {:>12} {:>14}\n",
         "ALLOWED BY POLICY", "DIR", "RULE", "PACKETS", "BYTES"

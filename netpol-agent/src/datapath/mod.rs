@@ -17,7 +17,7 @@ pub mod maps;
 pub mod netlink;
 mod options;
 pub mod pin;
-mod programs;
+pub mod programs;
 pub mod services;
 pub mod sweep;
 pub mod tally;

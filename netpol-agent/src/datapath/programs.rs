@@ -145,6 +145,43 @@ pub(super) fn pin_program(
         .with_context(|| format!("pinning {name} at {}", path.display()))
 }
 
+/// What the kernel counted for one program while `kernel.bpf_stats_enabled` was on:
+/// its runs (packets) and the nanoseconds they took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProgramRuns {
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+impl ProgramRuns {
+    /// Mean nanoseconds per run (None: never counted).
+    pub fn ns_per_run(&self) -> Option<f64> {
+        (self.runs > 0).then(|| self.run_time_ns as f64 / self.runs as f64)
+    }
+}
+
+/// The kernel's run counts of the classifier pinned under `pins`, per program that has
+/// any: the kernel counts only while `kernel.bpf_stats_enabled` is on (or a
+/// `BPF_ENABLE_STATS` descriptor is open), so this is empty on a node that never did.
+pub fn program_runs(pins: &pin::PinDir) -> BTreeMap<String, ProgramRuns> {
+    [
+        program::FROM_POD,
+        program::TO_POD,
+        program::TO_REMOTE,
+        program::LOCAL_IN,
+    ]
+    .into_iter()
+    .filter_map(|name| {
+        let info = aya::programs::ProgramInfo::from_pin(pins.program_path(name)).ok()?;
+        let runs = ProgramRuns {
+            runs: info.run_count(),
+            run_time_ns: info.run_time().as_nanos() as u64,
+        };
+        (runs.runs > 0).then(|| (name.to_string(), runs))
+    })
+    .collect()
+}
+
 /// The programs the filters run, opened from their pins once verified.
 pub(super) enum Programs {
     Ready(Box<Verified>),
