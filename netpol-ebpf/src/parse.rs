@@ -126,8 +126,12 @@ impl Packet {
         // would be a call of the byte-at-a-time `memset`.
         // SAFETY: `protocol` and `_pad` are the last 4 bytes of the 8-aligned key.
         unsafe {
-            (&mut k.protocol as *mut u8 as *mut u32)
-                .write(u32::from_ne_bytes([self.protocol, 0, 0, 0]));
+            (&mut k.protocol as *mut u8 as *mut u32).write(u32::from_ne_bytes([
+                self.protocol,
+                0,
+                0,
+                0,
+            ]));
         }
     }
 }

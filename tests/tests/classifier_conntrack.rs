@@ -402,7 +402,8 @@ fn connections_opened_before_the_first_isolating_policy_keep_their_replies() {
     let reply = v4(CLIENT, SERVER, tcp(5432, 40000, SYN | ACK));
     assert_eq!(judge(&mut rig, false, &out), (OK, reason::NOT_ISOLATED));
     assert!(
-        rig.conntrack(&key4(SERVER, CLIENT, TCP, 40000, 5432)).is_some(),
+        rig.conntrack(&key4(SERVER, CLIENT, TCP, 40000, 5432))
+            .is_some(),
         "tracked while isolated in neither direction"
     );
     assert_eq!(judge(&mut rig, true, &reply), (OK, reason::CONNTRACK));
