@@ -56,7 +56,7 @@ pub(crate) fn assign_addresses(objects: &mut [Object]) -> Vec<(String, bool)> {
         .iter_mut()
         .filter_map(|o| {
             if let Object::Pod(p) = o {
-                Some(p)
+                Some(std::sync::Arc::make_mut(p))
             } else {
                 None
             }

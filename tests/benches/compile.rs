@@ -189,7 +189,7 @@ fn main() {
             &mut run,
             pods,
             "pod added",
-            Change::Upsert(Object::Pod(added.clone())),
+            Change::Upsert(Object::Pod(added.clone().into())),
             Change::Delete {
                 kind: Kind::Pod,
                 namespace: added.metadata.namespace.clone().unwrap(),
@@ -204,12 +204,10 @@ fn main() {
             &mut run,
             pods,
             "relabel",
-            Change::Upsert(Object::Pod(synthetic::pod(
-                &shape,
-                ordinary,
-                Some("app-relabelled"),
-            ))),
-            Change::Upsert(Object::Pod(synthetic::pod(&shape, ordinary, None))),
+            Change::Upsert(Object::Pod(
+                synthetic::pod(&shape, ordinary, Some("app-relabelled")).into(),
+            )),
+            Change::Upsert(Object::Pod(synthetic::pod(&shape, ordinary, None).into())),
         ));
         changes.push(change(
             &mut run,
@@ -219,15 +217,15 @@ fn main() {
                 &shape,
                 0,
                 Some("app-relabelled"),
-            ))),
-            Change::Upsert(Object::Pod(synthetic::pod(&shape, 0, None))),
+            ).into())),
+            Change::Upsert(Object::Pod(synthetic::pod(&shape, 0, None).into())),
         ));
         changes.push(change(
             &mut run,
             pods,
             "policy edited",
-            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5433))),
-            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5432))),
+            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5433).into())),
+            Change::Upsert(Object::NetworkPolicy(synthetic::policy(0, 2, 5432).into())),
         ));
     }
 

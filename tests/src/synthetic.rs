@@ -97,9 +97,9 @@ pub fn policy(ns: usize, k: usize, port: u16) -> NetworkPolicy {
 /// The whole cluster.
 pub fn cluster(shape: &Shape) -> Vec<Object> {
     let mut out: Vec<Object> = (0..shape.namespaces)
-        .map(|i| Object::Namespace(namespace(i)))
+        .map(|i| Object::Namespace(namespace(i).into()))
         .collect();
-    out.extend((0..shape.pods).map(|n| Object::Pod(pod(shape, n, None))));
+    out.extend((0..shape.pods).map(|n| Object::Pod(pod(shape, n, None).into())));
     let per_ns = shape.policies.div_ceil(shape.namespaces);
     let mut count = 0;
     'outer: for ns in 0..shape.namespaces {
@@ -107,7 +107,7 @@ pub fn cluster(shape: &Shape) -> Vec<Object> {
             if count == shape.policies {
                 break 'outer;
             }
-            out.push(Object::NetworkPolicy(policy(ns, k, 5432)));
+            out.push(Object::NetworkPolicy(policy(ns, k, 5432).into()));
             count += 1;
         }
     }

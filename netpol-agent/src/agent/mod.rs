@@ -154,14 +154,15 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut programmed_tx = None;
     let (mut input, mut snapshot) = match &opts.source {
         SourceSpec::Dir(paths) => {
-            let (state_tx, state_rx) = watch::channel(dir::read_state(paths));
+            let (state, parsed) = dir::first_read(paths);
+            let (state_tx, state_rx) = watch::channel(state);
             let watch_paths = paths.clone();
             tokio::spawn(async move {
-                if let Err(e) = dir::watch(watch_paths, state_tx).await {
+                if let Err(e) = dir::watch(watch_paths, state_tx, parsed).await {
                     tracing::error!(error = ?e, "watching the manifest directory failed");
                 }
             });
-            let snapshot = Arc::new(index.reset(&state_rx.borrow().clone()));
+            let snapshot = Arc::new(index.reset(&state_rx.borrow()));
             (Input::Dir(state_rx), snapshot)
         }
         SourceSpec::Kube => {

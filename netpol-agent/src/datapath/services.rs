@@ -58,7 +58,7 @@ pub fn addresses(objects: &[Object], node: &[IpAddr]) -> ServiceAddresses {
                     .clone()
                     .unwrap_or_else(|| "default".into()),
                 svc.metadata.name.clone().unwrap_or_default(),
-                svc,
+                &**svc,
             )),
             _ => None,
         })

@@ -18,6 +18,13 @@ pub fn read_state(paths: &[PathBuf]) -> ClusterState {
     read_state_with(paths, &mut Parsed::default())
 }
 
+/// Reads `paths` once for [`watch`]: the state, and what was parsed, which the watch
+/// goes on from (parsing it all again would hold a second copy of every object).
+pub fn first_read(paths: &[PathBuf]) -> (ClusterState, Parsed) {
+    let mut parsed = Parsed::default();
+    (read_state_with(paths, &mut parsed), parsed)
+}
+
 fn read_state_with(paths: &[PathBuf], parsed: &mut Parsed) -> ClusterState {
     let (objects, errors, contents) = read_all_with(paths, parsed);
     ClusterState {
@@ -50,9 +57,13 @@ pub fn current_digest(paths: &[PathBuf]) -> String {
     digest_of(&contents)
 }
 
-/// Watches `paths` and publishes a new [`ClusterState`] whenever their content changes.
-/// Runs until the receiver side is dropped.
-pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyhow::Result<()> {
+/// Watches `paths` and publishes a new [`ClusterState`] whenever their content changes,
+/// going on from `parsed` ([`first_read`]'s). Runs until the receiver side is dropped.
+pub async fn watch(
+    paths: Vec<PathBuf>,
+    tx: watch::Sender<ClusterState>,
+    mut parsed: Parsed,
+) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         // Our own reads show up as access events: re-reading on them would loop forever.
@@ -70,7 +81,6 @@ pub async fn watch(paths: Vec<PathBuf>, tx: watch::Sender<ClusterState>) -> anyh
         watcher.watch(p, mode)?;
     }
     let mut last = tx.borrow().digest.clone();
-    let mut parsed = Parsed::default();
     loop {
         let state = read_state_with(&paths, &mut parsed);
         if state.digest != last {

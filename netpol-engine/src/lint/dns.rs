@@ -26,7 +26,7 @@ impl<'a> Checker<'a> {
         } else {
             let pod: Pod = serde_yaml::from_str(DNS_STAND_IN).expect("literal");
             let mut with = objects.to_vec();
-            with.push(Object::Pod(pod));
+            with.push(Object::Pod(pod.into()));
             stand_in = Model::new(with);
             (&stand_in, true)
         };

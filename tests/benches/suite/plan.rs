@@ -258,6 +258,7 @@ pub fn update_cluster(pods: usize) -> anyhow::Result<String> {
             Object::Namespace(ns) => serde_yaml::to_string(&ns)?,
             Object::NetworkPolicy(np) => serde_yaml::to_string(&np)?,
             Object::Pod(mut pod) => {
+                let pod = std::sync::Arc::make_mut(&mut pod);
                 pod.metadata
                     .annotations
                     .get_or_insert_with(Default::default)
@@ -268,7 +269,7 @@ pub fn update_cluster(pods: usize) -> anyhow::Result<String> {
                         .get_or_insert_with(Default::default)
                         .insert("role".into(), "client".into());
                 }
-                serde_yaml::to_string(&pod)?
+                serde_yaml::to_string(pod)?
             }
             _ => continue,
         };

@@ -247,7 +247,7 @@ fn selector_matches(sel: Option<&LabelSelector>, labels: &BTreeMap<String, Strin
 /// hostNetwork (such a pod is the node, and no podSelector selects it).
 fn pod_at(state: &ClusterState, addr: IpAddr) -> Option<&Pod> {
     state.objects.iter().find_map(|o| match o {
-        Object::Pod(p) if takes_part(p) && pod_ips(p).contains(&addr) => Some(p),
+        Object::Pod(p) if takes_part(p) && pod_ips(p).contains(&addr) => Some(&**p),
         _ => None,
     })
 }
@@ -314,7 +314,7 @@ fn container_ports(p: &Pod) -> Vec<(Option<String>, String, u16)> {
 /// The policies the API server would have accepted.
 fn policies(state: &ClusterState) -> impl Iterator<Item = &NetworkPolicy> {
     state.objects.iter().filter_map(|o| match o {
-        Object::NetworkPolicy(np) if valid(np) => Some(np),
+        Object::NetworkPolicy(np) if valid(np) => Some(&**np),
         _ => None,
     })
 }

@@ -101,10 +101,11 @@ pub struct AgentOptions {
 pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let (state_tx, mut state_rx) = watch::channel(dir::read_state(&opts.source));
+        let (state, parsed) = dir::first_read(&opts.source);
+        let (state_tx, mut state_rx) = watch::channel(state);
         let paths = opts.source.clone();
         tokio::spawn(async move {
-            if let Err(e) = dir::watch(paths, state_tx).await {
+            if let Err(e) = dir::watch(paths, state_tx, parsed).await {
                 tracing::error!(error = ?e, "watching the manifest directory failed");
             }
         });

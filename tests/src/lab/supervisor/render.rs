@@ -151,7 +151,7 @@ impl Lab {
         let pods: BTreeMap<PodKey, &Pod> = objects
             .iter()
             .filter_map(|o| match o {
-                Object::Pod(p) => Some((pod_key(p)?, p)),
+                Object::Pod(p) => Some((pod_key(p)?, &**p)),
                 _ => None,
             })
             .collect();
@@ -236,7 +236,9 @@ impl Lab {
                         })
                         .map(|s| s.cluster_ip.clone());
                     if let Some(ip) = ip {
-                        let spec = svc.spec.get_or_insert_with(Default::default);
+                        let spec = std::sync::Arc::make_mut(&mut svc)
+                            .spec
+                            .get_or_insert_with(Default::default);
                         spec.cluster_ip = Some(ip.clone());
                         spec.cluster_ips = Some(vec![ip]);
                     }
