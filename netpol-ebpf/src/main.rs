@@ -103,7 +103,7 @@ pub fn hold_to_pod(ctx: TcContext) -> i32 {
 fn hold(ctx: &TcContext, dir: u8) -> i32 {
     let mut slot = MaybeUninit::uninit();
     let pkt = Packet::init(&mut slot, dir, 0);
-    if parse::parse(ctx, pkt) == parse::SKIP && dir == direction::INGRESS {
+    if parse::parse::<_, true>(ctx, pkt) == parse::SKIP && dir == direction::INGRESS {
         return TC_ACT_OK;
     }
     count(counter_index(
@@ -181,7 +181,7 @@ fn judge(ctx: &TcContext, dir: u8) -> i32 {
     let mut slot = MaybeUninit::uninit();
     let pkt = Packet::init(&mut slot, dir, ctx.len());
     let mut out = Outcome::drop(reason::NONE);
-    match parse::parse(ctx, pkt) {
+    match parse::parse::<_, true>(ctx, pkt) {
         parse::PARSED => {
             trace!(parsed(ctx, pkt, ifindex));
             out.verdict = pipeline(ctx, ep, config, pkt, &mut out);

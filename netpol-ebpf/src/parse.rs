@@ -158,7 +158,7 @@ impl Frame for TcContext {
     }
     #[inline(always)]
     fn parse_into(&self, p: &mut Packet) -> u16 {
-        parse(self, p)
+        parse::<_, false>(self, p)
     }
 }
 
@@ -189,8 +189,8 @@ impl Frame for LocalIn {
         // SAFETY: the context pointer is valid for the whole program run.
         let ethertype = u16::from_be(unsafe { (*self.ctx.skb.skb).protocol } as u16);
         match ethertype {
-            ETH_P_IP => parse_ip(self, p, 4, 0),
-            ETH_P_IPV6 => parse_ip(self, p, 6, 0),
+            ETH_P_IP => parse_ip::<_, false>(self, p, 4, 0),
+            ETH_P_IPV6 => parse_ip::<_, false>(self, p, 6, 0),
             _ => SKIP, // not IP: no Service packet
         }
     }
@@ -231,7 +231,9 @@ pub(crate) fn read_uninit<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUnini
 
 /// [`read_uninit`], in place where the bytes are in the packet's linear part (nearly
 /// always for the headers up to L4): a helper call and its return cost more than the
-/// copy. Not in loops: each read has two paths for the verifier to walk.
+/// copy. Each such read is two paths for the verifier to walk, so only where packets are
+/// judged (`DIRECT` in [`parse`]), not in loops, and not for the Service check after
+/// DNAT (which had tripled `to_remote`'s and `local_in`'s verification).
 #[inline(always)]
 pub(crate) fn read_direct<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUninit<T>) -> bool {
     let size = core::mem::size_of::<T>();
@@ -260,7 +262,12 @@ pub(crate) fn read_direct<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUnini
 macro_rules! load_or_drop {
     (direct $ctx:expr, $off:expr, $name:ident: $t:ty) => {
         let mut $name = MaybeUninit::<$t>::uninit();
-        if !read_direct($ctx, $off, &mut $name) {
+        let read = if DIRECT {
+            read_direct($ctx, $off, &mut $name)
+        } else {
+            read_uninit($ctx, $off, &mut $name)
+        };
+        if !read {
             return reason::MALFORMED;
         }
         // SAFETY: all of it was written; any bytes are a valid `$t`.
@@ -335,7 +342,7 @@ fn is_icmp_error(protocol: u8, kind: u8) -> bool {
 /// does not judge: ARP, or IPv6 neighbour discovery / multicast listener messages,
 /// which the link needs to work at all), or a drop reason.
 #[inline(always)]
-pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> u16 {
+pub fn parse<C: Frame, const DIRECT: bool>(ctx: &C, p: &mut Packet) -> u16 {
     // SAFETY: the context pointer is valid for the whole program run.
     if unsafe { (*ctx.buf().skb).vlan_present } != 0 {
         // The kernel took a tag off before TC; the stack behind would deliver the rest.
@@ -345,8 +352,8 @@ pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> u16 {
     p.l2_group = eth[0] & 1;
     p.smac = [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]];
     match u16::from_be_bytes([eth[12], eth[13]]) {
-        ETH_P_IP => parse_ip(ctx, p, 4, ETH_HLEN),
-        ETH_P_IPV6 => parse_ip(ctx, p, 6, ETH_HLEN),
+        ETH_P_IP => parse_ip::<_, DIRECT>(ctx, p, 4, ETH_HLEN),
+        ETH_P_IPV6 => parse_ip::<_, DIRECT>(ctx, p, 6, ETH_HLEN),
         // ARP is the link's own business (not judged by policy).
         ETH_P_ARP => {
             p.link = link::ARP;
@@ -360,7 +367,12 @@ pub fn parse<C: Frame>(ctx: &C, p: &mut Packet) -> u16 {
 
 /// Parses an IP packet of version `family` at `base` into `p` (results as [`parse`]).
 #[inline(always)]
-pub fn parse_ip<C: Frame>(ctx: &C, p: &mut Packet, family: u8, base: usize) -> u16 {
+pub fn parse_ip<C: Frame, const DIRECT: bool>(
+    ctx: &C,
+    p: &mut Packet,
+    family: u8,
+    base: usize,
+) -> u16 {
     let l4: usize;
     let mut hop_limit: u8 = 0;
     match family {

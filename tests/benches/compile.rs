@@ -213,11 +213,9 @@ fn main() {
             &mut run,
             pods,
             "relabel in ns-0",
-            Change::Upsert(Object::Pod(synthetic::pod(
-                &shape,
-                0,
-                Some("app-relabelled"),
-            ).into())),
+            Change::Upsert(Object::Pod(
+                synthetic::pod(&shape, 0, Some("app-relabelled")).into(),
+            )),
             Change::Upsert(Object::Pod(synthetic::pod(&shape, 0, None).into())),
         ));
         changes.push(change(

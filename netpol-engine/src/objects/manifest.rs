@@ -116,17 +116,21 @@ fn push_object(value: serde_yaml::Value, out: &mut Vec<Object>) -> Result<(), St
         .to_string();
     let typed = |e: serde_yaml::Error| format!("{kind} {name}: {e}");
     match kind.as_str() {
-        "Namespace" => out.push(Object::Namespace(
-            Arc::new(serde_yaml::from_value(value).map_err(typed)?),
-        )),
-        "Pod" => out.push(Object::Pod(Arc::new(serde_yaml::from_value(value).map_err(typed)?))),
-        "NetworkPolicy" => out.push(Object::NetworkPolicy(
-            Arc::new(serde_yaml::from_value(value).map_err(typed)?),
-        )),
-        "Node" => out.push(Object::Node(Arc::new(serde_yaml::from_value(value).map_err(typed)?))),
-        "Service" => out.push(Object::Service(
-            Arc::new(serde_yaml::from_value(value).map_err(typed)?),
-        )),
+        "Namespace" => out.push(Object::Namespace(Arc::new(
+            serde_yaml::from_value(value).map_err(typed)?,
+        ))),
+        "Pod" => out.push(Object::Pod(Arc::new(
+            serde_yaml::from_value(value).map_err(typed)?,
+        ))),
+        "NetworkPolicy" => out.push(Object::NetworkPolicy(Arc::new(
+            serde_yaml::from_value(value).map_err(typed)?,
+        ))),
+        "Node" => out.push(Object::Node(Arc::new(
+            serde_yaml::from_value(value).map_err(typed)?,
+        ))),
+        "Service" => out.push(Object::Service(Arc::new(
+            serde_yaml::from_value(value).map_err(typed)?,
+        ))),
         k if super::cluster_policy::KINDS.contains(&k) => out.push(Object::ClusterPolicy(
             Arc::new(serde_yaml::from_value(value).map_err(typed)?),
         )),
