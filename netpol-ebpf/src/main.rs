@@ -9,7 +9,7 @@
 //! egress of the host veth) its ingress. The precedence of policy hits is
 //! `netpol_common::policy::decide_tiers`, the same function the agent's lookup uses.
 //!
-//! Needs Linux 5.8 (BPF ring buffer); see docs/architecture.md for why not less.
+//! Needs Linux 5.11 (the coarse clock; 5.8 for the BPF ring buffer); see docs/architecture.md.
 #![no_std]
 // The classifier's one atomic: an add into a map value other CPUs add to as well.
 #![feature(asm_experimental_arch)]
