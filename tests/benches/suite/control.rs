@@ -148,6 +148,10 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         .arg(&sock)
         .arg("--pin-root")
         .arg(&pins)
+        // As a DaemonSet runs it: with RUST_BACKTRACE set, every logged error carries a
+        // symbolised backtrace (25 MiB of debug info read at 10,000 pods).
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("agent.log"))?)
