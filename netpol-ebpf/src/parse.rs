@@ -202,15 +202,8 @@ impl Frame for LocalIn {
 /// verifier rejects a read of the undefined register on merged paths.
 #[inline(always)]
 pub(crate) fn read<C: Frame, T>(ctx: &C, off: usize, dst: &mut T) -> bool {
-    // SAFETY: `dst` is valid for writes of its size; the helper bounds-checks the packet.
-    unsafe {
-        bpf_skb_load_bytes(
-            ctx.buf().skb as *const c_void,
-            off as u32,
-            dst as *mut T as *mut c_void,
-            core::mem::size_of::<T>() as u32,
-        ) == 0
-    }
+    // SAFETY: a `MaybeUninit<T>` has the layout of a `T`; what is written is plain bytes.
+    read_uninit(ctx, off, unsafe { &mut *(dst as *mut T as *mut MaybeUninit<T>) })
 }
 
 /// [`read`] into uninitialised memory: the helper writes every byte (it zeroes the
@@ -240,8 +233,7 @@ pub(crate) fn read_direct<C: Frame, T>(ctx: &C, off: usize, dst: &mut MaybeUnini
     let skb = ctx.buf().skb;
     // SAFETY: the context pointer is valid for the whole program run.
     let (start, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
-    // Headers in the linear part (nearly always) are read in place: a helper call and
-    // its return cost more than the copy. The bound on `off` is for the verifier.
+    // The bound on `off` is for the verifier.
     if off < 256 {
         let at = start + off;
         if at + size <= end {
