@@ -203,7 +203,9 @@ impl Frame for LocalIn {
 #[inline(always)]
 pub(crate) fn read<C: Frame, T>(ctx: &C, off: usize, dst: &mut T) -> bool {
     // SAFETY: a `MaybeUninit<T>` has the layout of a `T`; what is written is plain bytes.
-    read_uninit(ctx, off, unsafe { &mut *(dst as *mut T as *mut MaybeUninit<T>) })
+    read_uninit(ctx, off, unsafe {
+        &mut *(dst as *mut T as *mut MaybeUninit<T>)
+    })
 }
 
 /// [`read`] into uninitialised memory: the helper writes every byte (it zeroes the

@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use netpol_agent::datapath::pin::PinDir;
+use netpol_agent::datapath::programs::{self, ProgramRuns};
 use netpol_tests::lab::{self, Enforcer, LoadKind, LoadOptions, LoadReport};
 
 use crate::plan::{self, Pair, Plan};
@@ -142,8 +144,88 @@ fn block(
                 .map(|(k, v)| (k.to_string(), Stat::of(v)))
                 .collect(),
         );
+        if l.enforcer == Enforcer::Netpol {
+            progress.step(
+                &format!(
+                    "datapath: {enforcer} N = {rules}, {}, bpf_stats run",
+                    pair.name()
+                ),
+                step / repeats.max(1) as f64,
+            );
+            b.program_ns
+                .insert(*pair, program_costs(l, *pair, plan.seconds)?);
+        }
     }
     Ok(b)
+}
+
+/// What each classifier program costs per packet under each load: one more run of the
+/// loads with the kernel's statistics on, the counts of every node's pinned programs
+/// read before and after. A run of its own, because counting costs each program run two
+/// clock reads that the throughput figures must not carry.
+fn program_costs(
+    l: &LabRun,
+    pair: Pair,
+    seconds: f64,
+) -> anyhow::Result<BTreeMap<String, BTreeMap<String, f64>>> {
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let counts = || {
+        let mut sum: BTreeMap<String, ProgramRuns> = BTreeMap::new();
+        for node in 0..2 {
+            let pins = PinDir::new(lab::pin_root_of(&l.name, node));
+            for (p, r) in programs::program_runs(&pins) {
+                let s = sum.entry(p).or_default();
+                s.runs += r.runs;
+                s.run_time_ns += r.run_time_ns;
+            }
+        }
+        sum
+    };
+    let cpu = measure_cpu();
+    let mut out = BTreeMap::new();
+    for (load, kind, pinned) in [
+        ("TCP stream", LoadKind::Stream, false),
+        ("request/response", LoadKind::Rr, true),
+        ("new connections", LoadKind::Crr, true),
+        ("UDP datagrams", LoadKind::Udp, false),
+    ] {
+        let before = counts();
+        if pinned {
+            pin_self(Some(cpu));
+        }
+        let r = lab::load_with(
+            &l.name,
+            "x/client",
+            pair.server(),
+            kind,
+            seconds,
+            &LoadOptions {
+                port: None,
+                streams: 1,
+            },
+        );
+        if pinned {
+            pin_self(None);
+        }
+        if let Err(e) = r {
+            eprintln!("bench: bpf_stats run {kind:?}: {e:#}");
+            continue;
+        }
+        let after = counts();
+        let ns: BTreeMap<String, f64> = after
+            .iter()
+            .filter_map(|(p, a)| {
+                let b = before.get(p).copied().unwrap_or_default();
+                let runs = a.runs.checked_sub(b.runs).filter(|r| *r > 0)?;
+                Some((
+                    p.clone(),
+                    (a.run_time_ns - b.run_time_ns) as f64 / runs as f64,
+                ))
+            })
+            .collect();
+        out.insert(load.to_string(), ns);
+    }
+    Ok(out)
 }
 
 /// One run of each metric; a failed measurement is reported and left out (NaN).

@@ -112,6 +112,10 @@ pub struct Block {
     /// Flood datagrams sent per second meanwhile (flood variants).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood_per_sec: Option<f64>,
+    /// netpol: pair → load → program → mean ns per run, as the kernel counted them
+    /// (`bpf_stats`) in one extra run of each load, kept out of the throughput figures.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub program_ns: BTreeMap<Pair, BTreeMap<String, BTreeMap<String, f64>>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -135,6 +139,9 @@ pub struct Variant {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flood_per_sec: Option<f64>,
     pub pairs: BTreeMap<Pair, BTreeMap<String, Compared>>,
+    /// As [`Block::program_ns`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub program_ns: BTreeMap<Pair, BTreeMap<String, BTreeMap<String, f64>>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -185,6 +192,7 @@ impl Datapath {
             flood: v.flood,
             flood_per_sec: v.flood_per_sec,
             pairs,
+            program_ns: v.program_ns.clone(),
         }
     }
 }

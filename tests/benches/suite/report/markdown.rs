@@ -293,6 +293,7 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
         let chart = format!("{charts}datapath-{}.png", pair.name());
         let _ = writeln!(md, "![cost against N, {}]({chart})\n", pair.name());
     }
+    program_costs_md(md, d, plan);
     let floods: Vec<String> = d
         .variants
         .iter()
@@ -317,6 +318,39 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
                 .map(|(n, s)| format!("N = {n}: {s:.2} s"))
                 .collect();
             let _ = writeln!(md, "- {e}: {}", parts.join(", "));
+        }
+        md.push('\n');
+    }
+}
+
+/// netpol's programs per packet under each load (`bpf_stats`), per pair.
+fn program_costs_md(md: &mut String, d: &Datapath, plan: &Plan) {
+    const PROGRAMS: [&str; 3] = ["from_pod", "to_pod", "to_remote"];
+    if d.variants.iter().all(|v| v.program_ns.is_empty()) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "netpol's classifier per packet under each load, as the kernel counts it \
+         (`bpf_stats`, ns per program run, both nodes; one extra run of each load with the \
+         statistics on, kept out of the figures above):\n"
+    );
+    for pair in &plan.pairs {
+        let _ = writeln!(md, "#### {}, ns per packet\n", pair.name());
+        let _ = writeln!(md, "| N | load | {} |", PROGRAMS.join(" | "));
+        let _ = writeln!(md, "|---:|---|{}", "---:|".repeat(PROGRAMS.len()));
+        for v in &d.variants {
+            let Some(loads) = v.program_ns.get(pair) else {
+                continue;
+            };
+            let n = format!("{}{}", v.rules, if v.flood { " + flood" } else { "" });
+            for (load, ns) in loads {
+                let cells: Vec<String> = PROGRAMS
+                    .iter()
+                    .map(|p| ns.get(*p).map_or("–".into(), |x| format!("{x:.0}")))
+                    .collect();
+                let _ = writeln!(md, "| {n} | {load} | {} |", cells.join(" | "));
+            }
         }
         md.push('\n');
     }
