@@ -269,8 +269,7 @@ fn judge_backend(
         scratch.ct.daddr = (*p).vip;
         scratch.ct.sport = pkt.sport;
         scratch.ct.dport = (*p).vport;
-        scratch.ct.protocol = pkt.protocol;
-        scratch.ct._pad = [0; 3];
+        scratch.ct.set_protocol(pkt.protocol);
         // What this verdict was made for, should a reply need it judged again.
         (*p).backend = pkt.daddr;
         (*p).bport = pkt.dport;

@@ -181,33 +181,15 @@ fn program_costs(
         }
         sum
     };
-    let cpu = measure_cpu();
     let mut out = BTreeMap::new();
-    for (load, kind, pinned) in [
+    for (name, kind, pinned) in [
         ("TCP stream", LoadKind::Stream, false),
         ("request/response", LoadKind::Rr, true),
         ("new connections", LoadKind::Crr, true),
         ("UDP datagrams", LoadKind::Udp, false),
     ] {
         let before = counts();
-        if pinned {
-            pin_self(Some(cpu));
-        }
-        let r = lab::load_with(
-            &l.name,
-            "x/client",
-            pair.server(),
-            kind,
-            seconds,
-            &LoadOptions {
-                port: None,
-                streams: 1,
-            },
-        );
-        if pinned {
-            pin_self(None);
-        }
-        if let Err(e) = r {
+        if let Err(e) = load(l, pair, kind, 1, pinned, seconds) {
             eprintln!("bench: bpf_stats run {kind:?}: {e:#}");
             continue;
         }
@@ -223,41 +205,54 @@ fn program_costs(
                 ))
             })
             .collect();
-        out.insert(load.to_string(), ns);
+        out.insert(name.to_string(), ns);
     }
     Ok(out)
 }
 
 /// One run of each metric; a failed measurement is reported and left out (NaN).
 fn measure(l: &LabRun, pair: Pair, seconds: f64) -> Vec<(&'static str, f64)> {
-    let to = pair.server();
-    let cpu = measure_cpu();
     metrics(|kind: LoadKind, streams: u32, pinned: bool| {
-        if pinned {
-            pin_self(Some(cpu));
-        }
-        let r = lab::load_with(
-            &l.name,
-            "x/client",
-            to,
-            kind,
-            seconds,
-            &LoadOptions {
-                port: None,
-                streams,
-            },
-        );
-        if pinned {
-            pin_self(None);
-        }
-        r.map_err(|e| {
-            eprintln!(
-                "bench: {} {kind:?} x/client -> {to}: {e:#}",
-                l.enforcer.as_str()
-            )
-        })
-        .ok()
+        load(l, pair, kind, streams, pinned, seconds)
+            .map_err(|e| {
+                eprintln!(
+                    "bench: {} {kind:?} x/client -> {}: {e:#}",
+                    l.enforcer.as_str(),
+                    pair.server()
+                )
+            })
+            .ok()
     })
+}
+
+/// One load from `x/client` to the pair's server; the client thread pinned to the
+/// measured CPU when `pinned`.
+fn load(
+    l: &LabRun,
+    pair: Pair,
+    kind: LoadKind,
+    streams: u32,
+    pinned: bool,
+    seconds: f64,
+) -> anyhow::Result<LoadReport> {
+    if pinned {
+        pin_self(Some(measure_cpu()));
+    }
+    let r = lab::load_with(
+        &l.name,
+        "x/client",
+        pair.server(),
+        kind,
+        seconds,
+        &LoadOptions {
+            port: None,
+            streams,
+        },
+    );
+    if pinned {
+        pin_self(None);
+    }
+    r
 }
 
 /// The block's metrics from one load run of each kind; `run(kind, streams, pinned)` is
