@@ -1,7 +1,7 @@
 //! The benchmarks' other enforcers are real enforcers: on a two-node lab, the iptables
-//! enforcer (kube-router's layout) lets through exactly what `netpol simulate` allows,
-//! pair by pair, on TCP and UDP, across nodes and on one; with no enforcer everything
-//! connects. Needs root; each lab has its own name and a guard that tears it down.
+//! enforcer (kube-router's layout) and the nftables one (kube-network-policies' sets)
+//! let through exactly what `netpol simulate` allows, pair by pair, on TCP and UDP,
+//! across nodes and on one; with no enforcer everything connects. Needs root; each lab has its own name and a guard that tears it down.
 
 mod support;
 
@@ -134,8 +134,20 @@ spec:
 #[test]
 #[ignore = "needs root: builds a lab of network namespaces"]
 fn the_iptables_enforcer_connects_exactly_what_simulate_allows() {
+    connects_exactly_what_simulate_allows("ipt", "iptables");
+}
+
+#[test]
+#[ignore = "needs root: builds a lab of network namespaces"]
+fn the_nftables_enforcer_connects_exactly_what_simulate_allows() {
+    connects_exactly_what_simulate_allows("nft", "nftables");
+}
+
+/// Every ordered pair of pods on each port: the lab under `enforcer` connects it iff
+/// `netpol simulate` allows it.
+fn connects_exactly_what_simulate_allows(tag: &str, enforcer: &str) {
     let manifests = cluster();
-    let lab = lab_up("ipt", "iptables", &manifests);
+    let lab = lab_up(tag, enforcer, &manifests);
     let dir = lab.dir.to_str().unwrap().to_string();
     let mut allowed_somewhere = 0;
     let mut denied_somewhere = 0;

@@ -68,11 +68,15 @@ enum LabCommand {
     Serve(LabServeArgs),
     /// The iptables enforcer of a node (`lab up --enforcer iptables` runs it).
     #[command(hide = true)]
-    IptablesAgent(IptablesAgentArgs),
+    IptablesAgent(RulesAgentArgs),
+    /// The nftables enforcer of a node (`lab up --enforcer nftables` runs it).
+    #[command(hide = true)]
+    NftablesAgent(RulesAgentArgs),
 }
 
+/// The rule-based enforcers' agents (iptables, nftables).
 #[derive(Args)]
-struct IptablesAgentArgs {
+struct RulesAgentArgs {
     /// dir:PATH[,PATH...], as the agent's.
     #[arg(long)]
     source: SourceSpec,
@@ -80,6 +84,19 @@ struct IptablesAgentArgs {
     node: String,
     #[arg(long)]
     api_socket: PathBuf,
+}
+
+impl RulesAgentArgs {
+    fn options(self, enforcer: &str) -> anyhow::Result<lab::fullsync::AgentOptions> {
+        let SourceSpec::Dir(source) = self.source else {
+            anyhow::bail!("--source: the {enforcer} enforcer reads dir:PATH only");
+        };
+        Ok(lab::fullsync::AgentOptions {
+            source,
+            node: self.node,
+            api_socket: self.api_socket,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -112,7 +129,8 @@ struct LabUpArgs {
     #[arg(long)]
     ipv6: bool,
     /// What enforces policy: netpol (its agent), iptables (ipsets and per-pod chains in
-    /// kube-router's layout) or none; the benchmarks compare them.
+    /// kube-router's layout), nftables (one set lookup per rule set, as
+    /// kube-network-policies) or none; the benchmarks compare them.
     #[arg(long, default_value = "netpol")]
     enforcer: lab::Enforcer,
 }
@@ -350,14 +368,11 @@ fn lab_command(cmd: LabCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         LabCommand::IptablesAgent(a) => {
-            let SourceSpec::Dir(source) = a.source else {
-                anyhow::bail!("--source: the iptables enforcer reads dir:PATH only");
-            };
-            lab::iptables::run_agent(lab::iptables::AgentOptions {
-                source,
-                node: a.node,
-                api_socket: a.api_socket,
-            })?;
+            lab::iptables::run_agent(a.options("iptables")?)?;
+            Ok(0)
+        }
+        LabCommand::NftablesAgent(a) => {
+            lab::nftables::run_agent(a.options("nftables")?)?;
             Ok(0)
         }
         LabCommand::Serve(s) => {

@@ -15,10 +15,12 @@
 //! and sockets under `/run/netpol/lab/<name>/`.
 
 pub mod dns;
+pub mod fullsync;
 pub mod iptables;
 mod kubeproxy;
 mod load;
 mod netns;
+pub mod nftables;
 mod probe;
 mod serve;
 mod supervisor;
@@ -85,12 +87,14 @@ pub struct UpOptions {
 }
 
 /// What enforces policy in a lab: netpol's agent, iptables and ipsets in kube-router's
-/// layout (`iptables/`, for the benchmarks), or nothing (the baseline).
+/// layout (`iptables/`), nftables sets in kube-network-policies' (`nftables/`; both for
+/// the benchmarks), or nothing (the baseline).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Enforcer {
     None,
     Iptables,
+    Nftables,
     #[default]
     Netpol,
 }
@@ -100,6 +104,7 @@ impl Enforcer {
         match self {
             Enforcer::None => "none",
             Enforcer::Iptables => "iptables",
+            Enforcer::Nftables => "nftables",
             Enforcer::Netpol => "netpol",
         }
     }
@@ -111,8 +116,11 @@ impl std::str::FromStr for Enforcer {
         match s {
             "none" => Ok(Enforcer::None),
             "iptables" => Ok(Enforcer::Iptables),
+            "nftables" => Ok(Enforcer::Nftables),
             "netpol" => Ok(Enforcer::Netpol),
-            _ => Err(format!("unknown enforcer {s:?}: none, iptables or netpol")),
+            _ => Err(format!(
+                "unknown enforcer {s:?}: none, iptables, nftables or netpol"
+            )),
         }
     }
 }

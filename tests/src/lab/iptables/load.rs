@@ -1,43 +1,12 @@
 //! Loading a ruleset into a node (`ipset restore`, `iptables-restore`) and the enforcer's
-//! agent loop: the `dir` source, the `wait` socket.
+//! agent (the loop is `fullsync`'s).
 
-use anyhow::bail;
 use anyhow::Context;
-use netpol_agent::api::Status;
-use netpol_agent::source::dir;
-use netpol_engine::index::Index;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use tokio::sync::{broadcast, watch};
 
 use super::*;
-
-/// Runs `cmd` with `input` on stdin; its stderr in the error.
-pub(super) fn restore(cmd: &str, args: &[&str], input: &str) -> anyhow::Result<()> {
-    let mut child = Command::new(cmd)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| {
-            format!("running {cmd} (install iptables and ipset: cargo xtask setup)")
-        })?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("{cmd}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
+use crate::lab::fullsync::{self, restore, AgentOptions};
 
 /// The `ipset restore` script that brings every set of `rs` to its members, each
 /// filled aside and swapped in whole.
@@ -89,96 +58,19 @@ pub fn apply(rs: &Ruleset, loaded: &mut BTreeSet<String>) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub struct AgentOptions {
-    pub source: Vec<PathBuf>,
-    pub node: String,
-    pub api_socket: PathBuf,
+/// `netpol lab iptables-agent`: on every change of the source, the whole ruleset
+/// rendered and loaded (a full sync, as kube-router does).
+pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
+    let mut loaded = BTreeSet::new();
+    fullsync::run(opts, "iptables", ruleset, move |rs| apply(rs, &mut loaded))
 }
 
-/// `netpol lab iptables-agent`: watches the source, and on every change renders the
-/// whole ruleset and loads it (a full sync, as kube-router does), then publishes the
-/// status `lab wait` waits on. Runs in the node's network namespace until SIGTERM.
-pub fn run_agent(opts: AgentOptions) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let (state, parsed) = dir::first_read(&opts.source);
-        let (state_tx, mut state_rx) = watch::channel(state);
-        let paths = opts.source.clone();
-        tokio::spawn(async move {
-            if let Err(e) = dir::watch(paths, state_tx, parsed).await {
-                tracing::error!(error = ?e, "watching the manifest directory failed");
-            }
-        });
-        let (status_tx, status_rx) = watch::channel(Status {
-            node: opts.node.clone(),
-            ..Default::default()
-        });
-        let (events_tx, _) = broadcast::channel::<Arc<str>>(1);
-        let api = netpol_agent::api::server::serve(
-            opts.api_socket.clone(),
-            netpol_agent::api::server::Shared {
-                node: opts.node.clone(),
-                status: status_rx,
-                events: events_tx,
-                kernel: None,
-            },
-        )
-        .await?;
-        let mut sigterm =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut index = Index::new();
-        let mut loaded = BTreeSet::new();
-        let mut syncs = 0u64;
-        let mut state = state_rx.borrow_and_update().clone();
-        loop {
-            let snap = index.reset(&state);
-            let t = std::time::Instant::now();
-            let rs = ruleset(&snap, &opts.node);
-            let rendered = t.elapsed();
-            let t = std::time::Instant::now();
-            let result = tokio::task::block_in_place(|| apply(&rs, &mut loaded));
-            let loaded_in = t.elapsed();
-            syncs += 1;
-            let converged = match result {
-                Ok(()) => {
-                    tracing::info!(
-                        pods = rs.pods,
-                        policy_rules = rs.policy_rules,
-                        sets = rs.sets.len(),
-                        render_ms = rendered.as_secs_f64() * 1e3,
-                        restore_ms = loaded_in.as_secs_f64() * 1e3,
-                        "iptables synced"
-                    );
-                    true
-                }
-                Err(e) => {
-                    tracing::error!(error = ?e, "loading the rules failed; the last ones stay");
-                    false
-                }
-            };
-            status_tx.send_replace(Status {
-                node: opts.node.clone(),
-                digest: snap.digest.clone(),
-                converged,
-                endpoints: rs.pods,
-                policies: snap.policies.len(),
-                identities: snap.identities.len(),
-                policy_entries: rs.policy_rules,
-                invalid: snap.invalid.clone(),
-                syncs,
-                ..Default::default()
-            });
-            tokio::select! {
-                changed = state_rx.changed() => {
-                    if changed.is_err() { break }
-                    state = state_rx.borrow_and_update().clone();
-                }
-                _ = sigterm.recv() => break,
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
-        api.abort();
-        let _ = std::fs::remove_file(&opts.api_socket);
-        anyhow::Ok(())
-    })
+impl fullsync::Rendered for Ruleset {
+    fn pods(&self) -> usize {
+        self.pods
+    }
+
+    fn policy_rules(&self) -> usize {
+        self.policy_rules
+    }
 }

@@ -45,26 +45,13 @@ use netpol_common::proto;
 use netpol_engine::index::net::Cidr;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 /// The mark a policy chain sets on a packet one of its rules accepts.
 const ACCEPTED_MARK: &str = "0x10000/0x10000";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Family {
-    V4,
-    V6,
-}
+pub use super::fullsync::Family;
 
 impl Family {
-    fn of(ip: &IpAddr) -> Family {
-        if ip.is_ipv4() {
-            Family::V4
-        } else {
-            Family::V6
-        }
-    }
-
     fn ipset(self) -> &'static str {
         match self {
             Family::V4 => "inet",

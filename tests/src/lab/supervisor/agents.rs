@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-/// Starts a node's enforcer (netpol's agent or the iptables one) with a thread that
+/// Starts a node's enforcer (netpol's agent, the iptables or the nftables one) with a thread that
 /// reaps it, so its exit is logged when it happens.
 pub(super) fn spawn_agent(mut cmd: Command, index: u32, log_path: &Path) -> anyhow::Result<Agent> {
     let mut child = cmd.spawn().context("starting the agent")?;
@@ -106,11 +106,16 @@ impl Lab {
         let _ = std::fs::remove_file(&sock);
         let log_file = std::fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        if self.enforcer == Enforcer::Iptables {
+        let rule_based = match self.enforcer {
+            Enforcer::Iptables => Some("iptables-agent"),
+            Enforcer::Nftables => Some("nftables-agent"),
+            Enforcer::None | Enforcer::Netpol => None,
+        };
+        if let Some(agent) = rule_based {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &self.nodes[index as usize].net.netns])
                 .arg(&self.netpol_bin)
-                .args(["lab", "iptables-agent", "--source"])
+                .args(["lab", agent, "--source"])
                 .arg(format!("dir:{}", self.paths.cluster.display()))
                 .args(["--node", &crate::lab::node_name(index), "--api-socket"])
                 .arg(&sock)
