@@ -5,41 +5,16 @@
 //! Peak memory is measured by a counting allocator (heap bytes in use above what the
 //! cluster objects themselves take), so the number is compile's own.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use netpol_engine::compile::{Compiler, NodeView};
 use netpol_engine::index::{Change, Index, Kind};
 use netpol_engine::objects::{ClusterState, Object};
+use netpol_tests::alloc::{self, mib, Counting};
 use netpol_tests::synthetic::{self, Shape};
-
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            let now = IN_USE.fetch_add(layout.size(), Relaxed) + layout.size();
-            PEAK.fetch_max(now, Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) };
-        IN_USE.fetch_sub(layout.size(), Relaxed);
-    }
-}
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-fn mib(bytes: usize) -> f64 {
-    bytes as f64 / (1 << 20) as f64
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -95,8 +70,7 @@ fn full(shape: Shape) -> (Full, Run) {
     let st = state(&objects);
     let view = NodeView::default();
     // Peak: one cold run, measured above the objects already in memory.
-    let base = IN_USE.load(Relaxed);
-    PEAK.store(base, Relaxed);
+    let base = alloc::reset_peak();
     let mut index = Index::new();
     let t0 = Instant::now();
     let snap = index.reset(&st);
@@ -104,7 +78,7 @@ fn full(shape: Shape) -> (Full, Run) {
     let mut compiler = Compiler::new();
     let desired = compiler.compile(&snap, &view).clone();
     let t2 = Instant::now();
-    let peak = PEAK.load(Relaxed) - base;
+    let peak = alloc::peak() - base;
     let report = Full {
         pods: shape.pods,
         namespaces: shape.namespaces,
