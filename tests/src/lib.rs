@@ -10,4 +10,5 @@ pub mod alloc;
 pub mod kubectl;
 pub mod lab;
 pub mod reference;
+pub mod stats;
 pub mod synthetic;

@@ -16,8 +16,8 @@ use netpol_agent::datapath::programs::{self, ProgramRuns};
 use netpol_tests::lab::{self, Enforcer, LoadKind, LoadOptions, LoadReport};
 
 use crate::plan::{self, Pair, Plan};
-use crate::report::{Block, Datapath, Stat};
-use crate::testbed::{measure_cpu, pin_self, Flood, LabRun, Testbed};
+use crate::report::{Block, Datapath, DeniedCheck, Stat};
+use crate::testbed::{measure_cpu, pin_self, DeniedProbe, Flood, LabRun, Testbed};
 use crate::Progress;
 
 pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Result<Datapath> {
@@ -27,14 +27,17 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
     let pods = plan::datapath_pods();
     let manifests = [("pods.yaml", pods.as_str())];
     progress.step(
-        "datapath: three two-node labs (none, iptables, netpol)",
-        18.0,
+        "datapath: four two-node labs (none, iptables, nftables, netpol)",
+        24.0,
     );
     let none = bed.up("dn", Enforcer::None, 2, &manifests, &[])?;
-    let ipt = bed.up("di", Enforcer::Iptables, 2, &manifests, &[])?;
-    let np = bed.up("dp", Enforcer::Netpol, 2, &manifests, &[])?;
+    let mut enforced = Vec::new();
+    for (tag, name) in [("di", "iptables"), ("df", "nftables"), ("dp", "netpol")] {
+        let e: Enforcer = name.parse().map_err(anyhow::Error::msg)?;
+        enforced.push(bed.up(tag, e, 2, &manifests, &[])?);
+    }
     let cpu = measure_cpu();
-    for l in [&none, &ipt, &np] {
+    for l in std::iter::once(&none).chain(&enforced) {
         l.tune_client("x/client")?;
         for pair in &plan.pairs {
             l.pin_pod(pair.server(), cpu)?;
@@ -45,116 +48,184 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
         pinned_cpu: cpu,
         ..Datapath::default()
     };
-    let mut before = block(&none, plan, 1, 0, None, progress)?;
-    d.blocks.push(before.clone());
-    let mut current: BTreeMap<&str, usize> = BTreeMap::new();
-    for (enforcer, n, flood) in plan.variants() {
-        let l = if enforcer == "iptables" { &ipt } else { &np };
-        if current.get(enforcer) != Some(&n) {
-            progress.step(&format!("datapath: {enforcer} enforces N = {n}"), 4.0);
+    let target_n = plan.rules.iter().copied().max();
+    let mut current = None;
+    for (n, flood) in plan.steps() {
+        let what = format!("N = {n}{}", if flood { " + flood" } else { "" });
+        for l in enforced.iter().filter(|_| current != Some(n)) {
+            progress.step(
+                &format!("datapath: {} enforces N = {n}", l.enforcer.as_str()),
+                4.0,
+            );
             l.write("rules.yaml", &plan::rules_policy(n))?;
             let t = Instant::now();
             l.wait()?;
             d.apply_seconds
-                .entry(enforcer.to_string())
+                .entry(l.enforcer.as_str().to_string())
                 .or_default()
                 .insert(n, t.elapsed().as_secs_f64());
-            current.insert(enforcer, n);
             for pair in &plan.pairs {
                 l.expect_connects("x/client", pair.server())?;
             }
         }
-        let flood = if flood {
-            let target = l.address("x/server", plan::FLOOD_PORT)?;
-            let netns = l.pod("x/flood")?.netns;
-            // The other CPU than the measured flow's.
-            Some((
-                Flood::start(&netns, target, Some(cpu.saturating_sub(1))),
-                Instant::now(),
-            ))
-        } else {
-            None
-        };
-        let mut v = block(
-            l,
+        current = Some(n);
+        // rounds[i]: the baseline's block and each enforcer's, measured side by side.
+        let mut rounds: Vec<(Block, Vec<Block>)> = Vec::new();
+        let all: Vec<&LabRun> = enforced.iter().collect();
+        let at = |index, of| Round {
             plan,
-            plan.repeats,
+            what: &what,
+            index,
+            of,
             n,
-            flood.is_some().then_some(()),
-            progress,
-        );
-        if let Some((f, started)) = flood {
-            let sent = f.stop()?;
-            if let Ok(b) = v.as_mut() {
-                b.flood_per_sec = Some(sent as f64 / started.elapsed().as_secs_f64());
+            flood,
+            cpu,
+        };
+        for i in 0..plan.rounds {
+            rounds.push(round(&none, &all, &at(i, plan.rounds), progress)?);
+        }
+        // Too wide an interval at the targets' N: more rounds of netpol alone.
+        let netpol = enforced.len() - 1;
+        if !flood && Some(n) == target_n {
+            let judged = |rounds: &[(Block, Vec<Block>)]| {
+                let pairs: Vec<(&Block, &Block)> = rounds
+                    .iter()
+                    .filter_map(|(b, vs)| Some((b, vs.get(netpol)?)))
+                    .collect();
+                plan::undecided(&Datapath::paired(&pairs)).is_empty()
+            };
+            if !judged(&rounds) {
+                d.repeated.push(n);
+                let np = [&enforced[netpol]];
+                for i in plan.rounds..2 * plan.rounds {
+                    let (b, mut v) = round(&none, &np, &at(i, 2 * plan.rounds), progress)?;
+                    // Kept in each enforcer's slot: only netpol's is filled.
+                    let mut slots: Vec<Block> = Vec::new();
+                    slots.resize_with(netpol, Block::default);
+                    slots.push(v.remove(0));
+                    rounds.push((b, slots));
+                }
             }
         }
-        let v = v?;
-        let after = block(&none, plan, 1, 0, None, progress)?;
-        d.variants.push(Datapath::compare(&before, &v, &after));
-        d.blocks.push(v);
-        d.blocks.push(after.clone());
-        before = after;
+        for (k, _) in enforced.iter().enumerate() {
+            let pairs: Vec<(&Block, &Block)> = rounds
+                .iter()
+                .filter_map(|(b, vs)| Some((b, vs.get(k).filter(|v| !v.pairs.is_empty())?)))
+                .collect();
+            d.variants.push(Datapath::paired(&pairs));
+        }
+        for (b, vs) in rounds {
+            d.blocks.push(b);
+            d.blocks
+                .extend(vs.into_iter().filter(|v| !v.pairs.is_empty()));
+        }
     }
     Ok(d)
 }
 
-/// Every metric of every pair, `repeats` times, on lab `l`.
-fn block(
-    l: &LabRun,
-    plan: &Plan,
-    repeats: usize,
-    rules: usize,
-    flood: Option<()>,
+/// Where a round stands in the plan, for its blocks and the progress line.
+struct Round<'a> {
+    plan: &'a Plan,
+    what: &'a str,
+    index: usize,
+    of: usize,
+    n: usize,
+    flood: bool,
+    cpu: usize,
+}
+
+/// One round: the baseline and each enforcer, one block each, in an order that turns
+/// every other round (ABBA: a drift over the round weighs on both sides alike).
+fn round(
+    none: &LabRun,
+    enforced: &[&LabRun],
+    r: &Round,
     progress: &mut Progress,
-) -> anyhow::Result<Block> {
-    let enforcer = l.enforcer.as_str();
+) -> anyhow::Result<(Block, Vec<Block>)> {
+    let mut order: Vec<Option<usize>> = std::iter::once(None)
+        .chain((0..enforced.len()).map(Some))
+        .collect();
+    if r.index % 2 == 1 {
+        order.reverse();
+    }
+    let mut base = Block::default();
+    let mut blocks: Vec<Block> = vec![Block::default(); enforced.len()];
+    for slot in order {
+        progress.step(
+            &format!(
+                "datapath: {}, round {}/{}: {}",
+                r.what,
+                r.index + 1,
+                r.of,
+                slot.map_or("none", |k| enforced[k].enforcer.as_str())
+            ),
+            r.plan.block_seconds(1),
+        );
+        match slot {
+            None => base = block(none, r.plan, 0, None)?,
+            Some(k) => {
+                let l = enforced[k];
+                let flood = if r.flood {
+                    let target = l.address("x/server", plan::FLOOD_PORT)?;
+                    let netns = l.pod("x/flood")?.netns;
+                    // The other CPU than the measured flow's.
+                    Some(Flood::start(&netns, target, Some(r.cpu.saturating_sub(1))))
+                } else {
+                    None
+                };
+                let started = Instant::now();
+                let mut v = block(l, r.plan, r.n, flood.as_ref().map(|_| ()));
+                if let Some(f) = flood {
+                    let sent = f.stop()?;
+                    if let Ok(b) = v.as_mut() {
+                        b.flood_per_sec = Some(sent as f64 / started.elapsed().as_secs_f64());
+                    }
+                }
+                let mut v = v?;
+                // The kernel's cost per packet, once per N, in a run of its own.
+                if l.enforcer == Enforcer::Netpol && r.index == 0 {
+                    for pair in &r.plan.pairs {
+                        v.program_ns
+                            .insert(*pair, program_costs(l, *pair, r.plan.seconds)?);
+                    }
+                }
+                blocks[k] = v;
+            }
+        }
+    }
+    Ok((base, blocks))
+}
+
+/// Every metric of every pair once, on lab `l`; for an enforcer, the denied flow tried
+/// all along.
+fn block(l: &LabRun, plan: &Plan, rules: usize, flood: Option<()>) -> anyhow::Result<Block> {
     let mut b = Block {
-        enforcer: enforcer.to_string(),
+        enforcer: l.enforcer.as_str().to_string(),
         rules,
         flood: flood.is_some(),
         ..Block::default()
     };
-    let step = plan.block_seconds(1) / plan.pairs.len() as f64;
     for pair in &plan.pairs {
-        let mut runs: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-        for rep in 0..repeats {
-            let what = match l.enforcer {
-                Enforcer::None => "baseline".to_string(),
-                _ => format!(
-                    "{enforcer} N = {rules}{}",
-                    if flood.is_some() { " + flood" } else { "" }
-                ),
-            };
-            progress.step(
-                &format!(
-                    "datapath: {what}, {}, run {}/{repeats}",
-                    pair.name(),
-                    rep + 1
-                ),
-                step,
-            );
-            for (key, value) in measure(l, *pair, plan.seconds) {
-                runs.entry(key).or_default().push(value);
-            }
+        let denied = match l.enforcer {
+            Enforcer::None => None,
+            _ => Some(DeniedProbe::start(
+                &l.pod("x/flood")?.netns,
+                l.address(pair.server(), 80)?,
+            )),
+        };
+        let values = measure(l, *pair, plan.seconds);
+        if let Some(p) = denied {
+            b.denied
+                .get_or_insert_with(DeniedCheck::default)
+                .add(p.stop()?);
         }
         b.pairs.insert(
             *pair,
-            runs.into_iter()
-                .map(|(k, v)| (k.to_string(), Stat::of(v)))
+            values
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Stat::of(vec![v])))
                 .collect(),
         );
-        if l.enforcer == Enforcer::Netpol {
-            progress.step(
-                &format!(
-                    "datapath: {enforcer} N = {rules}, {}, bpf_stats run",
-                    pair.name()
-                ),
-                step / repeats.max(1) as f64,
-            );
-            b.program_ns
-                .insert(*pair, program_costs(l, *pair, plan.seconds)?);
-        }
     }
     Ok(b)
 }

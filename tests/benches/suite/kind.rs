@@ -2,7 +2,7 @@
 //! deploy/kind/bench/pods.yaml, the load run in the client pod with `kubectl exec`
 //! (netpol_tests::kubectl), and the plan's policies applied with kubectl. A cluster has
 //! one enforcer, the installed netpol: its variants (N rules) are compared with no
-//! policy at all, between baseline blocks as in the lab.
+//! policy at all, between baseline blocks.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ pub const NOTES: &[&str] = &[
     "kind testbed: the datapath baseline (`none`) is netpol installed with no policy selecting the servers, not a cluster without an enforcer",
     "kind testbed: the iptables enforcer is lab-only; its datapath variants are skipped",
     "kind testbed: the denied-flood variant is lab-only (the flood sender is a lab pod thread); skipped",
+    "kind testbed: each variant runs between two baseline blocks (a policy applied and deleted per round would cost a sync each), not in alternating rounds; its interval is over its own runs, each against the mean of the two baselines",
+    "kind testbed: the denied-flow check under load is lab-only (the probe is a lab pod thread)",
     "kind testbed: the update and events scenarios read lab internals (the dir source, the agent's process); skipped",
     "kind testbed: the rules' peers are lab virtual pods, absent from a cluster: the N - 1 non-matching rules select no pod",
 ];
@@ -58,10 +60,10 @@ pub fn datapath(plan: &Plan, progress: &mut Progress) -> anyhow::Result<Datapath
             .entry("netpol".into())
             .or_default()
             .insert(*n, t.elapsed().as_secs_f64());
-        let v = block(&servers, plan, plan.repeats, *n, progress)?;
+        let v = block(&servers, plan, plan.rounds, *n, progress)?;
         kubectl::run(&kubectl::delete_policy("bench-rules"), None)?;
         let after = block(&servers, plan, 1, 0, progress)?;
-        d.variants.push(Datapath::compare(&before, &v, &after));
+        d.variants.push(Datapath::bracketed(&before, &v, &after));
         d.blocks.push(v);
         d.blocks.push(after.clone());
         before = after;

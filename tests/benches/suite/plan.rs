@@ -69,9 +69,9 @@ pub struct Plan {
     pub pairs: Vec<Pair>,
     /// Seconds of each load measurement (iperf3 counts whole seconds).
     pub seconds: f64,
-    /// Repetitions of each measurement of a variant; the baseline runs once before and
-    /// once after every variant.
-    pub repeats: usize,
+    /// Rounds at each N: in each, the baseline and every enforcer measure every metric
+    /// once, side by side (ABAB…); a ratio's interval is a bootstrap over the rounds.
+    pub rounds: usize,
     /// N at which a denied flood runs beside the measured flow (None: no flood variant).
     pub flood_rules: Option<usize>,
     /// Cluster sizes (pods in the index) of the update scenario, and its repetitions.
@@ -89,14 +89,15 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// About 10 minutes on a 2-core machine.
+    /// About 30 minutes on a 2-core machine.
     pub fn full() -> Plan {
         Plan {
             quick: false,
-            rules: vec![10, 100, 1_000, 10_000],
+            // Three N, so that 5 alternating rounds of four labs fit in the half hour.
+            rules: vec![10, 1_000, 10_000],
             pairs: vec![Pair::SameNode, Pair::CrossNode],
             seconds: 1.0,
-            repeats: 3,
+            rounds: 5,
             flood_rules: Some(1_000),
             update_pods: vec![100, 1_000],
             update_repeats: 40,
@@ -116,7 +117,7 @@ impl Plan {
             rules: vec![10, 1_000],
             pairs: vec![Pair::SameNode],
             seconds: 1.0,
-            repeats: 1,
+            rounds: 2,
             flood_rules: None,
             update_pods: vec![100],
             update_repeats: 8,
@@ -129,25 +130,16 @@ impl Plan {
         }
     }
 
-    /// Enforced variants of the datapath scenario: (enforcer, N, flood).
-    pub fn variants(&self) -> Vec<(&'static str, usize, bool)> {
-        let mut v = Vec::new();
-        for n in &self.rules {
-            for e in ["iptables", "netpol"] {
-                v.push((e, *n, false));
-            }
-        }
-        if let Some(n) = self.flood_rules {
-            for e in ["iptables", "netpol"] {
-                v.push((e, n, true));
-            }
-        }
+    /// Steps of the datapath scenario: (N, flood), every N once, then the flood's.
+    pub fn steps(&self) -> Vec<(usize, bool)> {
+        let mut v: Vec<(usize, bool)> = self.rules.iter().map(|n| (*n, false)).collect();
+        v.extend(self.flood_rules.map(|n| (n, true)));
         v
     }
 
-    /// Seconds one measurement block (every metric, every pair) takes, roughly.
+    /// Seconds one measurement block (every metric, every pair, one lab) takes, roughly.
     pub fn block_seconds(&self, repeats: usize) -> f64 {
-        // five metrics, each its length plus iperf3's start and a lab round trip
+        // five loads, each its length plus iperf3's start and a lab round trip
         self.pairs.len() as f64 * repeats as f64 * 5.0 * (self.seconds + 0.4)
     }
 
@@ -155,11 +147,12 @@ impl Plan {
     pub fn weight(&self, s: Scenario) -> f64 {
         match s {
             Scenario::Datapath => {
-                let v = self.variants().len() as f64;
-                v * self.block_seconds(self.repeats)
-                    + (v + 1.0) * self.block_seconds(1)
-                    + 3.0 * 6.0
-                    + self.rules.len() as f64 * 2.0 * 4.0
+                // a round: the baseline and three enforcers; netpol's statistics run
+                let steps = self.steps().len() as f64;
+                steps * self.rounds as f64 * 4.0 * self.block_seconds(1)
+                    + steps * self.block_seconds(1)
+                    + 4.0 * 6.0
+                    + self.rules.len() as f64 * 3.0 * 4.0
             }
             Scenario::Update => {
                 self.update_pods.len() as f64 * 2.0 * (5.0 + self.update_repeats as f64 * 0.5)
@@ -173,6 +166,26 @@ impl Plan {
             Scenario::Packet => 3.0 + self.packet_rules.len() as f64 * self.packet_runs as f64,
         }
     }
+}
+
+/// The datapath targets: netpol's ratio to `none` at the plan's largest N, on every
+/// pair (metric, lowest ratio that meets it).
+pub const RATIO_TARGETS: [(&str, f64); 2] = [("crr_per_sec", 0.95), ("rr_per_sec", 0.97)];
+
+/// The ratio targets a variant's intervals leave open: (pair, metric).
+pub fn undecided(v: &crate::report::Variant) -> Vec<(Pair, &'static str)> {
+    let mut out = Vec::new();
+    for (pair, metrics) in &v.pairs {
+        for (key, goal) in RATIO_TARGETS {
+            if metrics
+                .get(key)
+                .is_none_or(|c| netpol_tests::stats::judge(c.ratio_ci, goal).is_none())
+            {
+                out.push((*pair, key));
+            }
+        }
+    }
+    out
 }
 
 /// Peers of the datapath scenario's non-matching rules: virtual pods (no namespace, on

@@ -1,9 +1,10 @@
 //! The report: one JSON document (`report.json`, schema `netpol-bench/1`) and the same
 //! numbers as Markdown (`report.md`), with the charts `plot.rs` draws beside them.
 //!
-//! Every enforced figure is given with the baseline (`none`) measured right before and
-//! right after it in the same run: `ratio` = value / mean(before, after), and for
-//! latencies `added_us` = value − mean.
+//! Every enforced figure is paired with the baseline (`none`) run of the same round:
+//! `ratio` is the mean of the rounds' value / baseline with its 95 % bootstrap interval
+//! (`ratio_ci`), and for latencies `added_us` the mean of value − baseline. `targets`
+//! judges the run against the goals (met, missed, too wide to judge).
 
 use std::path::Path;
 
@@ -16,10 +17,11 @@ pub const SCHEMA: &str = "netpol-bench/1";
 
 mod figures;
 mod markdown;
+pub mod targets;
 
 pub use figures::{
-    percentile, AgentMemory, AgentRun, Block, Control, Datapath, Dist, Events, EventsRun, Machine,
-    Packet, PacketPoint, Stat, Update, UpdatePoint, Variant, METRICS,
+    percentile, AgentMemory, AgentRun, Block, Control, Datapath, DeniedCheck, Dist, Events,
+    EventsRun, Machine, Packet, PacketPoint, Stat, Update, UpdatePoint, Variant, METRICS,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -46,6 +48,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub packet: Option<Packet>,
     pub charts: Vec<String>,
+    /// The goals this run is judged against.
+    pub targets: Vec<targets::Target>,
     /// What this testbed skipped or measures differently (the kind testbed's).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -92,11 +96,13 @@ impl Report {
             events: None,
             packet: None,
             charts: vec![],
+            targets: vec![],
             notes: vec![],
         }
     }
 
-    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+    pub fn write(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.targets = targets::judge(self);
         std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
         Ok(())

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use netpol_tests::lab::{self, Enforcer, LabStatus, PodStatus};
 
+use crate::report::DeniedCheck;
+
 pub enum Testbed {
     Lab,
     Kind,
@@ -304,6 +306,40 @@ impl Flood {
         self.handle
             .join()
             .map_err(|_| anyhow::anyhow!("the flood thread panicked"))?
+    }
+}
+
+/// A flow no rule allows, tried from a pod again and again until stopped: the check
+/// that an enforcer under load still enforces. Each attempt waits out its timeout (the
+/// SYN is dropped), so the probe itself adds a few packets a second.
+pub struct DeniedProbe {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<anyhow::Result<DeniedCheck>>,
+}
+
+impl DeniedProbe {
+    pub fn start(netns: &str, target: SocketAddr) -> DeniedProbe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let netns = netns.to_string();
+        let handle = std::thread::spawn(move || -> anyhow::Result<DeniedCheck> {
+            enter_netns(&netns)?;
+            let mut check = DeniedCheck::default();
+            while !flag.load(Ordering::Relaxed) {
+                check.attempts += 1;
+                check.connected += u64::from(exchange(target, Duration::from_millis(200)));
+            }
+            Ok(check)
+        });
+        DeniedProbe { stop, handle }
+    }
+
+    /// Stops the probe; what its attempts found.
+    pub fn stop(self) -> anyhow::Result<DeniedCheck> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the denied-flow probe panicked"))?
     }
 }
 

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use netpol_tests::stats::{bootstrap_mean_ci, mean};
+
 use crate::plan::Pair;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -116,19 +118,51 @@ pub struct Block {
     /// (`bpf_stats`) in one extra run of each load, kept out of the throughput figures.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub program_ns: BTreeMap<Pair, BTreeMap<String, BTreeMap<String, f64>>>,
+    /// Enforced blocks: the denied flow tried meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied: Option<DeniedCheck>,
 }
 
+/// One metric of a variant against `none`, over pairs of runs that ran side by side
+/// (ABAB…): the ratio is the mean of the pairs' ratios, its interval a bootstrap over
+/// the pairs.
 #[derive(Clone, Debug, Serialize)]
 pub struct Compared {
     pub value: Stat,
-    pub baseline_before: f64,
-    pub baseline_after: f64,
-    pub baseline: f64,
-    /// value / baseline (throughput and rates retained; latencies multiplied).
+    pub baseline: Stat,
+    /// Pairs with both runs measured.
+    pub pairs: usize,
+    /// Mean of value / baseline over the pairs.
     pub ratio: f64,
-    /// Latencies: value − baseline, µs.
+    /// 95 % interval of `ratio` (bootstrap over the pairs).
+    pub ratio_ci: [f64; 2],
+    /// Latencies: mean of value − baseline over the pairs, µs, and its interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub added_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added_us_ci: Option<[f64; 2]>,
+}
+
+impl Compared {
+    /// `pairs`: (baseline, value) of each pair; a pair with a failed run is left out.
+    pub fn of(pairs: &[(f64, f64)], latency: bool) -> Compared {
+        let pairs: Vec<(f64, f64)> = pairs
+            .iter()
+            .copied()
+            .filter(|(b, v)| b.is_finite() && v.is_finite() && *b > 0.0)
+            .collect();
+        let ratios: Vec<f64> = pairs.iter().map(|(b, v)| v / b).collect();
+        let added: Vec<f64> = pairs.iter().map(|(b, v)| v - b).collect();
+        Compared {
+            value: Stat::of(pairs.iter().map(|p| p.1).collect()),
+            baseline: Stat::of(pairs.iter().map(|p| p.0).collect()),
+            pairs: pairs.len(),
+            ratio: mean(&ratios),
+            ratio_ci: bootstrap_mean_ci(&ratios),
+            added_us: latency.then(|| mean(&added)),
+            added_us_ci: latency.then(|| bootstrap_mean_ci(&added)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -142,6 +176,25 @@ pub struct Variant {
     /// As [`Block::program_ns`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub program_ns: BTreeMap<Pair, BTreeMap<String, BTreeMap<String, f64>>>,
+    /// The denied flow tried while the variant's loads ran: attempts, and how many
+    /// connected (any is an enforcer that does not enforce, and voids the figures).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied: Option<DeniedCheck>,
+}
+
+/// A flow no rule allows (`x/flood` → the pair's server on TCP 80), tried again and
+/// again while a block's loads run.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct DeniedCheck {
+    pub attempts: u64,
+    pub connected: u64,
+}
+
+impl DeniedCheck {
+    pub fn add(&mut self, other: DeniedCheck) {
+        self.attempts += other.attempts;
+        self.connected += other.connected;
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -153,48 +206,79 @@ pub struct Datapath {
     pub apply_seconds: BTreeMap<String, BTreeMap<usize, f64>>,
     /// The CPU request/response client and servers were pinned to.
     pub pinned_cpu: usize,
+    /// N whose rounds were repeated because an interval was too wide to judge a target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repeated: Vec<usize>,
 }
 
 impl Datapath {
-    /// Compares block `v` with the baseline blocks before and after it.
-    pub fn compare(before: &Block, v: &Block, after: &Block) -> Variant {
-        let mut pairs = BTreeMap::new();
-        for (pair, metrics) in &v.pairs {
+    /// The variant of `rounds`: each a baseline block and the variant's block that ran
+    /// beside it, paired metric by metric.
+    pub fn paired(rounds: &[(&Block, &Block)]) -> Variant {
+        let v = rounds.first().expect("at least one round").1;
+        let mut pairs: BTreeMap<Pair, BTreeMap<String, Compared>> = BTreeMap::new();
+        let mut program_ns = BTreeMap::new();
+        let mut denied: Option<DeniedCheck> = None;
+        for pair in v.pairs.keys() {
             let mut out = BTreeMap::new();
-            for (key, value) in metrics {
-                let b = |blk: &Block| {
-                    blk.pairs
-                        .get(pair)
-                        .and_then(|m| m.get(key))
-                        .map(|s| s.median)
-                        .unwrap_or(f64::NAN)
-                };
-                let (bb, ba) = (b(before), b(after));
-                let baseline = (bb + ba) / 2.0;
-                let latency = METRICS.iter().any(|m| m.key == key && m.latency);
-                out.insert(
-                    key.clone(),
-                    Compared {
-                        ratio: value.median / baseline,
-                        added_us: latency.then_some(value.median - baseline),
-                        value: value.clone(),
-                        baseline_before: bb,
-                        baseline_after: ba,
-                        baseline,
-                    },
-                );
+            for m in &METRICS {
+                let runs: Vec<(f64, f64)> = rounds
+                    .iter()
+                    .map(|(b, v)| (first_run(b, *pair, m.key), first_run(v, *pair, m.key)))
+                    .collect();
+                out.insert(m.key.to_string(), Compared::of(&runs, m.latency));
             }
             pairs.insert(*pair, out);
         }
+        for (_, b) in rounds {
+            // The statistics run of the last round that has one (one per block).
+            for (pair, loads) in &b.program_ns {
+                program_ns.insert(*pair, loads.clone());
+            }
+            if let Some(d) = b.denied {
+                denied.get_or_insert_with(DeniedCheck::default).add(d);
+            }
+        }
+        let flood: Vec<f64> = rounds.iter().filter_map(|(_, v)| v.flood_per_sec).collect();
         Variant {
             enforcer: v.enforcer.clone(),
             rules: v.rules,
             flood: v.flood,
-            flood_per_sec: v.flood_per_sec,
+            flood_per_sec: (!flood.is_empty()).then(|| mean(&flood)),
             pairs,
-            program_ns: v.program_ns.clone(),
+            program_ns,
+            denied,
         }
     }
+
+    /// A variant measured between two baseline blocks (where the baseline cannot be
+    /// alternated cheaply: the kind testbed); each of its runs is paired with the mean
+    /// of the two baselines.
+    pub fn bracketed(before: &Block, v: &Block, after: &Block) -> Variant {
+        let mut out = Datapath::paired(&[(before, v)]);
+        for (pair, metrics) in &v.pairs {
+            for m in &METRICS {
+                let Some(stat) = metrics.get(m.key) else {
+                    continue;
+                };
+                let base = (first_run(before, *pair, m.key) + first_run(after, *pair, m.key)) / 2.0;
+                let runs: Vec<(f64, f64)> = stat.runs.iter().map(|x| (base, *x)).collect();
+                out.pairs
+                    .entry(*pair)
+                    .or_default()
+                    .insert(m.key.to_string(), Compared::of(&runs, m.latency));
+            }
+        }
+        out
+    }
+}
+
+/// The median of a block's runs of `key` on `pair` (one run in the lab's rounds).
+fn first_run(b: &Block, pair: Pair, key: &str) -> f64 {
+    b.pairs
+        .get(&pair)
+        .and_then(|m| m.get(key))
+        .map_or(f64::NAN, |s| s.median)
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

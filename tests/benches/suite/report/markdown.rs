@@ -36,6 +36,28 @@ impl Report {
         if !self.notes.is_empty() {
             md.push('\n');
         }
+        if !self.targets.is_empty() {
+            let _ = writeln!(md, "## Targets\n");
+            let _ = writeln!(
+                md,
+                "Ratios are judged by their 95 % interval: met when all of it meets the goal, missed when none \
+                 of it does, too wide to judge otherwise (the run then repeats the rounds once; a figure still \
+                 too wide needs a quieter machine or more rounds).\n"
+            );
+            let _ = writeln!(md, "| target | goal | this run | |");
+            let _ = writeln!(md, "|---|---|---|---|");
+            for t in &self.targets {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    t.target,
+                    t.goal,
+                    t.figure,
+                    t.verdict.word()
+                );
+            }
+            md.push('\n');
+        }
         if let Some(d) = &self.datapath {
             datapath_md(&mut md, d, &self.plan, charts);
         }
@@ -228,18 +250,35 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
     let _ = writeln!(md, "## Datapath\n");
     let _ = writeln!(
         md,
-        "The flow's allowing rule comes last after N − 1 rules with other peers and ports. Each figure: \
-         median of {} runs (min–max), then the ratio to `none` measured right before and after it \
-         (latency: µs added). Request/response client and server pinned to CPU {}. Loads of {:.0} s.\n",
-        plan.repeats, d.pinned_cpu, plan.seconds
+        "The flow's allowing rule comes last after N − 1 rules with other peers and ports. At each N, \
+         {} rounds in which `none` and every enforcer measure each metric once, side by side (the order \
+         turned every other round). Each figure: the median of the enforcer's runs, then the mean of its \
+         ratios to the `none` run of the same round with the 95 % bootstrap interval over the rounds \
+         (latency: µs added). \"denied\": attempts of a flow no rule allows (x/flood → the server, TCP 80) \
+         made while the loads ran, and how many connected. Request/response client and server pinned to \
+         CPU {}. Loads of {:.0} s.\n",
+        plan.rounds, d.pinned_cpu, plan.seconds
     );
+    if !d.repeated.is_empty() {
+        let _ = writeln!(
+            md,
+            "An interval at N = {} was too wide to judge a target: {} more rounds of `none` and netpol were run, \
+             and the figures include them.\n",
+            d.repeated.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+            plan.rounds
+        );
+    }
     for pair in &plan.pairs {
         let _ = writeln!(md, "### {}\n", pair.name());
         let _ = write!(md, "| enforcer | N |");
         for m in &METRICS {
             let _ = write!(md, " {} ({}) |", m.label, m.unit);
         }
-        let _ = writeln!(md, "\n|---|---:|{}", "---:|".repeat(METRICS.len()));
+        let _ = writeln!(
+            md,
+            " denied |\n|---|---:|{}---:|",
+            "---:|".repeat(METRICS.len())
+        );
         // The baseline itself, from the blocks.
         let base: Vec<&Block> = d.blocks.iter().filter(|b| b.enforcer == "none").collect();
         if !base.is_empty() {
@@ -258,7 +297,7 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
                     fmt_value(v.last().copied().unwrap_or(f64::NAN))
                 );
             }
-            md.push('\n');
+            md.push_str(" – |\n");
         }
         for v in &d.variants {
             let Some(metrics) = v.pairs.get(pair) else {
@@ -274,20 +313,42 @@ fn datapath_md(md: &mut String, d: &Datapath, plan: &Plan, charts: &str) {
             for m in &METRICS {
                 match metrics.get(m.key) {
                     Some(c) if m.latency => {
+                        let [lo, hi] = c.added_us_ci.unwrap_or([f64::NAN; 2]);
                         let _ = write!(
                             md,
-                            " {} (+{}) |",
+                            " {} (+{} [{}, {}]) |",
                             fmt_value(c.value.median),
-                            fmt_value(c.added_us.unwrap_or(f64::NAN))
+                            fmt_value(c.added_us.unwrap_or(f64::NAN)),
+                            fmt_value(lo),
+                            fmt_value(hi)
                         );
                     }
                     Some(c) => {
-                        let _ = write!(md, " {} ({:.2}×) |", fmt_value(c.value.median), c.ratio);
+                        let _ = write!(
+                            md,
+                            " {} ({:.2}× [{:.2}, {:.2}]) |",
+                            fmt_value(c.value.median),
+                            c.ratio,
+                            c.ratio_ci[0],
+                            c.ratio_ci[1]
+                        );
                     }
                     None => md.push_str(" – |"),
                 }
             }
-            md.push('\n');
+            match v.denied {
+                Some(x) if x.connected > 0 => {
+                    let _ = writeln!(
+                        md,
+                        " **{} of {} connected: not enforced** |",
+                        x.connected, x.attempts
+                    );
+                }
+                Some(x) => {
+                    let _ = writeln!(md, " 0 of {} |", x.attempts);
+                }
+                None => md.push_str(" – |\n"),
+            }
         }
         md.push('\n');
         let chart = format!("{charts}datapath-{}.png", pair.name());
