@@ -235,11 +235,13 @@ impl Drop for LabRun {
 }
 
 /// The CPU request/response runs are pinned to: the last one (the first takes more of
-/// the machine's interrupts).
+/// the machine's interrupts). Counted from the CPUs online, not from this thread's
+/// affinity: once the thread is pinned, that would be one CPU, and the next run would
+/// pin the client to CPU 0, away from the servers.
 pub fn measure_cpu() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get() - 1)
-        .unwrap_or(0)
+    // SAFETY: sysconf reads a system value; no memory is passed.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(online).unwrap_or(1).max(1) - 1
 }
 
 /// Pins the calling thread (and the threads it starts afterwards) to `cpu`, or lets it
