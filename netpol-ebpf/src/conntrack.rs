@@ -38,6 +38,14 @@ pub(crate) fn audit_flag(jdir: u8) -> u32 {
     }
 }
 
+/// Step 4 on one tuple: its live entry, if the check `needed` holds in it.
+#[inline(always)]
+pub(crate) fn ct_holding(key: &CtKey, config: &Config, now: u64, needed: u32) -> Option<*mut CtEntry> {
+    let e = ct_live(key, config, now)?;
+    // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
+    (unsafe { (*e).flags } & needed != 0).then_some(e)
+}
+
 /// A packet of a tracked connection whose check on this endpoint's side passed:
 /// passes, unless the endpoint's policy changed since (revocation) or the pass was
 /// granted by an audit mode that has ended; then the connection is judged again.

@@ -2,8 +2,8 @@
 //!
 //! One straight pipeline per packet (numbered in [`pipeline`]):
 //!   parse → (egress: anti-spoofing) → later fragments: first fragment's verdict
-//!         → ICMP errors about tracked connections → conntrack (forward, then reverse
-//!         tuple; revision and audit checks) → host traffic → peer identity (ipcache,
+//!         → ICMP errors about tracked connections → conntrack (both tuples, a likely
+//!         reply's first; revision and audit checks) → host traffic → peer identity (ipcache,
 //!         CIDR trie) → policy lookups → verdict → counters → event (token bucket)
 //! `from_pod` (TC ingress of the host veth) judges the pod's egress, `to_pod` (TC
 //! egress of the host veth) its ingress. The precedence of policy hits is
@@ -59,7 +59,7 @@ use aya_ebpf::{
 use netpol_common::{counter_index, ct_stamp, direction, reason, verdict, Config, EndpointEntry};
 use parse::{frag, Packet};
 
-use conntrack::{audit_flag, ct_live, established, holds, ok_flag, opens, remember};
+use conntrack::{audit_flag, ct_holding, ct_live, established, holds, ok_flag, opens, remember};
 use emit::{count, count_rule, finish};
 use maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH};
 use policy::{audits, verdict_of};
@@ -222,7 +222,8 @@ pub(crate) fn opposite(dir: u8) -> u8 {
 ///  1. anti-spoofing (egress): the source must be one of the pod's addresses
 ///  2. later fragments follow their first fragment's verdict
 ///  3. ICMP errors quoting a tracked connection pass
-///  4. conntrack, forward tuple then reverse tuple; a live entry passes unless the
+///  4. conntrack, both tuples (the reverse first from a lower port to a higher, as most
+///     replies go); a live entry passes unless the
 ///     endpoint's policy revision changed since (revocation) or audit ended
 ///  5. host traffic, then policy (`verdict_of`)
 ///  6. a first fragment's verdict is remembered for the rest of its datagram
@@ -328,24 +329,28 @@ fn stages(
         service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);
         return;
     }
-    if let Some(e) = ct_live(&scratch.ct, config, now) {
-        // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
-        if unsafe { (*e).flags } & mine != 0 {
-            trace!(ct_hit(ctx, false));
-            established(ep, config, pkt, false, e, out, now, scratch.stamp);
-            return;
+    // Both tuples are tried, the reply's first when the packet goes from the lower port
+    // to the higher (a server's to an ephemeral one): most replies then cost one lookup
+    // of the 40-byte key, not two. Whichever entry answers, the verdict is the same.
+    let reply_first = pkt.sport < pkt.dport;
+    if reply_first {
+        scratch.ct.reverse();
+    }
+    let mut hit = ct_holding(&scratch.ct, config, now, if reply_first { theirs } else { mine });
+    let mut reply = reply_first;
+    if hit.is_none() {
+        scratch.ct.reverse();
+        reply = !reply_first;
+        hit = ct_holding(&scratch.ct, config, now, if reply { theirs } else { mine });
+        if !reply_first {
+            scratch.ct.reverse();
         }
     }
-    scratch.ct.reverse();
-    if let Some(e) = ct_live(&scratch.ct, config, now) {
-        // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
-        if unsafe { (*e).flags } & theirs != 0 {
-            trace!(ct_hit(ctx, true));
-            established(ep, config, pkt, true, e, out, now, scratch.stamp);
-            return;
-        }
+    if let Some(e) = hit {
+        trace!(ct_hit(ctx, reply));
+        established(ep, config, pkt, reply, e, out, now, scratch.stamp);
+        return;
     }
-    scratch.ct.reverse();
 
     // 5. A new connection (or one whose state expired): policy.
     trace!(ct_miss(ctx));
