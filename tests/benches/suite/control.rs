@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use netpol_agent::api::Status;
 use netpol_agent::datapath::{load, maps, Capacities};
 use netpol_agent::source::{dir, Object};
 use netpol_common::map;
@@ -44,12 +45,26 @@ pub fn run(
         );
         agents.push(agent_run(pods)?);
     }
-    Ok(Control { compile, agents })
+    let mut kube = Vec::new();
+    for &pods in &plan.kube_pods {
+        progress.step(
+            &format!(
+                "control: an agent on the kube source, {pods} pods listed and then each modified"
+            ),
+            5.0 + pods as f64 / 2_000.0,
+        );
+        kube.push(crate::control_kube::kube_run(pods)?);
+    }
+    Ok(Control {
+        compile,
+        agents,
+        kube,
+    })
 }
 
 /// What an agent run leaves behind, removed on drop: its process, network namespace,
 /// bpffs and files.
-struct Scratch {
+pub(crate) struct Scratch {
     netns: String,
     dir: std::path::PathBuf,
     pins: std::path::PathBuf,
@@ -98,18 +113,16 @@ fn yaml_of(objects: &[Object]) -> anyhow::Result<String> {
     Ok(out)
 }
 
-fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
-    let objects = synthetic::cluster(&Shape::pods(pods));
-    let dir = std::env::temp_dir().join(format!("netpol-bench-ctl-{}", std::process::id()));
+/// A node for one agent: its network namespace (a `cni0` bridge, no pods), a bpffs and
+/// a scratch directory, all removed on drop with the agent.
+pub(crate) fn node(tag: &str) -> anyhow::Result<Scratch> {
+    let dir = std::env::temp_dir().join(format!("netpol-bench-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let manifests = dir.join("manifests");
-    std::fs::create_dir_all(&manifests)?;
-    std::fs::write(manifests.join("cluster.yaml"), yaml_of(&objects)?)?;
     let pins = dir.join("bpffs");
     std::fs::create_dir_all(&pins)?;
-    let mut scratch = Scratch {
-        netns: format!("bctl{}", std::process::id() % 10_000),
-        dir: dir.clone(),
+    let scratch = Scratch {
+        netns: format!("b{tag}{}", std::process::id() % 10_000),
+        dir,
         pins: pins.clone(),
         child: None,
     };
@@ -129,56 +142,99 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
             .args(args.split(' ')))?;
     }
     sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&pins))?;
-    let sock = dir.join("agent.sock");
-    let digest = dir::current_digest(std::slice::from_ref(&manifests));
-    let started = Instant::now();
-    let child = Command::new("ip")
-        .args([
+    Ok(scratch)
+}
+
+impl Scratch {
+    pub(crate) fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    pub(crate) fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Starts the release agent as node `node-0` on `source` (`dir:PATH`, `kube`), with
+    /// `env` added; its pid.
+    pub(crate) fn start_agent(
+        &mut self,
+        source: &str,
+        env: &[(&str, &Path)],
+    ) -> anyhow::Result<u32> {
+        let mut cmd = Command::new("ip");
+        cmd.args([
             "netns",
             "exec",
-            &scratch.netns,
+            &self.netns,
             crate::NETPOL,
             "agent",
             "--source",
+            source,
         ])
-        .arg(format!("dir:{}", manifests.display()))
         .args(["--node", NODE, "--bridge", "cni0", "--metrics-addr", "off"])
         .arg("--no-pod-start-hold")
         .arg("--api-socket")
-        .arg(&sock)
+        .arg(self.path("agent.sock"))
         .arg("--pin-root")
-        .arg(&pins)
+        .arg(&self.pins)
         // As a DaemonSet runs it: with RUST_BACKTRACE set, every logged error carries a
         // symbolised backtrace (25 MiB of debug info read at 10,000 pods).
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("agent.log"))?)
-        .spawn()
-        .context("starting the agent")?;
-    let pid = child.id();
-    scratch.child = Some(child);
-    // The agent never converges here (its local pods have no veths), so its status is
-    // read until it reports a sync of this cluster.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let status = runtime.block_on(async {
-        loop {
-            if let Ok(s) = netpol_agent::api::client::status(&sock).await {
-                if s.digest == digest && s.syncs >= 1 {
-                    return Ok(s);
-                }
-            }
-            if started.elapsed() > Duration::from_secs(300) {
-                bail!(
-                    "the agent did not sync {pods} pods within 300 s; {}",
-                    dir.join("agent.log").display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        .stderr(std::fs::File::create(self.path("agent.log"))?);
+        for (k, v) in env {
+            cmd.env(k, v);
         }
+        let child = cmd.spawn().context("starting the agent")?;
+        let pid = child.id();
+        self.child = Some(child);
+        Ok(pid)
+    }
+
+    /// The agent's status once `done` holds for it (read every 10 ms; the agent never
+    /// converges here, its local pods having no veths).
+    pub(crate) fn status_when(
+        &self,
+        what: &str,
+        done: impl Fn(&Status) -> bool,
+    ) -> anyhow::Result<Status> {
+        let sock = self.path("agent.sock");
+        let started = Instant::now();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            loop {
+                if let Ok(s) = netpol_agent::api::client::status(&sock).await {
+                    if done(&s) {
+                        return Ok(s);
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(300) {
+                    bail!(
+                        "the agent did not reach {what} within 300 s; {}",
+                        self.path("agent.log").display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    }
+}
+
+fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
+    let objects = synthetic::cluster(&Shape::pods(pods));
+    let mut scratch = node("ctl")?;
+    let manifests = scratch.path("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    std::fs::write(manifests.join("cluster.yaml"), yaml_of(&objects)?)?;
+    let digest = dir::current_digest(std::slice::from_ref(&manifests));
+    let started = Instant::now();
+    let pid = scratch.start_agent(&format!("dir:{}", manifests.display()), &[])?;
+    let status = scratch.status_when(&format!("a sync of {pods} pods"), |s| {
+        s.digest == digest && s.syncs >= 1
     })?;
     let first_sync_ms = started.elapsed().as_secs_f64() * 1e3;
     let (rss, hwm) = memory_mib(pid)?;

@@ -16,9 +16,13 @@
 //! project's benchmark page from this run). Progress goes to stderr.
 
 mod control;
+mod control_kube;
 mod datapath;
 mod events;
 mod kind;
+// The kube source tests' mocked API server, for the kube source's memory (control).
+#[path = "../../../netpol-agent/tests/mock_api/mod.rs"]
+mod mock_api;
 mod packet;
 mod plan;
 mod plot;

@@ -79,6 +79,8 @@ pub struct Plan {
     pub update_repeats: usize,
     /// Synthetic cluster sizes a real agent is started on (RSS).
     pub agent_pods: Vec<usize>,
+    /// Cluster sizes an agent on the kube source (the mocked API server) lists.
+    pub kube_pods: Vec<usize>,
     /// Policy entries and BPF_PROG_TEST_RUN repeats of the packet scenario.
     pub packet_rules: Vec<usize>,
     pub packet_repeat: u32,
@@ -102,6 +104,7 @@ impl Plan {
             update_pods: vec![100, 1_000],
             update_repeats: 40,
             agent_pods: vec![1_000, 10_000, 50_000],
+            kube_pods: vec![10_000],
             packet_rules: vec![10, 100, 1_000, 10_000],
             packet_repeat: 20_000,
             packet_runs: 3,
@@ -122,6 +125,7 @@ impl Plan {
             update_pods: vec![100],
             update_repeats: 8,
             agent_pods: vec![1_000],
+            kube_pods: vec![1_000],
             packet_rules: vec![10, 10_000],
             packet_repeat: 5_000,
             packet_runs: 1,
@@ -157,11 +161,17 @@ impl Plan {
             Scenario::Update => {
                 self.update_pods.len() as f64 * 2.0 * (5.0 + self.update_repeats as f64 * 0.5)
             }
-            Scenario::Control => self
-                .agent_pods
-                .iter()
-                .map(|p| 3.0 + *p as f64 / 5_000.0)
-                .sum(),
+            Scenario::Control => {
+                self.agent_pods
+                    .iter()
+                    .map(|p| 3.0 + *p as f64 / 5_000.0)
+                    .sum::<f64>()
+                    + self
+                        .kube_pods
+                        .iter()
+                        .map(|p| 5.0 + *p as f64 / 2_000.0)
+                        .sum::<f64>()
+            }
             Scenario::Events => 5.0 + self.events_runs as f64 * (self.events_seconds + 2.0),
             Scenario::Packet => 3.0 + self.packet_rules.len() as f64 * self.packet_runs as f64,
         }

@@ -21,7 +21,7 @@ pub mod targets;
 
 pub use figures::{
     percentile, AgentMemory, AgentRun, Block, Control, Datapath, DeniedCheck, Dist, Events,
-    EventsRun, Machine, Packet, PacketPoint, Stat, Update, UpdatePoint, Variant, METRICS,
+    EventsRun, KubeRun, Machine, Packet, PacketPoint, Stat, Update, UpdatePoint, Variant, METRICS,
 };
 
 #[derive(Clone, Debug, Serialize)]

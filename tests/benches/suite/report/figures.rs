@@ -354,12 +354,34 @@ pub struct AgentRun {
     pub map_entries: usize,
 }
 
+/// An agent on the kube source (the mocked API server): after its list, and after a
+/// watch event for every pod.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KubeRun {
+    pub pods: usize,
+    pub local_pods: usize,
+    pub identities: usize,
+    pub identities_after: usize,
+    /// Start of the process to the sync of the listed cluster.
+    pub first_sync_ms: f64,
+    pub rss_listed_mib: f64,
+    /// MODIFIED events sent (a relabel of every pod) and one ADDED, and the time from the
+    /// first sent to the last applied.
+    pub events: usize,
+    pub events_ms: f64,
+    pub rss_watched_mib: f64,
+    pub hwm_mib: f64,
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Control {
     /// `cargo bench --bench compile -- --json` of the same run (all pods local).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compile: Option<serde_json::Value>,
     pub agents: Vec<AgentRun>,
+    /// The kube source's runs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kube: Vec<KubeRun>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -143,6 +143,24 @@ impl Report {
                 md.push('\n');
             }
         }
+        if let Some(c) = self.control.as_ref().filter(|c| !c.kube.is_empty()) {
+            let _ = writeln!(
+                md,
+                "The same agent on the kube source, against the mocked API server (the kube source tests' own): \
+                 the synthetic cluster listed, then a watch event relabelling every pod and one adding a pod here:\n"
+            );
+            let _ = writeln!(md, "| pods | local | identities | first sync | RSS after the list | events | applied in | RSS after them | peak RSS |");
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for k in &c.kube {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} → {} | {:.0} ms | {:.1} MiB | {} | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+                    k.pods, k.local_pods, k.identities, k.identities_after, k.first_sync_ms,
+                    k.rss_listed_mib, k.events, k.events_ms, k.rss_watched_mib, k.hwm_mib
+                );
+            }
+            md.push('\n');
+        }
         if !self.lab_agents.is_empty() {
             let _ = writeln!(
                 md,
