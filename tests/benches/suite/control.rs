@@ -13,10 +13,11 @@ use netpol_agent::source::{dir, Object};
 use netpol_common::map;
 use netpol_engine::compile::{Compiler, NodeView};
 use netpol_engine::index::Index;
+use netpol_tests::alloc::{self, mib};
 use netpol_tests::synthetic::{self, Shape};
 
 use crate::plan::Plan;
-use crate::report::{AgentRun, Control};
+use crate::report::{AgentRun, Control, Heap};
 use crate::testbed::memory_mib;
 use crate::Progress;
 
@@ -225,7 +226,9 @@ impl Scratch {
 }
 
 fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
+    let before_objects = alloc::in_use();
     let objects = synthetic::cluster(&Shape::pods(pods));
+    let objects_bytes = alloc::in_use() - before_objects;
     let mut scratch = node("ctl")?;
     let manifests = scratch.path("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -246,13 +249,24 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         digest: String::new(),
     };
     let t = Instant::now();
-    let snap = Index::new().reset(&state);
+    let base = alloc::reset_peak();
+    let mut index = Index::new();
+    let snap = index.reset(&state);
+    let index_bytes = alloc::in_use() - base;
     let view = NodeView {
         node: Some(NODE.into()),
         host_addrs: vec![],
     };
-    let desired = Compiler::new().compile(&snap, &view).clone();
+    let mut compiler = Compiler::new();
+    let desired = compiler.compile(&snap, &view).clone();
     let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    let heap = Heap {
+        objects_mib: mib(objects_bytes),
+        index_mib: mib(index_bytes),
+        // The compiler's own state and the desired maps it hands over (the agent keeps both).
+        compile_mib: mib(alloc::in_use() - base - index_bytes),
+        peak_mib: mib(alloc::peak() - base),
+    };
     let mut ebpf = load(&Capacities::default()).context("loading the classifier")?;
     let t = Instant::now();
     let none = Default::default();
@@ -287,5 +301,6 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         compile_ms,
         sync_ms,
         map_entries: desired.len(),
+        heap,
     })
 }

@@ -36,6 +36,10 @@ use std::time::Instant;
 use anyhow::Context;
 use plan::{Plan, Scenario};
 
+// Counted, for the control scenario's heap by stage.
+#[global_allocator]
+static ALLOC: netpol_tests::alloc::Counting = netpol_tests::alloc::Counting;
+
 /// The `netpol` binary cargo built beside this bench (release, like the bench).
 pub const NETPOL: &str = env!("NETPOL_BIN");
 

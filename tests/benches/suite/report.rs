@@ -21,7 +21,8 @@ pub mod targets;
 
 pub use figures::{
     percentile, AgentMemory, AgentRun, Block, Control, Datapath, DeniedCheck, Dist, Events,
-    EventsRun, KubeRun, Machine, Packet, PacketPoint, Stat, Update, UpdatePoint, Variant, METRICS,
+    EventsRun, Heap, KubeRun, Machine, Packet, PacketPoint, Stat, Update, UpdatePoint, Variant,
+    METRICS,
 };
 
 #[derive(Clone, Debug, Serialize)]

@@ -352,6 +352,19 @@ pub struct AgentRun {
     pub compile_ms: f64,
     pub sync_ms: f64,
     pub map_entries: usize,
+    /// The same node in process, by stage (the bench's counting allocator).
+    pub heap: Heap,
+}
+
+/// Heap bytes each stage keeps, in MiB: the cluster objects as the sources hold them
+/// (k8s-openapi types), the index (with its snapshot), the compiler and its desired
+/// maps; and the peak of index + compile above the objects.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Heap {
+    pub objects_mib: f64,
+    pub index_mib: f64,
+    pub compile_mib: f64,
+    pub peak_mib: f64,
 }
 
 /// An agent on the kube source (the mocked API server): after its list, and after a

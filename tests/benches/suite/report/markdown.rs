@@ -143,6 +143,28 @@ impl Report {
                 md.push('\n');
             }
         }
+        if let Some(c) = self.control.as_ref().filter(|c| !c.agents.is_empty()) {
+            let _ = writeln!(
+                md,
+                "Where the agent's heap goes, by stage (the same node in process, counted by the bench's allocator): \
+                 the cluster objects as the sources keep them (k8s-openapi types), the index with its snapshot, \
+                 the compiler with the desired maps, and the peak of index + compile above the objects:\n"
+            );
+            let _ = writeln!(
+                md,
+                "| pods | objects | index | compile | peak (index + compile) |"
+            );
+            let _ = writeln!(md, "|---:|---:|---:|---:|---:|");
+            for a in &c.agents {
+                let h = &a.heap;
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB |",
+                    a.pods, h.objects_mib, h.index_mib, h.compile_mib, h.peak_mib
+                );
+            }
+            md.push('\n');
+        }
         if let Some(c) = self.control.as_ref().filter(|c| !c.kube.is_empty()) {
             let _ = writeln!(
                 md,
