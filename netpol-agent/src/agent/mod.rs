@@ -144,7 +144,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     });
     let (namer_tx, namer_rx) = watch::channel(Arc::new(Namer::default()));
     let (enforced_tx, enforced_rx) = watch::channel(Enforced::default());
-    let (events_tx, _) = broadcast::channel::<Arc<str>>(4096);
+    // About 70 ms of a 230k/s flood: an observer descheduled that long loses nothing.
+    let (events_tx, _) = broadcast::channel::<Arc<str>>(16_384);
 
     let counters = Arc::new(counters);
     // The first sync must see the whole cluster: a sync against an empty state would

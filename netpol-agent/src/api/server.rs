@@ -69,6 +69,9 @@ pub async fn serve(socket: PathBuf, shared: Shared) -> anyhow::Result<JoinHandle
     }))
 }
 
+/// Bytes of event lines an observer is sent in one write, at most.
+const OBSERVE_BATCH: usize = 64 * 1024;
+
 async fn line(write: &mut OwnedWriteHalf, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut text = serde_json::to_string(value)?;
     text.push('\n');
@@ -175,7 +178,32 @@ async fn handle(
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
-                        Ok(ev) => write.write_all(format!("{ev}\n").as_bytes()).await?,
+                        Ok(ev) => {
+                            // What else is queued already goes out in the same write: one
+                            // syscall per batch, not per event, or a flood outruns the
+                            // subscriber and its events are lost.
+                            let mut batch = String::with_capacity(OBSERVE_BATCH);
+                            batch.push_str(&ev);
+                            batch.push('\n');
+                            let mut lost = 0;
+                            while batch.len() < OBSERVE_BATCH {
+                                match events.try_recv() {
+                                    Ok(ev) => {
+                                        batch.push_str(&ev);
+                                        batch.push('\n');
+                                    }
+                                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                        lost = n;
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            write.write_all(batch.as_bytes()).await?;
+                            if lost > 0 {
+                                line(&mut write, &serde_json::json!({ "lost": lost })).await?;
+                            }
+                        }
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             // Never silently lost: say how many this subscriber missed.
                             line(&mut write, &serde_json::json!({ "lost": n })).await?;
