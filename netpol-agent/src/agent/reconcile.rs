@@ -222,6 +222,10 @@ impl Agent {
             anyhow::bail!("{e}");
         }
         self.syncs += 1;
+        // The heap a sync's compile and a re-list's parse freed goes back to the system;
+        // glibc otherwise keeps it, and the agent's RSS would be its peak, not its state.
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        unsafe { libc::malloc_trim(0) };
         let attached = dp.attached_pods();
         // Located but not attached, or a hook device there but not hooked: a failure to
         // retry. A pod not located yet waits for its port or address event, a hook
