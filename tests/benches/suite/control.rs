@@ -267,7 +267,9 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         compile_mib: mib(alloc::in_use() - base - index_bytes),
         peak_mib: mib(alloc::peak() - base),
     };
+    let t = Instant::now();
     let mut ebpf = load(&Capacities::default()).context("loading the classifier")?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let none = Default::default();
     maps::upsert_diff(
@@ -301,6 +303,7 @@ fn agent_run(pods: usize) -> anyhow::Result<AgentRun> {
         compile_ms,
         sync_ms,
         map_entries: desired.len(),
+        load_ms,
         heap,
     })
 }

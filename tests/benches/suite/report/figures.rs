@@ -352,6 +352,9 @@ pub struct AgentRun {
     pub compile_ms: f64,
     pub sync_ms: f64,
     pub map_entries: usize,
+    /// In process: loading the classifier (every program through the verifier, one
+    /// after the other), the floor under the first sync.
+    pub load_ms: f64,
     /// The same node in process, by stage (the bench's counting allocator).
     pub heap: Heap,
 }

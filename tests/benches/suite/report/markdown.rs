@@ -127,17 +127,17 @@ impl Report {
                     "A real agent (release build) on a synthetic cluster (`--node node-0`: 1 % of the pods local, \
                      no veths), and the same node's compile and map writes in process:\n"
                 );
-                let _ = writeln!(md, "| pods | local | policies | identities | policy entries | map entries | compile | sync | first sync | RSS | peak RSS |");
+                let _ = writeln!(md, "| pods | local | policies | identities | policy entries | map entries | compile | sync | classifier load | first sync | RSS | peak RSS |");
                 let _ = writeln!(
                     md,
-                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
                 );
                 for a in &c.agents {
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+                        "| {} | {} | {} | {} | {} | {} | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} ms | {:.1} MiB | {:.1} MiB |",
                         a.pods, a.local_pods, a.policies, a.identities, a.policy_entries, a.map_entries,
-                        a.compile_ms, a.sync_ms, a.first_sync_ms, a.rss_mib, a.hwm_mib
+                        a.compile_ms, a.sync_ms, a.load_ms, a.first_sync_ms, a.rss_mib, a.hwm_mib
                     );
                 }
                 md.push('\n');
