@@ -40,7 +40,12 @@ pub(crate) fn audit_flag(jdir: u8) -> u32 {
 
 /// Step 4 on one tuple: its live entry, if the check `needed` holds in it.
 #[inline(always)]
-pub(crate) fn ct_holding(key: &CtKey, config: &Config, now: u64, needed: u32) -> Option<*mut CtEntry> {
+pub(crate) fn ct_holding(
+    key: &CtKey,
+    config: &Config,
+    now: u64,
+    needed: u32,
+) -> Option<*mut CtEntry> {
     let e = ct_live(key, config, now)?;
     // SAFETY: pointer into the map value (from `ct_live`), valid for this run.
     (unsafe { (*e).flags } & needed != 0).then_some(e)

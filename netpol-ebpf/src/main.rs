@@ -336,7 +336,12 @@ fn stages(
     if reply_first {
         scratch.ct.reverse();
     }
-    let mut hit = ct_holding(&scratch.ct, config, now, if reply_first { theirs } else { mine });
+    let mut hit = ct_holding(
+        &scratch.ct,
+        config,
+        now,
+        if reply_first { theirs } else { mine },
+    );
     let mut reply = reply_first;
     if hit.is_none() {
         scratch.ct.reverse();
