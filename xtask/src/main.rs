@@ -52,14 +52,15 @@ enum Task {
         bench: bool,
     },
     /// Benchmarks that report ratios and growth, never pass/fail on time: netpol against
-    /// no enforcement and iptables/ipset in one run; target/bench/report.{json,md}, *.png.
+    /// no enforcement, iptables/ipset and nftables sets in one run;
+    /// target/bench/report.{json,md}, *.png.
     ///
     /// `bench` runs every scenario; `bench datapath|update|control|events|packet ...`
     /// some of them; `bench compile [SIZES...] [--json]` the compiler alone.
     Bench {
         /// Scenarios (datapath, update, control, events, packet), or `compile [SIZES...]`.
         what: Vec<String>,
-        /// About 3 minutes instead of about 10: fewer N, sizes and repetitions.
+        /// About 3 minutes instead of about 30: fewer N, sizes and rounds.
         #[arg(long)]
         quick: bool,
         /// compile: print one JSON document instead of tables.
