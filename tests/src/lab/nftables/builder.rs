@@ -160,10 +160,15 @@ impl<'s> Builder<'s> {
                             None => self.pods().collect(),
                         };
                         for p in receivers {
+                            // Only the pod's addresses a peer covers: a pod in an ipBlock
+                            // of one family is no peer by its address of the other.
+                            let covered: Vec<u128> = self
+                                .ips_of(p)
+                                .into_iter()
+                                .filter(|a| peers.ranges.iter().any(|(lo, hi)| lo <= a && a <= hi))
+                                .collect();
                             for port in named(p, name, spec.protocol) {
-                                group.extend(
-                                    self.ips_of(p).into_iter().map(|a| ((a, a), (port, port))),
-                                );
+                                group.extend(covered.iter().map(|a| ((*a, *a), (port, port))));
                             }
                         }
                         continue;

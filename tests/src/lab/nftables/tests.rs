@@ -144,6 +144,45 @@ fn a_policy_becomes_set_elements() {
     assert_eq!(rules(CLUSTER, "node0").script(), script, "byte-stable");
 }
 
+/// An egress named port through an IPv4 block: a dual-stack peer inside the block is a
+/// receiver by its IPv4 address only.
+const DUAL_STACK_NAMED: &str = r#"
+kind: Namespace
+metadata: {name: x}
+---
+kind: Pod
+metadata: {name: client, namespace: x, labels: {app: client}}
+spec: {nodeName: node0, containers: [{name: c}]}
+status: {podIP: 10.244.0.2, podIPs: [{ip: 10.244.0.2}, {ip: "fd00::af4:2"}]}
+---
+kind: Pod
+metadata: {name: server, namespace: x, labels: {app: server}}
+spec: {nodeName: node1, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.244.1.2, podIPs: [{ip: 10.244.1.2}, {ip: "fd00::af4:102"}]}
+---
+kind: NetworkPolicy
+metadata: {name: out, namespace: x}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.244.1.0/24}}]
+    ports: [{port: http}]
+"#;
+
+#[test]
+fn an_egress_named_port_through_a_block_allows_only_the_addresses_it_covers() {
+    let rs = rules(DUAL_STACK_NAMED, "node0");
+    assert_eq!(
+        rs.v4.egress.allow,
+        ["10.244.0.2 . 10.244.1.2 . tcp . 8080"],
+        "{rs:?}"
+    );
+    // The server's IPv6 address is in no block of the rule.
+    assert!(rs.v6.egress.allow.is_empty(), "{:?}", rs.v6.egress.allow);
+    assert_eq!(rs.v6.egress.isolated, ["fd00::af4:2"]);
+}
+
 /// Rules whose peers and ports overlap every way an interval set can refuse: ranges
 /// inside ranges, a pod inside a block, the same start with other ends, every peer,
 /// duplicates, an except covered again by another rule.
