@@ -5,15 +5,20 @@ pub fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-/// Resamples of the bootstrap: enough that the 2.5 % and 97.5 % points move by less
-/// than the report's printed precision from one seed to another.
-const RESAMPLES: usize = 4_000;
+/// Resamples of the bootstrap: enough that its outer points (the 0.1 % and 99.9 % of
+/// five pairs' expanded interval) rest on a score of resamples each.
+const RESAMPLES: usize = 20_000;
 
-/// The 95 % percentile-bootstrap interval of the mean of `v` (NaN with fewer than two
-/// values: one pair says nothing of the spread). Seeded, so a report's intervals
-/// follow from its own runs alone.
+/// The 95 % interval of the mean of `v` from a bootstrap over its values (NaN with
+/// fewer than two: one pair says nothing of the spread). The percentile interval of a
+/// few values is too narrow (for five, it covers the mean about 85 % of the time, not
+/// 95 %), so it is expanded as Hesterberg shows ("What teachers should know about the
+/// bootstrap", 2015): its percentiles are those of a normal quantile widened to
+/// Student's t with n − 1 degrees of freedom and by √(n / (n − 1)). Seeded, so a
+/// report's intervals follow from its own runs alone.
 pub fn bootstrap_mean_ci(v: &[f64]) -> [f64; 2] {
-    if v.len() < 2 {
+    let n = v.len();
+    if n < 2 {
         return [f64::NAN; 2];
     }
     let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -24,17 +29,44 @@ pub fn bootstrap_mean_ci(v: &[f64]) -> [f64; 2] {
         state ^= state >> 27;
         state.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
-    let n = v.len();
     let mut means: Vec<f64> = (0..RESAMPLES)
         .map(|_| (0..n).map(|_| v[(next() % n as u64) as usize]).sum::<f64>() / n as f64)
         .collect();
     means.sort_by(f64::total_cmp);
-    [nearest_rank(&means, 0.025), nearest_rank(&means, 0.975)]
+    let z = (n as f64 / (n - 1) as f64).sqrt() * t_975(n - 1);
+    let tail = normal_cdf(-z);
+    [nearest_rank(&means, tail), nearest_rank(&means, 1.0 - tail)]
 }
 
 fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
     let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
+}
+
+/// Student's t 97.5 % quantile for `df` degrees of freedom (tables; 1.96 beyond 30).
+fn t_975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    T.get(df.wrapping_sub(1)).copied().unwrap_or(1.96)
+}
+
+/// The standard normal distribution function (Abramowitz and Stegun 7.1.26, error
+/// below 1.5e-7).
+fn normal_cdf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs() / std::f64::consts::SQRT_2);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-(x * x) / 2.0).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
 }
 
 /// Whether an interval settles a "at least `goal`" target: met (all of it at or above),
@@ -69,6 +101,24 @@ mod tests {
     fn one_value_has_no_interval_and_constant_values_a_point() {
         assert!(bootstrap_mean_ci(&[1.0]).iter().all(|x| x.is_nan()));
         assert_eq!(bootstrap_mean_ci(&[2.0; 6]), [2.0, 2.0]);
+    }
+
+    #[test]
+    fn five_pairs_get_an_interval_about_as_wide_as_students() {
+        // Student's 95 % half-width for these five: 2.776 · s / √5.
+        let v = [0.90, 0.93, 0.95, 0.97, 1.00];
+        let m = mean(&v);
+        let s = (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / 4.0).sqrt();
+        let half = 2.776 * s / 5f64.sqrt();
+        let [lo, hi] = bootstrap_mean_ci(&v);
+        // The bootstrap of five values cannot reach beyond them; it must reach past the
+        // plain percentile interval's ±1.75 s/√n.
+        assert!(lo >= 0.90 && hi <= 1.00, "{lo} {hi}");
+        assert!(
+            m - lo > 0.8 * half.min(m - 0.90) && hi - m > 0.8 * half.min(1.00 - m),
+            "{lo} {hi} ±{half}"
+        );
+        assert!((normal_cdf(1.96) - 0.975).abs() < 1e-4 && (normal_cdf(0.0) - 0.5).abs() < 1e-7);
     }
 
     #[test]
