@@ -96,6 +96,7 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
             };
             if !judged(&rounds) {
                 d.repeated.push(n);
+                progress.add(plan.rounds as f64 * 2.0 * plan.block_seconds(1));
                 let np = [&enforced[netpol]];
                 for i in plan.rounds..2 * plan.rounds {
                     let (b, mut v) = round(&none, &np, &at(i, 2 * plan.rounds), progress)?;
@@ -134,7 +135,7 @@ struct Round<'a> {
     cpu: usize,
 }
 
-/// One round: the baseline and each enforcer, one block each, in an order that turns
+/// One round: the baseline and each enforcer, one block each, in an order that reverses
 /// every other round (ABBA: a drift over the round weighs on both sides alike).
 fn round(
     none: &LabRun,
@@ -142,8 +143,11 @@ fn round(
     r: &Round,
     progress: &mut Progress,
 ) -> anyhow::Result<(Block, Vec<Block>)> {
+    // The enforcers turn by one every other round, so that each is as often next to
+    // the baseline as the others, and the whole order reverses every other round.
+    let k = enforced.len();
     let mut order: Vec<Option<usize>> = std::iter::once(None)
-        .chain((0..enforced.len()).map(Some))
+        .chain((0..k).map(|i| Some((i + r.index / 2) % k)))
         .collect();
     if r.index % 2 == 1 {
         order.reverse();
@@ -175,21 +179,31 @@ fn round(
                 };
                 let started = Instant::now();
                 let mut v = block(l, r.plan, r.n, flood.as_ref().map(|_| ()));
+                let sent_for = started.elapsed().as_secs_f64();
+                // The kernel's cost per packet, once per N, in a run of its own (under the
+                // flood, when there is one).
+                let stats_run = l.enforcer == Enforcer::Netpol && r.index == 0;
+                if let (Ok(b), true) = (v.as_mut(), stats_run) {
+                    progress.step(
+                        &format!("datapath: {}, netpol's bpf_stats run", r.what),
+                        r.plan.block_seconds(1),
+                    );
+                    for pair in &r.plan.pairs {
+                        match program_costs(l, *pair, r.plan.seconds) {
+                            Ok(ns) => {
+                                b.program_ns.insert(*pair, ns);
+                            }
+                            Err(e) => eprintln!("bench: bpf_stats run: {e:#}"),
+                        }
+                    }
+                }
                 if let Some(f) = flood {
                     let sent = f.stop()?;
                     if let Ok(b) = v.as_mut() {
-                        b.flood_per_sec = Some(sent as f64 / started.elapsed().as_secs_f64());
+                        b.flood_per_sec = Some(sent as f64 / sent_for);
                     }
                 }
-                let mut v = v?;
-                // The kernel's cost per packet, once per N, in a run of its own.
-                if l.enforcer == Enforcer::Netpol && r.index == 0 {
-                    for pair in &r.plan.pairs {
-                        v.program_ns
-                            .insert(*pair, program_costs(l, *pair, r.plan.seconds)?);
-                    }
-                }
-                blocks[k] = v;
+                blocks[k] = v?;
             }
         }
     }

@@ -59,6 +59,11 @@ impl Progress {
         }
     }
 
+    /// Plans `weight` more seconds (work the plan could not foresee: more rounds).
+    pub fn add(&mut self, weight: f64) {
+        self.total += weight;
+    }
+
     /// Reports `what` and counts `weight` planned seconds as done.
     pub fn step(&mut self, what: &str, weight: f64) {
         let elapsed = self.started.elapsed().as_secs_f64();
@@ -123,6 +128,8 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("run as root: the labs are network namespaces and the classifier is loaded into the kernel");
     }
+    // The CPUs allowed, read before any thread is pinned.
+    testbed::measure_cpu();
     let plan = if quick { Plan::quick() } else { Plan::full() };
     let bed = testbed::Testbed::parse(&testbed)?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -151,12 +151,13 @@ impl Plan {
     pub fn weight(&self, s: Scenario) -> f64 {
         match s {
             Scenario::Datapath => {
-                // a round: the baseline and three enforcers; netpol's statistics run
+                // a round: the baseline and three enforcers; netpol's statistics run; the
+                // labs; each enforcer applying each step's N
                 let steps = self.steps().len() as f64;
                 steps * self.rounds as f64 * 4.0 * self.block_seconds(1)
                     + steps * self.block_seconds(1)
-                    + 4.0 * 6.0
-                    + self.rules.len() as f64 * 3.0 * 4.0
+                    + 24.0
+                    + steps * 3.0 * 4.0
             }
             Scenario::Update => {
                 self.update_pods.len() as f64 * 2.0 * (5.0 + self.update_repeats as f64 * 0.5)

@@ -44,10 +44,10 @@ const COLORS: [RGBColor; 6] = [
 ];
 
 fn enforcer_color(e: &str) -> RGBColor {
-    if e == "iptables" {
-        COLORS[0]
-    } else {
-        COLORS[1]
+    match e {
+        "iptables" => COLORS[0],
+        "nftables" => COLORS[2],
+        _ => COLORS[1],
     }
 }
 
@@ -82,7 +82,7 @@ fn datapath(
     root.fill(&WHITE)?;
     let root = root.titled(
         &format!(
-            "Cost against N, {}: each enforcer as a ratio to none in the same run",
+            "Cost against N, {}: each enforcer as a ratio to none in the same rounds (bars: 95 % intervals)",
             pair.name()
         ),
         (SANS, 24),
@@ -98,9 +98,14 @@ fn datapath(
         ns.iter().copied().fold(0.0, f64::max).max(100.0) * 1.25,
     );
     for (panel, m) in root.split_evenly((2, 4)).iter().zip(METRICS.iter()) {
-        let ratio = |v: &crate::report::Variant| v.pairs.get(&pair)?.get(m.key).map(|c| c.ratio);
+        let compared = |v: &crate::report::Variant| v.pairs.get(&pair)?.get(m.key).cloned();
+        let ratio = |v: &crate::report::Variant| compared(v).map(|c| c.ratio);
         let (ylo, yhi) = bounds(
-            d.variants.iter().filter(|v| !v.flood).filter_map(ratio),
+            d.variants
+                .iter()
+                .filter(|v| !v.flood)
+                .filter_map(compared)
+                .flat_map(|c| [c.ratio, c.ratio_ci[0], c.ratio_ci[1]]),
             1.0,
         );
         let mut chart = ChartBuilder::on(panel)
@@ -122,7 +127,7 @@ fn datapath(
             .light_line_style(WHITE)
             .draw()?;
         chart.draw_series(LineSeries::new([(xmin, 1.0), (xmax, 1.0)], BLACK.mix(0.35)))?;
-        for e in ["iptables", "netpol"] {
+        for e in ["iptables", "nftables", "netpol"] {
             let pts: Vec<(f64, f64)> = d
                 .variants
                 .iter()
@@ -138,6 +143,18 @@ fn datapath(
                     PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2))
                 });
             chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+            // Each point's 95 % interval, as a bar.
+            for v in d.variants.iter().filter(|v| v.enforcer == e && !v.flood) {
+                let Some(c) = compared(v).filter(|c| c.ratio_ci.iter().all(|x| x.is_finite()))
+                else {
+                    continue;
+                };
+                let x = v.rules as f64;
+                chart.draw_series(LineSeries::new(
+                    [(x, c.ratio_ci[0]), (x, c.ratio_ci[1])],
+                    color.mix(0.6).stroke_width(2),
+                ))?;
+            }
         }
         chart
             .configure_series_labels()

@@ -234,31 +234,52 @@ impl Drop for LabRun {
     }
 }
 
-/// The CPU request/response runs are pinned to: the last one (the first takes more of
-/// the machine's interrupts). Counted from the CPUs online, not from this thread's
-/// affinity: once the thread is pinned, that would be one CPU, and the next run would
-/// pin the client to CPU 0, away from the servers.
+/// The CPUs this process may run on, as it started (before any pinning: a pinned thread's
+/// own mask would be one CPU, and the next run would pin the client away from the
+/// servers); a container's cpuset is honoured.
+fn allowed_cpus() -> &'static libc::cpu_set_t {
+    static ALLOWED: std::sync::OnceLock<libc::cpu_set_t> = std::sync::OnceLock::new();
+    ALLOWED.get_or_init(|| {
+        // SAFETY: a cpu_set_t on the stack, filled by the kernel for this process.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                libc::CPU_SET(0, &mut set);
+            }
+            set
+        }
+    })
+}
+
+/// The CPU request/response runs are pinned to: the last one allowed (the first takes
+/// more of the machine's interrupts). Call it before pinning anything.
 pub fn measure_cpu() -> usize {
-    // SAFETY: sysconf reads a system value; no memory is passed.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    usize::try_from(online).unwrap_or(1).max(1) - 1
+    let set = allowed_cpus();
+    // SAFETY: CPU_ISSET reads the set.
+    (0..libc::CPU_SETSIZE as usize)
+        .rev()
+        .find(|c| unsafe { libc::CPU_ISSET(*c, set) })
+        .unwrap_or(0)
 }
 
 /// Pins the calling thread (and the threads it starts afterwards) to `cpu`, or lets it
-/// run anywhere (None).
+/// run on every CPU it started with (None).
 pub fn pin_self(cpu: Option<usize>) {
-    // SAFETY: a cpu_set_t on the stack, filled with the libc macros, for this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        match cpu {
-            Some(c) => libc::CPU_SET(c, &mut set),
-            None => {
-                for c in 0..=measure_cpu() {
-                    libc::CPU_SET(c, &mut set);
-                }
-            }
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    let set = match cpu {
+        // SAFETY: a zeroed cpu_set_t and the libc macro filling it.
+        Some(c) => unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(c, &mut set);
+            set
+        },
+        None => *allowed_cpus(),
+    };
+    // SAFETY: sched_setaffinity for this thread with a valid set.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        eprintln!(
+            "bench: pinning to {cpu:?}: {} (the figures are not pinned)",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

@@ -199,7 +199,8 @@ impl DeniedCheck {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Datapath {
-    /// Every block in the order it ran (baselines and variants).
+    /// Every block, round by round: the baseline's, then each enforcer's (within a
+    /// round they ran in the order `datapath::round` gives).
     pub blocks: Vec<Block>,
     pub variants: Vec<Variant>,
     /// Seconds the enforcers took to enforce each N (policy written → lab wait).

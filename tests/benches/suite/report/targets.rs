@@ -91,26 +91,33 @@ pub fn judge(r: &Report) -> Vec<Target> {
             _ => "request/response",
         };
         for pair in &r.plan.pairs {
-            let c = r.datapath.as_ref().and_then(|d| {
+            let variant = r.datapath.as_ref().and_then(|d| {
                 d.variants
                     .iter()
-                    .find(|v| v.enforcer == "netpol" && v.rules == n && !v.flood)?
-                    .pairs
-                    .get(pair)?
-                    .get(key)
-                    .filter(|c| c.ratio.is_finite())
+                    .find(|v| v.enforcer == "netpol" && v.rules == n && !v.flood)
             });
+            let c =
+                variant.and_then(|v| v.pairs.get(pair)?.get(key).filter(|c| c.ratio.is_finite()));
+            // A denied flow that connected voids every figure of the variant.
+            let leaked = variant.and_then(|v| v.denied).filter(|d| d.connected > 0);
             out.push(target(
                 format!("{label} at N = {n}, {}, ratio to none", pair.name()),
                 &format!("≥ {goal:.2}×"),
-                c.map(|c| {
-                    (
+                c.map(|c| match leaked {
+                    Some(d) => (
+                        format!(
+                            "not enforced: {} of {} denied attempts connected",
+                            d.connected, d.attempts
+                        ),
+                        Verdict::Missed,
+                    ),
+                    None => (
                         format!(
                             "{:.2}× [{:.2}, {:.2}]",
                             c.ratio, c.ratio_ci[0], c.ratio_ci[1]
                         ),
                         Verdict::of(stats::judge(c.ratio_ci, goal)),
-                    )
+                    ),
                 }),
             ));
         }
