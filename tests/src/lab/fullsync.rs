@@ -19,6 +19,15 @@ use std::time::Instant;
 use tokio::sync::{broadcast, watch};
 
 /// An address family: each has its own table in both enforcers.
+/// The pods of `snap` that take part in policy: on the pod network, with an identity
+/// (what both enforcers render rules for).
+pub fn policy_pods(snap: &Snapshot) -> impl Iterator<Item = &netpol_engine::index::PodInfo> {
+    snap.pods
+        .values()
+        .map(|p| p.as_ref())
+        .filter(|p| !p.host_network && p.identity != 0)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Family {
     V4,

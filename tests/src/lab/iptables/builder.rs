@@ -28,13 +28,8 @@ impl<'s> Builder<'s> {
             .collect()
     }
 
-    /// Pods that take part in policy: on the pod network, with an identity.
     fn pods(&self) -> impl Iterator<Item = &'s PodInfo> {
-        self.snap
-            .pods
-            .values()
-            .map(|p| p.as_ref())
-            .filter(|p| !p.host_network && p.identity != 0)
+        crate::lab::fullsync::policy_pods(self.snap)
     }
 
     fn set(&mut self, what: &str, kind: SetKind, mut members: Vec<String>) -> String {

@@ -47,13 +47,8 @@ impl<'s> Builder<'s> {
             .collect()
     }
 
-    /// Pods that take part in policy: on the pod network, with an identity.
     fn pods(&self) -> impl Iterator<Item = &'s PodInfo> {
-        self.snap
-            .pods
-            .values()
-            .map(|p| p.as_ref())
-            .filter(|p| !p.host_network && p.identity != 0)
+        crate::lab::fullsync::policy_pods(self.snap)
     }
 
     fn cidr_range(&self, c: &Cidr) -> Option<Range> {
