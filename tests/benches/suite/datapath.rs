@@ -69,8 +69,9 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
             }
         }
         current = Some(n);
-        // rounds[i]: the baseline's block and each enforcer's, measured side by side.
-        let mut rounds: Vec<(Block, Vec<Block>)> = Vec::new();
+        // rounds[i]: the baseline's block and each enforcer's (None: not in that round),
+        // measured side by side.
+        let mut rounds: Vec<(Block, Vec<Option<Block>>)> = Vec::new();
         let all: Vec<&LabRun> = enforced.iter().collect();
         let at = |index, of| Round {
             plan,
@@ -82,15 +83,16 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
             cpu,
         };
         for i in 0..plan.rounds {
-            rounds.push(round(&none, &all, &at(i, plan.rounds), progress)?);
+            let (b, vs) = round(&none, &all, &at(i, plan.rounds), progress)?;
+            rounds.push((b, vs.into_iter().map(Some).collect()));
         }
         // Too wide an interval at the targets' N: more rounds of netpol alone.
         let netpol = enforced.len() - 1;
         if !flood && Some(n) == target_n {
-            let judged = |rounds: &[(Block, Vec<Block>)]| {
+            let judged = |rounds: &[(Block, Vec<Option<Block>>)]| {
                 let pairs: Vec<(&Block, &Block)> = rounds
                     .iter()
-                    .filter_map(|(b, vs)| Some((b, vs.get(netpol)?)))
+                    .filter_map(|(b, vs)| Some((b, vs.get(netpol)?.as_ref()?)))
                     .collect();
                 plan::undecided(&Datapath::paired(&pairs)).is_empty()
             };
@@ -100,10 +102,8 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
                 let np = [&enforced[netpol]];
                 for i in plan.rounds..2 * plan.rounds {
                     let (b, mut v) = round(&none, &np, &at(i, 2 * plan.rounds), progress)?;
-                    // Kept in each enforcer's slot: only netpol's is filled.
-                    let mut slots: Vec<Block> = Vec::new();
-                    slots.resize_with(netpol, Block::default);
-                    slots.push(v.remove(0));
+                    let mut slots = vec![None; netpol];
+                    slots.push(Some(v.remove(0)));
                     rounds.push((b, slots));
                 }
             }
@@ -111,14 +111,13 @@ pub fn run(plan: &Plan, bed: &Testbed, progress: &mut Progress) -> anyhow::Resul
         for (k, _) in enforced.iter().enumerate() {
             let pairs: Vec<(&Block, &Block)> = rounds
                 .iter()
-                .filter_map(|(b, vs)| Some((b, vs.get(k).filter(|v| !v.pairs.is_empty())?)))
+                .filter_map(|(b, vs)| Some((b, vs.get(k)?.as_ref()?)))
                 .collect();
             d.variants.push(Datapath::paired(&pairs));
         }
         for (b, vs) in rounds {
             d.blocks.push(b);
-            d.blocks
-                .extend(vs.into_iter().filter(|v| !v.pairs.is_empty()));
+            d.blocks.extend(vs.into_iter().flatten());
         }
     }
     Ok(d)

@@ -15,11 +15,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
@@ -227,26 +225,8 @@ pub fn rules(services: &[ServiceStatus], cluster_cidr: &str) -> String {
 
 /// Replaces the `nat` table of `netns` with `table`.
 pub fn apply(netns: &str, table: &str) -> anyhow::Result<()> {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns, "iptables-restore"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running iptables-restore (install iptables: cargo xtask setup)")?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(table.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "iptables-restore in {netns}: {}\ninput was:\n{table}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    super::fullsync::restore("ip", &["netns", "exec", netns, "iptables-restore"], table)
+        .with_context(|| format!("iptables-restore in {netns}; input was:\n{table}"))
 }
 
 /// ClusterIPs of Services that do not carry one: stable for as long as the lab runs,
