@@ -169,6 +169,8 @@ const CT_FLAGS: &[(u32, &str)] = &[
     (ct_flags::FIN_REPLY, "FIN_REPLY"),
     (ct_flags::RST, "RST"),
     (ct_flags::SERVICE, "SERVICE"),
+    (ct_flags::EGRESS_DIRECT, "EGRESS_DIRECT"),
+    (ct_flags::INGRESS_DIRECT, "INGRESS_DIRECT"),
 ];
 
 const CONFIG_FLAGS: &[(u32, &str)] = &[

@@ -86,6 +86,14 @@ pub mod ct_flags {
     /// against the real backend. Replies (source = VIP) pass on it; only the client's
     /// own packets (deferred again) can re-judge it.
     pub const SERVICE: u32 = 256;
+    /// The originator's packets (the ones its egress check covers) go to no Service
+    /// address: found by `from_pod`'s VIP lookup under the current `egress_stamp`.
+    /// Later packets under that stamp skip the lookup; a new stamp clears the flag (a
+    /// Service address that came or went starts a new epoch).
+    pub const EGRESS_DIRECT: u32 = 512;
+    /// The replier's packets (to the originator's address, under its ingress check) go
+    /// to no Service address, as of the current `ingress_stamp` (as `EGRESS_DIRECT`).
+    pub const INGRESS_DIRECT: u32 = 1024;
 }
 
 /// Default conntrack idle timeouts in seconds (`Config` fields of 0 mean these).

@@ -206,6 +206,9 @@ pub(crate) unsafe fn cookie_of(e: *const CtEntry, jdir: u8) -> u32 {
     }
 }
 
+/// A check in `jdir` made under `stamp`. What was known under the old stamp about
+/// Service addresses is not known under the new one (`ct_flags::EGRESS_DIRECT`).
+///
 /// # Safety
 /// `e` must point at a live CONNTRACK value (from a lookup in this program run).
 #[inline(always)]
@@ -214,6 +217,52 @@ pub(crate) unsafe fn set_stamp(e: *mut CtEntry, jdir: u8, stamp: u64) {
         (*e).egress_stamp = stamp;
     } else {
         (*e).ingress_stamp = stamp;
+    }
+    (*e).flags &= !direct_flag(jdir);
+}
+
+/// The flag recording that the `from_pod` packets under the check in `jdir` go to no
+/// Service address (see `ct_flags::EGRESS_DIRECT`).
+#[inline(always)]
+fn direct_flag(jdir: u8) -> u32 {
+    if jdir == direction::EGRESS {
+        ct_flags::EGRESS_DIRECT
+    } else {
+        ct_flags::INGRESS_DIRECT
+    }
+}
+
+/// At `from_pod`: whether a packet of the connection `e` (`reply`: in its reply
+/// direction) is known to go to no Service address, so that it needs no VIP lookup: the
+/// check it passes under is stamped `stamp` (this run's), and a VIP lookup under that
+/// stamp found none.
+///
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn direct(e: *const CtEntry, reply: bool, stamp: u64) -> bool {
+    let (jdir, stamped) = if reply {
+        (direction::INGRESS, (*e).ingress_stamp)
+    } else {
+        (direction::EGRESS, (*e).egress_stamp)
+    };
+    (*e).flags & direct_flag(jdir) != 0 && stamped == stamp
+}
+
+/// At `from_pod`, after a VIP lookup found none for a packet of `e`: later packets
+/// under the same stamp skip it (see [`direct`]). Written once per stamp.
+///
+/// # Safety
+/// `e` must point at a live CONNTRACK value (from a lookup in this program run).
+#[inline(always)]
+pub(crate) unsafe fn note_direct(e: *mut CtEntry, reply: bool, stamp: u64) {
+    let (jdir, stamped) = if reply {
+        (direction::INGRESS, (*e).ingress_stamp)
+    } else {
+        (direction::EGRESS, (*e).egress_stamp)
+    };
+    if stamped == stamp && (*e).flags & direct_flag(jdir) == 0 {
+        (*e).flags |= direct_flag(jdir);
     }
 }
 
@@ -347,8 +396,9 @@ pub(crate) fn frag_at_share(owner: u32, share: u32) -> u32 {
     at_share(&FRAG_HELD, owner, share) as u32
 }
 
-/// Records that the check in direction `jdir` passed for the connection `key` names
-/// (`audited`: by audit mode only), and the rule that allowed it (`cookie`). A new
+/// Records that the check in direction `jdir` passed for the connection `key` names,
+/// with the flags `marks` (its audit flag: by audit mode only; `SERVICE`;
+/// `EGRESS_DIRECT`), and the rule that allowed it (`cookie`). A new
 /// entry counts against the share of endpoint `owner` (`share`: `Config::ct_share`);
 /// one that held its whole share tracks nothing new, so that it cannot turn the table
 /// over for all (its allowed packets still pass, untracked).
@@ -358,7 +408,7 @@ pub(crate) fn remember(
     key: &CtKey,
     jdir: u8,
     stamp: u64,
-    audited: u32,
+    marks: u32,
     cookie: u32,
     now: u64,
     owner: u32,
@@ -368,10 +418,10 @@ pub(crate) fn remember(
     if let Some(e) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
-            (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | audited;
-            (*e).last_seen_ns = now;
             set_stamp(e, jdir, stamp);
             set_cookie(e, jdir, cookie);
+            (*e).flags = ((*e).flags & !audit_flag(jdir)) | ok | marks;
+            (*e).last_seen_ns = now;
         }
         return;
     }
@@ -383,7 +433,7 @@ pub(crate) fn remember(
     // SAFETY: all zeroes is a valid entry (integers only).
     let entry = unsafe { zeroed_in::<CtEntry>(&mut slot) };
     entry.last_seen_ns = now;
-    entry.flags = ok | audited;
+    entry.flags = ok | marks;
     entry.owner = owner;
     if jdir == direction::EGRESS {
         entry.egress_stamp = stamp;

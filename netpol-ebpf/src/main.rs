@@ -3,7 +3,8 @@
 //! One straight pipeline per packet (numbered in [`pipeline`]):
 //!   parse → (egress: anti-spoofing) → later fragments: first fragment's verdict
 //!         → ICMP errors about tracked connections → conntrack (both tuples, a likely
-//!         reply's first; revision and audit checks) → host traffic → peer identity (ipcache,
+//!         reply's first) → (egress: to a Service VIP, unless the entry knows it is
+//!         not) → revision and audit checks → host traffic → peer identity (ipcache,
 //!         CIDR trie) → policy lookups → verdict → counters → event (token bucket)
 //! `from_pod` (TC ingress of the host veth) judges the pod's egress, `to_pod` (TC
 //! egress of the host veth) its ingress. The precedence of policy hits is
@@ -59,7 +60,10 @@ use aya_ebpf::{
 use netpol_common::{counter_index, ct_stamp, direction, reason, verdict, Config, EndpointEntry};
 use parse::{frag, Packet};
 
-use conntrack::{audit_flag, ct_holding, ct_live, established, holds, ok_flag, opens, remember};
+use conntrack::{
+    audit_flag, ct_holding, ct_live, direct, established, holds, note_direct, ok_flag, opens,
+    remember,
+};
 use emit::{count, count_rule, finish};
 use maps::{Scratch, CONFIG, ENDPOINTS, SCRATCH};
 use policy::{audits, verdict_of};
@@ -223,8 +227,9 @@ pub(crate) fn opposite(dir: u8) -> u8 {
 ///  2. later fragments follow their first fragment's verdict
 ///  3. ICMP errors quoting a tracked connection pass
 ///  4. conntrack, both tuples (the reverse first from a lower port to a higher, as most
-///     replies go); a live entry passes unless the
-///     endpoint's policy revision changed since (revocation) or audit ended
+///     replies go); at egress, then, a packet to a Service VIP is judged after DNAT
+///     (4s); a live entry passes unless the endpoint's policy revision changed since
+///     (revocation) or audit ended
 ///  5. host traffic, then policy (`verdict_of`)
 ///  6. a first fragment's verdict is remembered for the rest of its datagram
 ///
@@ -321,17 +326,10 @@ fn stages(
 
     // 4. Conntrack. A packet in the original direction needs this hook's check; a
     // reply needs the check that was made on this endpoint's side of the original.
-    pkt.fill_ct_key(&mut scratch.ct);
-    if dir == direction::EGRESS && service::defers(pkt) != 0 {
-        // 4s. To a Service: judged after DNAT unless established (service.rs).
-        trace!(to_vip(ctx));
-        let ifindex = scratch.ifindex;
-        service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, out, now);
-        return;
-    }
     // Both tuples are tried, the reply's first when the packet goes from the lower port
     // to the higher (a server's to an ephemeral one): most replies then cost one lookup
     // of the 40-byte key, not two. Whichever entry answers, the verdict is the same.
+    pkt.fill_ct_key(&mut scratch.ct);
     let reply_first = pkt.sport < pkt.dport;
     if reply_first {
         scratch.ct.reverse();
@@ -351,9 +349,38 @@ fn stages(
             scratch.ct.reverse();
         }
     }
+    // 4s. To a Service: judged after DNAT unless established (service.rs). Looked up
+    // only when the entry does not already know that the packet goes to none.
+    let stamp = scratch.stamp;
+    if dir == direction::EGRESS {
+        // SAFETY: `e` came from a CONNTRACK lookup of this run.
+        if let Some(e) = hit.filter(|&e| unsafe { direct(e, reply, stamp) }) {
+            trace!(ct_hit(ctx, reply));
+            established(ep, config, pkt, reply, e, out, now, stamp);
+            return;
+        }
+        if service::defers(pkt) != 0 {
+            trace!(to_vip(ctx));
+            // The entry of the original tuple, unless the reverse one was tried alone.
+            let original = if reply && reply_first {
+                None
+            } else {
+                Some(hit.filter(|_| !reply))
+            };
+            pkt.fill_ct_key(&mut scratch.ct);
+            let ifindex = scratch.ifindex;
+            service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, original, out, now);
+            return;
+        }
+    }
     if let Some(e) = hit {
         trace!(ct_hit(ctx, reply));
-        established(ep, config, pkt, reply, e, out, now, scratch.stamp);
+        established(ep, config, pkt, reply, e, out, now, stamp);
+        if dir == direction::EGRESS {
+            // The VIP lookup above found none: the next packets skip it.
+            // SAFETY: as above.
+            unsafe { note_direct(e, reply, stamp) };
+        }
         return;
     }
 
@@ -365,11 +392,17 @@ fn stages(
         // ICMP errors and other messages are no connection of their own.
     } else if out.verdict == verdict::ALLOWED {
         if opens(pkt) {
+            // At `from_pod`, the VIP lookup above found none.
+            let direct = if dir == direction::EGRESS {
+                netpol_common::ct_flags::EGRESS_DIRECT
+            } else {
+                0
+            };
             remember(
                 &scratch.ct,
                 dir,
                 scratch.stamp,
-                0,
+                direct,
                 out.cookie,
                 now,
                 scratch.ifindex,

@@ -102,8 +102,10 @@ fn note_client(client: u32, pkt: &Packet) -> u32 {
 /// `from_pod`, packet to a VIP. A live connection whose egress check is current passes
 /// (`CONNTRACK`), tagged established: after DNAT its backend must still be the one the
 /// verdict was made for (nf_conntrack may have forgotten the flow and picked another).
-/// Anything else is passed on tagged pending, to be judged after DNAT.
+/// Anything else is passed on tagged pending, to be judged after DNAT. `original`: the
+/// live entry of the packet's own tuple (`scratch.ct`) if the caller looked it up.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn egress_to_vip(
     ctx: &TcContext,
     scratch: &mut Scratch,
@@ -111,6 +113,7 @@ pub(crate) fn egress_to_vip(
     config: &Config,
     pkt: &Packet,
     ifindex: u32,
+    original: Option<Option<*mut CtEntry>>,
     out: &mut Outcome,
     now: u64,
 ) {
@@ -121,8 +124,8 @@ pub(crate) fn egress_to_vip(
     }
     // SAFETY: the context pointer is valid for the whole program run.
     let mark = unsafe { (*ctx.skb.skb).mark };
-    if let Some(e) = ct_live(&scratch.ct, config, now).filter(|_| ifindex <= svc_mark::MAX_IFINDEX)
-    {
+    let entry = original.unwrap_or_else(|| ct_live(&scratch.ct, config, now));
+    if let Some(e) = entry.filter(|_| ifindex <= svc_mark::MAX_IFINDEX) {
         // SAFETY: pointer into the map value, valid for this run.
         unsafe {
             let flags = (*e).flags;

@@ -40,7 +40,7 @@ pub fn namespace_name(i: usize) -> String {
 
 pub fn namespace(i: usize) -> Namespace {
     serde_json::from_value(json!({
-        "metadata": {"name": namespace_name(i), "labels": {"team": format!("team-{}", i % 20), "env": if i % 3 == 0 {"prod"} else {"dev"}}}
+        "metadata": {"name": namespace_name(i), "labels": {"team": format!("team-{}", i % 20), "env": if i.is_multiple_of(3) {"prod"} else {"dev"}}}
     }))
     .expect("a valid Namespace")
 }

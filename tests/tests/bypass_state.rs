@@ -409,3 +409,60 @@ fn connections_migrated_across_versions_are_judged_again() {
         "the connection's state is"
     );
 }
+
+/// `from_pod` skips the VIP lookup for a packet whose conntrack entry already knows that
+/// its destination is no Service address. That knowledge holds under the stamp it was
+/// found under only: once the peer's address becomes a Service's (an externalIP, say,
+/// which starts a new epoch), both the pod's own connection to it and its replies to a
+/// connection the peer opened go through the lookup again, and leave tagged for the
+/// check after DNAT instead of passing on their entries. So too after the peer's own
+/// packets renewed the entries' checks under the new stamp.
+#[test]
+#[ignore = "needs root: loads the classifier (BPF_PROG_TEST_RUN)"]
+fn a_peer_that_becomes_a_services_address_is_looked_up_again() {
+    use netpol_common::{ct_flags, svc_mark};
+    let mut rig = Rig::new(isolated());
+    rig.config(trace());
+    rig.allow(EGRESS, CLIENT_ID, UDP, 53, 5);
+    rig.allow(INGRESS, CLIENT_ID, TCP, 80, 6);
+    let query = v4(SERVER, CLIENT, udp(40000, 53));
+    let syn = v4(CLIENT, SERVER, tcp(50000, 80, SYN));
+    let reply = v4(SERVER, CLIENT, tcp(80, 50000, SYN | ACK));
+    assert_eq!(judge(&mut rig, false, &query).0, OK);
+    assert_eq!(judge(&mut rig, true, &syn).0, OK);
+    for packet in [&query, &reply, &query, &reply] {
+        assert_eq!(rig.run_marked("from_pod", packet, 0), (OK, 0));
+    }
+    assert!(rig.events().iter().all(|e| e.reason == reason::CONNTRACK));
+    let flags = |rig: &Rig, key| rig.conntrack(&key).unwrap().flags;
+    let (out_key, in_key) = (
+        key4(SERVER, CLIENT, UDP, 40000, 53),
+        key4(CLIENT, SERVER, TCP, 50000, 80),
+    );
+    assert_ne!(flags(&rig, out_key) & ct_flags::EGRESS_DIRECT, 0);
+    assert_ne!(flags(&rig, in_key) & ct_flags::INGRESS_DIRECT, 0);
+
+    rig.service(v4_mapped(CLIENT));
+    rig.config(Config {
+        epoch: 1,
+        ..trace()
+    });
+    let answer = v4(CLIENT, SERVER, udp(53, 40000));
+    let ack = v4(CLIENT, SERVER, tcp(50000, 80, ACK));
+    for packet in [&answer, &ack] {
+        assert_eq!(judge(&mut rig, true, packet), (OK, reason::POLICY_ALLOWED));
+    }
+    let stamp = netpol_common::ct_stamp(REVISION, 1);
+    assert_eq!(rig.conntrack(&out_key).unwrap().egress_stamp, stamp);
+    assert_eq!(rig.conntrack(&in_key).unwrap().ingress_stamp, stamp);
+    // Tagged for the check after DNAT: the query's egress check is current (its backend
+    // must be the one it was made for); the reply was never judged as egress to a VIP.
+    let tagged = [
+        (&query, svc_mark::established(0, LO), reason::CONNTRACK),
+        (&reply, svc_mark::pending(0, LO), reason::SERVICE_DEFERRED),
+    ];
+    for (packet, tag, why) in tagged {
+        assert_eq!(rig.run_marked("from_pod", packet, 0), (OK, tag));
+        assert_eq!(rig.events()[0].reason, why);
+    }
+}
