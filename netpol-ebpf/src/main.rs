@@ -352,13 +352,8 @@ fn stages(
     // 4s. To a Service: judged after DNAT unless established (service.rs). Looked up
     // only when the entry does not already know that the packet goes to none.
     let stamp = scratch.stamp;
-    if dir == direction::EGRESS {
-        // SAFETY: `e` came from a CONNTRACK lookup of this run.
-        if let Some(e) = hit.filter(|&e| unsafe { direct(e, reply, stamp) }) {
-            trace!(ct_hit(ctx, reply));
-            established(ep, config, pkt, reply, e, out, now, stamp);
-            return;
-        }
+    // SAFETY: `e` came from a CONNTRACK lookup of this run.
+    if dir == direction::EGRESS && !hit.is_some_and(|e| unsafe { direct(e, reply, stamp) }) {
         if service::defers(pkt) != 0 {
             trace!(to_vip(ctx));
             // The entry of the original tuple, unless the reverse one was tried alone.
@@ -372,15 +367,15 @@ fn stages(
             service::egress_to_vip(ctx, scratch, ep, config, pkt, ifindex, original, out, now);
             return;
         }
+        if let Some(e) = hit {
+            // No VIP: the next packets under this stamp skip the lookup.
+            // SAFETY: as above.
+            unsafe { note_direct(e, reply, stamp) };
+        }
     }
     if let Some(e) = hit {
         trace!(ct_hit(ctx, reply));
         established(ep, config, pkt, reply, e, out, now, stamp);
-        if dir == direction::EGRESS {
-            // The VIP lookup above found none: the next packets skip it.
-            // SAFETY: as above.
-            unsafe { note_direct(e, reply, stamp) };
-        }
         return;
     }
 
